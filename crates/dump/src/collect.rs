@@ -1,0 +1,330 @@
+//! Collects the non-memory state of a frozen process.
+
+use std::fmt;
+
+use torpor_image::model::{self, AltStack, ITimer, ITimers, PosixTimer, SigAction, SigInfo};
+use torpor_sys::{args, mem, proc, ptrace};
+
+use crate::files::FileTable;
+use crate::{DumpError, Frozen, Result};
+
+/// Why a process cannot be dumped by this version of torpor.
+#[derive(Debug, Clone)]
+pub enum UnsupportedReason {
+    NotLeader { tgid: i32 },
+    Threads { count: u32 },
+    Children { pids: Vec<i32> },
+    Fd { fd: i32, kind: String },
+    Mapping { start: u64, end: u64, what: String },
+}
+
+impl fmt::Display for UnsupportedReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::NotLeader { tgid } => {
+                write!(f, "is a thread of process {tgid}; dump the process instead")
+            }
+            Self::Threads { count } => write!(
+                f,
+                "has {count} threads; this version of torpor dumps single-threaded processes only"
+            ),
+            Self::Children { pids } => write!(
+                f,
+                "has child processes {pids:?}; this version of torpor dumps single processes only"
+            ),
+            Self::Fd { fd, kind } => {
+                write!(f, "fd {fd} is {kind}, a kind of descriptor torpor cannot save yet")
+            }
+            Self::Mapping { start, end, what } => {
+                write!(f, "mapping {start:#x}-{end:#x} is {what}, which torpor cannot save yet")
+            }
+        }
+    }
+}
+
+/// Refuses what this version cannot dump, before the process is touched.
+pub(crate) fn check_supported(pid: i32, status: &proc::Status) -> Result<()> {
+    let unsupported = |reason| Err(DumpError::Unsupported { pid, reason });
+    if status.threads > 1 {
+        return unsupported(UnsupportedReason::Threads { count: status.threads });
+    }
+    let children = proc::children(pid).unwrap_or_default();
+    if !children.is_empty() {
+        return unsupported(UnsupportedReason::Children { pids: children });
+    }
+    Ok(())
+}
+
+/// Finds the vDSO of `pid` and a `syscall` instruction inside it.
+pub(crate) fn find_syscall(pid: i32) -> Result<u64> {
+    let err = |what: &str, source| DumpError::Collect { pid, what: what.into(), source };
+    let maps = proc::maps(pid).map_err(|e| err("its memory map", e))?;
+    let vdso = maps.iter().find(|m| m.name == "[vdso]").ok_or_else(|| {
+        err(
+            "its vDSO",
+            torpor_sys::Error::Parse { what: format!("/proc/{pid}/maps"), line: "no [vdso]".into() },
+        )
+    })?;
+    let mut bytes = vec![0u8; (vdso.end - vdso.start) as usize];
+    mem::read_ranges(pid, &[(vdso.start, bytes.len())], &mut bytes)
+        .map_err(|e| err("its vDSO", e))?;
+    let off = torpor_vdso::find_syscall_insn(&bytes).map_err(|e| {
+        err(
+            "a system call instruction in its vDSO",
+            torpor_sys::Error::Parse { what: "[vdso]".into(), line: e.to_string() },
+        )
+    })?;
+    Ok(vdso.start + off)
+}
+
+/// A few hundred bytes below the stack pointer, past the red zone, used to pass
+/// structures to system calls run inside the process. What was there is saved and put
+/// back, so the process's memory ends exactly as it was.
+pub(crate) struct Scratch {
+    pub addr: u64,
+    saved: Vec<u8>,
+}
+
+pub(crate) const SCRATCH_LEN: usize = 512;
+
+impl Scratch {
+    pub fn new(pid: i32, rsp: u64) -> torpor_sys::Result<Self> {
+        // 128 bytes of red zone the code may be using, then our area, 64-byte aligned.
+        let addr = (rsp - 128 - SCRATCH_LEN as u64 - 64) & !63;
+        let mut saved = vec![0u8; SCRATCH_LEN];
+        mem::read_ranges(pid, &[(addr, SCRATCH_LEN)], &mut saved)?;
+        Ok(Self { addr, saved })
+    }
+
+    pub fn restore(&self, pid: i32) -> torpor_sys::Result<()> {
+        mem::write_mem(pid, self.addr, &self.saved)
+    }
+
+    pub fn read(&self, pid: i32, len: usize) -> torpor_sys::Result<Vec<u8>> {
+        let mut b = vec![0u8; len];
+        mem::read_ranges(pid, &[(self.addr, len)], &mut b)?;
+        Ok(b)
+    }
+}
+
+fn u64_at(b: &[u8], i: usize) -> u64 {
+    u64::from_ne_bytes(b[i * 8..i * 8 + 8].try_into().unwrap())
+}
+
+/// Collects everything but page contents.
+pub(crate) fn collect(frozen: &Frozen, files: &mut FileTable) -> Result<model::Process> {
+    let pid = frozen.pid;
+    let r = &frozen.remote;
+    let scratch = frozen.scratch.addr;
+    let err = |what: &str| {
+        let what = what.to_string();
+        move |source| DumpError::Collect { pid, what, source }
+    };
+
+    let status = proc::status(pid).map_err(err("its status"))?;
+    let stat = proc::stat(pid).map_err(err("its stat"))?;
+    let regs = ptrace::get_regs(pid).map_err(err("its registers"))?;
+    let xsave = ptrace::get_xstate(pid).map_err(err("its FPU/AVX registers"))?;
+
+    // Values only the process itself can report, through calls run inside it.
+    let brk = r.call("brk", libc::SYS_brk, args!(0)).map_err(err("its program break"))?;
+    r.call("prctl(PR_GET_PDEATHSIG)", libc::SYS_prctl, args!(libc::PR_GET_PDEATHSIG, scratch))
+        .map_err(err("its parent-death signal"))?;
+    let pdeath_signal =
+        i32::from_ne_bytes(frozen.scratch.read(pid, 4).map_err(err("scratch"))?[..4].try_into().unwrap());
+    let dumpable = r
+        .call("prctl(PR_GET_DUMPABLE)", libc::SYS_prctl, args!(libc::PR_GET_DUMPABLE))
+        .map_err(err("its dumpable flag"))? as i32;
+    r.call("prctl(PR_GET_TID_ADDRESS)", libc::SYS_prctl, args!(libc::PR_GET_TID_ADDRESS, scratch))
+        .map_err(err("its clear_child_tid address"))?;
+    let clear_child_tid = u64_at(&frozen.scratch.read(pid, 8).map_err(err("scratch"))?, 0);
+
+    let mut sigactions = Vec::with_capacity(64);
+    for sig in 1..=64u64 {
+        r.call("rt_sigaction", libc::SYS_rt_sigaction, args!(sig, 0, scratch, 8))
+            .map_err(err(&format!("the action of signal {sig}")))?;
+        let b = frozen.scratch.read(pid, 32).map_err(err("scratch"))?;
+        sigactions.push(SigAction {
+            handler: u64_at(&b, 0),
+            flags: u64_at(&b, 1),
+            restorer: u64_at(&b, 2),
+            mask: u64_at(&b, 3),
+        });
+    }
+
+    r.call("sigaltstack", libc::SYS_sigaltstack, args!(0, scratch))
+        .map_err(err("its alternate signal stack"))?;
+    let b = frozen.scratch.read(pid, 24).map_err(err("scratch"))?;
+    let altstack =
+        AltStack { sp: u64_at(&b, 0), flags: u64_at(&b, 1) as i32, size: u64_at(&b, 2) };
+
+    let mut it = [ITimer::default(); 3];
+    for (which, slot) in it.iter_mut().enumerate() {
+        r.call("getitimer", libc::SYS_getitimer, args!(which, scratch))
+            .map_err(err("its interval timers"))?;
+        // struct itimerval { it_interval, it_value }, each { tv_sec, tv_usec }.
+        let b = frozen.scratch.read(pid, 32).map_err(err("scratch"))?;
+        slot.interval_us = u64_at(&b, 0) * 1_000_000 + u64_at(&b, 1);
+        slot.value_us = u64_at(&b, 2) * 1_000_000 + u64_at(&b, 3);
+    }
+    let itimers = ITimers { real: it[0], virt: it[1], prof: it[2] };
+
+    let mut posix_timers = Vec::new();
+    for t in proc::timers(pid).map_err(err("its POSIX timers"))? {
+        r.call("timer_gettime", libc::SYS_timer_gettime, args!(t.id, scratch))
+            .map_err(err(&format!("POSIX timer {}", t.id)))?;
+        // struct itimerspec { it_interval, it_value }, each { tv_sec, tv_nsec }.
+        let b = frozen.scratch.read(pid, 32).map_err(err("scratch"))?;
+        let overrun = r
+            .call("timer_getoverrun", libc::SYS_timer_getoverrun, args!(t.id))
+            .map_err(err(&format!("POSIX timer {}", t.id)))? as i32;
+        let notify = match t.notify.as_str() {
+            "none" => libc::SIGEV_NONE,
+            "thread" => libc::SIGEV_THREAD,
+            _ => libc::SIGEV_SIGNAL,
+        } | if t.to_thread { libc::SIGEV_THREAD_ID } else { 0 };
+        posix_timers.push(PosixTimer {
+            id: t.id,
+            clock: t.clock,
+            notify,
+            signo: t.signo,
+            sigval: t.sigval,
+            notify_tid: if t.to_thread { t.notify_pid } else { 0 },
+            interval_ns: u64_at(&b, 0) * 1_000_000_000 + u64_at(&b, 1),
+            value_ns: u64_at(&b, 2) * 1_000_000_000 + u64_at(&b, 3),
+            overrun,
+        });
+    }
+
+    let to_siginfo = |raw: [u8; 128]| SigInfo {
+        signo: i32::from_ne_bytes(raw[..4].try_into().unwrap()),
+        raw: hex::encode(raw),
+    };
+    let pending: Vec<SigInfo> = ptrace::peek_siginfo(pid, false)
+        .map_err(err("its pending signals"))?
+        .into_iter()
+        .map(to_siginfo)
+        .collect();
+    let shared_pending: Vec<SigInfo> = ptrace::peek_siginfo(pid, true)
+        .map_err(err("its pending signals"))?
+        .into_iter()
+        .map(to_siginfo)
+        .collect();
+    let rseq = ptrace::get_rseq(pid)
+        .map_err(err("its rseq area"))?
+        .map(|(addr, len, signature)| model::Rseq { addr, len, signature });
+    let (robust_list, robust_list_len) =
+        torpor_sys::robust_list(pid).map_err(err("its robust futex list"))?;
+
+    let mut rlimits = Vec::new();
+    // RLIMIT_CPU (0) to RLIMIT_RTTIME (15): the sixteen limits Linux has.
+    for resource in 0..16u32 {
+        let (soft, hard) = torpor_sys::get_rlimit(pid, resource).map_err(err("its limits"))?;
+        rlimits.push(model::Rlimit { resource, soft, hard });
+    }
+
+    let exe = proc::readlink(format!("/proc/{pid}/exe")).map_err(err("its executable"))?;
+    let exe_file = files
+        .add_path(pid, &format!("/proc/{pid}/exe"), &exe)
+        .map_err(|source| DumpError::SaveFile { pid, what: format!("executable {exe}"), source })?;
+    let auxv = proc::auxv(pid).map_err(err("its auxiliary vector"))?;
+    let mm = model::MmFields {
+        start_code: stat.start_code,
+        end_code: stat.end_code,
+        start_data: stat.start_data,
+        end_data: stat.end_data,
+        start_brk: stat.start_brk,
+        brk,
+        start_stack: stat.start_stack,
+        arg_start: stat.arg_start,
+        arg_end: stat.arg_end,
+        env_start: stat.env_start,
+        env_end: stat.env_end,
+        auxv,
+        exe_file,
+    };
+
+    let (open_files, fds) = crate::files::collect_fds(pid, files)?;
+
+    let thread = model::Thread {
+        tid: pid,
+        comm: stat.comm.clone(),
+        regs: to_model_regs(&regs),
+        xsave: hex::encode(&xsave),
+        blocked: frozen.blocked,
+        pending,
+        altstack,
+        rseq,
+        robust_list,
+        robust_list_len,
+        clear_child_tid,
+    };
+
+    Ok(model::Process {
+        pid,
+        ppid: stat.ppid,
+        pgid: stat.pgrp,
+        sid: stat.session,
+        cmdline: proc::cmdline(pid),
+        creds: model::Creds {
+            uids: status.uids,
+            gids: status.gids,
+            groups: status.groups.clone(),
+            cap_inheritable: status.cap_inh,
+            cap_permitted: status.cap_prm,
+            cap_effective: status.cap_eff,
+            cap_bounding: status.cap_bnd,
+            cap_ambient: status.cap_amb,
+            no_new_privs: status.no_new_privs,
+        },
+        rlimits,
+        umask: status.umask,
+        cwd: proc::readlink(format!("/proc/{pid}/cwd")).map_err(err("its working directory"))?,
+        root: proc::readlink(format!("/proc/{pid}/root")).map_err(err("its root directory"))?,
+        personality: proc::personality(pid).map_err(err("its personality"))?,
+        pdeath_signal,
+        dumpable,
+        mm,
+        vmas: Vec::new(),
+        pages_file: format!("pages-{pid}.img"),
+        sigactions,
+        shared_pending,
+        itimers,
+        posix_timers,
+        open_files,
+        fds,
+        threads: vec![thread],
+    })
+}
+
+fn to_model_regs(r: &ptrace::Regs) -> model::Regs {
+    model::Regs {
+        r15: r.r15,
+        r14: r.r14,
+        r13: r.r13,
+        r12: r.r12,
+        rbp: r.rbp,
+        rbx: r.rbx,
+        r11: r.r11,
+        r10: r.r10,
+        r9: r.r9,
+        r8: r.r8,
+        rax: r.rax,
+        rcx: r.rcx,
+        rdx: r.rdx,
+        rsi: r.rsi,
+        rdi: r.rdi,
+        orig_rax: r.orig_rax,
+        rip: r.rip,
+        cs: r.cs,
+        eflags: r.eflags,
+        rsp: r.rsp,
+        ss: r.ss,
+        fs_base: r.fs_base,
+        gs_base: r.gs_base,
+        ds: r.ds,
+        es: r.es,
+        fs: r.fs,
+        gs: r.gs,
+    }
+}

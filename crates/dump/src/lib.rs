@@ -1,0 +1,256 @@
+//! Freeze a process, collect its state and write a torpor image.
+//!
+//! The steps, in order:
+//!
+//! 1. check the target (exists, not torpor, not a kernel thread, within what this version
+//!    supports) before touching it;
+//! 2. seize and interrupt it with ptrace, block every signal so none is consumed while
+//!    torpor works;
+//! 3. collect what `/proc` shows and what only the process can tell (through system calls
+//!    run inside it, see `torpor_sys::remote`);
+//! 4. copy its memory into the image, write the records, fsync, write the manifest last;
+//! 5. only then kill it, or detach and let it run on (`leave_running`).
+//!
+//! Any failure after step 2 puts the registers, the signal mask and the scratch bytes
+//! back and detaches, so the process runs on exactly as before; the partial image is
+//! removed.
+
+mod collect;
+mod files;
+mod memory;
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use torpor_image::{model, CpuState, ImageWriter, Manifest, FORMAT_VERSION, MAGIC};
+use torpor_sys::{proc, ptrace, Remote};
+
+pub use collect::UnsupportedReason;
+
+/// What to dump and how.
+#[derive(Debug, Clone)]
+pub struct DumpOptions {
+    pub pid: i32,
+    pub dir: PathBuf,
+    /// Let the process run on after the dump instead of killing it.
+    pub leave_running: bool,
+}
+
+/// What a dump did, for the summary line.
+#[derive(Debug, Clone, Default)]
+pub struct DumpSummary {
+    pub pid: i32,
+    pub pages_stored: u64,
+    pub zero_pages_skipped: u64,
+    pub image_bytes: u64,
+    pub frozen: Duration,
+    pub total: Duration,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DumpError {
+    #[error("pid {pid} does not exist")]
+    NoSuchProcess { pid: i32 },
+    #[error("pid {pid} is torpor itself")]
+    IsSelf { pid: i32 },
+    #[error("pid {pid} is a kernel thread; only user processes can be dumped")]
+    KernelThread { pid: i32 },
+    #[error("pid {pid} is a zombie (it has exited and waits for its parent to reap it)")]
+    Zombie { pid: i32 },
+    #[error("pid {pid} is already traced by pid {tracer} (a debugger?)")]
+    Traced { pid: i32, tracer: i32 },
+    #[error("pid {pid}: {reason}")]
+    Unsupported { pid: i32, reason: UnsupportedReason },
+    #[error("cannot freeze pid {pid}")]
+    Freeze { pid: i32, source: torpor_sys::Error },
+    #[error("pid {pid}: cannot collect {what}")]
+    Collect { pid: i32, what: String, source: torpor_sys::Error },
+    #[error("pid {pid}: cannot read memory of mapping {start:#x}-{end:#x} ({name})")]
+    Memory { pid: i32, start: u64, end: u64, name: String, source: torpor_sys::Error },
+    #[error("pid {pid}: cannot save {what}")]
+    SaveFile { pid: i32, what: String, source: std::io::Error },
+    #[error(transparent)]
+    Image(#[from] torpor_image::ImageError),
+    #[error("pid {pid}: cannot kill it after the dump")]
+    Kill { pid: i32, source: std::io::Error },
+}
+
+pub type Result<T> = std::result::Result<T, DumpError>;
+
+/// Dumps one process into `opts.dir`.
+pub fn dump(opts: &DumpOptions) -> Result<DumpSummary> {
+    let t0 = Instant::now();
+    let pid = opts.pid;
+    precheck(pid)?;
+
+    let mut writer = ImageWriter::create(&opts.dir)?;
+    let frozen = Frozen::attach(pid)?;
+    let t_frozen = Instant::now();
+
+    let result = write_image(&frozen, &mut writer);
+    let (tree, stats) = match result {
+        Ok(v) => v,
+        Err(e) => {
+            tracing::debug!("dump of pid {pid} failed, releasing it: {e}");
+            frozen.release();
+            writer.abandon();
+            return Err(e);
+        }
+    };
+
+    let manifest = Manifest {
+        magic: MAGIC.into(),
+        format_version: FORMAT_VERSION,
+        torpor_version: env!("CARGO_PKG_VERSION").into(),
+        created_unix: SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs()),
+        kernel_release: torpor_sys::kernel_release(),
+        arch: std::env::consts::ARCH.into(),
+        cpu: cpu_state(&tree),
+        root_pid: pid,
+        files: Vec::new(),
+    };
+    if let Err(e) = writer.commit(manifest) {
+        frozen.release();
+        return Err(e.into());
+    }
+
+    let frozen_for = t_frozen.elapsed();
+    if opts.leave_running {
+        frozen.release();
+    } else {
+        frozen.kill()?;
+    }
+    Ok(DumpSummary {
+        pid,
+        pages_stored: stats.pages_stored,
+        zero_pages_skipped: stats.zero_pages,
+        image_bytes: stats.bytes,
+        frozen: frozen_for,
+        total: t0.elapsed(),
+    })
+}
+
+/// Refuses targets torpor must not or cannot touch, before attaching.
+fn precheck(pid: i32) -> Result<()> {
+    if pid <= 0 {
+        return Err(DumpError::NoSuchProcess { pid });
+    }
+    if pid == std::process::id() as i32 {
+        return Err(DumpError::IsSelf { pid });
+    }
+    let status = proc::status(pid).map_err(|_| DumpError::NoSuchProcess { pid })?;
+    if status.tgid != pid {
+        // A thread id that is not a thread group leader.
+        return Err(DumpError::Unsupported {
+            pid,
+            reason: UnsupportedReason::NotLeader { tgid: status.tgid },
+        });
+    }
+    if status.state == 'Z' || status.state == 'X' {
+        return Err(DumpError::Zombie { pid });
+    }
+    if std::fs::read_link(format!("/proc/{pid}/exe")).is_err()
+        && proc::maps(pid).map(|m| m.is_empty()).unwrap_or(true)
+    {
+        return Err(DumpError::KernelThread { pid });
+    }
+    if status.tracer_pid != 0 {
+        return Err(DumpError::Traced { pid, tracer: status.tracer_pid });
+    }
+    collect::check_supported(pid, &status)
+}
+
+/// Union of the XSAVE features the image's threads use.
+fn cpu_state(tree: &model::Tree) -> CpuState {
+    let mut st =
+        CpuState { xcr0: torpor_sys::xcr0(), ..Default::default() };
+    for t in tree.processes.iter().flat_map(|p| &p.threads) {
+        if let Ok(x) = hex::decode(&t.xsave) {
+            st.xsave_size = st.xsave_size.max(x.len() as u32);
+            st.xfeatures_used |= xstate_bv(&x);
+        }
+    }
+    st
+}
+
+/// XSTATE_BV: the features present in an XSAVE area (first 8 bytes of its header).
+pub fn xstate_bv(xsave: &[u8]) -> u64 {
+    xsave.get(512..520).map_or(0, |b| u64::from_le_bytes(b.try_into().unwrap()))
+}
+
+#[derive(Default)]
+struct Stats {
+    pages_stored: u64,
+    zero_pages: u64,
+    bytes: u64,
+}
+
+fn write_image(frozen: &Frozen, writer: &mut ImageWriter) -> Result<(model::Tree, Stats)> {
+    let pid = frozen.pid;
+    let mut files = files::FileTable::default();
+    let mut process = collect::collect(frozen, &mut files)?;
+    let mut stats = Stats::default();
+    memory::dump_pages(frozen, &mut process, writer, &mut files, &mut stats)?;
+    files.save_deleted(pid, writer)?;
+    let tree = model::Tree { root_pid: pid, processes: vec![process], files: files.into_infos() };
+    writer.write_json(torpor_image::TREE, &tree)?;
+    Ok((tree, stats))
+}
+
+/// A process held stopped under ptrace, with everything needed to let it go unchanged.
+pub(crate) struct Frozen {
+    pub pid: i32,
+    pub remote: Remote,
+    pub blocked: u64,
+    scratch: collect::Scratch,
+}
+
+impl Frozen {
+    fn attach(pid: i32) -> Result<Self> {
+        let err = |source| DumpError::Freeze { pid, source };
+        ptrace::seize(pid, false).map_err(err)?;
+        let setup = || -> Result<Self> {
+            ptrace::interrupt_and_wait(pid).map_err(err)?;
+            // Block everything while torpor works, so no signal is consumed meanwhile.
+            let blocked = ptrace::get_sigmask(pid).map_err(err)?;
+            ptrace::set_sigmask(pid, !0).map_err(err)?;
+            let syscall_ip = collect::find_syscall(pid).inspect_err(|_| {
+                let _ = ptrace::set_sigmask(pid, blocked);
+            })?;
+            let remote = Remote::new(pid, syscall_ip).map_err(err)?;
+            let scratch = collect::Scratch::new(pid, remote.saved_regs().rsp).map_err(err)?;
+            Ok(Self { pid, remote, blocked, scratch })
+        };
+        setup().inspect_err(|_| {
+            let _ = ptrace::detach(pid, 0);
+        })
+    }
+
+    /// Puts back what torpor changed and lets the process run on.
+    fn release(self) {
+        let pid = self.pid;
+        let steps = [
+            ("restoring scratch memory", self.scratch.restore(pid)),
+            ("restoring registers", self.remote.restore_regs()),
+            ("restoring the signal mask", ptrace::set_sigmask(pid, self.blocked)),
+            ("detaching", ptrace::detach(pid, 0)),
+        ];
+        for (what, r) in steps {
+            if let Err(e) = r {
+                tracing::warn!("pid {pid}: {what} failed: {e}");
+            }
+        }
+    }
+
+    /// Ends the dumped process and waits until it has really exited.
+    fn kill(self) -> Result<()> {
+        let pid = self.pid;
+        // SAFETY: kill takes only integers.
+        if unsafe { libc::kill(pid, libc::SIGKILL) } < 0 {
+            return Err(DumpError::Kill { pid, source: std::io::Error::last_os_error() });
+        }
+        // As its tracer torpor sees the exit; afterwards the parent reaps the zombie.
+        let _ = ptrace::wait_exit(pid);
+        Ok(())
+    }
+}

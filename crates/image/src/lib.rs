@@ -1,0 +1,1762 @@
+//! torpor's on-disk image format.
+//!
+//! An image is a directory:
+//!
+//! ```text
+//!   DIR/                      mode 0700 when torpor creates it
+//!   ├── tree.json             the records (model::Tree): processes, threads, memory map,
+//!   │                         descriptors, signals, timers; JSON, unknown fields skipped
+//!   ├── pages-<pid>.img       page data of one process: the page runs of each mapping,
+//!   │                         in address order, 4 KiB pages back to back
+//!   ├── vdso-<pid>.img        the bytes of the vDSO the process was using
+//!   ├── file-<n>.img          content of a file that was deleted while open or mapped
+//!   └── manifest.json         written last: what the image is and every other file with
+//!                             its length and xxh3-128 checksum, then one trailer line
+//!                             "xxh3 <32 hex digits>" covering the bytes before it
+//! ```
+//!
+//! Every file is created with mode 0600: an image holds the process's memory.
+//!
+//! The manifest is a JSON object whose first two fields are `"magic": "torpor-image"` and
+//! `"format_version"`. A reader checks the trailer first, then the magic and the version,
+//! and only then decodes the rest, so that an image of another version is reported as such
+//! whatever else changed. The trailer line, the magic and `format_version` keep their form
+//! in every version.
+//!
+//! Versioning: `format_version` changes only when an older torpor could misread the image
+//! (a field changes meaning, a required field is added, a new kind of mapping or file
+//! appears). Within one version, records only gain optional fields, and decoders skip
+//! fields they do not know. A reader refuses any version other than its own with a message
+//! naming both.
+//!
+//! An image without `manifest.json` is incomplete; a file whose length or checksum differs
+//! from the manifest is corrupt, and restore refuses either before creating anything.
+//! `docs/image-format.md` describes every record and the limits a reader enforces.
+
+#![warn(missing_docs)]
+
+mod check;
+pub mod model;
+
+use std::collections::HashSet;
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Read, Write};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use xxhash_rust::xxh3::Xxh3;
+
+pub use check::check_tree;
+
+/// The first field of every manifest.
+pub const MAGIC: &str = "torpor-image";
+/// The format this torpor writes and reads.
+pub const FORMAT_VERSION: u32 = 1;
+/// Name of the manifest inside the image directory.
+pub const MANIFEST: &str = "manifest.json";
+/// Name of the record file holding the [`model::Tree`].
+pub const TREE: &str = "tree.json";
+/// Largest record file a reader accepts; page and content files have no such limit
+/// because they are streamed, never loaded whole.
+pub const MAX_RECORD_BYTES: u64 = 256 << 20;
+/// Largest number of files a manifest may list.
+pub const MAX_FILES: usize = 1 << 20;
+
+/// The name the manifest is written under before it is renamed into place.
+const MANIFEST_TMP: &str = ".manifest.json.tmp";
+
+/// `O_NONBLOCK` on x86_64 Linux, spelled out to keep this crate free of libc. Opening a
+/// FIFO for reading waits for a writer unless this flag is given; on a regular file the
+/// flag changes nothing.
+const O_NONBLOCK: i32 = 0o4000;
+
+/// Everything that can go wrong writing or reading an image. Each variant names the file
+/// it is about.
+#[derive(Debug, thiserror::Error)]
+pub enum ImageError {
+    /// The image directory could not be created.
+    #[error("cannot create image directory {path}")]
+    CreateDir {
+        /// The directory.
+        path: PathBuf,
+        /// Why `mkdir` failed.
+        source: io::Error,
+    },
+    /// The path given as the image directory is something else.
+    #[error("{path} exists and is not a directory")]
+    NotADirectory {
+        /// The path.
+        path: PathBuf,
+    },
+    /// Creating, writing or syncing a file of the image failed.
+    #[error("cannot write image file {path}")]
+    Write {
+        /// The file (or the directory, when syncing it failed).
+        path: PathBuf,
+        /// The underlying error.
+        source: io::Error,
+    },
+    /// Opening or reading a file of the image failed.
+    #[error("cannot read image file {path}")]
+    Read {
+        /// The file (or the directory).
+        path: PathBuf,
+        /// The underlying error.
+        source: io::Error,
+    },
+    /// The directory has no manifest: the dump never finished, or it is not an image.
+    #[error(
+        "{dir} holds no image or an incomplete one: {MANIFEST} is missing \
+         (was the dump interrupted?)"
+    )]
+    NoManifest {
+        /// The image directory.
+        dir: PathBuf,
+    },
+    /// A file's content does not make sense.
+    #[error("{path} is corrupt: {why}")]
+    Corrupt {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong, with the offending values.
+        why: String,
+    },
+    /// A file's length differs from the one the manifest records.
+    #[error("{path} is truncated or has grown: {actual} bytes, the manifest says {expected}")]
+    Length {
+        /// The file.
+        path: PathBuf,
+        /// Length in bytes recorded in the manifest.
+        expected: u64,
+        /// Length in bytes found.
+        actual: u64,
+    },
+    /// A file's xxh3-128 differs from the one the manifest (or its trailer) records.
+    #[error("{path} is corrupt: its checksum is {actual}, the manifest says {expected}")]
+    Checksum {
+        /// The file.
+        path: PathBuf,
+        /// Checksum recorded, in hex.
+        expected: String,
+        /// Checksum of the bytes found, in hex.
+        actual: String,
+    },
+    /// The manifest is of another format version.
+    #[error("{path} has format version {found}; this torpor reads version {FORMAT_VERSION} only")]
+    Version {
+        /// The manifest.
+        path: PathBuf,
+        /// The version it records.
+        found: u32,
+    },
+    /// A file the manifest lists is not in the directory.
+    #[error("{path} is listed in the manifest but missing")]
+    Missing {
+        /// The file.
+        path: PathBuf,
+    },
+    /// A file name that is not one plain name, or one the image reserves.
+    #[error("image file name {name:?} is not allowed (only plain names inside the image)")]
+    BadName {
+        /// The name.
+        name: String,
+    },
+    /// A file was asked for by name but the manifest does not list it.
+    #[error("{name} is not listed in the image's manifest")]
+    NotListed {
+        /// The name.
+        name: String,
+    },
+}
+
+/// Result of the image functions.
+pub type Result<T> = std::result::Result<T, ImageError>;
+
+/// What the image is, and every file in it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Manifest {
+    /// Always [`MAGIC`].
+    pub magic: String,
+    /// [`FORMAT_VERSION`] of the torpor that wrote the image.
+    pub format_version: u32,
+    /// Version of the torpor that wrote the image, for messages.
+    pub torpor_version: String,
+    /// When the dump finished, in seconds since the Unix epoch.
+    pub created_unix: u64,
+    /// `uname -r` of the machine that wrote the image.
+    pub kernel_release: String,
+    /// `uname -m` of the machine that wrote the image (`x86_64`).
+    pub arch: String,
+    /// What the saved registers need from the CPU.
+    pub cpu: CpuState,
+    /// The pid given to `torpor dump`.
+    pub root_pid: i32,
+    /// Every file of the image except the manifest, in the order they were written.
+    pub files: Vec<FileEntry>,
+}
+
+/// CPU state the image's register contents need.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct CpuState {
+    /// Union of the XSAVE feature bits (XSTATE_BV) in use by the image's threads.
+    pub xfeatures_used: u64,
+    /// XCR0 of the machine that wrote the image.
+    pub xcr0: u64,
+    /// Size of one thread's XSAVE area.
+    pub xsave_size: u32,
+}
+
+/// One file of the image as the manifest records it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct FileEntry {
+    /// Plain file name inside the image directory.
+    pub name: String,
+    /// Length in bytes.
+    pub len: u64,
+    /// xxh3-128 of the whole content: 32 lowercase hex digits.
+    pub xxh3: String,
+}
+
+/// Hex form of an xxh3-128 digest, as the manifest stores it.
+pub fn digest_hex(h: &Xxh3) -> String {
+    format!("{:032x}", h.digest128())
+}
+
+/// xxh3-128 of a byte slice, in hex.
+pub fn hash_bytes(bytes: &[u8]) -> String {
+    format!("{:032x}", xxhash_rust::xxh3::xxh3_128(bytes))
+}
+
+/// Whether `s` has the form [`digest_hex`] gives: 32 lowercase hex digits.
+fn is_digest(s: &[u8]) -> bool {
+    s.len() == 32
+        && s.iter()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(b))
+}
+
+/// A file name inside an image: one plain path component.
+fn check_name(name: &str) -> Result<()> {
+    let ok = !name.is_empty()
+        && name != "."
+        && name != ".."
+        && !name.contains('/')
+        && !name.contains('\0')
+        && name.len() <= 255;
+    if ok {
+        Ok(())
+    } else {
+        Err(ImageError::BadName {
+            name: name.to_string(),
+        })
+    }
+}
+
+/// Whether the writer keeps `name` for itself.
+fn is_reserved(name: &str) -> bool {
+    name == MANIFEST || name == MANIFEST_TMP
+}
+
+/// Removes `path` if it exists.
+fn remove_if_exists(path: &Path) -> io::Result<()> {
+    match fs::remove_file(path) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
+        _ => Ok(()),
+    }
+}
+
+/// Creates `path` as a new file of mode 0600, replacing whatever had that name.
+///
+/// Removing first, rather than truncating, matters when the directory holds an older
+/// image: an old file keeps its old mode when truncated, a symbolic link would be
+/// followed, and a hard link would overwrite the file it shares with.
+fn create_private(path: &Path) -> io::Result<File> {
+    remove_if_exists(path)?;
+    OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+}
+
+/// Flushes a directory's entries to disk.
+fn sync_dir(dir: &Path) -> Result<()> {
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|source| ImageError::Write {
+            path: dir.to_path_buf(),
+            source,
+        })
+}
+
+/// A file of the image being written; checksums what goes through it.
+pub struct ImageFile {
+    name: String,
+    path: PathBuf,
+    file: File,
+    hash: Xxh3,
+    len: u64,
+}
+
+impl ImageFile {
+    /// The file's name inside the image.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Bytes written so far.
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+
+    /// Whether nothing has been written yet.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Writes all of `buf` at the end of the file.
+    pub fn write_all(&mut self, buf: &[u8]) -> Result<()> {
+        self.file
+            .write_all(buf)
+            .map_err(|source| ImageError::Write {
+                path: self.path.clone(),
+                source,
+            })?;
+        self.hash.update(buf);
+        self.len += buf.len() as u64;
+        Ok(())
+    }
+}
+
+impl Write for ImageFile {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let n = self.file.write(buf)?;
+        self.hash.update(&buf[..n]);
+        self.len += n as u64;
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.file.flush()
+    }
+}
+
+/// Writes an image directory. Nothing is an image until [`ImageWriter::commit`] has
+/// written the manifest; [`ImageWriter::abandon`] removes what a failed dump wrote.
+pub struct ImageWriter {
+    dir: PathBuf,
+    entries: Vec<FileEntry>,
+    created: Vec<PathBuf>,
+    /// Whether [`ImageWriter::create`] made the directory (so abandoning removes it).
+    made_dir: bool,
+}
+
+impl ImageWriter {
+    /// Prepares `dir` (created with mode 0700 if missing). A manifest already there is
+    /// removed first, so that an interrupted dump never leaves an old manifest describing
+    /// new files.
+    pub fn create(dir: &Path) -> Result<Self> {
+        let made_dir = match fs::metadata(dir) {
+            Ok(m) if !m.is_dir() => {
+                return Err(ImageError::NotADirectory {
+                    path: dir.to_path_buf(),
+                })
+            }
+            Ok(_) => false,
+            Err(_) => {
+                fs::DirBuilder::new()
+                    .recursive(true)
+                    .mode(0o700)
+                    .create(dir)
+                    .map_err(|source| ImageError::CreateDir {
+                        path: dir.to_path_buf(),
+                        source,
+                    })?;
+                true
+            }
+        };
+        let manifest = dir.join(MANIFEST);
+        remove_if_exists(&manifest).map_err(|source| ImageError::Write {
+            path: manifest,
+            source,
+        })?;
+        Ok(Self {
+            dir: dir.to_path_buf(),
+            entries: Vec::new(),
+            created: Vec::new(),
+            made_dir,
+        })
+    }
+
+    /// The image directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Creates a file of the image, mode 0600, replacing any file of that name. The name
+    /// must be one plain path component and not the manifest's.
+    pub fn create_file(&mut self, name: &str) -> Result<ImageFile> {
+        check_name(name)?;
+        if is_reserved(name) {
+            return Err(ImageError::BadName {
+                name: name.to_string(),
+            });
+        }
+        let path = self.dir.join(name);
+        let file = create_private(&path).map_err(|source| ImageError::Write {
+            path: path.clone(),
+            source,
+        })?;
+        self.created.push(path.clone());
+        Ok(ImageFile {
+            name: name.to_string(),
+            path,
+            file,
+            hash: Xxh3::new(),
+            len: 0,
+        })
+    }
+
+    /// Flushes a file to disk and records it for the manifest. A file written again under
+    /// the same name replaces the earlier record.
+    pub fn finish_file(&mut self, f: ImageFile) -> Result<()> {
+        f.file.sync_all().map_err(|source| ImageError::Write {
+            path: f.path.clone(),
+            source,
+        })?;
+        let entry = FileEntry {
+            name: f.name,
+            len: f.len,
+            xxh3: digest_hex(&f.hash),
+        };
+        match self.entries.iter_mut().find(|e| e.name == entry.name) {
+            Some(old) => *old = entry,
+            None => self.entries.push(entry),
+        }
+        Ok(())
+    }
+
+    /// Writes a whole file in one go.
+    pub fn write_file(&mut self, name: &str, bytes: &[u8]) -> Result<()> {
+        let mut f = self.create_file(name)?;
+        f.write_all(bytes)?;
+        self.finish_file(f)
+    }
+
+    /// Writes a record file as JSON.
+    pub fn write_json<T: Serialize>(&mut self, name: &str, value: &T) -> Result<()> {
+        let bytes = serde_json::to_vec(value).map_err(|e| ImageError::Write {
+            path: self.dir.join(name),
+            source: io::Error::other(e),
+        })?;
+        self.write_file(name, &bytes)
+    }
+
+    /// Writes the manifest last (to a temporary name, synced, then renamed) and syncs the
+    /// directory: from here on the image is complete.
+    ///
+    /// `magic`, `format_version` and `files` of `manifest` are filled in here; the caller
+    /// supplies the rest. If this fails, the files written so far are removed as by
+    /// [`ImageWriter::abandon`], since the writer is gone and no caller could.
+    pub fn commit(mut self, mut manifest: Manifest) -> Result<()> {
+        manifest.magic = MAGIC.to_string();
+        manifest.format_version = FORMAT_VERSION;
+        manifest.files = std::mem::take(&mut self.entries);
+        match self.write_manifest(&manifest) {
+            Ok(()) => Ok(()),
+            Err(e) => {
+                self.abandon();
+                Err(e)
+            }
+        }
+    }
+
+    fn write_manifest(&self, manifest: &Manifest) -> Result<()> {
+        let bytes = encode_manifest(manifest);
+        let tmp = self.dir.join(MANIFEST_TMP);
+        let final_path = self.dir.join(MANIFEST);
+        create_private(&tmp)
+            .and_then(|mut f| {
+                f.write_all(&bytes)?;
+                f.sync_all()
+            })
+            .map_err(|source| ImageError::Write {
+                path: tmp.clone(),
+                source,
+            })?;
+
+        // The other files' directory entries must be on disk before the manifest that
+        // lists them can be.
+        sync_dir(&self.dir)?;
+        fs::rename(&tmp, &final_path).map_err(|source| ImageError::Write {
+            path: final_path.clone(),
+            source,
+        })?;
+        sync_dir(&self.dir)?;
+
+        // A directory made by `create` is itself an entry of its parent.
+        if self.made_dir {
+            if let Some(parent) = self.dir.parent().filter(|p| !p.as_os_str().is_empty()) {
+                sync_dir(parent)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Removes the files written so far (after a failed dump), and the directory if
+    /// [`ImageWriter::create`] made it and nothing else is in it.
+    pub fn abandon(mut self) {
+        // Removal is best effort: this runs after another error, which is the one to report.
+        for p in self.created.drain(..) {
+            let _ = fs::remove_file(p);
+        }
+        let _ = fs::remove_file(self.dir.join(MANIFEST_TMP));
+        let _ = fs::remove_file(self.dir.join(MANIFEST));
+        if self.made_dir {
+            let _ = fs::remove_dir(&self.dir);
+        }
+    }
+}
+
+/// The manifest's bytes: the JSON body, a newline, and a trailer line with its checksum.
+pub fn encode_manifest(m: &Manifest) -> Vec<u8> {
+    let mut body = serde_json::to_vec_pretty(m).expect("a manifest always serializes");
+    body.push(b'\n');
+    let trailer = format!("xxh3 {}\n", hash_bytes(&body));
+    body.extend_from_slice(trailer.as_bytes());
+    body
+}
+
+/// Splits a manifest into the bytes its trailer covers and the checksum the trailer
+/// records, or says what is wrong with the trailer.
+fn split_trailer(bytes: &[u8]) -> std::result::Result<(&[u8], &str), &'static str> {
+    let trimmed = bytes
+        .strip_suffix(b"\n")
+        .ok_or("it does not end with a newline")?;
+    let split = trimmed
+        .iter()
+        .rposition(|&b| b == b'\n')
+        .ok_or("it has no trailer line")?;
+    let (body, trailer) = (&bytes[..split + 1], &trimmed[split + 1..]);
+    let digest = trailer
+        .strip_prefix(b"xxh3 ")
+        .ok_or("its last line does not start with \"xxh3 \"")?;
+    if !is_digest(digest) {
+        return Err("its trailer does not hold 32 lowercase hex digits");
+    }
+    let digest = std::str::from_utf8(digest).expect("hex digits are ASCII");
+    Ok((body, digest))
+}
+
+/// Parses and checks a manifest's bytes. `path` is only used in messages.
+pub fn decode_manifest(bytes: &[u8], path: &Path) -> Result<Manifest> {
+    let corrupt = |why: String| ImageError::Corrupt {
+        path: path.to_path_buf(),
+        why,
+    };
+    let (body, expected) = split_trailer(bytes).map_err(|why| corrupt(why.to_string()))?;
+    let actual = hash_bytes(body);
+    if actual != expected {
+        return Err(ImageError::Checksum {
+            path: path.to_path_buf(),
+            expected: expected.to_string(),
+            actual,
+        });
+    }
+
+    // Check the magic and version before the rest, so that a newer format with other
+    // fields is reported as a version mismatch rather than as garbage.
+    #[derive(Deserialize)]
+    struct Head {
+        magic: String,
+        format_version: u32,
+    }
+    let head: Head =
+        serde_json::from_slice(body).map_err(|e| corrupt(format!("not a manifest: {e}")))?;
+    if head.magic != MAGIC {
+        return Err(corrupt(format!("magic is {:?}, not {MAGIC:?}", head.magic)));
+    }
+    if head.format_version != FORMAT_VERSION {
+        return Err(ImageError::Version {
+            path: path.to_path_buf(),
+            found: head.format_version,
+        });
+    }
+
+    let m: Manifest =
+        serde_json::from_slice(body).map_err(|e| corrupt(format!("not a manifest: {e}")))?;
+    if m.files.len() > MAX_FILES {
+        return Err(corrupt(format!(
+            "lists {} files, more than {MAX_FILES}",
+            m.files.len()
+        )));
+    }
+    let mut seen = HashSet::with_capacity(m.files.len());
+    for f in &m.files {
+        check_name(&f.name)?;
+        if is_reserved(&f.name) {
+            return Err(corrupt(format!(
+                "lists {:?}, a name the image reserves",
+                f.name
+            )));
+        }
+        if !seen.insert(f.name.as_str()) {
+            return Err(corrupt(format!("lists {:?} twice", f.name)));
+        }
+        if !is_digest(f.xxh3.as_bytes()) {
+            return Err(corrupt(format!(
+                "the checksum of {:?} is {:?}, not 32 lowercase hex digits",
+                f.name, f.xxh3
+            )));
+        }
+    }
+    Ok(m)
+}
+
+/// A complete image, opened for reading.
+pub struct ImageReader {
+    dir: PathBuf,
+    manifest: Manifest,
+}
+
+impl ImageReader {
+    /// Opens an image: reads and checks the manifest, and that every file it lists exists
+    /// as a regular file with the recorded length. Contents are checked by
+    /// [`ImageReader::verify_all`], or file by file as they are read.
+    pub fn open(dir: &Path) -> Result<Self> {
+        let meta = fs::metadata(dir).map_err(|source| ImageError::Read {
+            path: dir.to_path_buf(),
+            source,
+        })?;
+        if !meta.is_dir() {
+            return Err(ImageError::NotADirectory {
+                path: dir.to_path_buf(),
+            });
+        }
+
+        let path = dir.join(MANIFEST);
+        let bytes = match read_limited(&path, MAX_RECORD_BYTES) {
+            Ok(b) => b,
+            Err(ImageError::Read { source, .. }) if source.kind() == io::ErrorKind::NotFound => {
+                return Err(ImageError::NoManifest {
+                    dir: dir.to_path_buf(),
+                })
+            }
+            Err(e) => return Err(e),
+        };
+        let manifest = decode_manifest(&bytes, &path)?;
+
+        for f in &manifest.files {
+            let p = dir.join(&f.name);
+            let meta = match fs::metadata(&p) {
+                Ok(m) => m,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                    return Err(ImageError::Missing { path: p })
+                }
+                Err(source) => return Err(ImageError::Read { path: p, source }),
+            };
+            if !meta.is_file() {
+                return Err(not_regular(&p));
+            }
+            if meta.len() != f.len {
+                return Err(ImageError::Length {
+                    path: p,
+                    expected: f.len,
+                    actual: meta.len(),
+                });
+            }
+        }
+        Ok(Self {
+            dir: dir.to_path_buf(),
+            manifest,
+        })
+    }
+
+    /// The image's manifest.
+    pub fn manifest(&self) -> &Manifest {
+        &self.manifest
+    }
+
+    /// The image directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Path of a file listed in the manifest.
+    pub fn path(&self, name: &str) -> Result<PathBuf> {
+        self.entry(name).map(|_| self.dir.join(name))
+    }
+
+    fn entry(&self, name: &str) -> Result<&FileEntry> {
+        self.manifest
+            .files
+            .iter()
+            .find(|f| f.name == name)
+            .ok_or_else(|| ImageError::NotListed {
+                name: name.to_string(),
+            })
+    }
+
+    /// Reads every file of the image and compares its checksum and length with the
+    /// manifest. `progress` is called with the bytes read so far.
+    pub fn verify_all(&self, mut progress: impl FnMut(u64)) -> Result<()> {
+        let mut buf = vec![0u8; 4 << 20];
+        let mut total = 0u64;
+        for f in &self.manifest.files {
+            let path = self.dir.join(&f.name);
+            let mut file = open_regular(&path)?;
+            let mut h = Xxh3::new();
+            let mut len = 0u64;
+            loop {
+                let n = match file.read(&mut buf) {
+                    Ok(0) => break,
+                    Ok(n) => n,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                    Err(source) => return Err(ImageError::Read { path, source }),
+                };
+                h.update(&buf[..n]);
+                len += n as u64;
+                total += n as u64;
+                progress(total);
+            }
+            check_digest(&path, f, len, &digest_hex(&h))?;
+        }
+        Ok(())
+    }
+
+    /// Reads a whole file of the image, checking it against the manifest.
+    pub fn read_file(&self, name: &str) -> Result<Vec<u8>> {
+        let entry = self.entry(name)?;
+        let path = self.dir.join(name);
+        if entry.len > MAX_RECORD_BYTES {
+            return Err(ImageError::Corrupt {
+                path,
+                why: format!(
+                    "{} bytes is more than a record may hold ({MAX_RECORD_BYTES})",
+                    entry.len
+                ),
+            });
+        }
+        let file = open_regular(&path)?;
+        let actual = file
+            .metadata()
+            .map_err(|source| ImageError::Read {
+                path: path.clone(),
+                source,
+            })?
+            .len();
+        if actual != entry.len {
+            return Err(ImageError::Length {
+                path,
+                expected: entry.len,
+                actual,
+            });
+        }
+
+        // One byte more than the manifest says, so that a file still growing is caught.
+        let mut bytes = Vec::with_capacity(entry.len as usize);
+        file.take(entry.len + 1)
+            .read_to_end(&mut bytes)
+            .map_err(|source| ImageError::Read {
+                path: path.clone(),
+                source,
+            })?;
+        check_digest(&path, entry, bytes.len() as u64, &hash_bytes(&bytes))?;
+        Ok(bytes)
+    }
+
+    /// Reads and decodes a JSON record file, checking it against the manifest.
+    pub fn read_json<T: for<'de> Deserialize<'de>>(&self, name: &str) -> Result<T> {
+        let bytes = self.read_file(name)?;
+        serde_json::from_slice(&bytes).map_err(|e| ImageError::Corrupt {
+            path: self.dir.join(name),
+            why: format!("cannot decode: {e}"),
+        })
+    }
+
+    /// Reads `tree.json`, checks it against the manifest and checks that its records are
+    /// consistent with each other (see [`check_tree`]).
+    pub fn read_tree(&self) -> Result<model::Tree> {
+        let tree: model::Tree = self.read_json(TREE)?;
+        check_tree(&tree, &self.manifest, &self.dir.join(TREE))?;
+        Ok(tree)
+    }
+}
+
+fn not_regular(path: &Path) -> ImageError {
+    ImageError::Corrupt {
+        path: path.to_path_buf(),
+        why: "not a regular file".to_string(),
+    }
+}
+
+fn check_digest(path: &Path, entry: &FileEntry, len: u64, actual: &str) -> Result<()> {
+    if len != entry.len {
+        return Err(ImageError::Length {
+            path: path.to_path_buf(),
+            expected: entry.len,
+            actual: len,
+        });
+    }
+    if actual != entry.xxh3 {
+        return Err(ImageError::Checksum {
+            path: path.to_path_buf(),
+            expected: entry.xxh3.clone(),
+            actual: actual.to_string(),
+        });
+    }
+    Ok(())
+}
+
+/// Opens a file of the image for reading, refusing anything but a regular file (a FIFO
+/// or device put in its place must not make the reader wait or read forever).
+fn open_regular(path: &Path) -> Result<File> {
+    let read_err = |source| ImageError::Read {
+        path: path.to_path_buf(),
+        source,
+    };
+    let file = OpenOptions::new()
+        .read(true)
+        .custom_flags(O_NONBLOCK)
+        .open(path)
+        .map_err(read_err)?;
+    if !file.metadata().map_err(read_err)?.is_file() {
+        return Err(not_regular(path));
+    }
+    Ok(file)
+}
+
+/// Reads a whole regular file, refusing one longer than `limit` bytes.
+fn read_limited(path: &Path, limit: u64) -> Result<Vec<u8>> {
+    let f = open_regular(path)?;
+    let mut bytes = Vec::new();
+    f.take(limit.saturating_add(1))
+        .read_to_end(&mut bytes)
+        .map_err(|source| ImageError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+    if bytes.len() as u64 > limit {
+        return Err(ImageError::Corrupt {
+            path: path.to_path_buf(),
+            why: format!("larger than {limit} bytes"),
+        });
+    }
+    Ok(bytes)
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use std::os::unix::fs::{symlink, PermissionsExt};
+    use std::process::Command;
+
+    use tempfile::TempDir;
+
+    use super::*;
+    use crate::model::*;
+
+    pub(crate) const PID: i32 = 4242;
+    pub(crate) const PAGES: &str = "pages-4242.img";
+    pub(crate) const VDSO: &str = "vdso-4242.img";
+    pub(crate) const SAVED: &str = "file-0.img";
+    const PAGE: u64 = 4096;
+
+    /// Content of the `i`th page of the sample's page file: different in every page.
+    fn page(i: u64) -> Vec<u8> {
+        (0..PAGE)
+            .map(|j| (i * 31 + j * 7 + j / 251) as u8)
+            .collect()
+    }
+
+    fn vdso_bytes() -> Vec<u8> {
+        (0..2 * PAGE).map(|j| (j % 253) as u8).collect()
+    }
+
+    fn siginfo(signo: i32) -> SigInfo {
+        let mut raw = vec![0u8; 128];
+        raw[0] = signo as u8;
+        SigInfo {
+            signo,
+            raw: hex::encode(raw),
+        }
+    }
+
+    fn vma(start: u64, pages: u64, prot: u32, kind: VmaKind) -> Vma {
+        Vma {
+            start,
+            end: start + pages * PAGE,
+            prot,
+            shared: false,
+            kind,
+            advice: Vec::new(),
+            pages: Vec::new(),
+        }
+    }
+
+    fn thread(tid: i32) -> Thread {
+        Thread {
+            tid,
+            comm: "sleeper".to_string(),
+            regs: Regs {
+                rip: 0x5555_5555_4a10,
+                rsp: 0x7ffc_d001_ff00,
+                ..Regs::default()
+            },
+            xsave: "00".repeat(1088),
+            blocked: 1 << (libc_sigusr1() - 1),
+            pending: Vec::new(),
+            altstack: AltStack {
+                sp: 0,
+                flags: 2,
+                size: 0,
+            },
+            rseq: Some(Rseq {
+                addr: 0x7f00_0000_1fe0,
+                len: 32,
+                signature: 0x5305_3053,
+            }),
+            robust_list: 0x7f00_0000_1a20,
+            robust_list_len: 24,
+            clear_child_tid: 0x7f00_0000_1910,
+        }
+    }
+
+    fn libc_sigusr1() -> i32 {
+        10
+    }
+
+    /// A small process as a dump would record it: a binary with a data page and a zero
+    /// page, a heap with two runs of data, a stack, the vDSO, two threads, a few
+    /// descriptors and a deleted file. Its data pages are numbered in page file order.
+    pub(crate) fn sample_tree() -> Tree {
+        let exe = 0x5555_5555_4000;
+        let mut text = vma(
+            exe,
+            2,
+            prot::READ | prot::EXEC,
+            VmaKind::File { file: 0, offset: 0 },
+        );
+        text.advice = vec!["dd".to_string()];
+        let mut data = vma(
+            exe + 3 * PAGE,
+            2,
+            prot::READ | prot::WRITE,
+            VmaKind::File {
+                file: 0,
+                offset: 3 * PAGE,
+            },
+        );
+        data.pages = vec![
+            PageRun {
+                addr: data.start,
+                pages: 1,
+                offset: Some(0),
+            },
+            PageRun {
+                addr: data.start + PAGE,
+                pages: 1,
+                offset: None,
+            },
+        ];
+        let mut heap = vma(
+            exe + 5 * PAGE,
+            64,
+            prot::READ | prot::WRITE,
+            VmaKind::Anon { heap: true },
+        );
+        heap.pages = vec![
+            PageRun {
+                addr: heap.start,
+                pages: 30,
+                offset: Some(PAGE),
+            },
+            PageRun {
+                addr: heap.start + 33 * PAGE,
+                pages: 31,
+                offset: Some(31 * PAGE),
+            },
+        ];
+        let mut stack = vma(
+            0x7ffc_d000_0000,
+            32,
+            prot::READ | prot::WRITE,
+            VmaKind::Stack,
+        );
+        stack.pages = vec![PageRun {
+            addr: stack.start + 24 * PAGE,
+            pages: 8,
+            offset: Some(62 * PAGE),
+        }];
+        let vvar = vma(
+            0x7ffc_d010_0000,
+            4,
+            prot::READ,
+            VmaKind::Vvar {
+                name: "[vvar]".into(),
+            },
+        );
+        let vdso = vma(
+            0x7ffc_d010_4000,
+            2,
+            prot::READ | prot::EXEC,
+            VmaKind::Vdso {
+                content_xxh3: hash_bytes(&vdso_bytes()),
+                content_file: VDSO.into(),
+            },
+        );
+        let vsyscall = vma(0xffff_ffff_ff60_0000, 1, prot::EXEC, VmaKind::Vsyscall);
+
+        let mut sigactions = vec![
+            SigAction {
+                handler: 0,
+                flags: 0,
+                restorer: 0,
+                mask: 0
+            };
+            64
+        ];
+        sigactions[1] = SigAction {
+            handler: 0x5555_5555_4c00,
+            flags: 0x0400_0004,
+            restorer: 0x7f00_0004_2520,
+            mask: 0,
+        };
+
+        let mut second = thread(PID + 1);
+        second.pending = vec![siginfo(libc_sigusr1())];
+
+        Tree {
+            root_pid: PID,
+            processes: vec![Process {
+                pid: PID,
+                ppid: 1,
+                pgid: PID,
+                sid: 4000,
+                cmdline: vec!["sleeper".into(), "--interval".into(), "5".into()],
+                creds: Creds {
+                    uids: [1000; 4],
+                    gids: [1000; 4],
+                    groups: vec![27, 1000],
+                    cap_inheritable: 0,
+                    cap_permitted: 0,
+                    cap_effective: 0,
+                    cap_bounding: (1 << 41) - 1,
+                    cap_ambient: 0,
+                    no_new_privs: false,
+                },
+                rlimits: vec![
+                    Rlimit {
+                        resource: 3,
+                        soft: 8 << 20,
+                        hard: u64::MAX,
+                    },
+                    Rlimit {
+                        resource: 7,
+                        soft: 1024,
+                        hard: 524_288,
+                    },
+                ],
+                umask: 0o022,
+                cwd: "/home/user".into(),
+                root: "/".into(),
+                personality: 0,
+                pdeath_signal: 0,
+                dumpable: 1,
+                mm: MmFields {
+                    start_code: exe,
+                    end_code: exe + 2 * PAGE,
+                    start_data: exe + 3 * PAGE,
+                    end_data: exe + 4 * PAGE,
+                    start_brk: exe + 5 * PAGE,
+                    brk: exe + 69 * PAGE,
+                    start_stack: 0x7ffc_d001_ff80,
+                    arg_start: 0x7ffc_d001_ffa0,
+                    arg_end: 0x7ffc_d001_ffc0,
+                    env_start: 0x7ffc_d001_ffc0,
+                    env_end: 0x7ffc_d001_fff0,
+                    auxv: vec![6, 4096, 25, 0x7ffc_d001_ff90, 0, 0],
+                    exe_file: 0,
+                },
+                vmas: vec![text, data, heap, stack, vvar, vdso, vsyscall],
+                pages_file: PAGES.into(),
+                sigactions,
+                shared_pending: vec![siginfo(15)],
+                itimers: ITimers {
+                    real: ITimer {
+                        value_us: 250_000,
+                        interval_us: 500_000,
+                    },
+                    ..ITimers::default()
+                },
+                posix_timers: vec![PosixTimer {
+                    id: 0,
+                    clock: 1,
+                    notify: 0,
+                    signo: 14,
+                    sigval: 0,
+                    notify_tid: PID,
+                    value_ns: 750_000_000,
+                    interval_ns: 0,
+                    overrun: 0,
+                }],
+                open_files: vec![
+                    OpenFile {
+                        flags: 2,
+                        pos: 0,
+                        kind: OpenFileKind::CharDevice {
+                            path: "/dev/null".into(),
+                            rdev: 0x103,
+                        },
+                    },
+                    OpenFile {
+                        flags: 0o2101,
+                        pos: 100,
+                        kind: OpenFileKind::Regular { file: 1 },
+                    },
+                    OpenFile {
+                        flags: 0o200000,
+                        pos: 0,
+                        kind: OpenFileKind::Directory {
+                            path: "/home/user".into(),
+                        },
+                    },
+                ],
+                fds: vec![
+                    Fd {
+                        fd: 0,
+                        cloexec: false,
+                        open_file: 0,
+                    },
+                    Fd {
+                        fd: 1,
+                        cloexec: false,
+                        open_file: 0,
+                    },
+                    Fd {
+                        fd: 2,
+                        cloexec: false,
+                        open_file: 0,
+                    },
+                    Fd {
+                        fd: 3,
+                        cloexec: true,
+                        open_file: 1,
+                    },
+                    Fd {
+                        fd: 4,
+                        cloexec: true,
+                        open_file: 2,
+                    },
+                ],
+                threads: vec![thread(PID), second],
+            }],
+            files: vec![
+                FileInfo {
+                    path: "/usr/local/bin/sleeper".into(),
+                    dev: 0x803,
+                    ino: 131_075,
+                    size: 18_432,
+                    mtime_ns: 1_700_000_000_123_456_789,
+                    mode: 0o100755,
+                    content_xxh3: Some(hash_bytes(b"sleeper")),
+                    saved_content: None,
+                },
+                FileInfo {
+                    path: "/tmp/scratch".into(),
+                    dev: 0x2a,
+                    ino: 77,
+                    size: 100,
+                    mtime_ns: -1,
+                    mode: 0o100600,
+                    content_xxh3: None,
+                    saved_content: Some(SAVED.into()),
+                },
+            ],
+        }
+    }
+
+    /// Number of data pages in the sample's page file.
+    pub(crate) const DATA_PAGES: u64 = 70;
+
+    pub(crate) fn sample_manifest() -> Manifest {
+        Manifest {
+            magic: MAGIC.into(),
+            format_version: FORMAT_VERSION,
+            torpor_version: "0.1.0".into(),
+            created_unix: 1_700_000_100,
+            kernel_release: "6.8.0-45-generic".into(),
+            arch: "x86_64".into(),
+            cpu: CpuState {
+                xfeatures_used: 0x7,
+                xcr0: 0x2e7,
+                xsave_size: 2696,
+            },
+            root_pid: PID,
+            files: Vec::new(),
+        }
+    }
+
+    /// Writes the sample image into a new directory `img` under a temporary directory.
+    pub(crate) fn write_sample() -> (TempDir, PathBuf) {
+        let tmp = TempDir::new().unwrap();
+        let dir = tmp.path().join("img");
+        let mut w = ImageWriter::create(&dir).unwrap();
+        w.write_json(TREE, &sample_tree()).unwrap();
+
+        let mut f = w.create_file(PAGES).unwrap();
+        for i in 0..DATA_PAGES {
+            f.write_all(&page(i)).unwrap();
+        }
+        assert_eq!(f.len(), DATA_PAGES * PAGE);
+        w.finish_file(f).unwrap();
+
+        w.write_file(VDSO, &vdso_bytes()).unwrap();
+        let mut f = w.create_file(SAVED).unwrap();
+        f.write_all(&[b'x'; 100]).unwrap();
+        w.finish_file(f).unwrap();
+        w.commit(sample_manifest()).unwrap();
+        (tmp, dir)
+    }
+
+    /// Everything restore does before trusting an image.
+    fn load(dir: &Path) -> Result<Tree> {
+        let r = ImageReader::open(dir)?;
+        r.verify_all(|_| {})?;
+        r.read_tree()
+    }
+
+    fn variant(e: &ImageError) -> &'static str {
+        match e {
+            ImageError::CreateDir { .. } => "CreateDir",
+            ImageError::NotADirectory { .. } => "NotADirectory",
+            ImageError::Write { .. } => "Write",
+            ImageError::Read { .. } => "Read",
+            ImageError::NoManifest { .. } => "NoManifest",
+            ImageError::Corrupt { .. } => "Corrupt",
+            ImageError::Length { .. } => "Length",
+            ImageError::Checksum { .. } => "Checksum",
+            ImageError::Version { .. } => "Version",
+            ImageError::Missing { .. } => "Missing",
+            ImageError::BadName { .. } => "BadName",
+            ImageError::NotListed { .. } => "NotListed",
+        }
+    }
+
+    /// Asserts that `r` failed with `want` and that the message names `what`.
+    #[track_caller]
+    fn refused<T>(r: Result<T>, want: &str, what: &str) -> ImageError {
+        let Err(e) = r else {
+            panic!("expected {want} naming {what}, but it succeeded")
+        };
+        assert_eq!(variant(&e), want, "{e}");
+        assert!(e.to_string().contains(what), "{e:?} does not name {what}");
+        e
+    }
+
+    /// The manifest's JSON body, as a value to edit.
+    fn manifest_value(dir: &Path) -> serde_json::Value {
+        let bytes = fs::read(dir.join(MANIFEST)).unwrap();
+        let (body, _) = split_trailer(&bytes).unwrap();
+        serde_json::from_slice(body).unwrap()
+    }
+
+    /// `body` followed by a correct trailer line.
+    fn signed(mut body: Vec<u8>) -> Vec<u8> {
+        body.push(b'\n');
+        let trailer = format!("xxh3 {}\n", hash_bytes(&body));
+        body.extend_from_slice(trailer.as_bytes());
+        body
+    }
+
+    /// Replaces the manifest with an edited and correctly signed one.
+    fn rewrite_manifest(dir: &Path, edit: impl FnOnce(&mut serde_json::Value)) {
+        let mut v = manifest_value(dir);
+        edit(&mut v);
+        fs::write(
+            dir.join(MANIFEST),
+            signed(serde_json::to_vec_pretty(&v).unwrap()),
+        )
+        .unwrap();
+    }
+
+    fn mode(path: &Path) -> u32 {
+        fs::metadata(path).unwrap().permissions().mode() & 0o777
+    }
+
+    #[test]
+    fn written_image_reads_back() {
+        let (_tmp, dir) = write_sample();
+        let r = ImageReader::open(&dir).unwrap();
+
+        let names: Vec<_> = r.manifest().files.iter().map(|f| f.name.as_str()).collect();
+        assert_eq!(names, [TREE, PAGES, VDSO, SAVED]);
+        assert_eq!(r.manifest().magic, MAGIC);
+        assert_eq!(r.manifest().format_version, FORMAT_VERSION);
+        assert_eq!(r.manifest().cpu, sample_manifest().cpu);
+
+        let total: u64 = r.manifest().files.iter().map(|f| f.len).sum();
+        let mut seen = Vec::new();
+        r.verify_all(|n| seen.push(n)).unwrap();
+        assert_eq!(seen.last(), Some(&total));
+        assert!(seen.windows(2).all(|w| w[0] < w[1]));
+
+        assert_eq!(r.read_json::<Tree>(TREE).unwrap(), sample_tree());
+        assert_eq!(r.read_tree().unwrap(), sample_tree());
+        assert_eq!(r.read_file(VDSO).unwrap(), vdso_bytes());
+
+        // The page file holds the data pages back to back, each run at its offset.
+        let pages = fs::read(r.path(PAGES).unwrap()).unwrap();
+        assert_eq!(pages.len() as u64, DATA_PAGES * PAGE);
+        for run in sample_tree().processes[0]
+            .vmas
+            .iter()
+            .flat_map(|v| &v.pages)
+        {
+            let Some(offset) = run.offset else { continue };
+            for i in 0..run.pages {
+                let at = (offset + i * PAGE) as usize;
+                assert_eq!(pages[at..at + PAGE as usize], page(offset / PAGE + i)[..]);
+            }
+        }
+
+        refused(r.path("pages-1.img"), "NotListed", "pages-1.img");
+        refused(r.read_file("nothing.img"), "NotListed", "nothing.img");
+    }
+
+    #[derive(Debug, Clone, Copy)]
+    enum Damage {
+        FlipFirst,
+        FlipMiddle,
+        FlipLast,
+        DropLastByte,
+        Empty,
+        AppendByte,
+        Delete,
+    }
+
+    const DAMAGES: [Damage; 7] = [
+        Damage::FlipFirst,
+        Damage::FlipMiddle,
+        Damage::FlipLast,
+        Damage::DropLastByte,
+        Damage::Empty,
+        Damage::AppendByte,
+        Damage::Delete,
+    ];
+
+    fn damage(path: &Path, d: Damage) {
+        let mut bytes = fs::read(path).unwrap();
+        let last = bytes.len() - 1;
+        match d {
+            Damage::FlipFirst => bytes[0] ^= 1,
+            Damage::FlipMiddle => bytes[last / 2] ^= 1,
+            Damage::FlipLast => bytes[last] ^= 1,
+            Damage::DropLastByte => bytes.truncate(last),
+            Damage::Empty => bytes.clear(),
+            Damage::AppendByte => bytes.push(b'x'),
+            Damage::Delete => return fs::remove_file(path).unwrap(),
+        }
+        fs::write(path, bytes).unwrap();
+    }
+
+    #[test]
+    fn every_damage_to_every_file_is_refused() {
+        for name in [TREE, PAGES, VDSO, SAVED, MANIFEST] {
+            for d in DAMAGES {
+                let (_tmp, dir) = write_sample();
+                damage(&dir.join(name), d);
+                let want = match (name, d) {
+                    (MANIFEST, Damage::FlipFirst | Damage::FlipMiddle) => "Checksum",
+                    (MANIFEST, Damage::Delete) => "NoManifest",
+                    (MANIFEST, _) => "Corrupt",
+                    (_, Damage::FlipFirst | Damage::FlipMiddle | Damage::FlipLast) => "Checksum",
+                    (_, Damage::Delete) => "Missing",
+                    _ => "Length",
+                };
+                let e = load(&dir).expect_err(&format!("{d:?} of {name} went unnoticed"));
+                assert_eq!(variant(&e), want, "{d:?} of {name}: {e}");
+                assert!(e.to_string().contains(name), "{d:?} of {name}: {e}");
+            }
+        }
+    }
+
+    #[test]
+    fn damaged_record_is_refused_without_verify_all() {
+        for d in [Damage::FlipFirst, Damage::FlipMiddle, Damage::FlipLast] {
+            let (_tmp, dir) = write_sample();
+            damage(&dir.join(TREE), d);
+            let r = ImageReader::open(&dir).unwrap();
+            refused(r.read_json::<Tree>(TREE), "Checksum", TREE);
+            refused(r.read_tree(), "Checksum", TREE);
+        }
+
+        // A record that grows after the image was opened.
+        let (_tmp, dir) = write_sample();
+        let r = ImageReader::open(&dir).unwrap();
+        damage(&dir.join(TREE), Damage::AppendByte);
+        refused(r.read_file(TREE), "Length", TREE);
+        refused(r.verify_all(|_| {}), "Length", TREE);
+    }
+
+    #[test]
+    fn other_magic_is_refused() {
+        let (_tmp, dir) = write_sample();
+        rewrite_manifest(&dir, |m| m["magic"] = "criu-image".into());
+        let e = refused(load(&dir), "Corrupt", MANIFEST);
+        assert!(e.to_string().contains("criu-image"), "{e}");
+
+        rewrite_manifest(&dir, |m| {
+            m.as_object_mut()
+                .unwrap()
+                .remove("magic")
+                .map(drop)
+                .unwrap()
+        });
+        refused(load(&dir), "Corrupt", MANIFEST);
+
+        // Edited without updating the trailer: the checksum catches it first.
+        let (_tmp, dir) = write_sample();
+        let path = dir.join(MANIFEST);
+        let text = fs::read_to_string(&path)
+            .unwrap()
+            .replace(MAGIC, "torpor-imagf");
+        fs::write(&path, text).unwrap();
+        refused(load(&dir), "Checksum", MANIFEST);
+    }
+
+    #[test]
+    fn other_format_version_is_a_version_error() {
+        for found in [0, FORMAT_VERSION + 1, u32::MAX] {
+            let (_tmp, dir) = write_sample();
+            rewrite_manifest(&dir, |m| m["format_version"] = found.into());
+            let e = refused(load(&dir), "Version", MANIFEST);
+            assert!(matches!(e, ImageError::Version { found: f, .. } if f == found));
+            assert!(e.to_string().contains(&format!("version {found}")), "{e}");
+            assert!(
+                e.to_string()
+                    .contains(&format!("version {FORMAT_VERSION} only")),
+                "{e}"
+            );
+        }
+
+        // A newer format may reshape everything but the magic and the version.
+        let (_tmp, dir) = write_sample();
+        rewrite_manifest(&dir, |m| {
+            *m = serde_json::json!({
+                "magic": MAGIC,
+                "format_version": FORMAT_VERSION + 1,
+                "files": {"tree": 7},
+            })
+        });
+        refused(load(&dir), "Version", MANIFEST);
+
+        let (_tmp, dir) = write_sample();
+        rewrite_manifest(&dir, |m| m["format_version"] = "1".into());
+        refused(load(&dir), "Corrupt", MANIFEST);
+    }
+
+    #[test]
+    fn bad_trailer_is_refused() {
+        let (_tmp, dir) = write_sample();
+        let path = dir.join(MANIFEST);
+        let good = fs::read(&path).unwrap();
+        let (body, digest) = split_trailer(&good).unwrap();
+        let body = body.to_vec();
+        let with_trailer = |line: &str| [&body[..], line.as_bytes()].concat();
+
+        let wrong_digest = format!("xxh3 {}\n", "0".repeat(32));
+        let cases = [
+            (with_trailer(&wrong_digest), "Checksum"),
+            (
+                with_trailer(&format!("xxh3 {}\n", digest.to_uppercase())),
+                "Corrupt",
+            ),
+            (with_trailer(&format!("xxh64 {digest}\n")), "Corrupt"),
+            (with_trailer(&format!("xxh3  {digest}\n")), "Corrupt"),
+            (with_trailer(&format!("xxh3 {}\n", &digest[1..])), "Corrupt"),
+            (with_trailer(&format!("xxh3 {digest}0\n")), "Corrupt"),
+            (with_trailer(&format!("xxh3 {digest}\r\n")), "Corrupt"),
+            (with_trailer(&format!("xxh3 {digest}\n\n")), "Corrupt"),
+            (with_trailer(&format!("xxh3 {digest}")), "Corrupt"),
+            (with_trailer(""), "Corrupt"),
+            (body.clone(), "Corrupt"),
+            (format!("xxh3 {digest}\n").into_bytes(), "Corrupt"),
+            (b"\n".to_vec(), "Corrupt"),
+        ];
+        for (bytes, want) in cases {
+            fs::write(&path, &bytes).unwrap();
+            refused(load(&dir), want, MANIFEST);
+        }
+
+        fs::write(&path, &good).unwrap();
+        load(&dir).unwrap();
+    }
+
+    #[test]
+    fn manifest_with_bad_file_names_is_refused() {
+        for name in [
+            "../tree.json",
+            "a/b",
+            "/etc/passwd",
+            "..",
+            ".",
+            "",
+            "a\0b",
+            &"n".repeat(256),
+        ] {
+            let (_tmp, dir) = write_sample();
+            rewrite_manifest(&dir, |m| m["files"][1]["name"] = name.into());
+            let e = load(&dir).unwrap_err();
+            assert!(
+                matches!(&e, ImageError::BadName { name: n } if n == name),
+                "{e}"
+            );
+        }
+
+        let (_tmp, dir) = write_sample();
+        rewrite_manifest(&dir, |m| m["files"][1]["name"] = MANIFEST.into());
+        refused(load(&dir), "Corrupt", "reserves");
+
+        let (_tmp, dir) = write_sample();
+        rewrite_manifest(&dir, |m| m["files"][1] = m["files"][0].clone());
+        refused(load(&dir), "Corrupt", "twice");
+
+        let (_tmp, dir) = write_sample();
+        rewrite_manifest(&dir, |m| m["files"][2]["xxh3"] = "not hex".into());
+        refused(load(&dir), "Corrupt", "not hex");
+    }
+
+    #[test]
+    fn manifest_listing_a_file_not_there_is_refused() {
+        let (_tmp, dir) = write_sample();
+        rewrite_manifest(&dir, |m| {
+            let files = m["files"].as_array_mut().unwrap();
+            files.push(serde_json::json!({"name": "pages-7.img", "len": 0, "xxh3": "0".repeat(32)}))
+        });
+        refused(load(&dir), "Missing", "pages-7.img");
+    }
+
+    #[test]
+    fn missing_manifest_means_incomplete() {
+        let (_tmp, dir) = write_sample();
+        fs::remove_file(dir.join(MANIFEST)).unwrap();
+        let e = refused(load(&dir), "NoManifest", MANIFEST);
+        assert!(e.to_string().contains("incomplete"), "{e}");
+        assert!(e.to_string().contains(dir.to_str().unwrap()), "{e}");
+
+        // A dump that stopped before its commit.
+        let tmp = TempDir::new().unwrap();
+        let mut w = ImageWriter::create(tmp.path()).unwrap();
+        w.write_json(TREE, &sample_tree()).unwrap();
+        drop(w);
+        refused(load(tmp.path()), "NoManifest", "incomplete");
+
+        // A second dump into the directory of a complete image: until it commits, the old
+        // manifest must not describe the new files.
+        let (_tmp, dir) = write_sample();
+        let mut w = ImageWriter::create(&dir).unwrap();
+        w.write_file(TREE, b"{}").unwrap();
+        refused(load(&dir), "NoManifest", MANIFEST);
+        w.abandon();
+    }
+
+    #[test]
+    fn path_that_is_a_file_is_not_a_directory() {
+        let tmp = TempDir::new().unwrap();
+        let file = tmp.path().join("plain");
+        fs::write(&file, b"not an image").unwrap();
+        refused(ImageReader::open(&file), "NotADirectory", "plain");
+        refused(ImageWriter::create(&file), "NotADirectory", "plain");
+
+        refused(
+            ImageReader::open(&tmp.path().join("absent")),
+            "Read",
+            "absent",
+        );
+    }
+
+    #[test]
+    fn files_are_private() {
+        let (_tmp, dir) = write_sample();
+        assert_eq!(mode(&dir), 0o700);
+        for name in [TREE, PAGES, VDSO, SAVED, MANIFEST] {
+            assert_eq!(mode(&dir.join(name)), 0o600, "{name}");
+        }
+        assert!(!dir.join(MANIFEST_TMP).exists());
+    }
+
+    #[test]
+    fn writing_over_an_old_image_replaces_its_files() {
+        let (_tmp, dir) = write_sample();
+
+        // A file left readable by others, and a link that points outside the image.
+        let outside = dir.parent().unwrap().join("outside");
+        fs::write(&outside, b"keep me").unwrap();
+        fs::set_permissions(dir.join(PAGES), fs::Permissions::from_mode(0o644)).unwrap();
+        fs::remove_file(dir.join(VDSO)).unwrap();
+        symlink(&outside, dir.join(VDSO)).unwrap();
+        fs::remove_file(dir.join(SAVED)).unwrap();
+        fs::hard_link(&outside, dir.join(SAVED)).unwrap();
+
+        let mut w = ImageWriter::create(&dir).unwrap();
+        for name in [PAGES, VDSO, SAVED] {
+            w.write_file(name, b"new").unwrap();
+        }
+        w.commit(sample_manifest()).unwrap();
+
+        assert_eq!(fs::read(&outside).unwrap(), b"keep me");
+        for name in [PAGES, VDSO, SAVED] {
+            let path = dir.join(name);
+            assert!(fs::symlink_metadata(&path).unwrap().is_file(), "{name}");
+            assert_eq!(mode(&path), 0o600, "{name}");
+            assert_eq!(fs::read(&path).unwrap(), b"new");
+        }
+        let r = ImageReader::open(&dir).unwrap();
+        assert_eq!(r.manifest().files.len(), 3);
+        r.verify_all(|_| {}).unwrap();
+    }
+
+    #[test]
+    fn abandon_removes_what_was_written() {
+        let tmp = TempDir::new().unwrap();
+        let dir = tmp.path().join("a").join("img");
+        let mut w = ImageWriter::create(&dir).unwrap();
+        assert_eq!(mode(&dir), 0o700);
+        w.write_json(TREE, &sample_tree()).unwrap();
+        let mut f = w.create_file(PAGES).unwrap();
+        f.write_all(&page(0)).unwrap();
+        // Left unfinished, as a dump that fails in the middle of a file would.
+        drop(f);
+        w.abandon();
+        assert!(!dir.exists());
+
+        // In a directory that was there before, only the image's files go.
+        let dir = tmp.path().join("a");
+        fs::write(dir.join("notes.txt"), b"mine").unwrap();
+        let mut w = ImageWriter::create(&dir).unwrap();
+        w.write_file(PAGES, &page(1)).unwrap();
+        w.abandon();
+        let left: Vec<_> = fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(left, ["notes.txt"]);
+    }
+
+    #[test]
+    fn rewritten_file_is_listed_once() {
+        let tmp = TempDir::new().unwrap();
+        let mut w = ImageWriter::create(tmp.path()).unwrap();
+        w.write_file(VDSO, b"first").unwrap();
+        w.write_file(PAGES, &page(0)).unwrap();
+        w.write_file(VDSO, b"second").unwrap();
+        let mut m = sample_manifest();
+        m.magic = "ignored".into();
+        m.format_version = 99;
+        w.commit(m).unwrap();
+
+        let r = ImageReader::open(tmp.path()).unwrap();
+        let names: Vec<_> = r.manifest().files.iter().map(|f| f.name.as_str()).collect();
+        assert_eq!(names, [VDSO, PAGES]);
+        assert_eq!(r.read_file(VDSO).unwrap(), b"second");
+        assert_eq!(
+            (r.manifest().magic.as_str(), r.manifest().format_version),
+            (MAGIC, 1)
+        );
+    }
+
+    #[test]
+    fn writer_refuses_names_outside_the_image() {
+        let tmp = TempDir::new().unwrap();
+        let dir = tmp.path().join("img");
+        let mut w = ImageWriter::create(&dir).unwrap();
+        for name in ["../escape", "a/b", "..", ".", "", MANIFEST, MANIFEST_TMP] {
+            refused(w.create_file(name), "BadName", &format!("{name:?}"));
+        }
+        assert!(!tmp.path().join("escape").exists());
+        w.abandon();
+    }
+
+    #[test]
+    fn listed_file_that_is_not_regular_is_refused() {
+        let (_tmp, dir) = write_sample();
+        fs::remove_file(dir.join(SAVED)).unwrap();
+        fs::create_dir(dir.join(SAVED)).unwrap();
+        refused(load(&dir), "Corrupt", SAVED);
+
+        // A FIFO must not make the reader wait for a writer.
+        let (_tmp, dir) = write_sample();
+        fs::remove_file(dir.join(MANIFEST)).unwrap();
+        let status = Command::new("mkfifo")
+            .arg(dir.join(MANIFEST))
+            .status()
+            .unwrap();
+        assert!(status.success());
+        refused(load(&dir), "Corrupt", "not a regular file");
+    }
+
+    #[test]
+    fn oversized_records_are_refused() {
+        let (_tmp, dir) = write_sample();
+        refused(read_limited(&dir.join(PAGES), PAGE), "Corrupt", PAGES);
+        assert_eq!(
+            read_limited(&dir.join(VDSO), 2 * PAGE).unwrap(),
+            vdso_bytes()
+        );
+
+        // A listed file too large to load whole (sparse, so the test stays cheap).
+        let big = MAX_RECORD_BYTES + 1;
+        File::create(dir.join("big.img"))
+            .unwrap()
+            .set_len(big)
+            .unwrap();
+        rewrite_manifest(&dir, |m| {
+            let entry = serde_json::json!({"name": "big.img", "len": big, "xxh3": "0".repeat(32)});
+            m["files"].as_array_mut().unwrap().push(entry)
+        });
+        let r = ImageReader::open(&dir).unwrap();
+        refused(
+            r.read_file("big.img"),
+            "Corrupt",
+            "more than a record may hold",
+        );
+    }
+
+    #[test]
+    fn unknown_fields_are_skipped() {
+        let (_tmp, dir) = write_sample();
+        rewrite_manifest(&dir, |m| {
+            m["compression"] = "none".into();
+            m["cpu"]["pkru"] = 0x5555_5554.into();
+            m["files"][0]["mode"] = 0o600.into();
+        });
+        let r = ImageReader::open(&dir).unwrap();
+        assert_eq!(r.manifest().root_pid, PID);
+        r.verify_all(|_| {}).unwrap();
+
+        let mut v = serde_json::to_value(sample_tree()).unwrap();
+        v["namespaces"] = serde_json::json!({"pid": 4026531836u64});
+        let p = &mut v["processes"][0];
+        p["oom_score_adj"] = 0.into();
+        p["creds"]["securebits"] = 0.into();
+        p["vmas"][1]["pages"][0]["huge"] = false.into();
+        p["vmas"][2]["kind"]["numa_policy"] = "default".into();
+        p["vmas"][5]["kind"]["build_id"] = "abc".into();
+        p["open_files"][0]["kind"]["tty_index"] = 3.into();
+        p["threads"][0]["regs"]["fs_index"] = 0.into();
+        p["threads"][1]["sched_policy"] = 0.into();
+        let bytes = serde_json::to_vec(&v).unwrap();
+        assert_eq!(
+            serde_json::from_slice::<Tree>(&bytes).unwrap(),
+            sample_tree()
+        );
+
+        // Fields added after the first version may be absent.
+        let mut v = serde_json::to_value(sample_tree()).unwrap();
+        let p = v["processes"][0].as_object_mut().unwrap();
+        p.remove("cmdline");
+        p["vmas"][0].as_object_mut().unwrap().remove("advice");
+        let tree: Tree = serde_json::from_value(v).unwrap();
+        assert!(tree.processes[0].cmdline.is_empty());
+    }
+}

@@ -1,0 +1,446 @@
+//! The records of an image: what torpor knows about each process.
+//!
+//! Every record is a plain serde struct. Decoding ignores fields it does not know, so an
+//! older torpor can read a newer image of the same major format version, and a field added
+//! later carries `#[serde(default)]` so that older images still decode.
+//!
+//! Addresses and lengths are in bytes, pids and tids are as the dumped processes saw them
+//! (in their pid namespace), and indices count from zero.
+
+use serde::{Deserialize, Serialize};
+
+/// The process tree of an image: `tree.json`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Tree {
+    /// The pid given to `torpor dump`.
+    pub root_pid: i32,
+    /// Every process of the tree, parents before children.
+    pub processes: Vec<Process>,
+    /// Files referred to by mappings and descriptors, by index.
+    pub files: Vec<FileInfo>,
+}
+
+/// One process: its threads, memory, descriptors and everything the kernel keeps for it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Process {
+    /// Process id (the thread group id).
+    pub pid: i32,
+    /// Parent's pid.
+    pub ppid: i32,
+    /// Process group id.
+    pub pgid: i32,
+    /// Session id.
+    pub sid: i32,
+    /// Command line, for messages and `inspect` only.
+    #[serde(default)]
+    pub cmdline: Vec<String>,
+    /// User and group ids and capabilities.
+    pub creds: Creds,
+    /// Resource limits, one per resource the kernel reported.
+    pub rlimits: Vec<Rlimit>,
+    /// File mode creation mask (`umask`), permission bits.
+    pub umask: u32,
+    /// Working directory, an absolute path.
+    pub cwd: String,
+    /// Root directory (`chroot`), an absolute path.
+    pub root: String,
+    /// Execution domain and flags (`personality(2)`).
+    pub personality: u32,
+    /// Signal sent when the parent dies (`PR_SET_PDEATHSIG`), 0 for none.
+    pub pdeath_signal: i32,
+    /// `PR_GET_DUMPABLE`.
+    pub dumpable: i32,
+    /// Layout of the address space as the kernel records it.
+    pub mm: MmFields,
+    /// Memory mappings, in increasing address order.
+    pub vmas: Vec<Vma>,
+    /// Name of the page data file inside the image directory.
+    pub pages_file: String,
+    /// Signal actions, indexed by signal number minus one (1..=64).
+    pub sigactions: Vec<SigAction>,
+    /// Signals queued to the whole process, oldest first.
+    pub shared_pending: Vec<SigInfo>,
+    /// The three `setitimer` timers.
+    pub itimers: ITimers,
+    /// Timers made by `timer_create`.
+    pub posix_timers: Vec<PosixTimer>,
+    /// Open file descriptions, shared by the descriptors that point at them.
+    pub open_files: Vec<OpenFile>,
+    /// Descriptor table.
+    pub fds: Vec<Fd>,
+    /// The first thread is the thread group leader.
+    pub threads: Vec<Thread>,
+}
+
+/// Credentials: real, effective, saved and filesystem ids, groups and capability sets.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Creds {
+    /// Real, effective, saved and filesystem user ids, in that order.
+    pub uids: [u32; 4],
+    /// Real, effective, saved and filesystem group ids, in that order.
+    pub gids: [u32; 4],
+    /// Supplementary group ids.
+    pub groups: Vec<u32>,
+    /// Inheritable capability set, one bit per capability number.
+    pub cap_inheritable: u64,
+    /// Permitted capability set.
+    pub cap_permitted: u64,
+    /// Effective capability set.
+    pub cap_effective: u64,
+    /// Bounding set.
+    pub cap_bounding: u64,
+    /// Ambient capability set.
+    pub cap_ambient: u64,
+    /// `PR_SET_NO_NEW_PRIVS` is set.
+    pub no_new_privs: bool,
+}
+
+/// One resource limit.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Rlimit {
+    /// The `RLIMIT_*` number.
+    pub resource: u32,
+    /// Soft limit, in the resource's unit; `u64::MAX` is unlimited.
+    pub soft: u64,
+    /// Hard limit, in the resource's unit; `u64::MAX` is unlimited.
+    pub hard: u64,
+}
+
+/// The fields `PR_SET_MM_MAP` sets, plus the executable and the auxiliary vector.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct MmFields {
+    /// Start of the program text.
+    pub start_code: u64,
+    /// End of the program text.
+    pub end_code: u64,
+    /// Start of the initialized data.
+    pub start_data: u64,
+    /// End of the initialized data.
+    pub end_data: u64,
+    /// Where the heap began.
+    pub start_brk: u64,
+    /// Current program break.
+    pub brk: u64,
+    /// Stack pointer the kernel set up at `exec` (where `argc` lies).
+    pub start_stack: u64,
+    /// Start of the argument strings.
+    pub arg_start: u64,
+    /// End of the argument strings.
+    pub arg_end: u64,
+    /// Start of the environment strings.
+    pub env_start: u64,
+    /// End of the environment strings.
+    pub env_end: u64,
+    /// The auxiliary vector as `/proc/PID/auxv` gives it: type and value words in turn.
+    pub auxv: Vec<u64>,
+    /// Index into [`Tree::files`] of the executable (`/proc/PID/exe`).
+    pub exe_file: usize,
+}
+
+/// Protection bits of a mapping, as `mmap` takes them.
+pub mod prot {
+    /// `PROT_READ`.
+    pub const READ: u32 = 1;
+    /// `PROT_WRITE`.
+    pub const WRITE: u32 = 2;
+    /// `PROT_EXEC`.
+    pub const EXEC: u32 = 4;
+}
+
+/// One memory mapping.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Vma {
+    /// First address, page-aligned.
+    pub start: u64,
+    /// Address after the last byte, page-aligned.
+    pub end: u64,
+    /// [`prot`] bits.
+    pub prot: u32,
+    /// `MAP_SHARED` rather than `MAP_PRIVATE`.
+    pub shared: bool,
+    /// What backs the mapping.
+    pub kind: VmaKind,
+    /// Kernel flags from `smaps` VmFlags that torpor restores with `madvise` or `mlock`
+    /// (two-letter codes such as `dd`, `hg`, `nh`, `lo`, `wf`, `dc`).
+    #[serde(default)]
+    pub advice: Vec<String>,
+    /// Runs of pages stored in the image (or known to be zero), in address order.
+    #[serde(default)]
+    pub pages: Vec<PageRun>,
+}
+
+impl Vma {
+    /// Length in bytes.
+    pub fn len(&self) -> u64 {
+        self.end - self.start
+    }
+
+    /// Whether the mapping covers no byte.
+    pub fn is_empty(&self) -> bool {
+        self.end == self.start
+    }
+}
+
+/// What backs a mapping.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum VmaKind {
+    /// Anonymous memory (including the heap when `heap` is set).
+    Anon {
+        /// The mapping is the `[heap]` that `brk` grows.
+        #[serde(default)]
+        heap: bool,
+    },
+    /// A stack that grows down (`MAP_GROWSDOWN`).
+    Stack,
+    /// A file mapped at `offset`; `file` indexes [`Tree::files`].
+    File {
+        /// Index into [`Tree::files`].
+        file: usize,
+        /// Byte offset in the file of the mapping's first byte.
+        offset: u64,
+    },
+    /// The kernel's vDSO. Its bytes are kept so restore can tell whether the running
+    /// kernel's vDSO is the same one.
+    Vdso {
+        /// xxh3-128 of the vDSO's bytes, in hex.
+        content_xxh3: String,
+        /// The image file holding those bytes.
+        content_file: String,
+    },
+    /// One of the kernel's vDSO data areas (`[vvar]`, `[vvar_vclock]`), by name.
+    Vvar {
+        /// The name `/proc/PID/maps` shows, brackets included.
+        name: String,
+    },
+    /// The fixed legacy `[vsyscall]` page; nothing to restore.
+    Vsyscall,
+}
+
+/// A run of consecutive pages of a mapping.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+pub struct PageRun {
+    /// Address of the first page.
+    pub addr: u64,
+    /// Number of 4 KiB pages.
+    pub pages: u64,
+    /// Offset of the data in the process's page file, or `None` for pages that are all
+    /// zero but must still be written (private file mappings, where the file would
+    /// otherwise show through).
+    pub offset: Option<u64>,
+}
+
+/// A file referred to by the image, with what identifies its content.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct FileInfo {
+    /// Absolute path when dumped (without the kernel's " (deleted)" suffix).
+    pub path: String,
+    /// Device of the filesystem holding it (`st_dev`).
+    pub dev: u64,
+    /// Inode number (`st_ino`).
+    pub ino: u64,
+    /// Size in bytes.
+    pub size: u64,
+    /// Modification time, nanoseconds since the Unix epoch.
+    pub mtime_ns: i128,
+    /// `st_mode`: file type and permission bits.
+    pub mode: u32,
+    /// xxh3-128 of the content, when torpor hashed it (mapped files and small files).
+    pub content_xxh3: Option<String>,
+    /// For a file deleted while open or mapped: the image file holding its content.
+    pub saved_content: Option<String>,
+}
+
+/// An open file description, which one or more descriptors share.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct OpenFile {
+    /// `open` flags without `O_CLOEXEC` (which belongs to the descriptor).
+    pub flags: i32,
+    /// File position in bytes.
+    pub pos: u64,
+    /// What is open.
+    pub kind: OpenFileKind,
+}
+
+/// What an open file description refers to.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum OpenFileKind {
+    /// A regular file; `file` indexes [`Tree::files`].
+    Regular {
+        /// Index into [`Tree::files`].
+        file: usize,
+    },
+    /// A directory, reopened by path.
+    Directory {
+        /// Absolute path.
+        path: String,
+    },
+    /// A character device reopened by path (`/dev/null`, `/dev/tty`, a terminal).
+    CharDevice {
+        /// Absolute path.
+        path: String,
+        /// Device number (`st_rdev`), to check the path still names the same device.
+        rdev: u64,
+    },
+}
+
+/// A descriptor number and the open file description it points at.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Fd {
+    /// Descriptor number.
+    pub fd: i32,
+    /// `FD_CLOEXEC` is set.
+    pub cloexec: bool,
+    /// Index into [`Process::open_files`].
+    pub open_file: usize,
+}
+
+/// The kernel's `struct sigaction` for one signal.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+pub struct SigAction {
+    /// Handler address, or 0 (`SIG_DFL`) or 1 (`SIG_IGN`).
+    pub handler: u64,
+    /// `SA_*` flags.
+    pub flags: u64,
+    /// `sa_restorer` address (used with `SA_RESTORER`).
+    pub restorer: u64,
+    /// Signals blocked while the handler runs, bit `n - 1` for signal `n`.
+    pub mask: u64,
+}
+
+/// A queued signal: the raw 128-byte `siginfo_t`, hex-encoded.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct SigInfo {
+    /// Signal number.
+    pub signo: i32,
+    /// The 128 bytes of `siginfo_t` as 256 hex digits.
+    pub raw: String,
+}
+
+/// One interval timer: time left and reload value, in microseconds.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ITimer {
+    /// Time until the next expiry, in microseconds; 0 when disarmed.
+    pub value_us: u64,
+    /// Reload value after an expiry, in microseconds; 0 for a one-shot timer.
+    pub interval_us: u64,
+}
+
+/// The three timers of `setitimer`.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ITimers {
+    /// `ITIMER_REAL`: wall-clock time, `SIGALRM`.
+    pub real: ITimer,
+    /// `ITIMER_VIRTUAL`: user CPU time, `SIGVTALRM`.
+    pub virt: ITimer,
+    /// `ITIMER_PROF`: user and system CPU time, `SIGPROF`.
+    pub prof: ITimer,
+}
+
+/// A POSIX timer made by `timer_create`.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+pub struct PosixTimer {
+    /// Timer id the process knows it by.
+    pub id: i32,
+    /// `CLOCK_*` id it measures.
+    pub clock: i32,
+    /// `SIGEV_SIGNAL`, `SIGEV_NONE`, `SIGEV_THREAD_ID` (with the flag bits as the kernel
+    /// reports them).
+    pub notify: i32,
+    /// Signal sent on expiry.
+    pub signo: i32,
+    /// `sigev_value` delivered with the signal.
+    pub sigval: u64,
+    /// Thread notified with `SIGEV_THREAD_ID`.
+    pub notify_tid: i32,
+    /// Time until the next expiry, in nanoseconds; 0 when disarmed.
+    pub value_ns: u64,
+    /// Reload value after an expiry, in nanoseconds; 0 for a one-shot timer.
+    pub interval_ns: u64,
+    /// Expirations not yet delivered; informational.
+    #[serde(default)]
+    pub overrun: i32,
+}
+
+/// One thread: its registers and per-thread kernel state.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Thread {
+    /// Thread id.
+    pub tid: i32,
+    /// Thread name (`/proc/PID/task/TID/comm`), at most 15 bytes.
+    pub comm: String,
+    /// General-purpose registers.
+    pub regs: Regs,
+    /// The `NT_X86_XSTATE` register set (the XSAVE area), hex-encoded.
+    pub xsave: String,
+    /// Blocked signal mask.
+    pub blocked: u64,
+    /// Signals queued to this thread only, oldest first.
+    pub pending: Vec<SigInfo>,
+    /// Alternate signal stack (`sigaltstack`).
+    pub altstack: AltStack,
+    /// Registered restartable-sequences area, if any.
+    pub rseq: Option<Rseq>,
+    /// Head of the robust futex list (`set_robust_list`), 0 for none.
+    pub robust_list: u64,
+    /// Size in bytes of the robust list head.
+    pub robust_list_len: u64,
+    /// Address the kernel clears and wakes at thread exit (`set_tid_address`), 0 for none.
+    pub clear_child_tid: u64,
+}
+
+/// An alternate signal stack, as `sigaltstack` takes it.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct AltStack {
+    /// Lowest address of the stack.
+    pub sp: u64,
+    /// `SS_*` flags (`SS_DISABLE` when there is none).
+    pub flags: i32,
+    /// Size in bytes.
+    pub size: u64,
+}
+
+/// A registered restartable-sequences area.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Rseq {
+    /// Address of the thread's `struct rseq`.
+    pub addr: u64,
+    /// Length in bytes it was registered with.
+    pub len: u32,
+    /// Signature given at registration.
+    pub signature: u32,
+}
+
+/// The general-purpose registers, in the kernel's `user_regs_struct` order (x86_64).
+#[allow(missing_docs)] // each field is the register of that name
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Regs {
+    pub r15: u64,
+    pub r14: u64,
+    pub r13: u64,
+    pub r12: u64,
+    pub rbp: u64,
+    pub rbx: u64,
+    pub r11: u64,
+    pub r10: u64,
+    pub r9: u64,
+    pub r8: u64,
+    pub rax: u64,
+    pub rcx: u64,
+    pub rdx: u64,
+    pub rsi: u64,
+    pub rdi: u64,
+    pub orig_rax: u64,
+    pub rip: u64,
+    pub cs: u64,
+    pub eflags: u64,
+    pub rsp: u64,
+    pub ss: u64,
+    pub fs_base: u64,
+    pub gs_base: u64,
+    pub ds: u64,
+    pub es: u64,
+    pub fs: u64,
+    pub gs: u64,
+}

@@ -1,0 +1,409 @@
+//! Replacing the new process's address space (a copy of torpor's) with the saved one.
+//!
+//! The new process keeps only its vDSO and vDSO data pages, parked in a hole that is free
+//! in the saved layout: torpor runs every system call at a `syscall` instruction inside
+//! that vDSO. Everything else is unmapped, the saved mappings are created at their
+//! addresses, and the process reads its page data straight from the image file with
+//! `pread`, so the data is copied once, by the kernel. Last, the vDSO moves to its saved
+//! address, or, when the running kernel's vDSO differs from the saved one, the saved
+//! vDSO's entry points are made to jump into the running one.
+
+use torpor_image::model::{self, VmaKind};
+use torpor_image::ImageReader;
+use torpor_sys::{args, mem, proc, ptrace, Remote, PAGE};
+
+use crate::prepare::Prepared;
+use crate::{RestoreError, RestoreOptions, Result};
+
+/// Top of the user address space with 4-level page tables.
+const USER_TOP: u64 = 0x7fff_ffff_f000;
+/// Lowest address torpor parks anything at.
+const LOW: u64 = 0x1_0000;
+/// Size of the scratch area used to pass structures to system calls.
+pub(crate) const SCRATCH_LEN: u64 = 64 << 10;
+/// Largest single pread (the kernel caps one read at 2 GiB minus a page).
+const MAX_READ: u64 = 1 << 30;
+
+/// One of the kernel's vDSO-related mappings in the new process.
+#[derive(Debug, Clone)]
+struct Special {
+    name: String,
+    start: u64,
+    len: u64,
+}
+
+/// The new process during restore, with its parked vDSO and scratch area.
+pub(crate) struct Space {
+    pid: i32,
+    remote: Remote,
+    specials: Vec<Special>,
+    /// The running kernel's vDSO bytes.
+    vdso_bytes: Vec<u8>,
+    /// Offset of the `syscall` instruction inside the vDSO.
+    syscall_off: u64,
+    pub scratch: u64,
+}
+
+impl Space {
+    /// Takes over the stopped new process: unregisters torpor's rseq area, parks the vDSO
+    /// where the saved layout has a hole, and unmaps everything else.
+    pub fn take(pid: i32, process: &model::Process) -> Result<Self> {
+        let step = |what: &str| {
+            let step = what.to_string();
+            move |source| RestoreError::Step { pid, step, source }
+        };
+        let maps = proc::maps(pid).map_err(step("read its memory map"))?;
+        let specials: Vec<Special> = maps
+            .iter()
+            .filter(|m| matches!(m.name.as_str(), "[vdso]" | "[vvar]" | "[vvar_vclock]"))
+            .map(|m| Special { name: m.name.clone(), start: m.start, len: m.end - m.start })
+            .collect();
+        let vdso = specials.iter().find(|s| s.name == "[vdso]").cloned().ok_or_else(|| {
+            RestoreError::Vdso { pid, what: "the new process has no vDSO".into() }
+        })?;
+        let mut vdso_bytes = vec![0u8; vdso.len as usize];
+        mem::read_ranges(pid, &[(vdso.start, vdso_bytes.len())], &mut vdso_bytes)
+            .map_err(step("read the vDSO"))?;
+        let syscall_off = torpor_vdso::find_syscall_insn(&vdso_bytes)
+            .map_err(|e| RestoreError::Vdso { pid, what: e.to_string() })?;
+        let remote = Remote::new(pid, vdso.start + syscall_off).map_err(step("take over"))?;
+
+        // torpor's own rseq registration would make the kernel write into memory that is
+        // about to be replaced.
+        if let Some((addr, len, sig)) = ptrace::get_rseq(pid).map_err(step("read rseq"))? {
+            remote
+                .call("rseq", libc::SYS_rseq, args!(addr, len, 1, sig))
+                .map_err(step("unregister torpor's rseq area"))?;
+        }
+
+        let mut space = Self { pid, remote, specials, vdso_bytes, syscall_off, scratch: 0 };
+
+        // Park the vDSO block, with the scratch area after it, where neither the saved
+        // layout nor the current vDSO is.
+        let block_start = space.specials.iter().map(|s| s.start).min().unwrap();
+        let block_end = space.specials.iter().map(|s| s.start + s.len).max().unwrap();
+        let block_len = block_end - block_start;
+        let mut busy: Vec<(u64, u64)> = process.vmas.iter().map(|v| (v.start, v.end)).collect();
+        busy.push((block_start, block_end));
+        let park = find_hole(&busy, block_len + PAGE + SCRATCH_LEN).ok_or_else(|| {
+            RestoreError::Vdso { pid, what: "no room to park the vDSO".into() }
+        })?;
+        space.move_specials(|s| park + (s.start - block_start))?;
+
+        // Everything but the parked block goes.
+        let r = &space.remote;
+        r.call("munmap", libc::SYS_munmap, args!(0, park))
+            .map_err(step("unmap torpor's memory"))?;
+        let after = park + block_len;
+        r.call("munmap", libc::SYS_munmap, args!(after, USER_TOP - after))
+            .map_err(step("unmap torpor's memory"))?;
+
+        let scratch = after + PAGE;
+        r.call(
+            "mmap",
+            libc::SYS_mmap,
+            args!(
+                scratch,
+                SCRATCH_LEN,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED_NOREPLACE,
+                -1i64,
+                0
+            ),
+        )
+        .map_err(step("map a scratch area"))?;
+        space.scratch = scratch;
+        Ok(space)
+    }
+
+    pub fn remote(&self) -> &Remote {
+        &self.remote
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.pid
+    }
+
+    /// Writes bytes into the scratch area; returns its address.
+    pub fn put(&self, bytes: &[u8]) -> Result<u64> {
+        assert!(bytes.len() as u64 <= SCRATCH_LEN);
+        mem::write_mem(self.pid, self.scratch, bytes).map_err(|source| RestoreError::Step {
+            pid: self.pid,
+            step: "write into the scratch area".into(),
+            source,
+        })?;
+        Ok(self.scratch)
+    }
+
+    /// Runs a system call, naming `what` in the error.
+    pub fn call(&self, what: &str, name: &'static str, nr: i64, a: [u64; 6]) -> Result<u64> {
+        self.remote.call(name, nr, a).map_err(|source| RestoreError::Step {
+            pid: self.pid,
+            step: what.to_string(),
+            source,
+        })
+    }
+
+    /// Moves each vDSO-related mapping to `to(special)`, keeping the remote call
+    /// instruction in step.
+    fn move_specials(&mut self, to: impl Fn(&Special) -> u64) -> Result<()> {
+        // Move in an order that never lands on a block member not yet moved.
+        let mut order: Vec<usize> = (0..self.specials.len()).collect();
+        let up = self.specials.first().is_some_and(|s| to(s) > s.start);
+        order.sort_by_key(|&i| self.specials[i].start);
+        if up {
+            order.reverse();
+        }
+        for i in order {
+            let s = self.specials[i].clone();
+            let dest = to(&s);
+            if dest == s.start {
+                continue;
+            }
+            self.call(
+                &format!("move {} to {dest:#x}", s.name),
+                "mremap",
+                libc::SYS_mremap,
+                args!(s.start, s.len, s.len, libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED, dest),
+            )?;
+            self.specials[i].start = dest;
+            if s.name == "[vdso]" {
+                self.remote.set_syscall_ip(dest + self.syscall_off);
+            }
+        }
+        Ok(())
+    }
+
+    /// Creates every saved mapping, fills it from the image and places the vDSO.
+    pub fn rebuild(
+        &mut self,
+        opts: &RestoreOptions,
+        reader: &ImageReader,
+        tree: &model::Tree,
+        p: &model::Process,
+        prep: &Prepared,
+    ) -> Result<()> {
+        for v in &p.vmas {
+            match &v.kind {
+                VmaKind::Vdso { .. } | VmaKind::Vvar { .. } | VmaKind::Vsyscall => continue,
+                _ => self.map_vma(tree, v, prep)?,
+            }
+        }
+        self.place_vdso(opts, reader, p)
+    }
+
+    fn map_vma(&self, tree: &model::Tree, v: &model::Vma, prep: &Prepared) -> Result<()> {
+        let pid = self.pid;
+        let what = match &v.kind {
+            VmaKind::File { file, .. } => tree.files[*file].path.clone(),
+            VmaKind::Stack => "stack".into(),
+            VmaKind::Anon { heap: true } => "heap".into(),
+            _ => "anonymous memory".into(),
+        };
+        let map_err = |source| RestoreError::Map { pid, start: v.start, end: v.end, what: what.clone(), source };
+        let fill = !v.pages.is_empty();
+        let prot = v.prot | if fill { model::prot::WRITE } else { 0 };
+        let mut flags = libc::MAP_FIXED_NOREPLACE
+            | if v.shared { libc::MAP_SHARED } else { libc::MAP_PRIVATE };
+        let (fd, off) = match &v.kind {
+            VmaKind::File { file, offset } => (prep.map_fds[file] as i64, *offset),
+            VmaKind::Stack => {
+                flags |= libc::MAP_ANONYMOUS | libc::MAP_GROWSDOWN;
+                (-1, 0)
+            }
+            _ => {
+                flags |= libc::MAP_ANONYMOUS;
+                (-1, 0)
+            }
+        };
+        let r = &self.remote;
+        let got = r
+            .call("mmap", libc::SYS_mmap, args!(v.start, v.len(), prot, flags, fd, off))
+            .map_err(map_err)?;
+        if got != v.start {
+            return Err(map_err(torpor_sys::Error::Parse {
+                what: "mmap".into(),
+                line: format!("placed at {got:#x}"),
+            }));
+        }
+
+        // The process reads its own pages from the image.
+        for run in &v.pages {
+            let (src, mut off) = match run.offset {
+                Some(o) => (prep.pages_fd, o),
+                None => (prep.zero_fd, 0),
+            };
+            let mut addr = run.addr;
+            let mut left = run.pages * PAGE;
+            while left > 0 {
+                let n = left.min(MAX_READ);
+                let got = r
+                    .call("pread64", libc::SYS_pread64, args!(src, addr, n, off))
+                    .map_err(map_err)?;
+                if got == 0 {
+                    return Err(map_err(torpor_sys::Error::Parse {
+                        what: "page data".into(),
+                        line: "the image ended early".into(),
+                    }));
+                }
+                if run.offset.is_some() {
+                    off += got;
+                }
+                addr += got;
+                left -= got;
+            }
+        }
+        if prot != v.prot {
+            r.call("mprotect", libc::SYS_mprotect, args!(v.start, v.len(), v.prot))
+                .map_err(map_err)?;
+        }
+        for a in &v.advice {
+            let advice = match a.as_str() {
+                "dd" => libc::MADV_DONTDUMP,
+                "hg" => libc::MADV_HUGEPAGE,
+                "nh" => libc::MADV_NOHUGEPAGE,
+                "dc" => libc::MADV_DONTFORK,
+                "wf" => libc::MADV_WIPEONFORK,
+                "mg" => libc::MADV_MERGEABLE,
+                "rr" => libc::MADV_RANDOM,
+                "sr" => libc::MADV_SEQUENTIAL,
+                "lo" => {
+                    r.call("mlock", libc::SYS_mlock, args!(v.start, v.len())).map_err(map_err)?;
+                    continue;
+                }
+                _ => continue,
+            };
+            // Advice is an optimisation the kernel may refuse (no THP, no KSM); the
+            // process works the same without it.
+            if let Err(e) = r.call("madvise", libc::SYS_madvise, args!(v.start, v.len(), advice)) {
+                tracing::debug!("pid {pid}: madvise {a} on {:#x} refused: {e}", v.start);
+            }
+        }
+        Ok(())
+    }
+
+    /// Puts the running kernel's vDSO where the process expects its vDSO.
+    fn place_vdso(&mut self, opts: &RestoreOptions, reader: &ImageReader, p: &model::Process) -> Result<()> {
+        let pid = self.pid;
+        let saved: Vec<&model::Vma> = p
+            .vmas
+            .iter()
+            .filter(|v| matches!(v.kind, VmaKind::Vdso { .. } | VmaKind::Vvar { .. }))
+            .collect();
+        let Some(saved_vdso) = saved.iter().find(|v| matches!(v.kind, VmaKind::Vdso { .. }))
+        else {
+            // A process without a vDSO (it unmapped it) needs none.
+            return Ok(());
+        };
+        let VmaKind::Vdso { content_xxh3, content_file } = &saved_vdso.kind else { unreachable!() };
+
+        // The same vDSO when the code is identical and the data pages have the same names,
+        // sizes and distances from it.
+        let cur_vdso = self.specials.iter().find(|s| s.name == "[vdso]").unwrap().clone();
+        let same_layout = saved.len() == self.specials.len()
+            && saved.iter().all(|v| {
+                let name = match &v.kind {
+                    VmaKind::Vdso { .. } => "[vdso]",
+                    VmaKind::Vvar { name } => name.as_str(),
+                    _ => unreachable!(),
+                };
+                self.specials.iter().any(|s| {
+                    s.name == name
+                        && s.len == v.len()
+                        && s.start.wrapping_sub(cur_vdso.start)
+                            == v.start.wrapping_sub(saved_vdso.start)
+                })
+            });
+        let same = same_layout && torpor_image::hash_bytes(&self.vdso_bytes) == *content_xxh3;
+
+        if same && !opts.force_vdso_jumps {
+            let delta = saved_vdso.start.wrapping_sub(cur_vdso.start);
+            return self.move_specials(|s| s.start.wrapping_add(delta));
+        }
+
+        // Another kernel's vDSO: a copy of the saved one at its address, each entry point
+        // jumping to the same function of the running vDSO, which stays parked.
+        tracing::info!("pid {pid}: the running kernel's vDSO differs from the image's; linking");
+        let old = reader.read_file(content_file)?;
+        if old.len() as u64 != saved_vdso.len() {
+            return Err(RestoreError::Vdso { pid, what: "saved vDSO has the wrong size".into() });
+        }
+        let patches = torpor_vdso::trampolines(&old, &self.vdso_bytes, cur_vdso.start)
+            .map_err(|e| RestoreError::Vdso { pid, what: format!("cannot link the vDSOs: {e}") })?;
+        let mut code = old;
+        for patch in &patches {
+            let at = patch.offset as usize;
+            code[at..at + patch.bytes.len()].copy_from_slice(&patch.bytes);
+        }
+        for v in &saved {
+            let is_vdso = matches!(v.kind, VmaKind::Vdso { .. });
+            let prot = if is_vdso { libc::PROT_READ | libc::PROT_WRITE } else { libc::PROT_READ };
+            self.call(
+                &format!("map the saved vDSO area at {:#x}", v.start),
+                "mmap",
+                libc::SYS_mmap,
+                args!(
+                    v.start,
+                    v.len(),
+                    prot,
+                    libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED_NOREPLACE,
+                    -1i64,
+                    0
+                ),
+            )?;
+        }
+        mem::write_mem(pid, saved_vdso.start, &code).map_err(|source| RestoreError::Step {
+            pid,
+            step: "write the linked vDSO".into(),
+            source,
+        })?;
+        self.call(
+            "protect the linked vDSO",
+            "mprotect",
+            libc::SYS_mprotect,
+            args!(saved_vdso.start, saved_vdso.len(), libc::PROT_READ | libc::PROT_EXEC),
+        )?;
+        Ok(())
+    }
+
+    /// Removes the scratch area.
+    pub fn finish(&self) -> Result<()> {
+        self.call(
+            "unmap the scratch area",
+            "munmap",
+            libc::SYS_munmap,
+            args!(self.scratch, SCRATCH_LEN),
+        )
+        .map(drop)
+    }
+}
+
+/// Highest page-aligned address where `len` bytes fit between the `busy` ranges, with a
+/// page of space on each side.
+fn find_hole(busy: &[(u64, u64)], len: u64) -> Option<u64> {
+    let mut b: Vec<(u64, u64)> = busy.to_vec();
+    b.sort_unstable();
+    let mut top = USER_TOP;
+    for &(s, e) in b.iter().rev() {
+        if e + PAGE <= top && top - (e + PAGE) >= len + PAGE {
+            return Some(top - PAGE - len);
+        }
+        top = top.min(s);
+    }
+    (top >= LOW + len + PAGE).then(|| top - PAGE - len)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hole_between_mappings() {
+        let busy = [(0x10000, 0x20000), (0x7fff_ff00_0000, USER_TOP)];
+        let h = find_hole(&busy, 0x3000).unwrap();
+        assert!(h + 0x3000 + PAGE <= 0x7fff_ff00_0000);
+        assert!(h > 0x20000);
+        // Nothing fits: the whole range is busy.
+        assert_eq!(find_hole(&[(0, USER_TOP)], 0x1000), None);
+    }
+}

@@ -1,0 +1,164 @@
+//! The one home of `unsafe` in torpor: ptrace, system calls run inside a stopped task,
+//! other processes' memory, `/proc` parsing and the few raw system calls libc does not
+//! wrap.
+//!
+//! Everything here is specific to Linux on x86_64.
+
+pub mod mem;
+pub mod proc;
+pub mod ptrace;
+pub mod remote;
+
+use std::io;
+
+pub use remote::Remote;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{what} on task {tid} failed")]
+    Ptrace { what: &'static str, tid: i32, source: io::Error },
+    #[error("waiting for task {tid} failed")]
+    Wait { tid: i32, source: io::Error },
+    #[error("task {tid} is gone ({how})")]
+    Gone { tid: i32, how: String },
+    #[error("{call} inside task {tid} failed")]
+    Remote { tid: i32, call: &'static str, source: io::Error },
+    #[error("task {tid} stopped unexpectedly ({stop}) while running system call {nr}")]
+    RemoteStop { tid: i32, nr: i64, stop: String },
+    #[error("cannot read {len} bytes at {addr:#x} in process {pid}")]
+    ReadMemory { pid: i32, addr: u64, len: usize, source: io::Error },
+    #[error("cannot write {len} bytes at {addr:#x} in process {pid}")]
+    WriteMemory { pid: i32, addr: u64, len: usize, source: io::Error },
+    #[error("cannot read {what}")]
+    Io { what: String, source: io::Error },
+    #[error("cannot parse {what}: {line:?}")]
+    Parse { what: String, line: String },
+    #[error("{call} failed")]
+    Syscall { call: &'static str, source: io::Error },
+}
+
+pub type Result<T> = std::result::Result<T, Error>;
+
+fn last(call: &'static str) -> Error {
+    Error::Syscall { call, source: io::Error::last_os_error() }
+}
+
+/// Page size; torpor supports 4 KiB pages only (x86_64).
+pub const PAGE: u64 = 4096;
+
+/// `XCR0`: the XSAVE features this CPU and kernel have enabled.
+pub fn xcr0() -> u64 {
+    let (lo, hi): (u32, u32);
+    // SAFETY: XGETBV with ECX=0 reads XCR0; it is valid on every x86_64 CPU with OSXSAVE,
+    // which Linux enables on every CPU that has XSAVE. The kernel-reported xsave area
+    // (PTRACE_GETREGSET NT_X86_XSTATE) exists only under that condition too.
+    unsafe {
+        std::arch::asm!("xgetbv", in("ecx") 0u32, out("eax") lo, out("edx") hi, options(nomem, nostack));
+    }
+    ((hi as u64) << 32) | lo as u64
+}
+
+/// `kcmp(pid1, pid2, KCMP_FILE, fd1, fd2)`: whether two descriptors share one open file
+/// description. See kcmp(2).
+pub fn same_file_description(pid1: i32, fd1: i32, pid2: i32, fd2: i32) -> Result<bool> {
+    const KCMP_FILE: i32 = 0;
+    // SAFETY: kcmp takes only integer arguments.
+    let r = unsafe { libc::syscall(libc::SYS_kcmp, pid1, pid2, KCMP_FILE, fd1, fd2) };
+    if r < 0 {
+        return Err(last("kcmp"));
+    }
+    Ok(r == 0)
+}
+
+/// `get_robust_list(tid)`: the robust futex list head and its length. See
+/// get_robust_list(2).
+pub fn robust_list(tid: i32) -> Result<(u64, u64)> {
+    let mut head = 0u64;
+    let mut len = 0usize;
+    // SAFETY: the kernel writes one pointer into `head` and one size_t into `len`.
+    let r = unsafe {
+        libc::syscall(libc::SYS_get_robust_list, tid, &mut head as *mut u64, &mut len as *mut usize)
+    };
+    if r < 0 {
+        return Err(last("get_robust_list"));
+    }
+    Ok((head, len as u64))
+}
+
+/// `prlimit(pid, resource)`: a process's soft and hard limit. See prlimit(2).
+pub fn get_rlimit(pid: i32, resource: u32) -> Result<(u64, u64)> {
+    let mut old = libc::rlimit64 { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: the kernel writes one rlimit64 into `old`; no new limit is passed.
+    let r = unsafe { libc::prlimit64(pid, resource as _, std::ptr::null(), &mut old) };
+    if r < 0 {
+        return Err(last("prlimit"));
+    }
+    Ok((old.rlim_cur, old.rlim_max))
+}
+
+/// Sets a process's limits with `prlimit`.
+pub fn set_rlimit(pid: i32, resource: u32, soft: u64, hard: u64) -> io::Result<()> {
+    let new = libc::rlimit64 { rlim_cur: soft, rlim_max: hard };
+    // SAFETY: the kernel reads one rlimit64 from `new`; the old value is not asked for.
+    let r = unsafe { libc::prlimit64(pid, resource as _, &new, std::ptr::null_mut()) };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// `clone3` with `set_tid`: creates a child process whose pid is `pid`, like `fork`.
+///
+/// Returns `Ok(0)` in the child and the child's pid in the parent. The child must only
+/// call async-signal-safe functions (no allocation) until it execs or stops: torpor's
+/// other threads are not copied.
+///
+/// # Safety
+///
+/// As for `fork`: the caller must not rely, in the child, on locks or state owned by
+/// other threads of this process.
+pub unsafe fn clone3_with_pid(pid: i32) -> io::Result<i32> {
+    #[repr(C)]
+    #[derive(Default)]
+    struct CloneArgs {
+        flags: u64,
+        pidfd: u64,
+        child_tid: u64,
+        parent_tid: u64,
+        exit_signal: u64,
+        stack: u64,
+        stack_size: u64,
+        tls: u64,
+        set_tid: u64,
+        set_tid_size: u64,
+        cgroup: u64,
+    }
+    let tids = [pid as libc::pid_t];
+    let args = CloneArgs {
+        exit_signal: libc::SIGCHLD as u64,
+        set_tid: tids.as_ptr() as u64,
+        set_tid_size: 1,
+        ..Default::default()
+    };
+    // SAFETY: `args` is a valid clone_args of the size passed and `tids` outlives the
+    // call; without CLONE_VM the child gets a copy of this address space, so both sides
+    // return here with their own stack. The fork-safety contract is the caller's.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_clone3,
+            &args as *const CloneArgs,
+            std::mem::size_of::<CloneArgs>(),
+        )
+    };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(r as i32)
+}
+
+/// Reads this machine's kernel release (`uname -r`).
+pub fn kernel_release() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_default()
+}
