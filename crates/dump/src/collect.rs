@@ -33,10 +33,16 @@ impl fmt::Display for UnsupportedReason {
                 "has child processes {pids:?}; this version of torpor dumps single processes only"
             ),
             Self::Fd { fd, kind } => {
-                write!(f, "fd {fd} is {kind}, a kind of descriptor torpor cannot save yet")
+                write!(
+                    f,
+                    "fd {fd} is {kind}, a kind of descriptor torpor cannot save yet"
+                )
             }
             Self::Mapping { start, end, what } => {
-                write!(f, "mapping {start:#x}-{end:#x} is {what}, which torpor cannot save yet")
+                write!(
+                    f,
+                    "mapping {start:#x}-{end:#x} is {what}, which torpor cannot save yet"
+                )
             }
         }
     }
@@ -46,7 +52,9 @@ impl fmt::Display for UnsupportedReason {
 pub(crate) fn check_supported(pid: i32, status: &proc::Status) -> Result<()> {
     let unsupported = |reason| Err(DumpError::Unsupported { pid, reason });
     if status.threads > 1 {
-        return unsupported(UnsupportedReason::Threads { count: status.threads });
+        return unsupported(UnsupportedReason::Threads {
+            count: status.threads,
+        });
     }
     let children = proc::children(pid).unwrap_or_default();
     if !children.is_empty() {
@@ -57,12 +65,19 @@ pub(crate) fn check_supported(pid: i32, status: &proc::Status) -> Result<()> {
 
 /// Finds the vDSO of `pid` and a `syscall` instruction inside it.
 pub(crate) fn find_syscall(pid: i32) -> Result<u64> {
-    let err = |what: &str, source| DumpError::Collect { pid, what: what.into(), source };
+    let err = |what: &str, source| DumpError::Collect {
+        pid,
+        what: what.into(),
+        source,
+    };
     let maps = proc::maps(pid).map_err(|e| err("its memory map", e))?;
     let vdso = maps.iter().find(|m| m.name == "[vdso]").ok_or_else(|| {
         err(
             "its vDSO",
-            torpor_sys::Error::Parse { what: format!("/proc/{pid}/maps"), line: "no [vdso]".into() },
+            torpor_sys::Error::Parse {
+                what: format!("/proc/{pid}/maps"),
+                line: "no [vdso]".into(),
+            },
         )
     })?;
     let mut bytes = vec![0u8; (vdso.end - vdso.start) as usize];
@@ -71,7 +86,10 @@ pub(crate) fn find_syscall(pid: i32) -> Result<u64> {
     let off = torpor_vdso::find_syscall_insn(&bytes).map_err(|e| {
         err(
             "a system call instruction in its vDSO",
-            torpor_sys::Error::Parse { what: "[vdso]".into(), line: e.to_string() },
+            torpor_sys::Error::Parse {
+                what: "[vdso]".into(),
+                line: e.to_string(),
+            },
         )
     })?;
     Ok(vdso.start + off)
@@ -127,22 +145,43 @@ pub(crate) fn collect(frozen: &Frozen, files: &mut FileTable) -> Result<model::P
     let xsave = ptrace::get_xstate(pid).map_err(err("its FPU/AVX registers"))?;
 
     // Values only the process itself can report, through calls run inside it.
-    let brk = r.call("brk", libc::SYS_brk, args!(0)).map_err(err("its program break"))?;
-    r.call("prctl(PR_GET_PDEATHSIG)", libc::SYS_prctl, args!(libc::PR_GET_PDEATHSIG, scratch))
-        .map_err(err("its parent-death signal"))?;
-    let pdeath_signal =
-        i32::from_ne_bytes(frozen.scratch.read(pid, 4).map_err(err("scratch"))?[..4].try_into().unwrap());
+    let brk = r
+        .call("brk", libc::SYS_brk, args!(0))
+        .map_err(err("its program break"))?;
+    r.call(
+        "prctl(PR_GET_PDEATHSIG)",
+        libc::SYS_prctl,
+        args!(libc::PR_GET_PDEATHSIG, scratch),
+    )
+    .map_err(err("its parent-death signal"))?;
+    let pdeath_signal = i32::from_ne_bytes(
+        frozen.scratch.read(pid, 4).map_err(err("scratch"))?[..4]
+            .try_into()
+            .unwrap(),
+    );
     let dumpable = r
-        .call("prctl(PR_GET_DUMPABLE)", libc::SYS_prctl, args!(libc::PR_GET_DUMPABLE))
+        .call(
+            "prctl(PR_GET_DUMPABLE)",
+            libc::SYS_prctl,
+            args!(libc::PR_GET_DUMPABLE),
+        )
         .map_err(err("its dumpable flag"))? as i32;
-    r.call("prctl(PR_GET_TID_ADDRESS)", libc::SYS_prctl, args!(libc::PR_GET_TID_ADDRESS, scratch))
-        .map_err(err("its clear_child_tid address"))?;
+    r.call(
+        "prctl(PR_GET_TID_ADDRESS)",
+        libc::SYS_prctl,
+        args!(libc::PR_GET_TID_ADDRESS, scratch),
+    )
+    .map_err(err("its clear_child_tid address"))?;
     let clear_child_tid = u64_at(&frozen.scratch.read(pid, 8).map_err(err("scratch"))?, 0);
 
     let mut sigactions = Vec::with_capacity(64);
     for sig in 1..=64u64 {
-        r.call("rt_sigaction", libc::SYS_rt_sigaction, args!(sig, 0, scratch, 8))
-            .map_err(err(&format!("the action of signal {sig}")))?;
+        r.call(
+            "rt_sigaction",
+            libc::SYS_rt_sigaction,
+            args!(sig, 0, scratch, 8),
+        )
+        .map_err(err(&format!("the action of signal {sig}")))?;
         let b = frozen.scratch.read(pid, 32).map_err(err("scratch"))?;
         sigactions.push(SigAction {
             handler: u64_at(&b, 0),
@@ -155,8 +194,11 @@ pub(crate) fn collect(frozen: &Frozen, files: &mut FileTable) -> Result<model::P
     r.call("sigaltstack", libc::SYS_sigaltstack, args!(0, scratch))
         .map_err(err("its alternate signal stack"))?;
     let b = frozen.scratch.read(pid, 24).map_err(err("scratch"))?;
-    let altstack =
-        AltStack { sp: u64_at(&b, 0), flags: u64_at(&b, 1) as i32, size: u64_at(&b, 2) };
+    let altstack = AltStack {
+        sp: u64_at(&b, 0),
+        flags: u64_at(&b, 1) as i32,
+        size: u64_at(&b, 2),
+    };
 
     let mut it = [ITimer::default(); 3];
     for (which, slot) in it.iter_mut().enumerate() {
@@ -167,12 +209,20 @@ pub(crate) fn collect(frozen: &Frozen, files: &mut FileTable) -> Result<model::P
         slot.interval_us = u64_at(&b, 0) * 1_000_000 + u64_at(&b, 1);
         slot.value_us = u64_at(&b, 2) * 1_000_000 + u64_at(&b, 3);
     }
-    let itimers = ITimers { real: it[0], virt: it[1], prof: it[2] };
+    let itimers = ITimers {
+        real: it[0],
+        virt: it[1],
+        prof: it[2],
+    };
 
     let mut posix_timers = Vec::new();
     for t in proc::timers(pid).map_err(err("its POSIX timers"))? {
-        r.call("timer_gettime", libc::SYS_timer_gettime, args!(t.id, scratch))
-            .map_err(err(&format!("POSIX timer {}", t.id)))?;
+        r.call(
+            "timer_gettime",
+            libc::SYS_timer_gettime,
+            args!(t.id, scratch),
+        )
+        .map_err(err(&format!("POSIX timer {}", t.id)))?;
         // struct itimerspec { it_interval, it_value }, each { tv_sec, tv_nsec }.
         let b = frozen.scratch.read(pid, 32).map_err(err("scratch"))?;
         let overrun = r
@@ -182,7 +232,11 @@ pub(crate) fn collect(frozen: &Frozen, files: &mut FileTable) -> Result<model::P
             "none" => libc::SIGEV_NONE,
             "thread" => libc::SIGEV_THREAD,
             _ => libc::SIGEV_SIGNAL,
-        } | if t.to_thread { libc::SIGEV_THREAD_ID } else { 0 };
+        } | if t.to_thread {
+            libc::SIGEV_THREAD_ID
+        } else {
+            0
+        };
         posix_timers.push(PosixTimer {
             id: t.id,
             clock: t.clock,
@@ -210,9 +264,14 @@ pub(crate) fn collect(frozen: &Frozen, files: &mut FileTable) -> Result<model::P
         .into_iter()
         .map(to_siginfo)
         .collect();
-    let rseq = ptrace::get_rseq(pid)
-        .map_err(err("its rseq area"))?
-        .map(|(addr, len, signature)| model::Rseq { addr, len, signature });
+    let rseq =
+        ptrace::get_rseq(pid)
+            .map_err(err("its rseq area"))?
+            .map(|(addr, len, signature)| model::Rseq {
+                addr,
+                len,
+                signature,
+            });
     let (robust_list, robust_list_len) =
         torpor_sys::robust_list(pid).map_err(err("its robust futex list"))?;
 
@@ -220,13 +279,21 @@ pub(crate) fn collect(frozen: &Frozen, files: &mut FileTable) -> Result<model::P
     // RLIMIT_CPU (0) to RLIMIT_RTTIME (15): the sixteen limits Linux has.
     for resource in 0..16u32 {
         let (soft, hard) = torpor_sys::get_rlimit(pid, resource).map_err(err("its limits"))?;
-        rlimits.push(model::Rlimit { resource, soft, hard });
+        rlimits.push(model::Rlimit {
+            resource,
+            soft,
+            hard,
+        });
     }
 
     let exe = proc::readlink(format!("/proc/{pid}/exe")).map_err(err("its executable"))?;
     let exe_file = files
         .add_path(pid, &format!("/proc/{pid}/exe"), &exe)
-        .map_err(|source| DumpError::SaveFile { pid, what: format!("executable {exe}"), source })?;
+        .map_err(|source| DumpError::SaveFile {
+            pid,
+            what: format!("executable {exe}"),
+            source,
+        })?;
     let auxv = proc::auxv(pid).map_err(err("its auxiliary vector"))?;
     let mm = model::MmFields {
         start_code: stat.start_code,
@@ -246,6 +313,8 @@ pub(crate) fn collect(frozen: &Frozen, files: &mut FileTable) -> Result<model::P
 
     let (open_files, fds) = crate::files::collect_fds(pid, files)?;
 
+    let (nice, sched_policy, sched_priority) =
+        torpor_sys::get_sched(pid).map_err(err("its scheduling policy"))?;
     let thread = model::Thread {
         tid: pid,
         comm: stat.comm.clone(),
@@ -258,6 +327,9 @@ pub(crate) fn collect(frozen: &Frozen, files: &mut FileTable) -> Result<model::P
         robust_list,
         robust_list_len,
         clear_child_tid,
+        nice,
+        sched_policy,
+        sched_priority,
     };
 
     Ok(model::Process {

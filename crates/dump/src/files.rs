@@ -70,16 +70,24 @@ impl FileTable {
     pub fn save_deleted(&self, pid: i32, writer: &mut ImageWriter) -> Result<()> {
         for (idx, open_path) in &self.deleted {
             let info = &self.infos[*idx];
-            let name = info.saved_content.as_deref().expect("deleted files have a name");
+            let name = info
+                .saved_content
+                .as_deref()
+                .expect("deleted files have a name");
             let what = format!("the content of deleted file {}", info.path);
-            let mut src = File::open(open_path)
-                .map_err(|source| DumpError::SaveFile { pid, what: what.clone(), source })?;
+            let mut src = File::open(open_path).map_err(|source| DumpError::SaveFile {
+                pid,
+                what: what.clone(),
+                source,
+            })?;
             let mut out = writer.create_file(name)?;
             let mut buf = vec![0u8; 1 << 20];
             loop {
-                let n = src
-                    .read(&mut buf)
-                    .map_err(|source| DumpError::SaveFile { pid, what: what.clone(), source })?;
+                let n = src.read(&mut buf).map_err(|source| DumpError::SaveFile {
+                    pid,
+                    what: what.clone(),
+                    source,
+                })?;
                 if n == 0 {
                     break;
                 }
@@ -170,7 +178,11 @@ pub(crate) fn collect_fds(pid: i32, files: &mut FileTable) -> Result<(Vec<OpenFi
             None => {
                 let kind = if ft.is_file() {
                     let file = files.add_path(pid, &link_path, &link).map_err(|source| {
-                        DumpError::SaveFile { pid, what: format!("fd {fd} ({link})"), source }
+                        DumpError::SaveFile {
+                            pid,
+                            what: format!("fd {fd} ({link})"),
+                            source,
+                        }
                     })?;
                     OpenFileKind::Regular { file }
                 } else if ft.is_dir() {
@@ -179,7 +191,10 @@ pub(crate) fn collect_fds(pid: i32, files: &mut FileTable) -> Result<(Vec<OpenFi
                     }
                     OpenFileKind::Directory { path: link.clone() }
                 } else if ft.is_char_device() {
-                    OpenFileKind::CharDevice { path: link.clone(), rdev: meta.rdev() }
+                    OpenFileKind::CharDevice {
+                        path: link.clone(),
+                        rdev: meta.rdev(),
+                    }
                 } else {
                     return Err(unsupported(describe(&link, Some(ft))));
                 };
@@ -192,7 +207,11 @@ pub(crate) fn collect_fds(pid: i32, files: &mut FileTable) -> Result<(Vec<OpenFi
             }
         };
         by_inode.entry(key).or_default().push((fd, idx));
-        fds.push(Fd { fd, cloexec: info.flags & libc::O_CLOEXEC != 0, open_file: idx });
+        fds.push(Fd {
+            fd,
+            cloexec: info.flags & libc::O_CLOEXEC != 0,
+            open_file: idx,
+        });
     }
     Ok((open_files, fds))
 }

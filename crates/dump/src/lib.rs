@@ -64,11 +64,25 @@ pub enum DumpError {
     #[error("cannot freeze pid {pid}")]
     Freeze { pid: i32, source: torpor_sys::Error },
     #[error("pid {pid}: cannot collect {what}")]
-    Collect { pid: i32, what: String, source: torpor_sys::Error },
+    Collect {
+        pid: i32,
+        what: String,
+        source: torpor_sys::Error,
+    },
     #[error("pid {pid}: cannot read memory of mapping {start:#x}-{end:#x} ({name})")]
-    Memory { pid: i32, start: u64, end: u64, name: String, source: torpor_sys::Error },
+    Memory {
+        pid: i32,
+        start: u64,
+        end: u64,
+        name: String,
+        source: torpor_sys::Error,
+    },
     #[error("pid {pid}: cannot save {what}")]
-    SaveFile { pid: i32, what: String, source: std::io::Error },
+    SaveFile {
+        pid: i32,
+        what: String,
+        source: std::io::Error,
+    },
     #[error(transparent)]
     Image(#[from] torpor_image::ImageError),
     #[error("pid {pid}: cannot kill it after the dump")]
@@ -102,7 +116,9 @@ pub fn dump(opts: &DumpOptions) -> Result<DumpSummary> {
         magic: MAGIC.into(),
         format_version: FORMAT_VERSION,
         torpor_version: env!("CARGO_PKG_VERSION").into(),
-        created_unix: SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs()),
+        created_unix: SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs()),
         kernel_release: torpor_sys::kernel_release(),
         arch: std::env::consts::ARCH.into(),
         cpu: cpu_state(&tree),
@@ -155,15 +171,20 @@ fn precheck(pid: i32) -> Result<()> {
         return Err(DumpError::KernelThread { pid });
     }
     if status.tracer_pid != 0 {
-        return Err(DumpError::Traced { pid, tracer: status.tracer_pid });
+        return Err(DumpError::Traced {
+            pid,
+            tracer: status.tracer_pid,
+        });
     }
     collect::check_supported(pid, &status)
 }
 
 /// Union of the XSAVE features the image's threads use.
 fn cpu_state(tree: &model::Tree) -> CpuState {
-    let mut st =
-        CpuState { xcr0: torpor_sys::xcr0(), ..Default::default() };
+    let mut st = CpuState {
+        xcr0: torpor_sys::xcr0(),
+        ..Default::default()
+    };
     for t in tree.processes.iter().flat_map(|p| &p.threads) {
         if let Ok(x) = hex::decode(&t.xsave) {
             st.xsave_size = st.xsave_size.max(x.len() as u32);
@@ -175,7 +196,9 @@ fn cpu_state(tree: &model::Tree) -> CpuState {
 
 /// XSTATE_BV: the features present in an XSAVE area (first 8 bytes of its header).
 pub fn xstate_bv(xsave: &[u8]) -> u64 {
-    xsave.get(512..520).map_or(0, |b| u64::from_le_bytes(b.try_into().unwrap()))
+    xsave
+        .get(512..520)
+        .map_or(0, |b| u64::from_le_bytes(b.try_into().unwrap()))
 }
 
 #[derive(Default)]
@@ -192,7 +215,11 @@ fn write_image(frozen: &Frozen, writer: &mut ImageWriter) -> Result<(model::Tree
     let mut stats = Stats::default();
     memory::dump_pages(frozen, &mut process, writer, &mut files, &mut stats)?;
     files.save_deleted(pid, writer)?;
-    let tree = model::Tree { root_pid: pid, processes: vec![process], files: files.into_infos() };
+    let tree = model::Tree {
+        root_pid: pid,
+        processes: vec![process],
+        files: files.into_infos(),
+    };
     writer.write_json(torpor_image::TREE, &tree)?;
     Ok((tree, stats))
 }
@@ -219,7 +246,12 @@ impl Frozen {
             })?;
             let remote = Remote::new(pid, syscall_ip).map_err(err)?;
             let scratch = collect::Scratch::new(pid, remote.saved_regs().rsp).map_err(err)?;
-            Ok(Self { pid, remote, blocked, scratch })
+            Ok(Self {
+                pid,
+                remote,
+                blocked,
+                scratch,
+            })
         };
         setup().inspect_err(|_| {
             let _ = ptrace::detach(pid, 0);
@@ -232,7 +264,10 @@ impl Frozen {
         let steps = [
             ("restoring scratch memory", self.scratch.restore(pid)),
             ("restoring registers", self.remote.restore_regs()),
-            ("restoring the signal mask", ptrace::set_sigmask(pid, self.blocked)),
+            (
+                "restoring the signal mask",
+                ptrace::set_sigmask(pid, self.blocked),
+            ),
             ("detaching", ptrace::detach(pid, 0)),
         ];
         for (what, r) in steps {
@@ -247,7 +282,10 @@ impl Frozen {
         let pid = self.pid;
         // SAFETY: kill takes only integers.
         if unsafe { libc::kill(pid, libc::SIGKILL) } < 0 {
-            return Err(DumpError::Kill { pid, source: std::io::Error::last_os_error() });
+            return Err(DumpError::Kill {
+                pid,
+                source: std::io::Error::last_os_error(),
+            });
         }
         // As its tracer torpor sees the exit; afterwards the parent reaps the zombie.
         let _ = ptrace::wait_exit(pid);

@@ -860,6 +860,7 @@ pub(crate) mod tests {
     pub(crate) const VDSO: &str = "vdso-4242.img";
     pub(crate) const SAVED: &str = "file-0.img";
     const PAGE: u64 = 4096;
+    const SIGUSR1: i32 = 10;
 
     /// Content of the `i`th page of the sample's page file: different in every page.
     fn page(i: u64) -> Vec<u8> {
@@ -903,7 +904,7 @@ pub(crate) mod tests {
                 ..Regs::default()
             },
             xsave: "00".repeat(1088),
-            blocked: 1 << (libc_sigusr1() - 1),
+            blocked: 1 << (SIGUSR1 - 1),
             pending: Vec::new(),
             altstack: AltStack {
                 sp: 0,
@@ -918,11 +919,10 @@ pub(crate) mod tests {
             robust_list: 0x7f00_0000_1a20,
             robust_list_len: 24,
             clear_child_tid: 0x7f00_0000_1910,
+            nice: 5,
+            sched_policy: 0,
+            sched_priority: 0,
         }
-    }
-
-    fn libc_sigusr1() -> i32 {
-        10
     }
 
     /// A small process as a dump would record it: a binary with a data page and a zero
@@ -1023,7 +1023,7 @@ pub(crate) mod tests {
         };
 
         let mut second = thread(PID + 1);
-        second.pending = vec![siginfo(libc_sigusr1())];
+        second.pending = vec![siginfo(SIGUSR1)];
 
         Tree {
             root_pid: PID,
@@ -1401,16 +1401,12 @@ pub(crate) mod tests {
     #[test]
     fn other_magic_is_refused() {
         let (_tmp, dir) = write_sample();
-        rewrite_manifest(&dir, |m| m["magic"] = "criu-image".into());
+        rewrite_manifest(&dir, |m| m["magic"] = "other-image".into());
         let e = refused(load(&dir), "Corrupt", MANIFEST);
-        assert!(e.to_string().contains("criu-image"), "{e}");
+        assert!(e.to_string().contains("other-image"), "{e}");
 
         rewrite_manifest(&dir, |m| {
-            m.as_object_mut()
-                .unwrap()
-                .remove("magic")
-                .map(drop)
-                .unwrap()
+            m.as_object_mut().unwrap().remove("magic");
         });
         refused(load(&dir), "Corrupt", MANIFEST);
 

@@ -388,6 +388,15 @@ pub struct Thread {
     pub robust_list_len: u64,
     /// Address the kernel clears and wakes at thread exit (`set_tid_address`), 0 for none.
     pub clear_child_tid: u64,
+    /// Nice value (`setpriority`).
+    #[serde(default)]
+    pub nice: i32,
+    /// Scheduling policy (`SCHED_*`, with `SCHED_RESET_ON_FORK` if set).
+    #[serde(default)]
+    pub sched_policy: i32,
+    /// Static priority of a real-time policy, 0 otherwise.
+    #[serde(default)]
+    pub sched_priority: i32,
 }
 
 /// An alternate signal stack, as `sigaltstack` takes it.

@@ -38,6 +38,9 @@ pub struct Plan {
     pub personality: u32,
     /// First descriptor number above everything in use; sources are moved there first.
     pub base: i32,
+    /// The pipe the child reports its setup on: (read end, write end). Made before
+    /// `base` is chosen so that it lies below it.
+    pub report: Option<(OwnedFd, OwnedFd)>,
 }
 
 impl Plan {
@@ -67,15 +70,18 @@ const STEPS: &[&str] = &[
 
 /// Creates the process with `plan.pid` as its pid and runs the plan in it. Returns once
 /// the child has carried the plan out and is waiting to be taken over.
-pub fn spawn(plan: &Plan) -> Result<i32> {
+pub fn spawn(plan: &mut Plan) -> Result<i32> {
     let pid = plan.pid;
-    let (rd, wr) = pipe()?;
+    let (rd, wr) = plan.report.take().expect("a plan is spawned once");
     // SAFETY: the restore path is single-threaded here, and the child runs only
     // `child_main`, which makes raw system calls on `plan` (prepared beforehand) and never
     // allocates or takes locks.
     let child = unsafe { torpor_sys::clone3_with_pid(pid) }.map_err(|source| {
         if source.raw_os_error() == Some(libc::EEXIST) {
-            RestoreError::PidTaken { pid, holder: crate::describe_pid(pid) }
+            RestoreError::PidTaken {
+                pid,
+                holder: crate::describe_pid(pid),
+            }
         } else {
             RestoreError::Clone { pid, source }
         }
@@ -83,6 +89,7 @@ pub fn spawn(plan: &Plan) -> Result<i32> {
     if child == 0 {
         child_main(plan, wr.as_raw_fd());
     }
+    // Our copy of the write end must go for the read to end when the child dies.
     drop(wr);
     let mut rd = File::from(rd);
     let mut report = [0u8; 8];
@@ -123,7 +130,7 @@ fn read_full(f: &mut File, buf: &mut [u8]) -> usize {
     n
 }
 
-fn pipe() -> Result<(OwnedFd, OwnedFd)> {
+pub(crate) fn pipe() -> Result<(OwnedFd, OwnedFd)> {
     let mut fds = [0; 2];
     // SAFETY: pipe2 writes two descriptors into `fds`.
     if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } < 0 {
@@ -169,7 +176,9 @@ fn child_main(plan: &Plan, report: RawFd) -> ! {
         // descriptor at its number. The report pipe moves along as the last source.
         let n = plan.sources.len() as i32;
         for (i, src) in plan.sources.iter().enumerate() {
-            if libc::fcntl(src.as_raw_fd(), libc::F_DUPFD, plan.base + i as i32) != plan.base + i as i32 {
+            if libc::fcntl(src.as_raw_fd(), libc::F_DUPFD, plan.base + i as i32)
+                != plan.base + i as i32
+            {
                 fail(3);
             }
         }

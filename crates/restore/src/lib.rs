@@ -72,11 +72,25 @@ pub enum RestoreError {
     #[error("cannot create pid {pid}")]
     Clone { pid: i32, source: io::Error },
     #[error("pid {pid}: the new process could not {step}")]
-    ChildSetup { pid: i32, step: &'static str, source: io::Error },
+    ChildSetup {
+        pid: i32,
+        step: &'static str,
+        source: io::Error,
+    },
     #[error("pid {pid}: {step}")]
-    Step { pid: i32, step: String, source: torpor_sys::Error },
+    Step {
+        pid: i32,
+        step: String,
+        source: torpor_sys::Error,
+    },
     #[error("pid {pid}: cannot map {start:#x}-{end:#x} ({what})")]
-    Map { pid: i32, start: u64, end: u64, what: String, source: torpor_sys::Error },
+    Map {
+        pid: i32,
+        start: u64,
+        end: u64,
+        what: String,
+        source: torpor_sys::Error,
+    },
     #[error("pid {pid}: {what}")]
     Vdso { pid: i32, what: String },
 }
@@ -88,7 +102,9 @@ pub(crate) fn describe_pid(pid: i32) -> String {
     let comm = std::fs::read_to_string(format!("/proc/{pid}/comm"))
         .map(|s| s.trim().to_string())
         .unwrap_or_else(|_| "another process".into());
-    let state = torpor_sys::proc::status(pid).map(|s| s.state).unwrap_or('?');
+    let state = torpor_sys::proc::status(pid)
+        .map(|s| s.state)
+        .unwrap_or('?');
     if state == 'Z' {
         format!("{comm} (pid {pid}, a zombie its parent has not reaped)")
     } else {
@@ -100,7 +116,7 @@ pub(crate) fn describe_pid(pid: i32) -> String {
 pub fn check_image(dir: &std::path::Path) -> Result<(ImageReader, model::Tree)> {
     let reader = ImageReader::open(dir)?;
     reader.verify_all(|_| {})?;
-    let tree: model::Tree = reader.read_json(torpor_image::TREE)?;
+    let tree = reader.read_tree()?;
     prepare::validate(&reader, &tree)?;
     Ok((reader, tree))
 }
@@ -115,8 +131,8 @@ pub fn restore(opts: &RestoreOptions) -> Result<Restored> {
     prepare::check_pid_free(pid)?;
     prepare::check_files(&tree)?;
 
-    let prepared = prepare::prepare(&reader, &tree, process)?;
-    let child = child::spawn(&prepared.plan)?;
+    let mut prepared = prepare::prepare(&reader, &tree, process)?;
+    let child = child::spawn(&mut prepared.plan)?;
     debug_assert_eq!(child, pid);
     // From here on, any failure kills the half-made process.
     let result = take_over(opts, &reader, &tree, process, &prepared);
@@ -129,7 +145,12 @@ pub fn restore(opts: &RestoreOptions) -> Result<Restored> {
         return Err(e);
     }
     let image_bytes = reader.manifest().files.iter().map(|f| f.len).sum();
-    Ok(Restored { pid, verify_time, total: t0.elapsed(), image_bytes })
+    Ok(Restored {
+        pid,
+        verify_time,
+        total: t0.elapsed(),
+        image_bytes,
+    })
 }
 
 fn take_over(

@@ -19,12 +19,19 @@ use crate::{RestoreError, Result};
 pub(crate) fn validate(reader: &ImageReader, tree: &model::Tree) -> Result<()> {
     let m = reader.manifest();
     if m.arch != std::env::consts::ARCH {
-        return Err(RestoreError::Arch { arch: m.arch.clone(), here: std::env::consts::ARCH });
+        return Err(RestoreError::Arch {
+            arch: m.arch.clone(),
+            here: std::env::consts::ARCH,
+        });
     }
     let have = torpor_sys::xcr0();
     let missing = m.cpu.xfeatures_used & !have;
     if missing != 0 {
-        return Err(RestoreError::Cpu { used: m.cpu.xfeatures_used, have, missing });
+        return Err(RestoreError::Cpu {
+            used: m.cpu.xfeatures_used,
+            have,
+            missing,
+        });
     }
     let unsupported = |what: String| Err(RestoreError::Unsupported { what });
     if tree.processes.len() != 1 {
@@ -55,7 +62,10 @@ pub(crate) fn validate(reader: &ImageReader, tree: &model::Tree) -> Result<()> {
         for r in &v.pages {
             let end = r.addr.checked_add(r.pages.saturating_mul(torpor_sys::PAGE));
             if r.addr < v.start || end.is_none_or(|e| e > v.end) {
-                return bad(format!("page run {:#x} outside mapping {:#x}", r.addr, v.start));
+                return bad(format!(
+                    "page run {:#x} outside mapping {:#x}",
+                    r.addr, v.start
+                ));
             }
         }
     }
@@ -79,7 +89,10 @@ pub(crate) fn validate(reader: &ImageReader, tree: &model::Tree) -> Result<()> {
 
 pub(crate) fn check_pid_free(pid: i32) -> Result<()> {
     if Path::new(&format!("/proc/{pid}")).exists() {
-        return Err(RestoreError::PidTaken { pid, holder: crate::describe_pid(pid) });
+        return Err(RestoreError::PidTaken {
+            pid,
+            holder: crate::describe_pid(pid),
+        });
     }
     Ok(())
 }
@@ -90,7 +103,10 @@ pub(crate) fn check_files(tree: &model::Tree) -> Result<()> {
         if f.saved_content.is_some() {
             continue;
         }
-        let changed = |why: String| RestoreError::FileChanged { path: f.path.clone(), why };
+        let changed = |why: String| RestoreError::FileChanged {
+            path: f.path.clone(),
+            why,
+        };
         let meta = fs::metadata(&f.path).map_err(|e| changed(format!("it cannot be read: {e}")))?;
         if meta.mode() & libc::S_IFMT != f.mode & libc::S_IFMT {
             return Err(changed("it is now another kind of file".into()));
@@ -157,7 +173,11 @@ pub(crate) fn prepare(
     let targets = p
         .fds
         .iter()
-        .map(|f| Target { source: f.open_file, fd: f.fd, cloexec: f.cloexec })
+        .map(|f| Target {
+            source: f.open_file,
+            fd: f.fd,
+            cloexec: f.cloexec,
+        })
         .collect::<Vec<_>>();
 
     let mut aux: Vec<OwnedFd> = Vec::new();
@@ -168,7 +188,13 @@ pub(crate) fn prepare(
     let pages = open_ro(&reader.path(&p.pages_file)?.to_string_lossy())?;
     let pages_i = add_aux(pages);
     let zero_i = add_aux(open_ro("/dev/zero")?);
-    let exe_i = add_aux(open_tree_file(reader, tree, p.mm.exe_file, libc::O_RDONLY, &mut ghosts)?);
+    let exe_i = add_aux(open_tree_file(
+        reader,
+        tree,
+        p.mm.exe_file,
+        libc::O_RDONLY,
+        &mut ghosts,
+    )?);
     let mut map_idx = HashMap::new();
     for v in &p.vmas {
         if let VmaKind::File { file, .. } = v.kind {
@@ -185,11 +211,14 @@ pub(crate) fn prepare(
         }
     }
 
+    let report = crate::child::pipe()?;
     // Every number the child inherits or installs lies below `base`.
     let max_target = p.fds.iter().map(|f| f.fd).max().unwrap_or(0);
     let max_own = fs::read_dir("/proc/self/fd")
         .map(|d| {
-            d.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok()).max().unwrap_or(0)
+            d.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
+                .max()
+                .unwrap_or(0)
         })
         .unwrap_or(1024);
     let base = max_target.max(max_own) + 1;
@@ -209,8 +238,12 @@ pub(crate) fn prepare(
         umask: p.umask,
         personality: p.personality,
         base,
+        report: Some(report),
     };
-    let map_fds = map_idx.into_iter().map(|(k, i)| (k, plan.aux_fd(i))).collect();
+    let map_fds = map_idx
+        .into_iter()
+        .map(|(k, i)| (k, plan.aux_fd(i)))
+        .collect();
     Ok(Prepared {
         pages_fd: plan.aux_fd(pages_i),
         zero_fd: plan.aux_fd(zero_i),
@@ -223,7 +256,10 @@ pub(crate) fn prepare(
 fn open_ro(path: &str) -> Result<OwnedFd> {
     File::open(path)
         .map(OwnedFd::from)
-        .map_err(|source| RestoreError::Prepare { what: path.to_string(), source })
+        .map_err(|source| RestoreError::Prepare {
+            what: path.to_string(),
+            source,
+        })
 }
 
 /// Flags that make sense only when a file is first opened.
@@ -243,10 +279,11 @@ fn open_file(
     };
     if matches!(o.kind, OpenFileKind::Regular { .. }) {
         let mut f = File::from(fd);
-        f.seek(SeekFrom::Start(o.pos)).map_err(|source| RestoreError::Prepare {
-            what: format!("offset {} in {}", o.pos, describe_kind(tree, &o.kind)),
-            source,
-        })?;
+        f.seek(SeekFrom::Start(o.pos))
+            .map_err(|source| RestoreError::Prepare {
+                what: format!("offset {} in {}", o.pos, describe_kind(tree, &o.kind)),
+                source,
+            })?;
         return Ok(OwnedFd::from(f));
     }
     Ok(fd)
@@ -277,10 +314,15 @@ impl OpenFlags for OpenOptions {
         self.read(acc == libc::O_RDONLY || acc == libc::O_RDWR);
         self.write(acc == libc::O_WRONLY || acc == libc::O_RDWR);
         self.append(flags & libc::O_APPEND != 0);
-        self.custom_flags((flags & !CREATE_FLAGS & !libc::O_ACCMODE & !libc::O_APPEND) | libc::O_CLOEXEC);
+        self.custom_flags(
+            (flags & !CREATE_FLAGS & !libc::O_ACCMODE & !libc::O_APPEND) | libc::O_CLOEXEC,
+        );
         self.open(path)
             .map(OwnedFd::from)
-            .map_err(|source| RestoreError::Prepare { what: path.to_string(), source })
+            .map_err(|source| RestoreError::Prepare {
+                what: path.to_string(),
+                source,
+            })
     }
 }
 
@@ -303,9 +345,8 @@ fn open_tree_file(
     let Some(saved) = &info.saved_content else {
         return OpenOptions::new().open_flags(&info.path, flags);
     };
-    if !ghosts.made.contains_key(&idx) {
-        let ghost = make_ghost(reader, info, saved)?;
-        ghosts.made.insert(idx, ghost);
+    if let std::collections::hash_map::Entry::Vacant(e) = ghosts.made.entry(idx) {
+        e.insert(make_ghost(reader, info, saved)?);
     }
     // Reopen the unlinked inode through /proc with the flags the process used.
     let fd = ghosts.made[&idx].as_raw_fd();
@@ -315,8 +356,14 @@ fn open_tree_file(
 /// Creates an unlinked file holding a deleted file's saved content, next to where the
 /// file was if that directory still exists.
 fn make_ghost(reader: &ImageReader, info: &model::FileInfo, saved: &str) -> Result<File> {
-    let err = |source| RestoreError::Prepare { what: format!("deleted file {}", info.path), source };
-    let dir = Path::new(&info.path).parent().filter(|d| d.is_dir()).unwrap_or(Path::new("/tmp"));
+    let err = |source| RestoreError::Prepare {
+        what: format!("deleted file {}", info.path),
+        source,
+    };
+    let dir = Path::new(&info.path)
+        .parent()
+        .filter(|d| d.is_dir())
+        .unwrap_or(Path::new("/tmp"));
     let mut f = OpenOptions::new()
         .read(true)
         .write(true)
@@ -334,6 +381,7 @@ fn make_ghost(reader: &ImageReader, info: &model::FileInfo, saved: &str) -> Resu
         .map_err(err)?;
     let mut src = File::open(reader.path(saved)?).map_err(err)?;
     io::copy(&mut src, &mut f).map_err(err)?;
-    f.set_permissions(fs::Permissions::from_mode(info.mode & 0o7777)).map_err(err)?;
+    f.set_permissions(fs::Permissions::from_mode(info.mode & 0o7777))
+        .map_err(err)?;
     Ok(f)
 }

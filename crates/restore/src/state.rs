@@ -54,16 +54,24 @@ pub(crate) fn restore_state(
         le(&[alt.sp, (alt.flags & !libc::SS_ONSTACK) as u64, alt.size])
     };
     let at = s.put(&ss)?;
-    s.call("set the alternate signal stack", "sigaltstack", libc::SYS_sigaltstack, args!(at, 0))?;
+    s.call(
+        "set the alternate signal stack",
+        "sigaltstack",
+        libc::SYS_sigaltstack,
+        args!(at, 0),
+    )?;
 
     restore_timers(s, p)?;
 
     // Signals queued when the process was dumped, oldest first. Sent by the process to
     // itself, the kernel keeps every siginfo field as given.
     for si in &t.pending {
-        let raw = hex::decode(&si.raw).ok().filter(|r| r.len() == 128).ok_or_else(|| {
-            RestoreError::Unsupported { what: "a malformed pending signal".into() }
-        })?;
+        let raw = hex::decode(&si.raw)
+            .ok()
+            .filter(|r| r.len() == 128)
+            .ok_or_else(|| RestoreError::Unsupported {
+                what: "a malformed pending signal".into(),
+            })?;
         let at = s.put(&raw)?;
         s.call(
             &format!("queue pending signal {}", si.signo),
@@ -73,9 +81,12 @@ pub(crate) fn restore_state(
         )?;
     }
     for si in &p.shared_pending {
-        let raw = hex::decode(&si.raw).ok().filter(|r| r.len() == 128).ok_or_else(|| {
-            RestoreError::Unsupported { what: "a malformed pending signal".into() }
-        })?;
+        let raw = hex::decode(&si.raw)
+            .ok()
+            .filter(|r| r.len() == 128)
+            .ok_or_else(|| RestoreError::Unsupported {
+                what: "a malformed pending signal".into(),
+            })?;
         let at = s.put(&raw)?;
         s.call(
             &format!("queue pending signal {}", si.signo),
@@ -111,18 +122,31 @@ pub(crate) fn restore_state(
     let n = t.comm.len().min(15);
     comm[..n].copy_from_slice(&t.comm.as_bytes()[..n]);
     let at = s.put(&comm)?;
-    s.call("set its name", "prctl", libc::SYS_prctl, args!(libc::PR_SET_NAME, at))?;
+    s.call(
+        "set its name",
+        "prctl",
+        libc::SYS_prctl,
+        args!(libc::PR_SET_NAME, at),
+    )?;
 
     set_rlimits(pid, p);
+    torpor_sys::set_sched(t.tid, t.nice, t.sched_policy, t.sched_priority).map_err(|source| {
+        RestoreError::Step {
+            pid,
+            step: "set its scheduling policy and nice value".into(),
+            source,
+        }
+    })?;
     set_creds(s, p)?;
-    if p.pdeath_signal != 0 && !opts.detach {
-        s.call(
-            "set the parent-death signal",
-            "prctl",
-            libc::SYS_prctl,
-            args!(libc::PR_SET_PDEATHSIG, p.pdeath_signal),
-        )?;
-    }
+    // Replaces the SIGKILL that tied the new process to torpor during the restore. A
+    // detached process outlives torpor, its parent, so it gets none.
+    let pdeath = if opts.detach { 0 } else { p.pdeath_signal };
+    s.call(
+        "set the parent-death signal",
+        "prctl",
+        libc::SYS_prctl,
+        args!(libc::PR_SET_PDEATHSIG, pdeath),
+    )?;
     s.call(
         "set the dumpable flag",
         "prctl",
@@ -144,7 +168,9 @@ pub(crate) fn restore_state(
 pub(crate) fn set_mm(s: &Space, p: &model::Process, prep: &Prepared) -> Result<()> {
     let mm = &p.mm;
     if mm.auxv.len() > 128 {
-        return Err(RestoreError::Unsupported { what: "an auxiliary vector that long".into() });
+        return Err(RestoreError::Unsupported {
+            what: "an auxiliary vector that long".into(),
+        });
     }
     // struct prctl_mm_map: eleven addresses, the auxv pointer, its size and the exe fd.
     let auxv_bytes = le(&mm.auxv);
@@ -192,7 +218,12 @@ fn restore_timers(s: &Space, p: &model::Process) -> Result<()> {
             value / 1_000_000,
             value % 1_000_000,
         ]))?;
-        s.call("set an interval timer", "setitimer", libc::SYS_setitimer, args!(which, at, 0))?;
+        s.call(
+            "set an interval timer",
+            "setitimer",
+            libc::SYS_setitimer,
+            args!(which, at, 0),
+        )?;
     }
 
     if p.posix_timers.is_empty() {
@@ -200,7 +231,11 @@ fn restore_timers(s: &Space, p: &model::Process) -> Result<()> {
     }
     let ids_by_prctl = s
         .remote()
-        .call("prctl", libc::SYS_prctl, args!(PR_TIMER_CREATE_RESTORE_IDS, 1))
+        .call(
+            "prctl",
+            libc::SYS_prctl,
+            args!(PR_TIMER_CREATE_RESTORE_IDS, 1),
+        )
         .is_ok();
     let mut timers = p.posix_timers.clone();
     timers.sort_by_key(|t| t.id);
@@ -217,7 +252,12 @@ fn restore_timers(s: &Space, p: &model::Process) -> Result<()> {
         let at = s.put(&ev)?;
         let what = format!("create POSIX timer {}", t.id);
         loop {
-            s.call(&what, "timer_create", libc::SYS_timer_create, args!(t.clock, at, at + 64))?;
+            s.call(
+                &what,
+                "timer_create",
+                libc::SYS_timer_create,
+                args!(t.clock, at, at + 64),
+            )?;
             let got = i32::from_ne_bytes(read_scratch(s, 64, 4)?.try_into().unwrap());
             if got == t.id || ids_by_prctl {
                 if got != t.id {
@@ -242,14 +282,29 @@ fn restore_timers(s: &Space, p: &model::Process) -> Result<()> {
                 t.value_ns / 1_000_000_000,
                 t.value_ns % 1_000_000_000,
             ]))?;
-            s.call(&format!("arm POSIX timer {}", t.id), "timer_settime", libc::SYS_timer_settime, args!(t.id, 0, at, 0))?;
+            s.call(
+                &format!("arm POSIX timer {}", t.id),
+                "timer_settime",
+                libc::SYS_timer_settime,
+                args!(t.id, 0, at, 0),
+            )?;
         }
     }
     for id in fillers {
-        s.call("delete a filler timer", "timer_delete", libc::SYS_timer_delete, args!(id))?;
+        s.call(
+            "delete a filler timer",
+            "timer_delete",
+            libc::SYS_timer_delete,
+            args!(id),
+        )?;
     }
     if ids_by_prctl {
-        s.call("end timer id restore", "prctl", libc::SYS_prctl, args!(PR_TIMER_CREATE_RESTORE_IDS, 0))?;
+        s.call(
+            "end timer id restore",
+            "prctl",
+            libc::SYS_prctl,
+            args!(PR_TIMER_CREATE_RESTORE_IDS, 0),
+        )?;
     }
     Ok(())
 }
@@ -257,7 +312,11 @@ fn restore_timers(s: &Space, p: &model::Process) -> Result<()> {
 fn read_scratch(s: &Space, off: u64, len: usize) -> Result<Vec<u8>> {
     let mut b = vec![0u8; len];
     torpor_sys::mem::read_ranges(s.pid(), &[(s.scratch + off, len)], &mut b).map_err(|source| {
-        RestoreError::Step { pid: s.pid(), step: "read the scratch area".into(), source }
+        RestoreError::Step {
+            pid: s.pid(),
+            step: "read the scratch area".into(),
+            source,
+        }
     })?;
     Ok(b)
 }
@@ -287,21 +346,50 @@ fn set_creds(s: &Space, p: &model::Process) -> Result<()> {
     for cap in 0..64u64 {
         if c.cap_bounding & (1 << cap) == 0 {
             // Capabilities this kernel does not know fail with EINVAL: nothing to drop.
-            let _ = s.remote().call("prctl", libc::SYS_prctl, args!(libc::PR_CAPBSET_DROP, cap));
+            let _ = s
+                .remote()
+                .call("prctl", libc::SYS_prctl, args!(libc::PR_CAPBSET_DROP, cap));
         }
     }
     if c.groups.len() > 65536 {
-        return Err(RestoreError::Unsupported { what: "that many groups".into() });
+        return Err(RestoreError::Unsupported {
+            what: "that many groups".into(),
+        });
     }
     let groups: Vec<u8> = c.groups.iter().flat_map(|g| g.to_ne_bytes()).collect();
     let at = s.put(&groups)?;
-    s.call("set its groups", "setgroups", libc::SYS_setgroups, args!(c.groups.len(), at))?;
+    s.call(
+        "set its groups",
+        "setgroups",
+        libc::SYS_setgroups,
+        args!(c.groups.len(), at),
+    )?;
     let [gr, ge, gs, gf] = c.gids;
-    s.call("set its group ids", "setresgid", libc::SYS_setresgid, args!(gr, ge, gs))?;
-    s.call("set its filesystem group id", "setfsgid", libc::SYS_setfsgid, args!(gf))?;
+    s.call(
+        "set its group ids",
+        "setresgid",
+        libc::SYS_setresgid,
+        args!(gr, ge, gs),
+    )?;
+    s.call(
+        "set its filesystem group id",
+        "setfsgid",
+        libc::SYS_setfsgid,
+        args!(gf),
+    )?;
     let [ur, ue, us, uf] = c.uids;
-    s.call("set its user ids", "setresuid", libc::SYS_setresuid, args!(ur, ue, us))?;
-    s.call("set its filesystem user id", "setfsuid", libc::SYS_setfsuid, args!(uf))?;
+    s.call(
+        "set its user ids",
+        "setresuid",
+        libc::SYS_setresuid,
+        args!(ur, ue, us),
+    )?;
+    s.call(
+        "set its filesystem user id",
+        "setfsuid",
+        libc::SYS_setfsuid,
+        args!(uf),
+    )?;
 
     // struct __user_cap_header_struct { version 3, pid 0 } and two data words.
     let lo = |v: u64| v & 0xffff_ffff;
@@ -320,9 +408,19 @@ fn set_creds(s: &Space, p: &model::Process) -> Result<()> {
         buf.extend_from_slice(&(w as u32).to_ne_bytes());
     }
     let at = s.put(&buf)?;
-    s.call("set its capabilities", "capset", libc::SYS_capset, args!(at, at + 8))?;
+    s.call(
+        "set its capabilities",
+        "capset",
+        libc::SYS_capset,
+        args!(at, at + 8),
+    )?;
     if c.no_new_privs {
-        s.call("set no_new_privs", "prctl", libc::SYS_prctl, args!(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0))?;
+        s.call(
+            "set no_new_privs",
+            "prctl",
+            libc::SYS_prctl,
+            args!(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0),
+        )?;
     }
     Ok(())
 }

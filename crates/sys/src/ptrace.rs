@@ -29,14 +29,22 @@ fn pid(p: i32) -> Pid {
 /// Converts the return of a raw `ptrace` call.
 fn check(what: &'static str, tid: i32, ret: c_long) -> Result<c_long> {
     if ret < 0 {
-        Err(Error::Ptrace { what, tid, source: io::Error::last_os_error() })
+        Err(Error::Ptrace {
+            what,
+            tid,
+            source: io::Error::last_os_error(),
+        })
     } else {
         Ok(ret)
     }
 }
 
 fn nix_err(what: &'static str, tid: i32) -> impl FnOnce(nix::errno::Errno) -> Error {
-    move |e| Error::Ptrace { what, tid, source: io::Error::from_raw_os_error(e as i32) }
+    move |e| Error::Ptrace {
+        what,
+        tid,
+        source: io::Error::from_raw_os_error(e as i32),
+    }
 }
 
 /// Attaches to `tid` without stopping it (`PTRACE_SEIZE`), with `PTRACE_O_EXITKILL` when
@@ -69,8 +77,10 @@ pub enum Stop {
 /// says so.
 pub fn wait_stop(tid: i32) -> Result<Stop> {
     loop {
-        let st = waitpid(pid(tid), Some(WaitPidFlag::__WALL))
-            .map_err(|e| Error::Wait { tid, source: io::Error::from_raw_os_error(e as i32) })?;
+        let st = waitpid(pid(tid), Some(WaitPidFlag::__WALL)).map_err(|e| Error::Wait {
+            tid,
+            source: io::Error::from_raw_os_error(e as i32),
+        })?;
         return match st {
             WaitStatus::PtraceEvent(_, sig, ev) if ev == libc::PTRACE_EVENT_STOP => {
                 Ok(Stop::Event(sig as i32))
@@ -78,10 +88,14 @@ pub fn wait_stop(tid: i32) -> Result<Stop> {
             WaitStatus::PtraceEvent(..) | WaitStatus::PtraceSyscall(_) => continue,
             WaitStatus::Stopped(_, Signal::SIGTRAP) => Ok(Stop::Trap),
             WaitStatus::Stopped(_, sig) => Ok(Stop::Signal(sig as i32)),
-            WaitStatus::Exited(_, code) => Err(Error::Gone { tid, how: format!("exit {code}") }),
-            WaitStatus::Signaled(_, sig, _) => {
-                Err(Error::Gone { tid, how: format!("killed by {sig}") })
-            }
+            WaitStatus::Exited(_, code) => Err(Error::Gone {
+                tid,
+                how: format!("exit {code}"),
+            }),
+            WaitStatus::Signaled(_, sig, _) => Err(Error::Gone {
+                tid,
+                how: format!("killed by {sig}"),
+            }),
             WaitStatus::Continued(_) | WaitStatus::StillAlive => continue,
         };
     }
@@ -131,11 +145,19 @@ pub fn set_regs(tid: i32, regs: &Regs) -> Result<()> {
 /// Reads the XSAVE area (FPU, SSE, AVX and later state) of a stopped tracee.
 pub fn get_xstate(tid: i32) -> Result<Vec<u8>> {
     let mut buf = vec![0u8; MAX_XSAVE];
-    let mut iov = libc::iovec { iov_base: buf.as_mut_ptr() as *mut c_void, iov_len: buf.len() };
+    let mut iov = libc::iovec {
+        iov_base: buf.as_mut_ptr() as *mut c_void,
+        iov_len: buf.len(),
+    };
     // SAFETY: the iovec describes `buf`, which stays alive and writable for the call; the
     // kernel writes at most iov_len bytes and shrinks iov_len to what it wrote.
     let r = unsafe {
-        libc::ptrace(libc::PTRACE_GETREGSET, tid, NT_X86_XSTATE as usize, &mut iov as *mut _)
+        libc::ptrace(
+            libc::PTRACE_GETREGSET,
+            tid,
+            NT_X86_XSTATE as usize,
+            &mut iov as *mut _,
+        )
     };
     check("PTRACE_GETREGSET(NT_X86_XSTATE)", tid, r)?;
     buf.truncate(iov.iov_len);
@@ -145,10 +167,18 @@ pub fn get_xstate(tid: i32) -> Result<Vec<u8>> {
 /// Loads an XSAVE area into a stopped tracee.
 pub fn set_xstate(tid: i32, xsave: &[u8]) -> Result<()> {
     let mut copy = xsave.to_vec();
-    let mut iov = libc::iovec { iov_base: copy.as_mut_ptr() as *mut c_void, iov_len: copy.len() };
+    let mut iov = libc::iovec {
+        iov_base: copy.as_mut_ptr() as *mut c_void,
+        iov_len: copy.len(),
+    };
     // SAFETY: the iovec describes `copy`, alive for the call; the kernel only reads it.
     let r = unsafe {
-        libc::ptrace(libc::PTRACE_SETREGSET, tid, NT_X86_XSTATE as usize, &mut iov as *mut _)
+        libc::ptrace(
+            libc::PTRACE_SETREGSET,
+            tid,
+            NT_X86_XSTATE as usize,
+            &mut iov as *mut _,
+        )
     };
     check("PTRACE_SETREGSET(NT_X86_XSTATE)", tid, r).map(drop)
 }
@@ -180,12 +210,21 @@ pub fn peek_siginfo(tid: i32, shared: bool) -> Result<Vec<[u8; 128]>> {
     const BATCH: usize = 32;
     let mut out = Vec::new();
     loop {
-        let args = PeekArgs { off: out.len() as u64, flags: shared as u32, nr: BATCH as i32 };
+        let args = PeekArgs {
+            off: out.len() as u64,
+            flags: shared as u32,
+            nr: BATCH as i32,
+        };
         let mut buf = [[0u8; 128]; BATCH];
         // SAFETY: `args` is the kernel's struct ptrace_peeksiginfo_args; the kernel writes
         // at most `nr` siginfo records of 128 bytes into `buf`, which has room for them.
         let r = unsafe {
-            libc::ptrace(libc::PTRACE_PEEKSIGINFO, tid, &args as *const PeekArgs, buf.as_mut_ptr())
+            libc::ptrace(
+                libc::PTRACE_PEEKSIGINFO,
+                tid,
+                &args as *const PeekArgs,
+                buf.as_mut_ptr(),
+            )
         };
         let n = check("PTRACE_PEEKSIGINFO", tid, r)? as usize;
         out.extend_from_slice(&buf[..n.min(BATCH)]);

@@ -27,7 +27,11 @@ impl Remote {
     /// `syscall_ip` in its address space.
     pub fn new(tid: i32, syscall_ip: u64) -> Result<Self> {
         let base = ptrace::get_regs(tid)?;
-        Ok(Self { tid, base, syscall_ip })
+        Ok(Self {
+            tid,
+            base,
+            syscall_ip,
+        })
     }
 
     pub fn tid(&self) -> i32 {
@@ -61,7 +65,11 @@ impl Remote {
         match ptrace::wait_stop(self.tid)? {
             Stop::Trap => {}
             other => {
-                return Err(Error::RemoteStop { tid: self.tid, nr, stop: format!("{other:?}") })
+                return Err(Error::RemoteStop {
+                    tid: self.tid,
+                    nr,
+                    stop: format!("{other:?}"),
+                })
             }
         }
         let out = ptrace::get_regs(self.tid)?;

@@ -1,0 +1,94 @@
+//! Whole-process scenarios: an unmodified system program, restoring one image twice, and
+//! dumping with `--leave-running`.
+
+mod common;
+
+use std::path::Path;
+use std::thread::sleep;
+use std::time::Duration;
+
+use common::{assert_running_untraced, Fixture, Restore};
+use tempfile::TempDir;
+
+#[test]
+fn sleep_finishes_after_its_remaining_time() {
+    const TOTAL: f64 = 4.0;
+    let mut f = Fixture::start_program(Path::new("/bin/sleep"), &["4"]);
+    sleep(Duration::from_millis(1500).saturating_sub(f.started.elapsed()));
+    let images = TempDir::new().expect("image dir");
+    let dump_at = f.started.elapsed().as_secs_f64();
+    f.dump_ok(images.path());
+
+    let restore_at = f.started.elapsed().as_secs_f64();
+    let mut restore = Restore::spawn(images.path(), &[]);
+    restore.wait_for_process(&f);
+    let status = restore
+        .wait(Duration::from_secs(20))
+        .expect("restored sleep never finished");
+    let took = f.started.elapsed().as_secs_f64() - restore_at;
+    assert!(
+        status.success(),
+        "restored sleep: {status:?}; stderr:\n{}",
+        restore.stderr()
+    );
+
+    // Never before the original deadline; and not a fresh 4 s either (that would be
+    // longer than what was left at the dump plus the restore's own overhead).
+    let earliest = TOTAL - restore_at - 0.25;
+    let latest = TOTAL - dump_at + 1.2;
+    assert!(
+        earliest <= took && took <= latest,
+        "restored sleep ran {took:.2} s, want {earliest:.2}..{latest:.2} (dumped at {dump_at:.2} s)"
+    );
+}
+
+#[test]
+fn one_image_restores_twice() {
+    let mut f = Fixture::start("counter", &[]);
+    let images = TempDir::new().expect("image dir");
+    sleep(Duration::from_millis(100));
+    f.dump_ok(images.path());
+    let mark = f.mark_log();
+
+    f.restore_and_pass(images.path());
+
+    // The first run appended to the log; give the second one the file the image saw.
+    f.rewind_log(&mark);
+    f.ungo();
+    f.restore_and_pass(images.path());
+}
+
+#[test]
+fn leave_running_dump_keeps_the_process_running_untraced() {
+    // The signals fixture holds pending signals that a careless dump would consume.
+    let mut f = Fixture::start("signals", &[]);
+    let images = TempDir::new().expect("image dir");
+    let out = f.dump(images.path(), &["--leave-running"]);
+    assert!(
+        out.status.success(),
+        "dump --leave-running: {}",
+        common::stderr_of(&out)
+    );
+    assert!(
+        f.child.try_wait().expect("try_wait").is_none(),
+        "process exited after dump"
+    );
+    assert_running_untraced(f.pid);
+    sleep(Duration::from_millis(300));
+    assert_running_untraced(f.pid);
+    let mark = f.mark_log();
+
+    f.go();
+    let status = f.wait_exit(common::FINISH_TIMEOUT);
+    assert!(
+        status.success(),
+        "after --leave-running: {status:?}; log:\n{}",
+        f.log_text()
+    );
+    f.assert_log_passed();
+
+    // The image is still good once the original is gone.
+    f.rewind_log(&mark);
+    f.ungo();
+    f.restore_and_pass(images.path());
+}
