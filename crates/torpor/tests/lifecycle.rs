@@ -92,3 +92,42 @@ fn leave_running_dump_keeps_the_process_running_untraced() {
     f.ungo();
     f.restore_and_pass(images.path());
 }
+
+/// The `[vdso]` line's start address in a process's memory map.
+fn vdso_start(pid: i32) -> Option<u64> {
+    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).ok()?;
+    let line = maps.lines().find(|l| l.ends_with("[vdso]"))?;
+    u64::from_str_radix(line.split('-').next()?, 16).ok()
+}
+
+/// After a reboot into another kernel the saved vDSO is not the running one: restore
+/// leaves the running vDSO elsewhere and makes the saved entry points jump into it. The
+/// counter reads CLOCK_MONOTONIC through libc's cached vDSO pointer all along, so it can
+/// only PASS if calls through the old addresses still work.
+#[test]
+fn vdso_calls_reach_the_running_kernel_through_jumps() {
+    let mut f = Fixture::start("counter", &[]);
+    let images = TempDir::new().expect("image dir");
+    sleep(Duration::from_millis(100));
+    let saved_vdso = vdso_start(f.pid).expect("the fixture has a vDSO");
+    f.dump_ok(images.path());
+
+    let mut restore = Restore::spawn(images.path(), &["--force-vdso-jumps"]);
+    restore.wait_for_process(&f);
+    let now_vdso = vdso_start(f.pid).expect("the restored process has a vDSO");
+    assert_ne!(
+        now_vdso, saved_vdso,
+        "the running vDSO should not have moved onto the saved one"
+    );
+    sleep(Duration::from_millis(300));
+    f.go();
+    let status = restore
+        .wait(Duration::from_secs(30))
+        .expect("restored counter never finished");
+    assert!(
+        status.success(),
+        "restored counter: {status:?}; stderr:\n{}",
+        restore.stderr()
+    );
+    f.assert_log_passed();
+}
