@@ -6,13 +6,13 @@ use torpor_image::model::{self, AltStack, ITimer, ITimers, PosixTimer, SigAction
 use torpor_sys::{args, mem, proc, ptrace};
 
 use crate::files::FileTable;
-use crate::{DumpError, Frozen, Result};
+use crate::{DumpError, Frozen, FrozenThread, Result};
 
 /// Why a process cannot be dumped by this version of torpor.
 #[derive(Debug, Clone)]
 pub enum UnsupportedReason {
     NotLeader { tgid: i32 },
-    Threads { count: u32 },
+    LeaderGone,
     Children { pids: Vec<i32> },
     Fd { fd: i32, kind: String },
     Mapping { start: u64, end: u64, what: String },
@@ -24,9 +24,9 @@ impl fmt::Display for UnsupportedReason {
             Self::NotLeader { tgid } => {
                 write!(f, "is a thread of process {tgid}; dump the process instead")
             }
-            Self::Threads { count } => write!(
+            Self::LeaderGone => write!(
                 f,
-                "has {count} threads; this version of torpor dumps single-threaded processes only"
+                "its main thread has exited while other threads run on, which torpor cannot save yet"
             ),
             Self::Children { pids } => write!(
                 f,
@@ -49,13 +49,8 @@ impl fmt::Display for UnsupportedReason {
 }
 
 /// Refuses what this version cannot dump, before the process is touched.
-pub(crate) fn check_supported(pid: i32, status: &proc::Status) -> Result<()> {
+pub(crate) fn check_supported(pid: i32) -> Result<()> {
     let unsupported = |reason| Err(DumpError::Unsupported { pid, reason });
-    if status.threads > 1 {
-        return unsupported(UnsupportedReason::Threads {
-            count: status.threads,
-        });
-    }
     let children = proc::children(pid).unwrap_or_default();
     if !children.is_empty() {
         return unsupported(UnsupportedReason::Children { pids: children });
@@ -65,11 +60,7 @@ pub(crate) fn check_supported(pid: i32, status: &proc::Status) -> Result<()> {
 
 /// Finds the vDSO of `pid` and a `syscall` instruction inside it.
 pub(crate) fn find_syscall(pid: i32) -> Result<u64> {
-    let err = |what: &str, source| DumpError::Collect {
-        pid,
-        what: what.into(),
-        source,
-    };
+    let err = |what: &str, source| DumpError::Collect { pid, what: what.into(), source };
     let maps = proc::maps(pid).map_err(|e| err("its memory map", e))?;
     let vdso = maps.iter().find(|m| m.name == "[vdso]").ok_or_else(|| {
         err(
@@ -86,10 +77,7 @@ pub(crate) fn find_syscall(pid: i32) -> Result<u64> {
     let off = torpor_vdso::find_syscall_insn(&bytes).map_err(|e| {
         err(
             "a system call instruction in its vDSO",
-            torpor_sys::Error::Parse {
-                what: "[vdso]".into(),
-                line: e.to_string(),
-            },
+            torpor_sys::Error::Parse { what: "[vdso]".into(), line: e.to_string() },
         )
     })?;
     Ok(vdso.start + off)
@@ -132,8 +120,10 @@ fn u64_at(b: &[u8], i: usize) -> u64 {
 /// Collects everything but page contents.
 pub(crate) fn collect(frozen: &Frozen, files: &mut FileTable) -> Result<model::Process> {
     let pid = frozen.pid;
-    let r = &frozen.remote;
-    let scratch = frozen.scratch.addr;
+    let leader = frozen.leader();
+    let r = &leader.remote;
+    let scratch = leader.scratch.addr;
+    let read_scratch = |len| leader.scratch.read(pid, len);
     let err = |what: &str| {
         let what = what.to_string();
         move |source| DumpError::Collect { pid, what, source }
@@ -141,48 +131,23 @@ pub(crate) fn collect(frozen: &Frozen, files: &mut FileTable) -> Result<model::P
 
     let status = proc::status(pid).map_err(err("its status"))?;
     let stat = proc::stat(pid).map_err(err("its stat"))?;
-    let regs = ptrace::get_regs(pid).map_err(err("its registers"))?;
-    let xsave = ptrace::get_xstate(pid).map_err(err("its FPU/AVX registers"))?;
 
-    // Values only the process itself can report, through calls run inside it.
-    let brk = r
-        .call("brk", libc::SYS_brk, args!(0))
-        .map_err(err("its program break"))?;
-    r.call(
-        "prctl(PR_GET_PDEATHSIG)",
-        libc::SYS_prctl,
-        args!(libc::PR_GET_PDEATHSIG, scratch),
-    )
-    .map_err(err("its parent-death signal"))?;
-    let pdeath_signal = i32::from_ne_bytes(
-        frozen.scratch.read(pid, 4).map_err(err("scratch"))?[..4]
-            .try_into()
-            .unwrap(),
-    );
+    // Process-wide values only the process itself can report, through calls run inside
+    // its leader.
+    let brk = r.call("brk", libc::SYS_brk, args!(0)).map_err(err("its program break"))?;
+    r.call("prctl(PR_GET_PDEATHSIG)", libc::SYS_prctl, args!(libc::PR_GET_PDEATHSIG, scratch))
+        .map_err(err("its parent-death signal"))?;
+    let pdeath_signal =
+        i32::from_ne_bytes(read_scratch(4).map_err(err("scratch"))?[..4].try_into().unwrap());
     let dumpable = r
-        .call(
-            "prctl(PR_GET_DUMPABLE)",
-            libc::SYS_prctl,
-            args!(libc::PR_GET_DUMPABLE),
-        )
+        .call("prctl(PR_GET_DUMPABLE)", libc::SYS_prctl, args!(libc::PR_GET_DUMPABLE))
         .map_err(err("its dumpable flag"))? as i32;
-    r.call(
-        "prctl(PR_GET_TID_ADDRESS)",
-        libc::SYS_prctl,
-        args!(libc::PR_GET_TID_ADDRESS, scratch),
-    )
-    .map_err(err("its clear_child_tid address"))?;
-    let clear_child_tid = u64_at(&frozen.scratch.read(pid, 8).map_err(err("scratch"))?, 0);
 
     let mut sigactions = Vec::with_capacity(64);
     for sig in 1..=64u64 {
-        r.call(
-            "rt_sigaction",
-            libc::SYS_rt_sigaction,
-            args!(sig, 0, scratch, 8),
-        )
-        .map_err(err(&format!("the action of signal {sig}")))?;
-        let b = frozen.scratch.read(pid, 32).map_err(err("scratch"))?;
+        r.call("rt_sigaction", libc::SYS_rt_sigaction, args!(sig, 0, scratch, 8))
+            .map_err(err(&format!("the action of signal {sig}")))?;
+        let b = read_scratch(32).map_err(err("scratch"))?;
         sigactions.push(SigAction {
             handler: u64_at(&b, 0),
             flags: u64_at(&b, 1),
@@ -191,40 +156,23 @@ pub(crate) fn collect(frozen: &Frozen, files: &mut FileTable) -> Result<model::P
         });
     }
 
-    r.call("sigaltstack", libc::SYS_sigaltstack, args!(0, scratch))
-        .map_err(err("its alternate signal stack"))?;
-    let b = frozen.scratch.read(pid, 24).map_err(err("scratch"))?;
-    let altstack = AltStack {
-        sp: u64_at(&b, 0),
-        flags: u64_at(&b, 1) as i32,
-        size: u64_at(&b, 2),
-    };
-
     let mut it = [ITimer::default(); 3];
     for (which, slot) in it.iter_mut().enumerate() {
         r.call("getitimer", libc::SYS_getitimer, args!(which, scratch))
             .map_err(err("its interval timers"))?;
         // struct itimerval { it_interval, it_value }, each { tv_sec, tv_usec }.
-        let b = frozen.scratch.read(pid, 32).map_err(err("scratch"))?;
+        let b = read_scratch(32).map_err(err("scratch"))?;
         slot.interval_us = u64_at(&b, 0) * 1_000_000 + u64_at(&b, 1);
         slot.value_us = u64_at(&b, 2) * 1_000_000 + u64_at(&b, 3);
     }
-    let itimers = ITimers {
-        real: it[0],
-        virt: it[1],
-        prof: it[2],
-    };
+    let itimers = ITimers { real: it[0], virt: it[1], prof: it[2] };
 
     let mut posix_timers = Vec::new();
     for t in proc::timers(pid).map_err(err("its POSIX timers"))? {
-        r.call(
-            "timer_gettime",
-            libc::SYS_timer_gettime,
-            args!(t.id, scratch),
-        )
-        .map_err(err(&format!("POSIX timer {}", t.id)))?;
+        r.call("timer_gettime", libc::SYS_timer_gettime, args!(t.id, scratch))
+            .map_err(err(&format!("POSIX timer {}", t.id)))?;
         // struct itimerspec { it_interval, it_value }, each { tv_sec, tv_nsec }.
-        let b = frozen.scratch.read(pid, 32).map_err(err("scratch"))?;
+        let b = read_scratch(32).map_err(err("scratch"))?;
         let overrun = r
             .call("timer_getoverrun", libc::SYS_timer_getoverrun, args!(t.id))
             .map_err(err(&format!("POSIX timer {}", t.id)))? as i32;
@@ -232,11 +180,7 @@ pub(crate) fn collect(frozen: &Frozen, files: &mut FileTable) -> Result<model::P
             "none" => libc::SIGEV_NONE,
             "thread" => libc::SIGEV_THREAD,
             _ => libc::SIGEV_SIGNAL,
-        } | if t.to_thread {
-            libc::SIGEV_THREAD_ID
-        } else {
-            0
-        };
+        } | if t.to_thread { libc::SIGEV_THREAD_ID } else { 0 };
         posix_timers.push(PosixTimer {
             id: t.id,
             clock: t.clock,
@@ -250,50 +194,23 @@ pub(crate) fn collect(frozen: &Frozen, files: &mut FileTable) -> Result<model::P
         });
     }
 
-    let to_siginfo = |raw: [u8; 128]| SigInfo {
-        signo: i32::from_ne_bytes(raw[..4].try_into().unwrap()),
-        raw: hex::encode(raw),
-    };
-    let pending: Vec<SigInfo> = ptrace::peek_siginfo(pid, false)
-        .map_err(err("its pending signals"))?
-        .into_iter()
-        .map(to_siginfo)
-        .collect();
     let shared_pending: Vec<SigInfo> = ptrace::peek_siginfo(pid, true)
         .map_err(err("its pending signals"))?
         .into_iter()
         .map(to_siginfo)
         .collect();
-    let rseq =
-        ptrace::get_rseq(pid)
-            .map_err(err("its rseq area"))?
-            .map(|(addr, len, signature)| model::Rseq {
-                addr,
-                len,
-                signature,
-            });
-    let (robust_list, robust_list_len) =
-        torpor_sys::robust_list(pid).map_err(err("its robust futex list"))?;
 
     let mut rlimits = Vec::new();
     // RLIMIT_CPU (0) to RLIMIT_RTTIME (15): the sixteen limits Linux has.
     for resource in 0..16u32 {
         let (soft, hard) = torpor_sys::get_rlimit(pid, resource).map_err(err("its limits"))?;
-        rlimits.push(model::Rlimit {
-            resource,
-            soft,
-            hard,
-        });
+        rlimits.push(model::Rlimit { resource, soft, hard });
     }
 
     let exe = proc::readlink(format!("/proc/{pid}/exe")).map_err(err("its executable"))?;
     let exe_file = files
         .add_path(pid, &format!("/proc/{pid}/exe"), &exe)
-        .map_err(|source| DumpError::SaveFile {
-            pid,
-            what: format!("executable {exe}"),
-            source,
-        })?;
+        .map_err(|source| DumpError::SaveFile { pid, what: format!("executable {exe}"), source })?;
     let auxv = proc::auxv(pid).map_err(err("its auxiliary vector"))?;
     let mm = model::MmFields {
         start_code: stat.start_code,
@@ -312,25 +229,8 @@ pub(crate) fn collect(frozen: &Frozen, files: &mut FileTable) -> Result<model::P
     };
 
     let (open_files, fds) = crate::files::collect_fds(pid, files)?;
-
-    let (nice, sched_policy, sched_priority) =
-        torpor_sys::get_sched(pid).map_err(err("its scheduling policy"))?;
-    let thread = model::Thread {
-        tid: pid,
-        comm: stat.comm.clone(),
-        regs: to_model_regs(&regs),
-        xsave: hex::encode(&xsave),
-        blocked: frozen.blocked,
-        pending,
-        altstack,
-        rseq,
-        robust_list,
-        robust_list_len,
-        clear_child_tid,
-        nice,
-        sched_policy,
-        sched_priority,
-    };
+    let threads =
+        frozen.threads.iter().map(|t| collect_thread(pid, t)).collect::<Result<Vec<_>>>()?;
 
     Ok(model::Process {
         pid,
@@ -365,7 +265,68 @@ pub(crate) fn collect(frozen: &Frozen, files: &mut FileTable) -> Result<model::P
         posix_timers,
         open_files,
         fds,
-        threads: vec![thread],
+        threads,
+    })
+}
+
+fn to_siginfo(raw: [u8; 128]) -> SigInfo {
+    SigInfo { signo: i32::from_ne_bytes(raw[..4].try_into().unwrap()), raw: hex::encode(raw) }
+}
+
+/// Collects one thread's registers and per-thread kernel state, with calls run inside it.
+fn collect_thread(pid: i32, t: &FrozenThread) -> Result<model::Thread> {
+    let tid = t.tid;
+    let r = &t.remote;
+    let scratch = t.scratch.addr;
+    let err = |what: &str| {
+        let what = format!("{what} of thread {tid}");
+        move |source| DumpError::Collect { pid, what, source }
+    };
+    // As they were when torpor stopped the thread, before any remote call.
+    let regs = *r.saved_regs();
+    let xsave = ptrace::get_xstate(tid).map_err(err("the FPU/AVX registers"))?;
+
+    r.call("prctl(PR_GET_TID_ADDRESS)", libc::SYS_prctl, args!(libc::PR_GET_TID_ADDRESS, scratch))
+        .map_err(err("the clear_child_tid address"))?;
+    let clear_child_tid = u64_at(&t.scratch.read(pid, 8).map_err(err("scratch"))?, 0);
+
+    r.call("sigaltstack", libc::SYS_sigaltstack, args!(0, scratch))
+        .map_err(err("the alternate signal stack"))?;
+    let b = t.scratch.read(pid, 24).map_err(err("scratch"))?;
+    let altstack = AltStack { sp: u64_at(&b, 0), flags: u64_at(&b, 1) as i32, size: u64_at(&b, 2) };
+
+    let pending: Vec<SigInfo> = ptrace::peek_siginfo(tid, false)
+        .map_err(err("the pending signals"))?
+        .into_iter()
+        .map(to_siginfo)
+        .collect();
+    let rseq = ptrace::get_rseq(tid)
+        .map_err(err("the rseq area"))?
+        .map(|(addr, len, signature)| model::Rseq { addr, len, signature });
+    let (robust_list, robust_list_len) =
+        torpor_sys::robust_list(tid).map_err(err("the robust futex list"))?;
+    let (nice, sched_policy, sched_priority) =
+        torpor_sys::get_sched(tid).map_err(err("the scheduling policy"))?;
+    let comm = proc::read(format!("/proc/{pid}/task/{tid}/comm"))
+        .map_err(err("the name"))?
+        .trim_end_matches('\n')
+        .to_string();
+
+    Ok(model::Thread {
+        tid,
+        comm,
+        regs: to_model_regs(&regs),
+        xsave: hex::encode(&xsave),
+        blocked: t.blocked,
+        pending,
+        altstack,
+        rseq,
+        robust_list,
+        robust_list_len,
+        clear_child_tid,
+        nice,
+        sched_policy,
+        sched_priority,
     })
 }
 

@@ -37,9 +37,7 @@ impl FileTable {
             return Ok(i);
         }
         let path = name.strip_suffix(" (deleted)").unwrap_or(name).to_string();
-        let still_there = fs::metadata(&path)
-            .map(|m| (m.dev(), m.ino()) == key)
-            .unwrap_or(false);
+        let still_there = fs::metadata(&path).map(|m| (m.dev(), m.ino()) == key).unwrap_or(false);
         let idx = self.infos.len();
         let content_xxh3 = if meta.is_file() && meta.size() <= HASH_LIMIT {
             Some(hash_file(open_path)?)
@@ -70,10 +68,7 @@ impl FileTable {
     pub fn save_deleted(&self, pid: i32, writer: &mut ImageWriter) -> Result<()> {
         for (idx, open_path) in &self.deleted {
             let info = &self.infos[*idx];
-            let name = info
-                .saved_content
-                .as_deref()
-                .expect("deleted files have a name");
+            let name = info.saved_content.as_deref().expect("deleted files have a name");
             let what = format!("the content of deleted file {}", info.path);
             let mut src = File::open(open_path).map_err(|source| DumpError::SaveFile {
                 pid,
@@ -178,11 +173,7 @@ pub(crate) fn collect_fds(pid: i32, files: &mut FileTable) -> Result<(Vec<OpenFi
             None => {
                 let kind = if ft.is_file() {
                     let file = files.add_path(pid, &link_path, &link).map_err(|source| {
-                        DumpError::SaveFile {
-                            pid,
-                            what: format!("fd {fd} ({link})"),
-                            source,
-                        }
+                        DumpError::SaveFile { pid, what: format!("fd {fd} ({link})"), source }
                     })?;
                     OpenFileKind::Regular { file }
                 } else if ft.is_dir() {
@@ -191,10 +182,7 @@ pub(crate) fn collect_fds(pid: i32, files: &mut FileTable) -> Result<(Vec<OpenFi
                     }
                     OpenFileKind::Directory { path: link.clone() }
                 } else if ft.is_char_device() {
-                    OpenFileKind::CharDevice {
-                        path: link.clone(),
-                        rdev: meta.rdev(),
-                    }
+                    OpenFileKind::CharDevice { path: link.clone(), rdev: meta.rdev() }
                 } else {
                     return Err(unsupported(describe(&link, Some(ft))));
                 };
@@ -207,11 +195,7 @@ pub(crate) fn collect_fds(pid: i32, files: &mut FileTable) -> Result<(Vec<OpenFi
             }
         };
         by_inode.entry(key).or_default().push((fd, idx));
-        fds.push(Fd {
-            fd,
-            cloexec: info.flags & libc::O_CLOEXEC != 0,
-            open_file: idx,
-        });
+        fds.push(Fd { fd, cloexec: info.flags & libc::O_CLOEXEC != 0, open_file: idx });
     }
     Ok((open_files, fds))
 }

@@ -64,25 +64,11 @@ pub enum DumpError {
     #[error("cannot freeze pid {pid}")]
     Freeze { pid: i32, source: torpor_sys::Error },
     #[error("pid {pid}: cannot collect {what}")]
-    Collect {
-        pid: i32,
-        what: String,
-        source: torpor_sys::Error,
-    },
+    Collect { pid: i32, what: String, source: torpor_sys::Error },
     #[error("pid {pid}: cannot read memory of mapping {start:#x}-{end:#x} ({name})")]
-    Memory {
-        pid: i32,
-        start: u64,
-        end: u64,
-        name: String,
-        source: torpor_sys::Error,
-    },
+    Memory { pid: i32, start: u64, end: u64, name: String, source: torpor_sys::Error },
     #[error("pid {pid}: cannot save {what}")]
-    SaveFile {
-        pid: i32,
-        what: String,
-        source: std::io::Error,
-    },
+    SaveFile { pid: i32, what: String, source: std::io::Error },
     #[error(transparent)]
     Image(#[from] torpor_image::ImageError),
     #[error("pid {pid}: cannot kill it after the dump")]
@@ -116,9 +102,7 @@ pub fn dump(opts: &DumpOptions) -> Result<DumpSummary> {
         magic: MAGIC.into(),
         format_version: FORMAT_VERSION,
         torpor_version: env!("CARGO_PKG_VERSION").into(),
-        created_unix: SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs()),
+        created_unix: SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs()),
         kernel_release: torpor_sys::kernel_release(),
         arch: std::env::consts::ARCH.into(),
         cpu: cpu_state(&tree),
@@ -171,20 +155,14 @@ fn precheck(pid: i32) -> Result<()> {
         return Err(DumpError::KernelThread { pid });
     }
     if status.tracer_pid != 0 {
-        return Err(DumpError::Traced {
-            pid,
-            tracer: status.tracer_pid,
-        });
+        return Err(DumpError::Traced { pid, tracer: status.tracer_pid });
     }
-    collect::check_supported(pid, &status)
+    collect::check_supported(pid)
 }
 
 /// Union of the XSAVE features the image's threads use.
 fn cpu_state(tree: &model::Tree) -> CpuState {
-    let mut st = CpuState {
-        xcr0: torpor_sys::xcr0(),
-        ..Default::default()
-    };
+    let mut st = CpuState { xcr0: torpor_sys::xcr0(), ..Default::default() };
     for t in tree.processes.iter().flat_map(|p| &p.threads) {
         if let Ok(x) = hex::decode(&t.xsave) {
             st.xsave_size = st.xsave_size.max(x.len() as u32);
@@ -196,9 +174,7 @@ fn cpu_state(tree: &model::Tree) -> CpuState {
 
 /// XSTATE_BV: the features present in an XSAVE area (first 8 bytes of its header).
 pub fn xstate_bv(xsave: &[u8]) -> u64 {
-    xsave
-        .get(512..520)
-        .map_or(0, |b| u64::from_le_bytes(b.try_into().unwrap()))
+    xsave.get(512..520).map_or(0, |b| u64::from_le_bytes(b.try_into().unwrap()))
 }
 
 #[derive(Default)]
@@ -215,65 +191,137 @@ fn write_image(frozen: &Frozen, writer: &mut ImageWriter) -> Result<(model::Tree
     let mut stats = Stats::default();
     memory::dump_pages(frozen, &mut process, writer, &mut files, &mut stats)?;
     files.save_deleted(pid, writer)?;
-    let tree = model::Tree {
-        root_pid: pid,
-        processes: vec![process],
-        files: files.into_infos(),
-    };
+    let tree = model::Tree { root_pid: pid, processes: vec![process], files: files.into_infos() };
     writer.write_json(torpor_image::TREE, &tree)?;
     Ok((tree, stats))
 }
 
-/// A process held stopped under ptrace, with everything needed to let it go unchanged.
+/// One thread held stopped, with what is needed to let it go unchanged.
+pub(crate) struct FrozenThread {
+    pub tid: i32,
+    pub remote: Remote,
+    /// Its blocked mask before torpor blocked everything.
+    pub blocked: u64,
+    pub scratch: collect::Scratch,
+}
+
+impl FrozenThread {
+    /// Puts back what torpor changed in this thread and detaches from it.
+    fn release(&self, pid: i32) {
+        let tid = self.tid;
+        let steps = [
+            ("restoring scratch memory", self.scratch.restore(pid)),
+            ("restoring registers", self.remote.restore_regs()),
+            ("restoring the signal mask", ptrace::set_sigmask(tid, self.blocked)),
+            ("detaching", ptrace::detach(tid, 0)),
+        ];
+        for (what, r) in steps {
+            if let Err(e) = r {
+                tracing::warn!("pid {pid} thread {tid}: {what} failed: {e}");
+            }
+        }
+    }
+}
+
+/// A process with every thread held stopped under ptrace.
 pub(crate) struct Frozen {
     pub pid: i32,
-    pub remote: Remote,
-    pub blocked: u64,
-    scratch: collect::Scratch,
+    /// The thread group leader first.
+    pub threads: Vec<FrozenThread>,
 }
 
 impl Frozen {
+    pub fn leader(&self) -> &FrozenThread {
+        &self.threads[0]
+    }
+
+    /// Stops every thread of `pid`. Threads are seized until a pass over
+    /// `/proc/PID/task` finds none new, so one created meanwhile is caught too (a
+    /// stopped thread creates no more); one that exits meanwhile is left out.
     fn attach(pid: i32) -> Result<Self> {
         let err = |source| DumpError::Freeze { pid, source };
-        ptrace::seize(pid, false).map_err(err)?;
-        let setup = || -> Result<Self> {
-            ptrace::interrupt_and_wait(pid).map_err(err)?;
-            // Block everything while torpor works, so no signal is consumed meanwhile.
-            let blocked = ptrace::get_sigmask(pid).map_err(err)?;
-            ptrace::set_sigmask(pid, !0).map_err(err)?;
-            let syscall_ip = collect::find_syscall(pid).inspect_err(|_| {
-                let _ = ptrace::set_sigmask(pid, blocked);
-            })?;
-            let remote = Remote::new(pid, syscall_ip).map_err(err)?;
-            let scratch = collect::Scratch::new(pid, remote.saved_regs().rsp).map_err(err)?;
-            Ok(Self {
-                pid,
-                remote,
-                blocked,
-                scratch,
-            })
+        let mut stopped: Vec<i32> = Vec::new();
+        let seize_all = |stopped: &mut Vec<i32>| -> Result<()> {
+            loop {
+                let tids = proc::tids(pid).map_err(err)?;
+                let new: Vec<i32> = tids.into_iter().filter(|t| !stopped.contains(t)).collect();
+                if new.is_empty() {
+                    return Ok(());
+                }
+                for tid in new {
+                    match ptrace::seize(tid, false) {
+                        Ok(()) => {}
+                        // Exited between the listing and the seize.
+                        Err(torpor_sys::Error::Ptrace { ref source, .. })
+                            if source.raw_os_error() == Some(libc::ESRCH) =>
+                        {
+                            continue
+                        }
+                        Err(e) => return Err(err(e)),
+                    }
+                    match ptrace::interrupt_and_wait(tid) {
+                        Ok(()) => stopped.push(tid),
+                        Err(torpor_sys::Error::Gone { .. }) if tid != pid => {}
+                        Err(e) => {
+                            let _ = ptrace::detach(tid, 0);
+                            return Err(err(e));
+                        }
+                    }
+                }
+            }
         };
-        setup().inspect_err(|_| {
-            let _ = ptrace::detach(pid, 0);
-        })
+        let detach_all = |stopped: &[i32]| {
+            for &t in stopped {
+                let _ = ptrace::detach(t, 0);
+            }
+        };
+        if let Err(e) = seize_all(&mut stopped) {
+            detach_all(&stopped);
+            return Err(e);
+        }
+        // The leader first, the others in tid order.
+        stopped.sort_by_key(|&t| (t != pid, t));
+        if stopped.first() != Some(&pid) {
+            detach_all(&stopped);
+            return Err(DumpError::Unsupported { pid, reason: UnsupportedReason::LeaderGone });
+        }
+
+        let syscall_ip = match collect::find_syscall(pid) {
+            Ok(ip) => ip,
+            Err(e) => {
+                detach_all(&stopped);
+                return Err(e);
+            }
+        };
+        let mut threads: Vec<FrozenThread> = Vec::new();
+        for &tid in &stopped {
+            let prepare = || -> Result<FrozenThread> {
+                let err = |source| DumpError::Freeze { pid, source };
+                let remote = Remote::new(tid, syscall_ip).map_err(err)?;
+                let scratch = collect::Scratch::new(pid, remote.saved_regs().rsp).map_err(err)?;
+                // Block everything while torpor works, so no signal is consumed meanwhile.
+                let blocked = ptrace::get_sigmask(tid).map_err(err)?;
+                ptrace::set_sigmask(tid, !0).map_err(err)?;
+                Ok(FrozenThread { tid, remote, blocked, scratch })
+            };
+            match prepare() {
+                Ok(t) => threads.push(t),
+                Err(e) => {
+                    for t in &threads {
+                        t.release(pid);
+                    }
+                    detach_all(&stopped[threads.len()..]);
+                    return Err(e);
+                }
+            }
+        }
+        Ok(Self { pid, threads })
     }
 
     /// Puts back what torpor changed and lets the process run on.
     fn release(self) {
-        let pid = self.pid;
-        let steps = [
-            ("restoring scratch memory", self.scratch.restore(pid)),
-            ("restoring registers", self.remote.restore_regs()),
-            (
-                "restoring the signal mask",
-                ptrace::set_sigmask(pid, self.blocked),
-            ),
-            ("detaching", ptrace::detach(pid, 0)),
-        ];
-        for (what, r) in steps {
-            if let Err(e) = r {
-                tracing::warn!("pid {pid}: {what} failed: {e}");
-            }
+        for t in &self.threads {
+            t.release(self.pid);
         }
     }
 
@@ -282,13 +330,13 @@ impl Frozen {
         let pid = self.pid;
         // SAFETY: kill takes only integers.
         if unsafe { libc::kill(pid, libc::SIGKILL) } < 0 {
-            return Err(DumpError::Kill {
-                pid,
-                source: std::io::Error::last_os_error(),
-            });
+            return Err(DumpError::Kill { pid, source: std::io::Error::last_os_error() });
         }
-        // As its tracer torpor sees the exit; afterwards the parent reaps the zombie.
-        let _ = ptrace::wait_exit(pid);
+        // As their tracer torpor sees each thread exit, the leader last; afterwards the
+        // parent reaps the zombie.
+        for t in self.threads.iter().rev() {
+            let _ = ptrace::wait_exit(t.tid);
+        }
         Ok(())
     }
 }

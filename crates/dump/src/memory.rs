@@ -51,10 +51,7 @@ pub(crate) fn dump_pages(
     let pagemap = File::open(&pagemap_path).map_err(|source| DumpError::Collect {
         pid,
         what: "its page map".into(),
-        source: torpor_sys::Error::Io {
-            what: pagemap_path.clone(),
-            source,
-        },
+        source: torpor_sys::Error::Io { what: pagemap_path.clone(), source },
     })?;
     let mut out = writer.create_file(&process.pages_file)?;
     let mut buf = vec![0u8; BATCH];
@@ -95,11 +92,7 @@ fn classify(
 ) -> Result<(VmaKind, Policy)> {
     let unsupported = |what: &str| DumpError::Unsupported {
         pid,
-        reason: UnsupportedReason::Mapping {
-            start: m.start,
-            end: m.end,
-            what: what.into(),
-        },
+        reason: UnsupportedReason::Mapping { start: m.start, end: m.end, what: what.into() },
     };
     let anon = |heap| (VmaKind::Anon { heap }, Policy::Anon);
     let growsdown = m.vm_flags.iter().any(|f| f == "gd");
@@ -107,31 +100,14 @@ fn classify(
         "[vdso]" => {
             let mut bytes = vec![0u8; (m.end - m.start) as usize];
             mem::read_ranges(pid, &[(m.start, bytes.len())], &mut bytes).map_err(|source| {
-                DumpError::Memory {
-                    pid,
-                    start: m.start,
-                    end: m.end,
-                    name: m.name.clone(),
-                    source,
-                }
+                DumpError::Memory { pid, start: m.start, end: m.end, name: m.name.clone(), source }
             })?;
             let content_file = format!("vdso-{pid}.img");
             writer.write_file(&content_file, &bytes)?;
             let content_xxh3 = torpor_image::hash_bytes(&bytes);
-            (
-                VmaKind::Vdso {
-                    content_xxh3,
-                    content_file,
-                },
-                Policy::None,
-            )
+            (VmaKind::Vdso { content_xxh3, content_file }, Policy::None)
         }
-        "[vvar]" | "[vvar_vclock]" => (
-            VmaKind::Vvar {
-                name: m.name.clone(),
-            },
-            Policy::None,
-        ),
+        "[vvar]" | "[vvar_vclock]" => (VmaKind::Vvar { name: m.name.clone() }, Policy::None),
         "[vsyscall]" => (VmaKind::Vsyscall, Policy::None),
         "[heap]" => anon(true),
         "[stack]" => (VmaKind::Stack, Policy::Anon),
@@ -150,30 +126,13 @@ fn classify(
                 source,
             })?;
             if !meta.is_file() {
-                return Err(unsupported(&format!(
-                    "a mapping of the device or special file {n}"
-                )));
+                return Err(unsupported(&format!("a mapping of the device or special file {n}")));
             }
-            let file =
-                files
-                    .add_path(pid, &open_path, n)
-                    .map_err(|source| DumpError::SaveFile {
-                        pid,
-                        what: format!("mapped file {n}"),
-                        source,
-                    })?;
-            let policy = if m.shared {
-                Policy::None
-            } else {
-                Policy::PrivateFile
-            };
-            (
-                VmaKind::File {
-                    file,
-                    offset: m.offset,
-                },
-                policy,
-            )
+            let file = files.add_path(pid, &open_path, n).map_err(|source| {
+                DumpError::SaveFile { pid, what: format!("mapped file {n}"), source }
+            })?;
+            let policy = if m.shared { Policy::None } else { Policy::PrivateFile };
+            (VmaKind::File { file, offset: m.offset }, policy)
         }
     })
 }
@@ -187,13 +146,9 @@ enum VmaError {
 impl VmaError {
     fn into_dump_error(self, pid: i32, m: &proc::MapEntry) -> DumpError {
         match self {
-            Self::Read(source) => DumpError::Memory {
-                pid,
-                start: m.start,
-                end: m.end,
-                name: m.name.clone(),
-                source,
-            },
+            Self::Read(source) => {
+                DumpError::Memory { pid, start: m.start, end: m.end, name: m.name.clone(), source }
+            }
             Self::Write(e) => DumpError::Image(e),
         }
     }
@@ -221,10 +176,7 @@ fn dump_vma(
         let addr = vma.start + first as u64 * PAGE;
         let bytes = &mut entries[..count * 8];
         let n = mem::pread_full(pagemap, bytes, addr / PAGE * 8).map_err(|source| {
-            VmaError::Read(torpor_sys::Error::Io {
-                what: format!("/proc/{pid}/pagemap"),
-                source,
-            })
+            VmaError::Read(torpor_sys::Error::Io { what: format!("/proc/{pid}/pagemap"), source })
         })?;
         for i in 0..n / 8 {
             let e = u64::from_ne_bytes(bytes[i * 8..i * 8 + 8].try_into().unwrap());
@@ -315,9 +267,5 @@ fn push_run(runs: &mut Vec<PageRun>, addr: u64, offset: Option<u64>) {
             return;
         }
     }
-    runs.push(PageRun {
-        addr,
-        pages: 1,
-        offset,
-    });
+    runs.push(PageRun { addr, pages: 1, offset });
 }

@@ -32,19 +32,12 @@ const SIGINFO_BYTES: usize = 128;
 /// thread, led by the thread whose tid is the pid; register and signal blobs are hex of
 /// the right length.
 pub fn check_tree(tree: &Tree, manifest: &Manifest, path: &Path) -> Result<()> {
-    check(tree, manifest).map_err(|why| ImageError::Corrupt {
-        path: path.to_path_buf(),
-        why,
-    })
+    check(tree, manifest).map_err(|why| ImageError::Corrupt { path: path.to_path_buf(), why })
 }
 
 /// Length of a file the manifest lists.
 fn listed_len(manifest: &Manifest, name: &str) -> Option<u64> {
-    manifest
-        .files
-        .iter()
-        .find(|f| f.name == name)
-        .map(|f| f.len)
+    manifest.files.iter().find(|f| f.name == name).map(|f| f.len)
 }
 
 /// Checks that `index` is within a list of `len` records called `what`.
@@ -52,9 +45,7 @@ fn in_range(index: usize, len: usize, what: &str) -> std::result::Result<(), Str
     if index < len {
         Ok(())
     } else {
-        Err(format!(
-            "{what} index {index} is out of range ({len} {what} records)"
-        ))
+        Err(format!("{what} index {index} is out of range ({len} {what} records)"))
     }
 }
 
@@ -72,10 +63,7 @@ fn check(tree: &Tree, manifest: &Manifest) -> std::result::Result<(), String> {
     match tree.processes.first() {
         None => return Err("holds no process".to_string()),
         Some(p) if p.pid != tree.root_pid => {
-            return Err(format!(
-                "first process is {}, not the root {}",
-                p.pid, tree.root_pid
-            ))
+            return Err(format!("first process is {}, not the root {}", p.pid, tree.root_pid))
         }
         Some(_) => {}
     }
@@ -124,10 +112,7 @@ fn check_process(p: &Process, tree: &Tree, manifest: &Manifest) -> std::result::
     }
 
     if p.sigactions.len() > MAX_SIGNAL {
-        return Err(format!(
-            "{} signal actions, more than {MAX_SIGNAL}",
-            p.sigactions.len()
-        ));
+        return Err(format!("{} signal actions, more than {MAX_SIGNAL}", p.sigactions.len()));
     }
     for s in &p.shared_pending {
         check_siginfo(s)?;
@@ -151,10 +136,7 @@ fn check_process(p: &Process, tree: &Tree, manifest: &Manifest) -> std::result::
     match p.threads.first() {
         None => return Err("has no thread".to_string()),
         Some(t) if t.tid != p.pid => {
-            return Err(format!(
-                "first thread is {}, not the leader {}",
-                t.tid, p.pid
-            ))
+            return Err(format!("first thread is {}, not the leader {}", t.tid, p.pid))
         }
         Some(_) => {}
     }
@@ -197,10 +179,7 @@ fn check_vma(
             .and_then(|len| run.addr.checked_add(len))
             .filter(|_| run.pages > 0 && run.addr % PAGE_SIZE == 0)
             .ok_or_else(|| {
-                format!(
-                    "page run at {:#x} of {} pages is empty or misaligned",
-                    run.addr, run.pages
-                )
+                format!("page run at {:#x} of {} pages is empty or misaligned", run.addr, run.pages)
             })?;
         if run.addr < prev_end || end > vma.end {
             return Err(format!(
@@ -227,10 +206,7 @@ fn check_vma(
 
 fn check_siginfo(s: &SigInfo) -> std::result::Result<(), String> {
     if s.signo < 1 || s.signo as usize > MAX_SIGNAL {
-        return Err(format!(
-            "queued signal number {} is not 1..={MAX_SIGNAL}",
-            s.signo
-        ));
+        return Err(format!("queued signal number {} is not 1..={MAX_SIGNAL}", s.signo));
     }
     if s.raw.len() != SIGINFO_BYTES * 2 || !is_hex(&s.raw) {
         return Err(format!(
@@ -273,12 +249,8 @@ mod tests {
             ("pid 4242 is not positive or appears twice", |t, _| {
                 t.processes.push(t.processes[0].clone())
             }),
-            ("saved content \"file-0.img\"", |_, m| {
-                m.files.retain(|f| f.name != "file-0.img")
-            }),
-            ("file index 2 is out of range", |t, _| {
-                t.processes[0].mm.exe_file = 2
-            }),
+            ("saved content \"file-0.img\"", |_, m| m.files.retain(|f| f.name != "file-0.img")),
+            ("file index 2 is out of range", |t, _| t.processes[0].mm.exe_file = 2),
             ("mapping 0x555555554000-0x555555556001 is empty", |t, _| {
                 t.processes[0].vmas[0].end += 1
             }),
@@ -292,30 +264,20 @@ mod tests {
                 t.processes[0].vmas[0].kind = VmaKind::File { file: 9, offset: 0 }
             }),
             ("vDSO file \"vdso-9.img\" is not in the manifest", |t, _| {
-                t.processes[0].vmas[5].kind = VmaKind::Vdso {
-                    content_xxh3: String::new(),
-                    content_file: "vdso-9.img".into(),
-                }
+                t.processes[0].vmas[5].kind =
+                    VmaKind::Vdso { content_xxh3: String::new(), content_file: "vdso-9.img".into() }
             }),
-            ("of 0 pages is empty", |t, _| {
-                t.processes[0].vmas[HEAP].pages[0].pages = 0
-            }),
-            ("is empty or misaligned", |t, _| {
-                t.processes[0].vmas[HEAP].pages[0].addr += 1
-            }),
+            ("of 0 pages is empty", |t, _| t.processes[0].vmas[HEAP].pages[0].pages = 0),
+            ("is empty or misaligned", |t, _| t.processes[0].vmas[HEAP].pages[0].addr += 1),
             ("is empty or misaligned", |t, _| {
                 t.processes[0].vmas[HEAP].pages[0].pages = u64::MAX / 4096 + 1
             }),
-            ("is outside the mapping", |t, _| {
-                t.processes[0].vmas[HEAP].pages[1].pages += 1
-            }),
+            ("is outside the mapping", |t, _| t.processes[0].vmas[HEAP].pages[1].pages += 1),
             ("below the run before", |t, _| {
                 let runs = &mut t.processes[0].vmas[HEAP].pages;
                 runs.swap(0, 1)
             }),
-            ("is outside the mapping", |t, _| {
-                t.processes[0].vmas[HEAP].pages[0].addr -= 4096
-            }),
+            ("is outside the mapping", |t, _| t.processes[0].vmas[HEAP].pages[0].addr -= 4096),
             ("past the end of \"pages-4242.img\"", |t, _| {
                 t.processes[0].vmas[HEAP].pages[1].offset = Some((DATA_PAGES - 30) * 4096)
             }),
@@ -325,43 +287,30 @@ mod tests {
             ("misaligned or past the end", |t, _| {
                 t.processes[0].vmas[HEAP].pages[1].offset = Some(u64::MAX - 4095)
             }),
-            (
-                "page file \"pages-4242.img\" is not in the manifest",
-                |_, m| m.files.retain(|f| f.name != PAGES),
-            ),
+            ("page file \"pages-4242.img\" is not in the manifest", |_, m| {
+                m.files.retain(|f| f.name != PAGES)
+            }),
             ("65 signal actions", |t, _| {
                 let p = &mut t.processes[0];
                 p.sigactions.push(p.sigactions[0])
             }),
-            ("queued signal number 65", |t, _| {
-                t.processes[0].shared_pending[0].signo = 65
-            }),
+            ("queued signal number 65", |t, _| t.processes[0].shared_pending[0].signo = 65),
             ("siginfo is not 128 bytes of hex", |t, _| {
                 t.processes[0].shared_pending[0].raw.pop();
             }),
             ("thread 4243: queued signal 10", |t, _| {
-                t.processes[0].threads[1].pending[0]
-                    .raw
-                    .replace_range(0..1, "g")
+                t.processes[0].threads[1].pending[0].raw.replace_range(0..1, "g")
             }),
             ("open file 1: file index 5", |t, _| {
                 t.processes[0].open_files[1].kind = OpenFileKind::Regular { file: 5 }
             }),
-            ("descriptor 4: open file index 3", |t, _| {
-                t.processes[0].fds[4].open_file = 3
-            }),
+            ("descriptor 4: open file index 3", |t, _| t.processes[0].fds[4].open_file = 3),
             ("descriptor 2 is negative or appears twice", |t, _| {
-                t.processes[0].fds.push(Fd {
-                    fd: 2,
-                    cloexec: false,
-                    open_file: 0,
-                })
+                t.processes[0].fds.push(Fd { fd: 2, cloexec: false, open_file: 0 })
             }),
             ("descriptor -1", |t, _| t.processes[0].fds[0].fd = -1),
             ("has no thread", |t, _| t.processes[0].threads.clear()),
-            ("first thread is 4243, not the leader 4242", |t, _| {
-                t.processes[0].threads.swap(0, 1)
-            }),
+            ("first thread is 4243, not the leader 4242", |t, _| t.processes[0].threads.swap(0, 1)),
             ("tid 4243 is not positive or appears twice", |t, _| {
                 let th = t.processes[0].threads[1].clone();
                 t.processes[0].threads.push(th)
@@ -396,11 +345,7 @@ mod tests {
         // Runs may share the end of one and the start of the next.
         let (mut tree, manifest) = sample();
         let heap = &mut tree.processes[0].vmas[2];
-        heap.pages[1] = PageRun {
-            addr: heap.start + 30 * 4096,
-            pages: 31,
-            offset: None,
-        };
+        heap.pages[1] = PageRun { addr: heap.start + 30 * 4096, pages: 31, offset: None };
         check_tree(&tree, &manifest, Path::new(TREE)).unwrap();
     }
 }

@@ -230,9 +230,7 @@ pub fn hash_bytes(bytes: &[u8]) -> String {
 
 /// Whether `s` has the form [`digest_hex`] gives: 32 lowercase hex digits.
 fn is_digest(s: &[u8]) -> bool {
-    s.len() == 32
-        && s.iter()
-            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(b))
+    s.len() == 32 && s.iter().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(b))
 }
 
 /// A file name inside an image: one plain path component.
@@ -246,9 +244,7 @@ fn check_name(name: &str) -> Result<()> {
     if ok {
         Ok(())
     } else {
-        Err(ImageError::BadName {
-            name: name.to_string(),
-        })
+        Err(ImageError::BadName { name: name.to_string() })
     }
 }
 
@@ -272,21 +268,14 @@ fn remove_if_exists(path: &Path) -> io::Result<()> {
 /// followed, and a hard link would overwrite the file it shares with.
 fn create_private(path: &Path) -> io::Result<File> {
     remove_if_exists(path)?;
-    OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(path)
+    OpenOptions::new().write(true).create_new(true).mode(0o600).open(path)
 }
 
 /// Flushes a directory's entries to disk.
 fn sync_dir(dir: &Path) -> Result<()> {
     File::open(dir)
         .and_then(|d| d.sync_all())
-        .map_err(|source| ImageError::Write {
-            path: dir.to_path_buf(),
-            source,
-        })
+        .map_err(|source| ImageError::Write { path: dir.to_path_buf(), source })
 }
 
 /// A file of the image being written; checksums what goes through it.
@@ -318,10 +307,7 @@ impl ImageFile {
     pub fn write_all(&mut self, buf: &[u8]) -> Result<()> {
         self.file
             .write_all(buf)
-            .map_err(|source| ImageError::Write {
-                path: self.path.clone(),
-                source,
-            })?;
+            .map_err(|source| ImageError::Write { path: self.path.clone(), source })?;
         self.hash.update(buf);
         self.len += buf.len() as u64;
         Ok(())
@@ -356,36 +342,23 @@ impl ImageWriter {
     /// removed first, so that an interrupted dump never leaves an old manifest describing
     /// new files.
     pub fn create(dir: &Path) -> Result<Self> {
-        let made_dir = match fs::metadata(dir) {
-            Ok(m) if !m.is_dir() => {
-                return Err(ImageError::NotADirectory {
-                    path: dir.to_path_buf(),
-                })
-            }
-            Ok(_) => false,
-            Err(_) => {
-                fs::DirBuilder::new()
-                    .recursive(true)
-                    .mode(0o700)
-                    .create(dir)
-                    .map_err(|source| ImageError::CreateDir {
-                        path: dir.to_path_buf(),
-                        source,
-                    })?;
-                true
-            }
-        };
+        let made_dir =
+            match fs::metadata(dir) {
+                Ok(m) if !m.is_dir() => {
+                    return Err(ImageError::NotADirectory { path: dir.to_path_buf() })
+                }
+                Ok(_) => false,
+                Err(_) => {
+                    fs::DirBuilder::new().recursive(true).mode(0o700).create(dir).map_err(
+                        |source| ImageError::CreateDir { path: dir.to_path_buf(), source },
+                    )?;
+                    true
+                }
+            };
         let manifest = dir.join(MANIFEST);
-        remove_if_exists(&manifest).map_err(|source| ImageError::Write {
-            path: manifest,
-            source,
-        })?;
-        Ok(Self {
-            dir: dir.to_path_buf(),
-            entries: Vec::new(),
-            created: Vec::new(),
-            made_dir,
-        })
+        remove_if_exists(&manifest)
+            .map_err(|source| ImageError::Write { path: manifest, source })?;
+        Ok(Self { dir: dir.to_path_buf(), entries: Vec::new(), created: Vec::new(), made_dir })
     }
 
     /// The image directory.
@@ -398,37 +371,20 @@ impl ImageWriter {
     pub fn create_file(&mut self, name: &str) -> Result<ImageFile> {
         check_name(name)?;
         if is_reserved(name) {
-            return Err(ImageError::BadName {
-                name: name.to_string(),
-            });
+            return Err(ImageError::BadName { name: name.to_string() });
         }
         let path = self.dir.join(name);
-        let file = create_private(&path).map_err(|source| ImageError::Write {
-            path: path.clone(),
-            source,
-        })?;
+        let file = create_private(&path)
+            .map_err(|source| ImageError::Write { path: path.clone(), source })?;
         self.created.push(path.clone());
-        Ok(ImageFile {
-            name: name.to_string(),
-            path,
-            file,
-            hash: Xxh3::new(),
-            len: 0,
-        })
+        Ok(ImageFile { name: name.to_string(), path, file, hash: Xxh3::new(), len: 0 })
     }
 
     /// Flushes a file to disk and records it for the manifest. A file written again under
     /// the same name replaces the earlier record.
     pub fn finish_file(&mut self, f: ImageFile) -> Result<()> {
-        f.file.sync_all().map_err(|source| ImageError::Write {
-            path: f.path.clone(),
-            source,
-        })?;
-        let entry = FileEntry {
-            name: f.name,
-            len: f.len,
-            xxh3: digest_hex(&f.hash),
-        };
+        f.file.sync_all().map_err(|source| ImageError::Write { path: f.path.clone(), source })?;
+        let entry = FileEntry { name: f.name, len: f.len, xxh3: digest_hex(&f.hash) };
         match self.entries.iter_mut().find(|e| e.name == entry.name) {
             Some(old) => *old = entry,
             None => self.entries.push(entry),
@@ -480,18 +436,13 @@ impl ImageWriter {
                 f.write_all(&bytes)?;
                 f.sync_all()
             })
-            .map_err(|source| ImageError::Write {
-                path: tmp.clone(),
-                source,
-            })?;
+            .map_err(|source| ImageError::Write { path: tmp.clone(), source })?;
 
         // The other files' directory entries must be on disk before the manifest that
         // lists them can be.
         sync_dir(&self.dir)?;
-        fs::rename(&tmp, &final_path).map_err(|source| ImageError::Write {
-            path: final_path.clone(),
-            source,
-        })?;
+        fs::rename(&tmp, &final_path)
+            .map_err(|source| ImageError::Write { path: final_path.clone(), source })?;
         sync_dir(&self.dir)?;
 
         // A directory made by `create` is itself an entry of its parent.
@@ -530,17 +481,11 @@ pub fn encode_manifest(m: &Manifest) -> Vec<u8> {
 /// Splits a manifest into the bytes its trailer covers and the checksum the trailer
 /// records, or says what is wrong with the trailer.
 fn split_trailer(bytes: &[u8]) -> std::result::Result<(&[u8], &str), &'static str> {
-    let trimmed = bytes
-        .strip_suffix(b"\n")
-        .ok_or("it does not end with a newline")?;
-    let split = trimmed
-        .iter()
-        .rposition(|&b| b == b'\n')
-        .ok_or("it has no trailer line")?;
+    let trimmed = bytes.strip_suffix(b"\n").ok_or("it does not end with a newline")?;
+    let split = trimmed.iter().rposition(|&b| b == b'\n').ok_or("it has no trailer line")?;
     let (body, trailer) = (&bytes[..split + 1], &trimmed[split + 1..]);
-    let digest = trailer
-        .strip_prefix(b"xxh3 ")
-        .ok_or("its last line does not start with \"xxh3 \"")?;
+    let digest =
+        trailer.strip_prefix(b"xxh3 ").ok_or("its last line does not start with \"xxh3 \"")?;
     if !is_digest(digest) {
         return Err("its trailer does not hold 32 lowercase hex digits");
     }
@@ -550,10 +495,7 @@ fn split_trailer(bytes: &[u8]) -> std::result::Result<(&[u8], &str), &'static st
 
 /// Parses and checks a manifest's bytes. `path` is only used in messages.
 pub fn decode_manifest(bytes: &[u8], path: &Path) -> Result<Manifest> {
-    let corrupt = |why: String| ImageError::Corrupt {
-        path: path.to_path_buf(),
-        why,
-    };
+    let corrupt = |why: String| ImageError::Corrupt { path: path.to_path_buf(), why };
     let (body, expected) = split_trailer(bytes).map_err(|why| corrupt(why.to_string()))?;
     let actual = hash_bytes(body);
     if actual != expected {
@@ -577,28 +519,19 @@ pub fn decode_manifest(bytes: &[u8], path: &Path) -> Result<Manifest> {
         return Err(corrupt(format!("magic is {:?}, not {MAGIC:?}", head.magic)));
     }
     if head.format_version != FORMAT_VERSION {
-        return Err(ImageError::Version {
-            path: path.to_path_buf(),
-            found: head.format_version,
-        });
+        return Err(ImageError::Version { path: path.to_path_buf(), found: head.format_version });
     }
 
     let m: Manifest =
         serde_json::from_slice(body).map_err(|e| corrupt(format!("not a manifest: {e}")))?;
     if m.files.len() > MAX_FILES {
-        return Err(corrupt(format!(
-            "lists {} files, more than {MAX_FILES}",
-            m.files.len()
-        )));
+        return Err(corrupt(format!("lists {} files, more than {MAX_FILES}", m.files.len())));
     }
     let mut seen = HashSet::with_capacity(m.files.len());
     for f in &m.files {
         check_name(&f.name)?;
         if is_reserved(&f.name) {
-            return Err(corrupt(format!(
-                "lists {:?}, a name the image reserves",
-                f.name
-            )));
+            return Err(corrupt(format!("lists {:?}, a name the image reserves", f.name)));
         }
         if !seen.insert(f.name.as_str()) {
             return Err(corrupt(format!("lists {:?} twice", f.name)));
@@ -624,23 +557,17 @@ impl ImageReader {
     /// as a regular file with the recorded length. Contents are checked by
     /// [`ImageReader::verify_all`], or file by file as they are read.
     pub fn open(dir: &Path) -> Result<Self> {
-        let meta = fs::metadata(dir).map_err(|source| ImageError::Read {
-            path: dir.to_path_buf(),
-            source,
-        })?;
+        let meta = fs::metadata(dir)
+            .map_err(|source| ImageError::Read { path: dir.to_path_buf(), source })?;
         if !meta.is_dir() {
-            return Err(ImageError::NotADirectory {
-                path: dir.to_path_buf(),
-            });
+            return Err(ImageError::NotADirectory { path: dir.to_path_buf() });
         }
 
         let path = dir.join(MANIFEST);
         let bytes = match read_limited(&path, MAX_RECORD_BYTES) {
             Ok(b) => b,
             Err(ImageError::Read { source, .. }) if source.kind() == io::ErrorKind::NotFound => {
-                return Err(ImageError::NoManifest {
-                    dir: dir.to_path_buf(),
-                })
+                return Err(ImageError::NoManifest { dir: dir.to_path_buf() })
             }
             Err(e) => return Err(e),
         };
@@ -659,17 +586,10 @@ impl ImageReader {
                 return Err(not_regular(&p));
             }
             if meta.len() != f.len {
-                return Err(ImageError::Length {
-                    path: p,
-                    expected: f.len,
-                    actual: meta.len(),
-                });
+                return Err(ImageError::Length { path: p, expected: f.len, actual: meta.len() });
             }
         }
-        Ok(Self {
-            dir: dir.to_path_buf(),
-            manifest,
-        })
+        Ok(Self { dir: dir.to_path_buf(), manifest })
     }
 
     /// The image's manifest.
@@ -692,9 +612,7 @@ impl ImageReader {
             .files
             .iter()
             .find(|f| f.name == name)
-            .ok_or_else(|| ImageError::NotListed {
-                name: name.to_string(),
-            })
+            .ok_or_else(|| ImageError::NotListed { name: name.to_string() })
     }
 
     /// Reads every file of the image and compares its checksum and length with the
@@ -740,27 +658,17 @@ impl ImageReader {
         let file = open_regular(&path)?;
         let actual = file
             .metadata()
-            .map_err(|source| ImageError::Read {
-                path: path.clone(),
-                source,
-            })?
+            .map_err(|source| ImageError::Read { path: path.clone(), source })?
             .len();
         if actual != entry.len {
-            return Err(ImageError::Length {
-                path,
-                expected: entry.len,
-                actual,
-            });
+            return Err(ImageError::Length { path, expected: entry.len, actual });
         }
 
         // One byte more than the manifest says, so that a file still growing is caught.
         let mut bytes = Vec::with_capacity(entry.len as usize);
         file.take(entry.len + 1)
             .read_to_end(&mut bytes)
-            .map_err(|source| ImageError::Read {
-                path: path.clone(),
-                source,
-            })?;
+            .map_err(|source| ImageError::Read { path: path.clone(), source })?;
         check_digest(&path, entry, bytes.len() as u64, &hash_bytes(&bytes))?;
         Ok(bytes)
     }
@@ -784,10 +692,7 @@ impl ImageReader {
 }
 
 fn not_regular(path: &Path) -> ImageError {
-    ImageError::Corrupt {
-        path: path.to_path_buf(),
-        why: "not a regular file".to_string(),
-    }
+    ImageError::Corrupt { path: path.to_path_buf(), why: "not a regular file".to_string() }
 }
 
 fn check_digest(path: &Path, entry: &FileEntry, len: u64, actual: &str) -> Result<()> {
@@ -811,15 +716,9 @@ fn check_digest(path: &Path, entry: &FileEntry, len: u64, actual: &str) -> Resul
 /// Opens a file of the image for reading, refusing anything but a regular file (a FIFO
 /// or device put in its place must not make the reader wait or read forever).
 fn open_regular(path: &Path) -> Result<File> {
-    let read_err = |source| ImageError::Read {
-        path: path.to_path_buf(),
-        source,
-    };
-    let file = OpenOptions::new()
-        .read(true)
-        .custom_flags(O_NONBLOCK)
-        .open(path)
-        .map_err(read_err)?;
+    let read_err = |source| ImageError::Read { path: path.to_path_buf(), source };
+    let file =
+        OpenOptions::new().read(true).custom_flags(O_NONBLOCK).open(path).map_err(read_err)?;
     if !file.metadata().map_err(read_err)?.is_file() {
         return Err(not_regular(path));
     }
@@ -832,10 +731,7 @@ fn read_limited(path: &Path, limit: u64) -> Result<Vec<u8>> {
     let mut bytes = Vec::new();
     f.take(limit.saturating_add(1))
         .read_to_end(&mut bytes)
-        .map_err(|source| ImageError::Read {
-            path: path.to_path_buf(),
-            source,
-        })?;
+        .map_err(|source| ImageError::Read { path: path.to_path_buf(), source })?;
     if bytes.len() as u64 > limit {
         return Err(ImageError::Corrupt {
             path: path.to_path_buf(),
@@ -864,9 +760,7 @@ pub(crate) mod tests {
 
     /// Content of the `i`th page of the sample's page file: different in every page.
     fn page(i: u64) -> Vec<u8> {
-        (0..PAGE)
-            .map(|j| (i * 31 + j * 7 + j / 251) as u8)
-            .collect()
+        (0..PAGE).map(|j| (i * 31 + j * 7 + j / 251) as u8).collect()
     }
 
     fn vdso_bytes() -> Vec<u8> {
@@ -876,10 +770,7 @@ pub(crate) mod tests {
     fn siginfo(signo: i32) -> SigInfo {
         let mut raw = vec![0u8; 128];
         raw[0] = signo as u8;
-        SigInfo {
-            signo,
-            raw: hex::encode(raw),
-        }
+        SigInfo { signo, raw: hex::encode(raw) }
     }
 
     fn vma(start: u64, pages: u64, prot: u32, kind: VmaKind) -> Vma {
@@ -898,24 +789,12 @@ pub(crate) mod tests {
         Thread {
             tid,
             comm: "sleeper".to_string(),
-            regs: Regs {
-                rip: 0x5555_5555_4a10,
-                rsp: 0x7ffc_d001_ff00,
-                ..Regs::default()
-            },
+            regs: Regs { rip: 0x5555_5555_4a10, rsp: 0x7ffc_d001_ff00, ..Regs::default() },
             xsave: "00".repeat(1088),
             blocked: 1 << (SIGUSR1 - 1),
             pending: Vec::new(),
-            altstack: AltStack {
-                sp: 0,
-                flags: 2,
-                size: 0,
-            },
-            rseq: Some(Rseq {
-                addr: 0x7f00_0000_1fe0,
-                len: 32,
-                signature: 0x5305_3053,
-            }),
+            altstack: AltStack { sp: 0, flags: 2, size: 0 },
+            rseq: Some(Rseq { addr: 0x7f00_0000_1fe0, len: 32, signature: 0x5305_3053 }),
             robust_list: 0x7f00_0000_1a20,
             robust_list_len: 24,
             clear_child_tid: 0x7f00_0000_1910,
@@ -930,91 +809,37 @@ pub(crate) mod tests {
     /// descriptors and a deleted file. Its data pages are numbered in page file order.
     pub(crate) fn sample_tree() -> Tree {
         let exe = 0x5555_5555_4000;
-        let mut text = vma(
-            exe,
-            2,
-            prot::READ | prot::EXEC,
-            VmaKind::File { file: 0, offset: 0 },
-        );
+        let mut text = vma(exe, 2, prot::READ | prot::EXEC, VmaKind::File { file: 0, offset: 0 });
         text.advice = vec!["dd".to_string()];
         let mut data = vma(
             exe + 3 * PAGE,
             2,
             prot::READ | prot::WRITE,
-            VmaKind::File {
-                file: 0,
-                offset: 3 * PAGE,
-            },
+            VmaKind::File { file: 0, offset: 3 * PAGE },
         );
         data.pages = vec![
-            PageRun {
-                addr: data.start,
-                pages: 1,
-                offset: Some(0),
-            },
-            PageRun {
-                addr: data.start + PAGE,
-                pages: 1,
-                offset: None,
-            },
+            PageRun { addr: data.start, pages: 1, offset: Some(0) },
+            PageRun { addr: data.start + PAGE, pages: 1, offset: None },
         ];
-        let mut heap = vma(
-            exe + 5 * PAGE,
-            64,
-            prot::READ | prot::WRITE,
-            VmaKind::Anon { heap: true },
-        );
+        let mut heap =
+            vma(exe + 5 * PAGE, 64, prot::READ | prot::WRITE, VmaKind::Anon { heap: true });
         heap.pages = vec![
-            PageRun {
-                addr: heap.start,
-                pages: 30,
-                offset: Some(PAGE),
-            },
-            PageRun {
-                addr: heap.start + 33 * PAGE,
-                pages: 31,
-                offset: Some(31 * PAGE),
-            },
+            PageRun { addr: heap.start, pages: 30, offset: Some(PAGE) },
+            PageRun { addr: heap.start + 33 * PAGE, pages: 31, offset: Some(31 * PAGE) },
         ];
-        let mut stack = vma(
-            0x7ffc_d000_0000,
-            32,
-            prot::READ | prot::WRITE,
-            VmaKind::Stack,
-        );
-        stack.pages = vec![PageRun {
-            addr: stack.start + 24 * PAGE,
-            pages: 8,
-            offset: Some(62 * PAGE),
-        }];
-        let vvar = vma(
-            0x7ffc_d010_0000,
-            4,
-            prot::READ,
-            VmaKind::Vvar {
-                name: "[vvar]".into(),
-            },
-        );
+        let mut stack = vma(0x7ffc_d000_0000, 32, prot::READ | prot::WRITE, VmaKind::Stack);
+        stack.pages =
+            vec![PageRun { addr: stack.start + 24 * PAGE, pages: 8, offset: Some(62 * PAGE) }];
+        let vvar = vma(0x7ffc_d010_0000, 4, prot::READ, VmaKind::Vvar { name: "[vvar]".into() });
         let vdso = vma(
             0x7ffc_d010_4000,
             2,
             prot::READ | prot::EXEC,
-            VmaKind::Vdso {
-                content_xxh3: hash_bytes(&vdso_bytes()),
-                content_file: VDSO.into(),
-            },
+            VmaKind::Vdso { content_xxh3: hash_bytes(&vdso_bytes()), content_file: VDSO.into() },
         );
         let vsyscall = vma(0xffff_ffff_ff60_0000, 1, prot::EXEC, VmaKind::Vsyscall);
 
-        let mut sigactions = vec![
-            SigAction {
-                handler: 0,
-                flags: 0,
-                restorer: 0,
-                mask: 0
-            };
-            64
-        ];
+        let mut sigactions = vec![SigAction { handler: 0, flags: 0, restorer: 0, mask: 0 }; 64];
         sigactions[1] = SigAction {
             handler: 0x5555_5555_4c00,
             flags: 0x0400_0004,
@@ -1045,16 +870,8 @@ pub(crate) mod tests {
                     no_new_privs: false,
                 },
                 rlimits: vec![
-                    Rlimit {
-                        resource: 3,
-                        soft: 8 << 20,
-                        hard: u64::MAX,
-                    },
-                    Rlimit {
-                        resource: 7,
-                        soft: 1024,
-                        hard: 524_288,
-                    },
+                    Rlimit { resource: 3, soft: 8 << 20, hard: u64::MAX },
+                    Rlimit { resource: 7, soft: 1024, hard: 524_288 },
                 ],
                 umask: 0o022,
                 cwd: "/home/user".into(),
@@ -1082,10 +899,7 @@ pub(crate) mod tests {
                 sigactions,
                 shared_pending: vec![siginfo(15)],
                 itimers: ITimers {
-                    real: ITimer {
-                        value_us: 250_000,
-                        interval_us: 500_000,
-                    },
+                    real: ITimer { value_us: 250_000, interval_us: 500_000 },
                     ..ITimers::default()
                 },
                 posix_timers: vec![PosixTimer {
@@ -1103,50 +917,21 @@ pub(crate) mod tests {
                     OpenFile {
                         flags: 2,
                         pos: 0,
-                        kind: OpenFileKind::CharDevice {
-                            path: "/dev/null".into(),
-                            rdev: 0x103,
-                        },
+                        kind: OpenFileKind::CharDevice { path: "/dev/null".into(), rdev: 0x103 },
                     },
-                    OpenFile {
-                        flags: 0o2101,
-                        pos: 100,
-                        kind: OpenFileKind::Regular { file: 1 },
-                    },
+                    OpenFile { flags: 0o2101, pos: 100, kind: OpenFileKind::Regular { file: 1 } },
                     OpenFile {
                         flags: 0o200000,
                         pos: 0,
-                        kind: OpenFileKind::Directory {
-                            path: "/home/user".into(),
-                        },
+                        kind: OpenFileKind::Directory { path: "/home/user".into() },
                     },
                 ],
                 fds: vec![
-                    Fd {
-                        fd: 0,
-                        cloexec: false,
-                        open_file: 0,
-                    },
-                    Fd {
-                        fd: 1,
-                        cloexec: false,
-                        open_file: 0,
-                    },
-                    Fd {
-                        fd: 2,
-                        cloexec: false,
-                        open_file: 0,
-                    },
-                    Fd {
-                        fd: 3,
-                        cloexec: true,
-                        open_file: 1,
-                    },
-                    Fd {
-                        fd: 4,
-                        cloexec: true,
-                        open_file: 2,
-                    },
+                    Fd { fd: 0, cloexec: false, open_file: 0 },
+                    Fd { fd: 1, cloexec: false, open_file: 0 },
+                    Fd { fd: 2, cloexec: false, open_file: 0 },
+                    Fd { fd: 3, cloexec: true, open_file: 1 },
+                    Fd { fd: 4, cloexec: true, open_file: 2 },
                 ],
                 threads: vec![thread(PID), second],
             }],
@@ -1186,11 +971,7 @@ pub(crate) mod tests {
             created_unix: 1_700_000_100,
             kernel_release: "6.8.0-45-generic".into(),
             arch: "x86_64".into(),
-            cpu: CpuState {
-                xfeatures_used: 0x7,
-                xcr0: 0x2e7,
-                xsave_size: 2696,
-            },
+            cpu: CpuState { xfeatures_used: 0x7, xcr0: 0x2e7, xsave_size: 2696 },
             root_pid: PID,
             files: Vec::new(),
         }
@@ -1245,9 +1026,7 @@ pub(crate) mod tests {
     /// Asserts that `r` failed with `want` and that the message names `what`.
     #[track_caller]
     fn refused<T>(r: Result<T>, want: &str, what: &str) -> ImageError {
-        let Err(e) = r else {
-            panic!("expected {want} naming {what}, but it succeeded")
-        };
+        let Err(e) = r else { panic!("expected {want} naming {what}, but it succeeded") };
         assert_eq!(variant(&e), want, "{e}");
         assert!(e.to_string().contains(what), "{e:?} does not name {what}");
         e
@@ -1272,11 +1051,7 @@ pub(crate) mod tests {
     fn rewrite_manifest(dir: &Path, edit: impl FnOnce(&mut serde_json::Value)) {
         let mut v = manifest_value(dir);
         edit(&mut v);
-        fs::write(
-            dir.join(MANIFEST),
-            signed(serde_json::to_vec_pretty(&v).unwrap()),
-        )
-        .unwrap();
+        fs::write(dir.join(MANIFEST), signed(serde_json::to_vec_pretty(&v).unwrap())).unwrap();
     }
 
     fn mode(path: &Path) -> u32 {
@@ -1307,11 +1082,7 @@ pub(crate) mod tests {
         // The page file holds the data pages back to back, each run at its offset.
         let pages = fs::read(r.path(PAGES).unwrap()).unwrap();
         assert_eq!(pages.len() as u64, DATA_PAGES * PAGE);
-        for run in sample_tree().processes[0]
-            .vmas
-            .iter()
-            .flat_map(|v| &v.pages)
-        {
+        for run in sample_tree().processes[0].vmas.iter().flat_map(|v| &v.pages) {
             let Some(offset) = run.offset else { continue };
             for i in 0..run.pages {
                 let at = (offset + i * PAGE) as usize;
@@ -1413,9 +1184,7 @@ pub(crate) mod tests {
         // Edited without updating the trailer: the checksum catches it first.
         let (_tmp, dir) = write_sample();
         let path = dir.join(MANIFEST);
-        let text = fs::read_to_string(&path)
-            .unwrap()
-            .replace(MAGIC, "torpor-imagf");
+        let text = fs::read_to_string(&path).unwrap().replace(MAGIC, "torpor-imagf");
         fs::write(&path, text).unwrap();
         refused(load(&dir), "Checksum", MANIFEST);
     }
@@ -1428,11 +1197,7 @@ pub(crate) mod tests {
             let e = refused(load(&dir), "Version", MANIFEST);
             assert!(matches!(e, ImageError::Version { found: f, .. } if f == found));
             assert!(e.to_string().contains(&format!("version {found}")), "{e}");
-            assert!(
-                e.to_string()
-                    .contains(&format!("version {FORMAT_VERSION} only")),
-                "{e}"
-            );
+            assert!(e.to_string().contains(&format!("version {FORMAT_VERSION} only")), "{e}");
         }
 
         // A newer format may reshape everything but the magic and the version.
@@ -1463,10 +1228,7 @@ pub(crate) mod tests {
         let wrong_digest = format!("xxh3 {}\n", "0".repeat(32));
         let cases = [
             (with_trailer(&wrong_digest), "Checksum"),
-            (
-                with_trailer(&format!("xxh3 {}\n", digest.to_uppercase())),
-                "Corrupt",
-            ),
+            (with_trailer(&format!("xxh3 {}\n", digest.to_uppercase())), "Corrupt"),
             (with_trailer(&format!("xxh64 {digest}\n")), "Corrupt"),
             (with_trailer(&format!("xxh3  {digest}\n")), "Corrupt"),
             (with_trailer(&format!("xxh3 {}\n", &digest[1..])), "Corrupt"),
@@ -1490,23 +1252,12 @@ pub(crate) mod tests {
 
     #[test]
     fn manifest_with_bad_file_names_is_refused() {
-        for name in [
-            "../tree.json",
-            "a/b",
-            "/etc/passwd",
-            "..",
-            ".",
-            "",
-            "a\0b",
-            &"n".repeat(256),
-        ] {
+        for name in ["../tree.json", "a/b", "/etc/passwd", "..", ".", "", "a\0b", &"n".repeat(256)]
+        {
             let (_tmp, dir) = write_sample();
             rewrite_manifest(&dir, |m| m["files"][1]["name"] = name.into());
             let e = load(&dir).unwrap_err();
-            assert!(
-                matches!(&e, ImageError::BadName { name: n } if n == name),
-                "{e}"
-            );
+            assert!(matches!(&e, ImageError::BadName { name: n } if n == name), "{e}");
         }
 
         let (_tmp, dir) = write_sample();
@@ -1564,11 +1315,7 @@ pub(crate) mod tests {
         refused(ImageReader::open(&file), "NotADirectory", "plain");
         refused(ImageWriter::create(&file), "NotADirectory", "plain");
 
-        refused(
-            ImageReader::open(&tmp.path().join("absent")),
-            "Read",
-            "absent",
-        );
+        refused(ImageReader::open(&tmp.path().join("absent")), "Read", "absent");
     }
 
     #[test]
@@ -1632,10 +1379,7 @@ pub(crate) mod tests {
         let mut w = ImageWriter::create(&dir).unwrap();
         w.write_file(PAGES, &page(1)).unwrap();
         w.abandon();
-        let left: Vec<_> = fs::read_dir(&dir)
-            .unwrap()
-            .map(|e| e.unwrap().file_name())
-            .collect();
+        let left: Vec<_> = fs::read_dir(&dir).unwrap().map(|e| e.unwrap().file_name()).collect();
         assert_eq!(left, ["notes.txt"]);
     }
 
@@ -1655,10 +1399,7 @@ pub(crate) mod tests {
         let names: Vec<_> = r.manifest().files.iter().map(|f| f.name.as_str()).collect();
         assert_eq!(names, [VDSO, PAGES]);
         assert_eq!(r.read_file(VDSO).unwrap(), b"second");
-        assert_eq!(
-            (r.manifest().magic.as_str(), r.manifest().format_version),
-            (MAGIC, 1)
-        );
+        assert_eq!((r.manifest().magic.as_str(), r.manifest().format_version), (MAGIC, 1));
     }
 
     #[test]
@@ -1683,10 +1424,7 @@ pub(crate) mod tests {
         // A FIFO must not make the reader wait for a writer.
         let (_tmp, dir) = write_sample();
         fs::remove_file(dir.join(MANIFEST)).unwrap();
-        let status = Command::new("mkfifo")
-            .arg(dir.join(MANIFEST))
-            .status()
-            .unwrap();
+        let status = Command::new("mkfifo").arg(dir.join(MANIFEST)).status().unwrap();
         assert!(status.success());
         refused(load(&dir), "Corrupt", "not a regular file");
     }
@@ -1695,27 +1433,17 @@ pub(crate) mod tests {
     fn oversized_records_are_refused() {
         let (_tmp, dir) = write_sample();
         refused(read_limited(&dir.join(PAGES), PAGE), "Corrupt", PAGES);
-        assert_eq!(
-            read_limited(&dir.join(VDSO), 2 * PAGE).unwrap(),
-            vdso_bytes()
-        );
+        assert_eq!(read_limited(&dir.join(VDSO), 2 * PAGE).unwrap(), vdso_bytes());
 
         // A listed file too large to load whole (sparse, so the test stays cheap).
         let big = MAX_RECORD_BYTES + 1;
-        File::create(dir.join("big.img"))
-            .unwrap()
-            .set_len(big)
-            .unwrap();
+        File::create(dir.join("big.img")).unwrap().set_len(big).unwrap();
         rewrite_manifest(&dir, |m| {
             let entry = serde_json::json!({"name": "big.img", "len": big, "xxh3": "0".repeat(32)});
             m["files"].as_array_mut().unwrap().push(entry)
         });
         let r = ImageReader::open(&dir).unwrap();
-        refused(
-            r.read_file("big.img"),
-            "Corrupt",
-            "more than a record may hold",
-        );
+        refused(r.read_file("big.img"), "Corrupt", "more than a record may hold");
     }
 
     #[test]
@@ -1742,10 +1470,7 @@ pub(crate) mod tests {
         p["threads"][0]["regs"]["fs_index"] = 0.into();
         p["threads"][1]["sched_policy"] = 0.into();
         let bytes = serde_json::to_vec(&v).unwrap();
-        assert_eq!(
-            serde_json::from_slice::<Tree>(&bytes).unwrap(),
-            sample_tree()
-        );
+        assert_eq!(serde_json::from_slice::<Tree>(&bytes).unwrap(), sample_tree());
 
         // Fields added after the first version may be absent.
         let mut v = serde_json::to_value(sample_tree()).unwrap();

@@ -34,6 +34,8 @@ pub struct Plan {
     pub n_fd_sources: usize,
     pub targets: Vec<Target>,
     pub cwd: CString,
+    /// Root directory to `chroot` into, when it is not torpor's own.
+    pub root: Option<CString>,
     pub umask: u32,
     pub personality: u32,
     /// First descriptor number above everything in use; sources are moved there first.
@@ -66,6 +68,7 @@ const STEPS: &[&str] = &[
     "install descriptors",
     "change to its working directory",
     "set its personality",
+    "change its root directory",
 ];
 
 /// Creates the process with `plan.pid` as its pid and runs the plan in it. Returns once
@@ -78,10 +81,7 @@ pub fn spawn(plan: &mut Plan) -> Result<i32> {
     // allocates or takes locks.
     let child = unsafe { torpor_sys::clone3_with_pid(pid) }.map_err(|source| {
         if source.raw_os_error() == Some(libc::EEXIST) {
-            RestoreError::PidTaken {
-                pid,
-                holder: crate::describe_pid(pid),
-            }
+            RestoreError::PidTaken { pid, holder: crate::describe_pid(pid) }
         } else {
             RestoreError::Clone { pid, source }
         }
@@ -216,6 +216,13 @@ fn child_main(plan: &Plan, report: RawFd) -> ! {
         }
         if libc::chdir(plan.cwd.as_ptr()) < 0 {
             fail(6);
+        }
+        // After chdir: the saved cwd is a path as torpor sees it, and chroot leaves the
+        // working directory where it is.
+        if let Some(root) = &plan.root {
+            if libc::chroot(root.as_ptr()) < 0 {
+                fail(8);
+            }
         }
         libc::umask(plan.umask);
         if libc::personality(plan.personality as libc::c_ulong) < 0 {

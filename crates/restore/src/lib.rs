@@ -72,25 +72,11 @@ pub enum RestoreError {
     #[error("cannot create pid {pid}")]
     Clone { pid: i32, source: io::Error },
     #[error("pid {pid}: the new process could not {step}")]
-    ChildSetup {
-        pid: i32,
-        step: &'static str,
-        source: io::Error,
-    },
+    ChildSetup { pid: i32, step: &'static str, source: io::Error },
     #[error("pid {pid}: {step}")]
-    Step {
-        pid: i32,
-        step: String,
-        source: torpor_sys::Error,
-    },
+    Step { pid: i32, step: String, source: torpor_sys::Error },
     #[error("pid {pid}: cannot map {start:#x}-{end:#x} ({what})")]
-    Map {
-        pid: i32,
-        start: u64,
-        end: u64,
-        what: String,
-        source: torpor_sys::Error,
-    },
+    Map { pid: i32, start: u64, end: u64, what: String, source: torpor_sys::Error },
     #[error("pid {pid}: {what}")]
     Vdso { pid: i32, what: String },
 }
@@ -102,9 +88,7 @@ pub(crate) fn describe_pid(pid: i32) -> String {
     let comm = std::fs::read_to_string(format!("/proc/{pid}/comm"))
         .map(|s| s.trim().to_string())
         .unwrap_or_else(|_| "another process".into());
-    let state = torpor_sys::proc::status(pid)
-        .map(|s| s.state)
-        .unwrap_or('?');
+    let state = torpor_sys::proc::status(pid).map(|s| s.state).unwrap_or('?');
     if state == 'Z' {
         format!("{comm} (pid {pid}, a zombie its parent has not reaped)")
     } else {
@@ -128,7 +112,9 @@ pub fn restore(opts: &RestoreOptions) -> Result<Restored> {
     let verify_time = t0.elapsed();
     let process = &tree.processes[0];
     let pid = process.pid;
-    prepare::check_pid_free(pid)?;
+    for t in &process.threads {
+        prepare::check_pid_free(t.tid)?;
+    }
     prepare::check_files(&tree)?;
 
     let mut prepared = prepare::prepare(&reader, &tree, process)?;
@@ -145,12 +131,7 @@ pub fn restore(opts: &RestoreOptions) -> Result<Restored> {
         return Err(e);
     }
     let image_bytes = reader.manifest().files.iter().map(|f| f.len).sum();
-    Ok(Restored {
-        pid,
-        verify_time,
-        total: t0.elapsed(),
-        image_bytes,
-    })
+    Ok(Restored { pid, verify_time, total: t0.elapsed(), image_bytes })
 }
 
 fn take_over(
@@ -165,7 +146,7 @@ fn take_over(
         let step = what.to_string();
         move |source| RestoreError::Step { pid, step, source }
     };
-    ptrace::seize(pid, true).map_err(step("attach to the new process"))?;
+    ptrace::seize_builder(pid).map_err(step("attach to the new process"))?;
     ptrace::interrupt_and_wait(pid).map_err(step("stop the new process"))?;
     ptrace::set_sigmask(pid, !0).map_err(step("block signals"))?;
 
@@ -174,14 +155,18 @@ fn take_over(
     // while the old one (torpor, which the image may also be) is still mapped.
     state::set_mm(&space, process, prepared)?;
     space.rebuild(opts, reader, tree, process, prepared)?;
-    state::restore_state(&space, opts, process, prepared)?;
-    let remote: &Remote = space.remote();
+    let others = state::restore_state(&space, opts, process, prepared)?;
     space.finish()?;
 
-    let thread = &process.threads[0];
-    state::load_registers(remote, thread)?;
-    ptrace::set_sigmask(pid, thread.blocked).map_err(step("set the signal mask"))?;
-    ptrace::detach(pid, 0).map_err(step("let the process run"))?;
+    // Every thread is ready before any runs.
+    let remotes: Vec<&Remote> = std::iter::once(space.remote()).chain(others.iter()).collect();
+    for (t, r) in process.threads.iter().zip(&remotes) {
+        state::load_registers(r, t)?;
+        ptrace::set_sigmask(t.tid, t.blocked).map_err(step("set the signal mask"))?;
+    }
+    for r in remotes.iter().rev() {
+        ptrace::detach(r.tid(), 0).map_err(step("let the process run"))?;
+    }
     Ok(())
 }
 

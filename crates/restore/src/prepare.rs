@@ -19,29 +19,22 @@ use crate::{RestoreError, Result};
 pub(crate) fn validate(reader: &ImageReader, tree: &model::Tree) -> Result<()> {
     let m = reader.manifest();
     if m.arch != std::env::consts::ARCH {
-        return Err(RestoreError::Arch {
-            arch: m.arch.clone(),
-            here: std::env::consts::ARCH,
-        });
+        return Err(RestoreError::Arch { arch: m.arch.clone(), here: std::env::consts::ARCH });
     }
     let have = torpor_sys::xcr0();
     let missing = m.cpu.xfeatures_used & !have;
     if missing != 0 {
-        return Err(RestoreError::Cpu {
-            used: m.cpu.xfeatures_used,
-            have,
-            missing,
-        });
+        return Err(RestoreError::Cpu { used: m.cpu.xfeatures_used, have, missing });
     }
     let unsupported = |what: String| Err(RestoreError::Unsupported { what });
     if tree.processes.len() != 1 {
         return unsupported(format!("{} processes", tree.processes.len()));
     }
     let p = &tree.processes[0];
-    if p.threads.len() != 1 {
+    if p.threads.is_empty() || p.threads.len() > 65536 {
         return unsupported(format!("{} threads in pid {}", p.threads.len(), p.pid));
     }
-    if p.pid <= 0 || p.threads[0].tid != p.pid {
+    if p.pid <= 0 || p.threads[0].tid != p.pid || p.threads.iter().any(|t| t.tid <= 0) {
         return unsupported(format!("pid {} with thread {}", p.pid, p.threads[0].tid));
     }
     // Every index in the records must point at something.
@@ -62,10 +55,7 @@ pub(crate) fn validate(reader: &ImageReader, tree: &model::Tree) -> Result<()> {
         for r in &v.pages {
             let end = r.addr.checked_add(r.pages.saturating_mul(torpor_sys::PAGE));
             if r.addr < v.start || end.is_none_or(|e| e > v.end) {
-                return bad(format!(
-                    "page run {:#x} outside mapping {:#x}",
-                    r.addr, v.start
-                ));
+                return bad(format!("page run {:#x} outside mapping {:#x}", r.addr, v.start));
             }
         }
     }
@@ -89,10 +79,7 @@ pub(crate) fn validate(reader: &ImageReader, tree: &model::Tree) -> Result<()> {
 
 pub(crate) fn check_pid_free(pid: i32) -> Result<()> {
     if Path::new(&format!("/proc/{pid}")).exists() {
-        return Err(RestoreError::PidTaken {
-            pid,
-            holder: crate::describe_pid(pid),
-        });
+        return Err(RestoreError::PidTaken { pid, holder: crate::describe_pid(pid) });
     }
     Ok(())
 }
@@ -103,10 +90,7 @@ pub(crate) fn check_files(tree: &model::Tree) -> Result<()> {
         if f.saved_content.is_some() {
             continue;
         }
-        let changed = |why: String| RestoreError::FileChanged {
-            path: f.path.clone(),
-            why,
-        };
+        let changed = |why: String| RestoreError::FileChanged { path: f.path.clone(), why };
         let meta = fs::metadata(&f.path).map_err(|e| changed(format!("it cannot be read: {e}")))?;
         if meta.mode() & libc::S_IFMT != f.mode & libc::S_IFMT {
             return Err(changed("it is now another kind of file".into()));
@@ -173,11 +157,7 @@ pub(crate) fn prepare(
     let targets = p
         .fds
         .iter()
-        .map(|f| Target {
-            source: f.open_file,
-            fd: f.fd,
-            cloexec: f.cloexec,
-        })
+        .map(|f| Target { source: f.open_file, fd: f.fd, cloexec: f.cloexec })
         .collect::<Vec<_>>();
 
     let mut aux: Vec<OwnedFd> = Vec::new();
@@ -188,13 +168,7 @@ pub(crate) fn prepare(
     let pages = open_ro(&reader.path(&p.pages_file)?.to_string_lossy())?;
     let pages_i = add_aux(pages);
     let zero_i = add_aux(open_ro("/dev/zero")?);
-    let exe_i = add_aux(open_tree_file(
-        reader,
-        tree,
-        p.mm.exe_file,
-        libc::O_RDONLY,
-        &mut ghosts,
-    )?);
+    let exe_i = add_aux(open_tree_file(reader, tree, p.mm.exe_file, libc::O_RDONLY, &mut ghosts)?);
     let mut map_idx = HashMap::new();
     for v in &p.vmas {
         if let VmaKind::File { file, .. } = v.kind {
@@ -216,9 +190,7 @@ pub(crate) fn prepare(
     let max_target = p.fds.iter().map(|f| f.fd).max().unwrap_or(0);
     let max_own = fs::read_dir("/proc/self/fd")
         .map(|d| {
-            d.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
-                .max()
-                .unwrap_or(0)
+            d.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok()).max().unwrap_or(0)
         })
         .unwrap_or(1024);
     let base = max_target.max(max_own) + 1;
@@ -227,6 +199,15 @@ pub(crate) fn prepare(
         what: format!("working directory {:?}", p.cwd),
         source: io::Error::from(io::ErrorKind::InvalidInput),
     })?;
+    let own_root = fs::read_link("/proc/self/root").map(|p| p.to_string_lossy().into_owned());
+    let root = if own_root.as_deref().ok() == Some(p.root.as_str()) {
+        None
+    } else {
+        Some(CString::new(p.root.clone()).map_err(|_| RestoreError::Prepare {
+            what: format!("root directory {:?}", p.root),
+            source: io::Error::from(io::ErrorKind::InvalidInput),
+        })?)
+    };
     let plan = Plan {
         pid: p.pid,
         setsid: p.sid == p.pid,
@@ -235,15 +216,13 @@ pub(crate) fn prepare(
         n_fd_sources,
         targets,
         cwd,
+        root,
         umask: p.umask,
         personality: p.personality,
         base,
         report: Some(report),
     };
-    let map_fds = map_idx
-        .into_iter()
-        .map(|(k, i)| (k, plan.aux_fd(i)))
-        .collect();
+    let map_fds = map_idx.into_iter().map(|(k, i)| (k, plan.aux_fd(i))).collect();
     Ok(Prepared {
         pages_fd: plan.aux_fd(pages_i),
         zero_fd: plan.aux_fd(zero_i),
@@ -256,10 +235,7 @@ pub(crate) fn prepare(
 fn open_ro(path: &str) -> Result<OwnedFd> {
     File::open(path)
         .map(OwnedFd::from)
-        .map_err(|source| RestoreError::Prepare {
-            what: path.to_string(),
-            source,
-        })
+        .map_err(|source| RestoreError::Prepare { what: path.to_string(), source })
 }
 
 /// Flags that make sense only when a file is first opened.
@@ -279,11 +255,10 @@ fn open_file(
     };
     if matches!(o.kind, OpenFileKind::Regular { .. }) {
         let mut f = File::from(fd);
-        f.seek(SeekFrom::Start(o.pos))
-            .map_err(|source| RestoreError::Prepare {
-                what: format!("offset {} in {}", o.pos, describe_kind(tree, &o.kind)),
-                source,
-            })?;
+        f.seek(SeekFrom::Start(o.pos)).map_err(|source| RestoreError::Prepare {
+            what: format!("offset {} in {}", o.pos, describe_kind(tree, &o.kind)),
+            source,
+        })?;
         return Ok(OwnedFd::from(f));
     }
     Ok(fd)
@@ -319,10 +294,7 @@ impl OpenFlags for OpenOptions {
         );
         self.open(path)
             .map(OwnedFd::from)
-            .map_err(|source| RestoreError::Prepare {
-                what: path.to_string(),
-                source,
-            })
+            .map_err(|source| RestoreError::Prepare { what: path.to_string(), source })
     }
 }
 
@@ -356,14 +328,9 @@ fn open_tree_file(
 /// Creates an unlinked file holding a deleted file's saved content, next to where the
 /// file was if that directory still exists.
 fn make_ghost(reader: &ImageReader, info: &model::FileInfo, saved: &str) -> Result<File> {
-    let err = |source| RestoreError::Prepare {
-        what: format!("deleted file {}", info.path),
-        source,
-    };
-    let dir = Path::new(&info.path)
-        .parent()
-        .filter(|d| d.is_dir())
-        .unwrap_or(Path::new("/tmp"));
+    let err =
+        |source| RestoreError::Prepare { what: format!("deleted file {}", info.path), source };
+    let dir = Path::new(&info.path).parent().filter(|d| d.is_dir()).unwrap_or(Path::new("/tmp"));
     let mut f = OpenOptions::new()
         .read(true)
         .write(true)
@@ -381,7 +348,6 @@ fn make_ghost(reader: &ImageReader, info: &model::FileInfo, saved: &str) -> Resu
         .map_err(err)?;
     let mut src = File::open(reader.path(saved)?).map_err(err)?;
     io::copy(&mut src, &mut f).map_err(err)?;
-    f.set_permissions(fs::Permissions::from_mode(info.mode & 0o7777))
-        .map_err(err)?;
+    f.set_permissions(fs::Permissions::from_mode(info.mode & 0o7777)).map_err(err)?;
     Ok(f)
 }

@@ -56,28 +56,16 @@ impl Space {
         let specials: Vec<Special> = maps
             .iter()
             .filter(|m| matches!(m.name.as_str(), "[vdso]" | "[vvar]" | "[vvar_vclock]"))
-            .map(|m| Special {
-                name: m.name.clone(),
-                start: m.start,
-                len: m.end - m.start,
-            })
+            .map(|m| Special { name: m.name.clone(), start: m.start, len: m.end - m.start })
             .collect();
-        let vdso = specials
-            .iter()
-            .find(|s| s.name == "[vdso]")
-            .cloned()
-            .ok_or_else(|| RestoreError::Vdso {
-                pid,
-                what: "the new process has no vDSO".into(),
-            })?;
+        let vdso = specials.iter().find(|s| s.name == "[vdso]").cloned().ok_or_else(|| {
+            RestoreError::Vdso { pid, what: "the new process has no vDSO".into() }
+        })?;
         let mut vdso_bytes = vec![0u8; vdso.len as usize];
         mem::read_ranges(pid, &[(vdso.start, vdso_bytes.len())], &mut vdso_bytes)
             .map_err(step("read the vDSO"))?;
-        let syscall_off =
-            torpor_vdso::find_syscall_insn(&vdso_bytes).map_err(|e| RestoreError::Vdso {
-                pid,
-                what: e.to_string(),
-            })?;
+        let syscall_off = torpor_vdso::find_syscall_insn(&vdso_bytes)
+            .map_err(|e| RestoreError::Vdso { pid, what: e.to_string() })?;
         let remote = Remote::new(pid, vdso.start + syscall_off).map_err(step("take over"))?;
 
         // torpor's own rseq registration would make the kernel write into memory that is
@@ -88,32 +76,17 @@ impl Space {
                 .map_err(step("unregister torpor's rseq area"))?;
         }
 
-        let mut space = Self {
-            pid,
-            remote,
-            specials,
-            vdso_bytes,
-            syscall_off,
-            scratch: 0,
-        };
+        let mut space = Self { pid, remote, specials, vdso_bytes, syscall_off, scratch: 0 };
 
         // Park the vDSO block, with the scratch area after it, where neither the saved
         // layout nor the current vDSO is.
         let block_start = space.specials.iter().map(|s| s.start).min().unwrap();
-        let block_end = space
-            .specials
-            .iter()
-            .map(|s| s.start + s.len)
-            .max()
-            .unwrap();
+        let block_end = space.specials.iter().map(|s| s.start + s.len).max().unwrap();
         let block_len = block_end - block_start;
         let mut busy: Vec<(u64, u64)> = process.vmas.iter().map(|v| (v.start, v.end)).collect();
         busy.push((block_start, block_end));
-        let park =
-            find_hole(&busy, block_len + PAGE + SCRATCH_LEN).ok_or_else(|| RestoreError::Vdso {
-                pid,
-                what: "no room to park the vDSO".into(),
-            })?;
+        let park = find_hole(&busy, block_len + PAGE + SCRATCH_LEN)
+            .ok_or_else(|| RestoreError::Vdso { pid, what: "no room to park the vDSO".into() })?;
         space.move_specials(|s| park + (s.start - block_start))?;
 
         // Everything but the parked block goes.
@@ -161,15 +134,30 @@ impl Space {
         Ok(self.scratch)
     }
 
-    /// Runs a system call, naming `what` in the error.
+    /// Runs a system call in the leader, naming `what` in the error.
     pub fn call(&self, what: &str, name: &'static str, nr: i64, a: [u64; 6]) -> Result<u64> {
-        self.remote
-            .call(name, nr, a)
-            .map_err(|source| RestoreError::Step {
-                pid: self.pid,
-                step: what.to_string(),
-                source,
-            })
+        self.call_in(&self.remote, what, name, nr, a)
+    }
+
+    /// Runs a system call in thread `r` of the process, naming `what` in the error.
+    pub fn call_in(
+        &self,
+        r: &Remote,
+        what: &str,
+        name: &'static str,
+        nr: i64,
+        a: [u64; 6],
+    ) -> Result<u64> {
+        r.call(name, nr, a).map_err(|source| RestoreError::Step {
+            pid: self.pid,
+            step: what.to_string(),
+            source,
+        })
+    }
+
+    /// Address of the `syscall` instruction remote calls use now.
+    pub fn syscall_ip(&self) -> u64 {
+        self.remote.syscall_ip()
     }
 
     /// Moves each vDSO-related mapping to `to(special)`, keeping the remote call
@@ -192,13 +180,7 @@ impl Space {
                 &format!("move {} to {dest:#x}", s.name),
                 "mremap",
                 libc::SYS_mremap,
-                args!(
-                    s.start,
-                    s.len,
-                    s.len,
-                    libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED,
-                    dest
-                ),
+                args!(s.start, s.len, s.len, libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED, dest),
             )?;
             self.specials[i].start = dest;
             if s.name == "[vdso]" {
@@ -243,12 +225,8 @@ impl Space {
         };
         let fill = !v.pages.is_empty();
         let prot = v.prot | if fill { model::prot::WRITE } else { 0 };
-        let mut flags = libc::MAP_FIXED_NOREPLACE
-            | if v.shared {
-                libc::MAP_SHARED
-            } else {
-                libc::MAP_PRIVATE
-            };
+        let mut flags =
+            libc::MAP_FIXED_NOREPLACE | if v.shared { libc::MAP_SHARED } else { libc::MAP_PRIVATE };
         let (fd, off) = match &v.kind {
             VmaKind::File { file, offset } => (prep.map_fds[file] as i64, *offset),
             VmaKind::Stack => {
@@ -262,11 +240,7 @@ impl Space {
         };
         let r = &self.remote;
         let got = r
-            .call(
-                "mmap",
-                libc::SYS_mmap,
-                args!(v.start, v.len(), prot, flags, fd, off),
-            )
+            .call("mmap", libc::SYS_mmap, args!(v.start, v.len(), prot, flags, fd, off))
             .map_err(map_err)?;
         if got != v.start {
             return Err(map_err(torpor_sys::Error::Parse {
@@ -302,12 +276,8 @@ impl Space {
             }
         }
         if prot != v.prot {
-            r.call(
-                "mprotect",
-                libc::SYS_mprotect,
-                args!(v.start, v.len(), v.prot),
-            )
-            .map_err(map_err)?;
+            r.call("mprotect", libc::SYS_mprotect, args!(v.start, v.len(), v.prot))
+                .map_err(map_err)?;
         }
         for a in &v.advice {
             let advice = match a.as_str() {
@@ -320,19 +290,14 @@ impl Space {
                 "rr" => libc::MADV_RANDOM,
                 "sr" => libc::MADV_SEQUENTIAL,
                 "lo" => {
-                    r.call("mlock", libc::SYS_mlock, args!(v.start, v.len()))
-                        .map_err(map_err)?;
+                    r.call("mlock", libc::SYS_mlock, args!(v.start, v.len())).map_err(map_err)?;
                     continue;
                 }
                 _ => continue,
             };
             // Advice is an optimisation the kernel may refuse (no THP, no KSM); the
             // process works the same without it.
-            if let Err(e) = r.call(
-                "madvise",
-                libc::SYS_madvise,
-                args!(v.start, v.len(), advice),
-            ) {
+            if let Err(e) = r.call("madvise", libc::SYS_madvise, args!(v.start, v.len(), advice)) {
                 tracing::debug!("pid {pid}: madvise {a} on {:#x} refused: {e}", v.start);
             }
         }
@@ -352,29 +317,15 @@ impl Space {
             .iter()
             .filter(|v| matches!(v.kind, VmaKind::Vdso { .. } | VmaKind::Vvar { .. }))
             .collect();
-        let Some(saved_vdso) = saved
-            .iter()
-            .find(|v| matches!(v.kind, VmaKind::Vdso { .. }))
-        else {
+        let Some(saved_vdso) = saved.iter().find(|v| matches!(v.kind, VmaKind::Vdso { .. })) else {
             // A process without a vDSO (it unmapped it) needs none.
             return Ok(());
         };
-        let VmaKind::Vdso {
-            content_xxh3,
-            content_file,
-        } = &saved_vdso.kind
-        else {
-            unreachable!()
-        };
+        let VmaKind::Vdso { content_xxh3, content_file } = &saved_vdso.kind else { unreachable!() };
 
         // The same vDSO when the code is identical and the data pages have the same names,
         // sizes and distances from it.
-        let cur_vdso = self
-            .specials
-            .iter()
-            .find(|s| s.name == "[vdso]")
-            .unwrap()
-            .clone();
+        let cur_vdso = self.specials.iter().find(|s| s.name == "[vdso]").unwrap().clone();
         let same_layout = saved.len() == self.specials.len()
             && saved.iter().all(|v| {
                 let name = match &v.kind {
@@ -401,18 +352,10 @@ impl Space {
         tracing::info!("pid {pid}: the running kernel's vDSO differs from the image's; linking");
         let old = reader.read_file(content_file)?;
         if old.len() as u64 != saved_vdso.len() {
-            return Err(RestoreError::Vdso {
-                pid,
-                what: "saved vDSO has the wrong size".into(),
-            });
+            return Err(RestoreError::Vdso { pid, what: "saved vDSO has the wrong size".into() });
         }
-        let patches =
-            torpor_vdso::trampolines(&old, &self.vdso_bytes, cur_vdso.start).map_err(|e| {
-                RestoreError::Vdso {
-                    pid,
-                    what: format!("cannot link the vDSOs: {e}"),
-                }
-            })?;
+        let patches = torpor_vdso::trampolines(&old, &self.vdso_bytes, cur_vdso.start)
+            .map_err(|e| RestoreError::Vdso { pid, what: format!("cannot link the vDSOs: {e}") })?;
         let mut code = old;
         for patch in &patches {
             let at = patch.offset as usize;
@@ -420,11 +363,7 @@ impl Space {
         }
         for v in &saved {
             let is_vdso = matches!(v.kind, VmaKind::Vdso { .. });
-            let prot = if is_vdso {
-                libc::PROT_READ | libc::PROT_WRITE
-            } else {
-                libc::PROT_READ
-            };
+            let prot = if is_vdso { libc::PROT_READ | libc::PROT_WRITE } else { libc::PROT_READ };
             self.call(
                 &format!("map the saved vDSO area at {:#x}", v.start),
                 "mmap",
@@ -448,11 +387,7 @@ impl Space {
             "protect the linked vDSO",
             "mprotect",
             libc::SYS_mprotect,
-            args!(
-                saved_vdso.start,
-                saved_vdso.len(),
-                libc::PROT_READ | libc::PROT_EXEC
-            ),
+            args!(saved_vdso.start, saved_vdso.len(), libc::PROT_READ | libc::PROT_EXEC),
         )?;
         Ok(())
     }

@@ -26,7 +26,7 @@ pub(crate) fn restore_state(
     opts: &RestoreOptions,
     p: &model::Process,
     prep: &Prepared,
-) -> Result<()> {
+) -> Result<Vec<Remote>> {
     let pid = s.pid();
 
     // Every action, since the new process inherited torpor's.
@@ -43,51 +43,24 @@ pub(crate) fn restore_state(
             args!(sig, at, 0, 8),
         )?;
     }
+    restore_itimers(s, p)?;
+    set_rlimits(pid, p);
 
-    let t = &p.threads[0];
-    let alt = &t.altstack;
-    let ss = if alt.flags & libc::SS_DISABLE != 0 {
-        le(&[0, libc::SS_DISABLE as u64, 0])
-    } else {
-        // SS_ONSTACK is a state, not a setting: the kernel derives it from the stack
-        // pointer.
-        le(&[alt.sp, (alt.flags & !libc::SS_ONSTACK) as u64, alt.size])
-    };
-    let at = s.put(&ss)?;
-    s.call(
-        "set the alternate signal stack",
-        "sigaltstack",
-        libc::SYS_sigaltstack,
-        args!(at, 0),
-    )?;
+    // The other threads, made by the leader with their own tids while it still may
+    // choose ids. POSIX timers may notify a thread, so they come after.
+    let others =
+        p.threads[1..].iter().map(|t| create_thread(s, t.tid)).collect::<Result<Vec<_>>>()?;
+    restore_posix_timers(s, p)?;
 
-    restore_timers(s, p)?;
-
-    // Signals queued when the process was dumped, oldest first. Sent by the process to
-    // itself, the kernel keeps every siginfo field as given.
-    for si in &t.pending {
-        let raw = hex::decode(&si.raw)
-            .ok()
-            .filter(|r| r.len() == 128)
-            .ok_or_else(|| RestoreError::Unsupported {
-                what: "a malformed pending signal".into(),
-            })?;
-        let at = s.put(&raw)?;
-        s.call(
-            &format!("queue pending signal {}", si.signo),
-            "rt_tgsigqueueinfo",
-            libc::SYS_rt_tgsigqueueinfo,
-            args!(pid, t.tid, si.signo, at),
-        )?;
+    let remotes: Vec<&Remote> = std::iter::once(s.remote()).chain(others.iter()).collect();
+    for (t, r) in p.threads.iter().zip(&remotes) {
+        thread_state(s, r, t)?;
     }
+
+    // Signals queued to the whole process, sent by the leader to itself so the kernel
+    // keeps every siginfo field as given.
     for si in &p.shared_pending {
-        let raw = hex::decode(&si.raw)
-            .ok()
-            .filter(|r| r.len() == 128)
-            .ok_or_else(|| RestoreError::Unsupported {
-                what: "a malformed pending signal".into(),
-            })?;
-        let at = s.put(&raw)?;
+        let at = s.put(&siginfo(si)?)?;
         s.call(
             &format!("queue pending signal {}", si.signo),
             "rt_sigqueueinfo",
@@ -96,48 +69,10 @@ pub(crate) fn restore_state(
         )?;
     }
 
-    if t.robust_list != 0 {
-        s.call(
-            "set the robust futex list",
-            "set_robust_list",
-            libc::SYS_set_robust_list,
-            args!(t.robust_list, t.robust_list_len),
-        )?;
+    // Credentials belong to each thread; they drop privileges, so they come last.
+    for r in &remotes {
+        set_creds(s, r, p)?;
     }
-    s.call(
-        "set clear_child_tid",
-        "set_tid_address",
-        libc::SYS_set_tid_address,
-        args!(t.clear_child_tid),
-    )?;
-    if let Some(rseq) = &t.rseq {
-        s.call(
-            "register the rseq area",
-            "rseq",
-            libc::SYS_rseq,
-            args!(rseq.addr, rseq.len, 0, rseq.signature),
-        )?;
-    }
-    let mut comm = [0u8; 16];
-    let n = t.comm.len().min(15);
-    comm[..n].copy_from_slice(&t.comm.as_bytes()[..n]);
-    let at = s.put(&comm)?;
-    s.call(
-        "set its name",
-        "prctl",
-        libc::SYS_prctl,
-        args!(libc::PR_SET_NAME, at),
-    )?;
-
-    set_rlimits(pid, p);
-    torpor_sys::set_sched(t.tid, t.nice, t.sched_policy, t.sched_priority).map_err(|source| {
-        RestoreError::Step {
-            pid,
-            step: "set its scheduling policy and nice value".into(),
-            source,
-        }
-    })?;
-    set_creds(s, p)?;
     // Replaces the SIGKILL that tied the new process to torpor during the restore. A
     // detached process outlives torpor, its parent, so it gets none.
     let pdeath = if opts.detach { 0 } else { p.pdeath_signal };
@@ -161,16 +96,124 @@ pub(crate) fn restore_state(
         libc::SYS_close_range,
         args!(prep.plan.aux_base(), u32::MAX, 0),
     )?;
-    Ok(())
+    Ok(others)
+}
+
+fn siginfo(si: &model::SigInfo) -> Result<Vec<u8>> {
+    hex::decode(&si.raw)
+        .ok()
+        .filter(|r| r.len() == 128)
+        .ok_or_else(|| RestoreError::Unsupported { what: "a malformed pending signal".into() })
+}
+
+/// Creates thread `tid` in the new process, as a thread of its leader, and returns it
+/// stopped and ready for remote calls.
+fn create_thread(s: &Space, tid: i32) -> Result<Remote> {
+    let pid = s.pid();
+    let flags = libc::CLONE_VM
+        | libc::CLONE_FS
+        | libc::CLONE_FILES
+        | libc::CLONE_SIGHAND
+        | libc::CLONE_THREAD
+        | libc::CLONE_SYSVSEM;
+    // struct clone_args (88 bytes) with no stack: the thread stops before it runs, and
+    // gets its own registers from the image. The tid to use follows the struct.
+    let args_at = s.scratch;
+    let mut buf = le(&[flags as u64, 0, 0, 0, 0, 0, 0, 0, args_at + 88, 1, 0]);
+    buf.extend_from_slice(&(tid as u64).to_ne_bytes());
+    s.put(&buf)?;
+    let got =
+        s.call(&format!("create thread {tid}"), "clone3", libc::SYS_clone3, args!(args_at, 88))?;
+    if got != tid as u64 {
+        return Err(RestoreError::Unsupported { what: format!("thread {tid} (got tid {got})") });
+    }
+    let step = |what: &str| {
+        let step = format!("{what} thread {tid}");
+        move |source| RestoreError::Step { pid, step, source }
+    };
+    // Seized along with its creator, it reports a stop before running any code.
+    match ptrace::wait_stop(tid).map_err(step("wait for new"))? {
+        ptrace::Stop::Event(_) => {}
+        other => {
+            return Err(RestoreError::Unsupported {
+                what: format!("thread {tid} that stopped with {other:?}"),
+            })
+        }
+    }
+    ptrace::set_sigmask(tid, !0).map_err(step("block signals in"))?;
+    Remote::new(tid, s.syscall_ip()).map_err(step("take over"))
+}
+
+/// Per-thread kernel state, set by calls the thread runs itself.
+fn thread_state(s: &Space, r: &Remote, t: &model::Thread) -> Result<()> {
+    let pid = s.pid();
+    let tid = t.tid;
+    let call =
+        |what: &str, name, nr, a| s.call_in(r, &format!("{what} of thread {tid}"), name, nr, a);
+
+    let alt = &t.altstack;
+    let ss = if alt.flags & libc::SS_DISABLE != 0 {
+        le(&[0, libc::SS_DISABLE as u64, 0])
+    } else {
+        // SS_ONSTACK is a state, not a setting: the kernel derives it from the stack
+        // pointer.
+        le(&[alt.sp, (alt.flags & !libc::SS_ONSTACK) as u64, alt.size])
+    };
+    let at = s.put(&ss)?;
+    call("set the alternate signal stack", "sigaltstack", libc::SYS_sigaltstack, args!(at, 0))?;
+
+    // Queued to this thread only: the thread sends them to itself, so the kernel keeps
+    // every siginfo field as given.
+    for si in &t.pending {
+        let at = s.put(&siginfo(si)?)?;
+        call(
+            &format!("queue pending signal {}", si.signo),
+            "rt_tgsigqueueinfo",
+            libc::SYS_rt_tgsigqueueinfo,
+            args!(pid, tid, si.signo, at),
+        )?;
+    }
+    if t.robust_list != 0 {
+        call(
+            "set the robust futex list",
+            "set_robust_list",
+            libc::SYS_set_robust_list,
+            args!(t.robust_list, t.robust_list_len),
+        )?;
+    }
+    call(
+        "set clear_child_tid",
+        "set_tid_address",
+        libc::SYS_set_tid_address,
+        args!(t.clear_child_tid),
+    )?;
+    if let Some(rseq) = &t.rseq {
+        call(
+            "register the rseq area",
+            "rseq",
+            libc::SYS_rseq,
+            args!(rseq.addr, rseq.len, 0, rseq.signature),
+        )?;
+    }
+    let mut comm = [0u8; 16];
+    let n = t.comm.len().min(15);
+    comm[..n].copy_from_slice(&t.comm.as_bytes()[..n]);
+    let at = s.put(&comm)?;
+    call("set the name", "prctl", libc::SYS_prctl, args!(libc::PR_SET_NAME, at))?;
+    torpor_sys::set_sched(tid, t.nice, t.sched_policy, t.sched_priority).map_err(|source| {
+        RestoreError::Step {
+            pid,
+            step: format!("set the scheduling policy and nice value of thread {tid}"),
+            source,
+        }
+    })
 }
 
 /// Sets the mm fields, auxiliary vector and executable in one `PR_SET_MM_MAP`.
 pub(crate) fn set_mm(s: &Space, p: &model::Process, prep: &Prepared) -> Result<()> {
     let mm = &p.mm;
     if mm.auxv.len() > 128 {
-        return Err(RestoreError::Unsupported {
-            what: "an auxiliary vector that long".into(),
-        });
+        return Err(RestoreError::Unsupported { what: "an auxiliary vector that long".into() });
     }
     // struct prctl_mm_map: eleven addresses, the auxv pointer, its size and the exe fd.
     let auxv_bytes = le(&mm.auxv);
@@ -205,7 +248,7 @@ pub(crate) fn set_mm(s: &Space, p: &model::Process, prep: &Prepared) -> Result<(
     .map(drop)
 }
 
-fn restore_timers(s: &Space, p: &model::Process) -> Result<()> {
+fn restore_itimers(s: &Space, p: &model::Process) -> Result<()> {
     let it = &p.itimers;
     for (which, t) in [(0u64, it.real), (1, it.virt), (2, it.prof)] {
         if t.value_us == 0 && t.interval_us == 0 {
@@ -218,25 +261,17 @@ fn restore_timers(s: &Space, p: &model::Process) -> Result<()> {
             value / 1_000_000,
             value % 1_000_000,
         ]))?;
-        s.call(
-            "set an interval timer",
-            "setitimer",
-            libc::SYS_setitimer,
-            args!(which, at, 0),
-        )?;
+        s.call("set an interval timer", "setitimer", libc::SYS_setitimer, args!(which, at, 0))?;
     }
+    Ok(())
+}
 
+fn restore_posix_timers(s: &Space, p: &model::Process) -> Result<()> {
     if p.posix_timers.is_empty() {
         return Ok(());
     }
-    let ids_by_prctl = s
-        .remote()
-        .call(
-            "prctl",
-            libc::SYS_prctl,
-            args!(PR_TIMER_CREATE_RESTORE_IDS, 1),
-        )
-        .is_ok();
+    let ids_by_prctl =
+        s.remote().call("prctl", libc::SYS_prctl, args!(PR_TIMER_CREATE_RESTORE_IDS, 1)).is_ok();
     let mut timers = p.posix_timers.clone();
     timers.sort_by_key(|t| t.id);
     let mut fillers = Vec::new();
@@ -252,12 +287,7 @@ fn restore_timers(s: &Space, p: &model::Process) -> Result<()> {
         let at = s.put(&ev)?;
         let what = format!("create POSIX timer {}", t.id);
         loop {
-            s.call(
-                &what,
-                "timer_create",
-                libc::SYS_timer_create,
-                args!(t.clock, at, at + 64),
-            )?;
+            s.call(&what, "timer_create", libc::SYS_timer_create, args!(t.clock, at, at + 64))?;
             let got = i32::from_ne_bytes(read_scratch(s, 64, 4)?.try_into().unwrap());
             if got == t.id || ids_by_prctl {
                 if got != t.id {
@@ -291,12 +321,7 @@ fn restore_timers(s: &Space, p: &model::Process) -> Result<()> {
         }
     }
     for id in fillers {
-        s.call(
-            "delete a filler timer",
-            "timer_delete",
-            libc::SYS_timer_delete,
-            args!(id),
-        )?;
+        s.call("delete a filler timer", "timer_delete", libc::SYS_timer_delete, args!(id))?;
     }
     if ids_by_prctl {
         s.call(
@@ -312,11 +337,7 @@ fn restore_timers(s: &Space, p: &model::Process) -> Result<()> {
 fn read_scratch(s: &Space, off: u64, len: usize) -> Result<Vec<u8>> {
     let mut b = vec![0u8; len];
     torpor_sys::mem::read_ranges(s.pid(), &[(s.scratch + off, len)], &mut b).map_err(|source| {
-        RestoreError::Step {
-            pid: s.pid(),
-            step: "read the scratch area".into(),
-            source,
-        }
+        RestoreError::Step { pid: s.pid(), step: "read the scratch area".into(), source }
     })?;
     Ok(b)
 }
@@ -340,52 +361,54 @@ fn set_rlimits(pid: i32, p: &model::Process) {
     }
 }
 
-fn set_creds(s: &Space, p: &model::Process) -> Result<()> {
+fn set_creds(s: &Space, r: &Remote, p: &model::Process) -> Result<()> {
     let c = &p.creds;
+    let tid = r.tid();
     // The bounding set shrinks while the process still has CAP_SETPCAP.
     for cap in 0..64u64 {
         if c.cap_bounding & (1 << cap) == 0 {
             // Capabilities this kernel does not know fail with EINVAL: nothing to drop.
-            let _ = s
-                .remote()
-                .call("prctl", libc::SYS_prctl, args!(libc::PR_CAPBSET_DROP, cap));
+            let _ = r.call("prctl", libc::SYS_prctl, args!(libc::PR_CAPBSET_DROP, cap));
         }
     }
     if c.groups.len() > 65536 {
-        return Err(RestoreError::Unsupported {
-            what: "that many groups".into(),
-        });
+        return Err(RestoreError::Unsupported { what: "that many groups".into() });
     }
     let groups: Vec<u8> = c.groups.iter().flat_map(|g| g.to_ne_bytes()).collect();
     let at = s.put(&groups)?;
-    s.call(
-        "set its groups",
+    s.call_in(
+        r,
+        &format!("{} of thread {tid}", "set its groups"),
         "setgroups",
         libc::SYS_setgroups,
         args!(c.groups.len(), at),
     )?;
     let [gr, ge, gs, gf] = c.gids;
-    s.call(
-        "set its group ids",
+    s.call_in(
+        r,
+        &format!("{} of thread {tid}", "set its group ids"),
         "setresgid",
         libc::SYS_setresgid,
         args!(gr, ge, gs),
     )?;
-    s.call(
-        "set its filesystem group id",
+    s.call_in(
+        r,
+        &format!("{} of thread {tid}", "set its filesystem group id"),
         "setfsgid",
         libc::SYS_setfsgid,
         args!(gf),
     )?;
     let [ur, ue, us, uf] = c.uids;
-    s.call(
-        "set its user ids",
+    s.call_in(
+        r,
+        &format!("{} of thread {tid}", "set its user ids"),
         "setresuid",
         libc::SYS_setresuid,
         args!(ur, ue, us),
     )?;
-    s.call(
-        "set its filesystem user id",
+    s.call_in(
+        r,
+        &format!("{} of thread {tid}", "set its filesystem user id"),
         "setfsuid",
         libc::SYS_setfsuid,
         args!(uf),
@@ -408,15 +431,17 @@ fn set_creds(s: &Space, p: &model::Process) -> Result<()> {
         buf.extend_from_slice(&(w as u32).to_ne_bytes());
     }
     let at = s.put(&buf)?;
-    s.call(
-        "set its capabilities",
+    s.call_in(
+        r,
+        &format!("{} of thread {tid}", "set its capabilities"),
         "capset",
         libc::SYS_capset,
         args!(at, at + 8),
     )?;
     if c.no_new_privs {
-        s.call(
-            "set no_new_privs",
+        s.call_in(
+            r,
+            &format!("{} of thread {tid}", "set no_new_privs"),
             "prctl",
             libc::SYS_prctl,
             args!(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0),
@@ -469,9 +494,8 @@ pub(crate) fn load_registers(r: &Remote, t: &model::Thread) -> Result<()> {
         }
     }
 
-    let mut xsave = hex::decode(&t.xsave).map_err(|_| RestoreError::Unsupported {
-        what: "a malformed XSAVE area".into(),
-    })?;
+    let mut xsave = hex::decode(&t.xsave)
+        .map_err(|_| RestoreError::Unsupported { what: "a malformed XSAVE area".into() })?;
     // The kernel takes an area of exactly its own size; the layout of the standard
     // components is architectural, so a shorter or longer one is cut or padded.
     let here = ptrace::get_xstate(pid).map_err(step("read the FPU state"))?;

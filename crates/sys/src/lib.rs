@@ -16,55 +16,31 @@ pub use remote::Remote;
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error("{what} on task {tid} failed")]
-    Ptrace {
-        what: &'static str,
-        tid: i32,
-        source: io::Error,
-    },
+    Ptrace { what: &'static str, tid: i32, source: io::Error },
     #[error("waiting for task {tid} failed")]
     Wait { tid: i32, source: io::Error },
     #[error("task {tid} is gone ({how})")]
     Gone { tid: i32, how: String },
     #[error("{call} inside task {tid} failed")]
-    Remote {
-        tid: i32,
-        call: &'static str,
-        source: io::Error,
-    },
+    Remote { tid: i32, call: &'static str, source: io::Error },
     #[error("task {tid} stopped unexpectedly ({stop}) while running system call {nr}")]
     RemoteStop { tid: i32, nr: i64, stop: String },
     #[error("cannot read {len} bytes at {addr:#x} in process {pid}")]
-    ReadMemory {
-        pid: i32,
-        addr: u64,
-        len: usize,
-        source: io::Error,
-    },
+    ReadMemory { pid: i32, addr: u64, len: usize, source: io::Error },
     #[error("cannot write {len} bytes at {addr:#x} in process {pid}")]
-    WriteMemory {
-        pid: i32,
-        addr: u64,
-        len: usize,
-        source: io::Error,
-    },
+    WriteMemory { pid: i32, addr: u64, len: usize, source: io::Error },
     #[error("cannot read {what}")]
     Io { what: String, source: io::Error },
     #[error("cannot parse {what}: {line:?}")]
     Parse { what: String, line: String },
     #[error("{call} failed")]
-    Syscall {
-        call: &'static str,
-        source: io::Error,
-    },
+    Syscall { call: &'static str, source: io::Error },
 }
 
 pub type Result<T> = std::result::Result<T, Error>;
 
 fn last(call: &'static str) -> Error {
-    Error::Syscall {
-        call,
-        source: io::Error::last_os_error(),
-    }
+    Error::Syscall { call, source: io::Error::last_os_error() }
 }
 
 /// Page size; torpor supports 4 KiB pages only (x86_64).
@@ -101,12 +77,7 @@ pub fn robust_list(tid: i32) -> Result<(u64, u64)> {
     let mut len = 0usize;
     // SAFETY: the kernel writes one pointer into `head` and one size_t into `len`.
     let r = unsafe {
-        libc::syscall(
-            libc::SYS_get_robust_list,
-            tid,
-            &mut head as *mut u64,
-            &mut len as *mut usize,
-        )
+        libc::syscall(libc::SYS_get_robust_list, tid, &mut head as *mut u64, &mut len as *mut usize)
     };
     if r < 0 {
         return Err(last("get_robust_list"));
@@ -116,10 +87,7 @@ pub fn robust_list(tid: i32) -> Result<(u64, u64)> {
 
 /// `prlimit(pid, resource)`: a process's soft and hard limit. See prlimit(2).
 pub fn get_rlimit(pid: i32, resource: u32) -> Result<(u64, u64)> {
-    let mut old = libc::rlimit64 {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
+    let mut old = libc::rlimit64 { rlim_cur: 0, rlim_max: 0 };
     // SAFETY: the kernel writes one rlimit64 into `old`; no new limit is passed.
     let r = unsafe { libc::prlimit64(pid, resource as _, std::ptr::null(), &mut old) };
     if r < 0 {
@@ -130,10 +98,7 @@ pub fn get_rlimit(pid: i32, resource: u32) -> Result<(u64, u64)> {
 
 /// Sets a process's limits with `prlimit`.
 pub fn set_rlimit(pid: i32, resource: u32, soft: u64, hard: u64) -> io::Result<()> {
-    let new = libc::rlimit64 {
-        rlim_cur: soft,
-        rlim_max: hard,
-    };
+    let new = libc::rlimit64 { rlim_cur: soft, rlim_max: hard };
     // SAFETY: the kernel reads one rlimit64 from `new`; the old value is not asked for.
     let r = unsafe { libc::prlimit64(pid, resource as _, &new, std::ptr::null_mut()) };
     if r < 0 {
@@ -179,11 +144,7 @@ pub unsafe fn clone3_with_pid(pid: i32) -> io::Result<i32> {
     // call; without CLONE_VM the child gets a copy of this address space, so both sides
     // return here with their own stack. The fork-safety contract is the caller's.
     let r = unsafe {
-        libc::syscall(
-            libc::SYS_clone3,
-            &args as *const CloneArgs,
-            std::mem::size_of::<CloneArgs>(),
-        )
+        libc::syscall(libc::SYS_clone3, &args as *const CloneArgs, std::mem::size_of::<CloneArgs>())
     };
     if r < 0 {
         return Err(io::Error::last_os_error());
@@ -223,9 +184,7 @@ pub fn get_sched(tid: i32) -> Result<(i32, i32, i32)> {
 
 /// Sets a thread's scheduling policy, priority and nice value.
 pub fn set_sched(tid: i32, nice: i32, policy: i32, priority: i32) -> Result<()> {
-    let param = libc::sched_param {
-        sched_priority: priority,
-    };
+    let param = libc::sched_param { sched_priority: priority };
     // SAFETY: the calls take integers and a pointer to a local sched_param.
     unsafe {
         if libc::sched_setscheduler(tid, policy, &param) < 0 {

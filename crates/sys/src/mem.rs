@@ -23,17 +23,9 @@ pub fn read_ranges(pid: i32, ranges: &[(u64, usize)], buf: &mut [u8]) -> Result<
     let mut done = 0usize;
     let mut at = 0usize;
     for chunk in ranges.chunks(IOV_MAX) {
-        let local = iovec {
-            iov_base: buf[at..].as_mut_ptr() as *mut c_void,
-            iov_len: total - at,
-        };
-        let remote: Vec<iovec> = chunk
-            .iter()
-            .map(|&(a, l)| iovec {
-                iov_base: a as *mut c_void,
-                iov_len: l,
-            })
-            .collect();
+        let local = iovec { iov_base: buf[at..].as_mut_ptr() as *mut c_void, iov_len: total - at };
+        let remote: Vec<iovec> =
+            chunk.iter().map(|&(a, l)| iovec { iov_base: a as *mut c_void, iov_len: l }).collect();
         let want: usize = chunk.iter().map(|r| r.1).sum();
         // SAFETY: `local` points into `buf` with the length left in it, so the kernel
         // writes only inside `buf`; the remote iovecs are only read by the kernel and
@@ -56,10 +48,7 @@ pub fn read_ranges(pid: i32, ranges: &[(u64, usize)], buf: &mut [u8]) -> Result<
 /// Reads what `process_vm_readv` left out of `chunk` (after its first `skip` bytes).
 fn read_mem_file(pid: i32, chunk: &[(u64, usize)], mut skip: usize, out: &mut [u8]) -> Result<()> {
     let path = format!("/proc/{pid}/mem");
-    let f = File::open(&path).map_err(|source| Error::Io {
-        what: path.clone(),
-        source,
-    })?;
+    let f = File::open(&path).map_err(|source| Error::Io { what: path.clone(), source })?;
     let mut at = 0usize;
     for &(addr, len) in chunk {
         if skip >= len {
@@ -68,13 +57,12 @@ fn read_mem_file(pid: i32, chunk: &[(u64, usize)], mut skip: usize, out: &mut [u
             continue;
         }
         let (a, l) = (addr + skip as u64, len - skip);
-        f.read_exact_at(&mut out[at + skip..at + len], a)
-            .map_err(|source| Error::ReadMemory {
-                pid,
-                addr: a,
-                len: l,
-                source,
-            })?;
+        f.read_exact_at(&mut out[at + skip..at + len], a).map_err(|source| Error::ReadMemory {
+            pid,
+            addr: a,
+            len: l,
+            source,
+        })?;
         skip = 0;
         at += len;
     }
@@ -88,17 +76,13 @@ pub fn write_mem(pid: i32, addr: u64, data: &[u8]) -> Result<()> {
     let f = File::options()
         .write(true)
         .open(&path)
-        .map_err(|source| Error::Io {
-            what: path.clone(),
-            source,
-        })?;
-    f.write_all_at(data, addr)
-        .map_err(|source| Error::WriteMemory {
-            pid,
-            addr,
-            len: data.len(),
-            source,
-        })
+        .map_err(|source| Error::Io { what: path.clone(), source })?;
+    f.write_all_at(data, addr).map_err(|source| Error::WriteMemory {
+        pid,
+        addr,
+        len: data.len(),
+        source,
+    })
 }
 
 /// True when the page is all zero bytes.

@@ -13,10 +13,8 @@ use crate::{Error, Result};
 
 pub fn read(path: impl AsRef<Path>) -> Result<String> {
     let path = path.as_ref();
-    fs::read_to_string(path).map_err(|source| Error::Io {
-        what: path.display().to_string(),
-        source,
-    })
+    fs::read_to_string(path)
+        .map_err(|source| Error::Io { what: path.display().to_string(), source })
 }
 
 /// One line of `/proc/PID/maps`.
@@ -86,10 +84,7 @@ pub fn maps(pid: i32) -> Result<Vec<MapEntry>> {
     text.lines()
         .filter(|l| !l.is_empty())
         .map(|l| {
-            parse_map_line(l).ok_or_else(|| Error::Parse {
-                what: path.clone(),
-                line: l.into(),
-            })
+            parse_map_line(l).ok_or_else(|| Error::Parse { what: path.clone(), line: l.into() })
         })
         .collect()
 }
@@ -109,10 +104,10 @@ pub fn smaps(pid: i32) -> Result<Vec<MapEntry>> {
         // Mapping header lines start with a hex range; field lines with "Name:".
         let first = l.split(' ').next().unwrap_or("");
         if first.contains('-') && !first.ends_with(':') {
-            out.push(parse_map_line(l).ok_or_else(|| Error::Parse {
-                what: path.clone(),
-                line: l.into(),
-            })?);
+            out.push(
+                parse_map_line(l)
+                    .ok_or_else(|| Error::Parse { what: path.clone(), line: l.into() })?,
+            );
         }
     }
     Ok(out)
@@ -152,10 +147,7 @@ pub fn task_status(pid: i32, tid: i32) -> Result<Status> {
 }
 
 fn parse_status(text: &str, path: &str) -> Result<Status> {
-    let bad = |l: &str| Error::Parse {
-        what: path.to_string(),
-        line: l.to_string(),
-    };
+    let bad = |l: &str| Error::Parse { what: path.to_string(), line: l.to_string() };
     let mut s = Status::default();
     for l in text.lines() {
         let Some((k, v)) = l.split_once(':') else {
@@ -163,10 +155,7 @@ fn parse_status(text: &str, path: &str) -> Result<Status> {
         };
         let v = v.trim();
         let four = |v: &str| -> Option<[u32; 4]> {
-            let n: Vec<u32> = v
-                .split_whitespace()
-                .filter_map(|x| x.parse().ok())
-                .collect();
+            let n: Vec<u32> = v.split_whitespace().filter_map(|x| x.parse().ok()).collect();
             n.try_into().ok()
         };
         let hex = |v: &str| u64::from_str_radix(v, 16).map_err(|_| bad(l));
@@ -178,12 +167,7 @@ fn parse_status(text: &str, path: &str) -> Result<Status> {
             "TracerPid" => s.tracer_pid = v.parse().map_err(|_| bad(l))?,
             "Uid" => s.uids = four(v).ok_or_else(|| bad(l))?,
             "Gid" => s.gids = four(v).ok_or_else(|| bad(l))?,
-            "Groups" => {
-                s.groups = v
-                    .split_whitespace()
-                    .filter_map(|x| x.parse().ok())
-                    .collect()
-            }
+            "Groups" => s.groups = v.split_whitespace().filter_map(|x| x.parse().ok()).collect(),
             "Threads" => s.threads = v.parse().map_err(|_| bad(l))?,
             "CapInh" => s.cap_inh = hex(v)?,
             "CapPrm" => s.cap_prm = hex(v)?,
@@ -192,12 +176,7 @@ fn parse_status(text: &str, path: &str) -> Result<Status> {
             "CapAmb" => s.cap_amb = hex(v)?,
             "NoNewPrivs" => s.no_new_privs = v == "1",
             "Umask" => s.umask = u32::from_str_radix(v, 8).map_err(|_| bad(l))?,
-            "NSpid" => {
-                s.ns_pids = v
-                    .split_whitespace()
-                    .filter_map(|x| x.parse().ok())
-                    .collect()
-            }
+            "NSpid" => s.ns_pids = v.split_whitespace().filter_map(|x| x.parse().ok()).collect(),
             _ => {}
         }
     }
@@ -228,10 +207,7 @@ pub struct Stat {
 pub fn stat(pid: i32) -> Result<Stat> {
     let path = format!("/proc/{pid}/stat");
     let text = read(&path)?;
-    let bad = || Error::Parse {
-        what: path.clone(),
-        line: text.clone(),
-    };
+    let bad = || Error::Parse { what: path.clone(), line: text.clone() };
     // The command name may contain spaces and parentheses: it ends at the last ')'.
     let open = text.find('(').ok_or_else(bad)?;
     let close = text.rfind(')').ok_or_else(bad)?;
@@ -278,10 +254,7 @@ pub fn fdinfo(pid: i32, fd: i32) -> Result<FdInfo> {
             continue;
         };
         let v = v.trim();
-        let bad = || Error::Parse {
-            what: path.clone(),
-            line: l.to_string(),
-        };
+        let bad = || Error::Parse { what: path.clone(), line: l.to_string() };
         match k {
             "pos" => fi.pos = v.parse().map_err(|_| bad())?,
             "flags" => fi.flags = i32::from_str_radix(v, 8).map_err(|_| bad())?,
@@ -297,10 +270,7 @@ pub fn fdinfo(pid: i32, fd: i32) -> Result<FdInfo> {
 pub fn fds(pid: i32) -> Result<Vec<i32>> {
     let path = format!("/proc/{pid}/fd");
     let mut v: Vec<i32> = fs::read_dir(&path)
-        .map_err(|source| Error::Io {
-            what: path.clone(),
-            source,
-        })?
+        .map_err(|source| Error::Io { what: path.clone(), source })?
         .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
         .collect();
     v.sort_unstable();
@@ -311,10 +281,7 @@ pub fn fds(pid: i32) -> Result<Vec<i32>> {
 pub fn tids(pid: i32) -> Result<Vec<i32>> {
     let path = format!("/proc/{pid}/task");
     let mut v: Vec<i32> = fs::read_dir(&path)
-        .map_err(|source| Error::Io {
-            what: path.clone(),
-            source,
-        })?
+        .map_err(|source| Error::Io { what: path.clone(), source })?
         .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
         .collect();
     v.sort_unstable();
@@ -358,19 +325,13 @@ pub fn timers(pid: i32) -> Result<Vec<TimerInfo>> {
 fn parse_timers(text: &str, path: &str) -> Result<Vec<TimerInfo>> {
     let mut out: Vec<TimerInfo> = Vec::new();
     for l in text.lines() {
-        let bad = || Error::Parse {
-            what: path.to_string(),
-            line: l.to_string(),
-        };
+        let bad = || Error::Parse { what: path.to_string(), line: l.to_string() };
         let Some((k, v)) = l.split_once(':') else {
             continue;
         };
         let v = v.trim();
         match k {
-            "ID" => out.push(TimerInfo {
-                id: v.parse().map_err(|_| bad())?,
-                ..Default::default()
-            }),
+            "ID" => out.push(TimerInfo { id: v.parse().map_err(|_| bad())?, ..Default::default() }),
             "signal" => {
                 let t = out.last_mut().ok_or_else(bad)?;
                 let (s, val) = v.split_once('/').ok_or_else(bad)?;
@@ -397,30 +358,21 @@ fn parse_timers(text: &str, path: &str) -> Result<Vec<TimerInfo>> {
 pub fn auxv(pid: i32) -> Result<Vec<u64>> {
     let path = format!("/proc/{pid}/auxv");
     let bytes = fs::read(&path).map_err(|source| Error::Io { what: path, source })?;
-    Ok(bytes
-        .chunks_exact(8)
-        .map(|c| u64::from_ne_bytes(c.try_into().unwrap()))
-        .collect())
+    Ok(bytes.chunks_exact(8).map(|c| u64::from_ne_bytes(c.try_into().unwrap())).collect())
 }
 
 pub fn readlink(path: impl AsRef<Path>) -> Result<String> {
     let path = path.as_ref();
     fs::read_link(path)
         .map(|p| p.to_string_lossy().into_owned())
-        .map_err(|source| Error::Io {
-            what: path.display().to_string(),
-            source,
-        })
+        .map_err(|source| Error::Io { what: path.display().to_string(), source })
 }
 
 /// Contents of `/proc/PID/personality` (hex).
 pub fn personality(pid: i32) -> Result<u32> {
     let path = format!("/proc/{pid}/personality");
     let t = read(&path)?;
-    u32::from_str_radix(t.trim(), 16).map_err(|_| Error::Parse {
-        what: path,
-        line: t,
-    })
+    u32::from_str_radix(t.trim(), 16).map_err(|_| Error::Parse { what: path, line: t })
 }
 
 /// The command line, split at NUL bytes.
@@ -445,10 +397,7 @@ mod tests {
             "7f00-7f10 r-xp 00001000 fd:01 1234                       /tmp/a b (deleted)",
         )
         .unwrap();
-        assert_eq!(
-            (e.start, e.end, e.offset, e.inode),
-            (0x7f00, 0x7f10, 0x1000, 1234)
-        );
+        assert_eq!((e.start, e.end, e.offset, e.inode), (0x7f00, 0x7f10, 0x1000, 1234));
         assert!(e.read && e.exec && !e.write && !e.shared);
         assert!(e.deleted());
         assert_eq!(e.path(), "/tmp/a b");
@@ -466,10 +415,7 @@ mod tests {
         )
         .unwrap();
         assert_eq!(t.len(), 2);
-        assert_eq!(
-            (t[0].id, t[0].signo, t[0].sigval, t[0].clock),
-            (0, 34, 0x1092, 1)
-        );
+        assert_eq!((t[0].id, t[0].signo, t[0].sigval, t[0].clock), (0, 34, 0x1092, 1));
         assert_eq!(t[1].notify, "none");
         assert!(!t[0].to_thread);
     }

@@ -29,22 +29,14 @@ fn pid(p: i32) -> Pid {
 /// Converts the return of a raw `ptrace` call.
 fn check(what: &'static str, tid: i32, ret: c_long) -> Result<c_long> {
     if ret < 0 {
-        Err(Error::Ptrace {
-            what,
-            tid,
-            source: io::Error::last_os_error(),
-        })
+        Err(Error::Ptrace { what, tid, source: io::Error::last_os_error() })
     } else {
         Ok(ret)
     }
 }
 
 fn nix_err(what: &'static str, tid: i32) -> impl FnOnce(nix::errno::Errno) -> Error {
-    move |e| Error::Ptrace {
-        what,
-        tid,
-        source: io::Error::from_raw_os_error(e as i32),
-    }
+    move |e| Error::Ptrace { what, tid, source: io::Error::from_raw_os_error(e as i32) }
 }
 
 /// Attaches to `tid` without stopping it (`PTRACE_SEIZE`), with `PTRACE_O_EXITKILL` when
@@ -54,6 +46,16 @@ pub fn seize(tid: i32, exit_kill: bool) -> Result<()> {
     if exit_kill {
         opts |= ptrace::Options::PTRACE_O_EXITKILL;
     }
+    ptrace::seize(pid(tid), opts).map_err(nix_err("PTRACE_SEIZE", tid))
+}
+
+/// Seizes a process torpor is building: it dies with torpor (`PTRACE_O_EXITKILL`), and
+/// the threads and processes it creates are seized too, stopped before they run.
+pub fn seize_builder(tid: i32) -> Result<()> {
+    let opts = ptrace::Options::PTRACE_O_TRACESYSGOOD
+        | ptrace::Options::PTRACE_O_EXITKILL
+        | ptrace::Options::PTRACE_O_TRACECLONE
+        | ptrace::Options::PTRACE_O_TRACEFORK;
     ptrace::seize(pid(tid), opts).map_err(nix_err("PTRACE_SEIZE", tid))
 }
 
@@ -67,6 +69,9 @@ pub fn interrupt(tid: i32) -> Result<()> {
 pub enum Stop {
     /// A `PTRACE_EVENT_STOP` (after `PTRACE_INTERRUPT`, or a group stop).
     Event(i32),
+    /// Another ptrace event (`PTRACE_EVENT_CLONE`, `_FORK`...): the task is stopped
+    /// inside a system call and must be resumed to finish it.
+    PtraceEvent(i32),
     /// A signal is about to be delivered.
     Signal(i32),
     /// Stopped after a single step or another trap.
@@ -77,25 +82,20 @@ pub enum Stop {
 /// says so.
 pub fn wait_stop(tid: i32) -> Result<Stop> {
     loop {
-        let st = waitpid(pid(tid), Some(WaitPidFlag::__WALL)).map_err(|e| Error::Wait {
-            tid,
-            source: io::Error::from_raw_os_error(e as i32),
-        })?;
+        let st = waitpid(pid(tid), Some(WaitPidFlag::__WALL))
+            .map_err(|e| Error::Wait { tid, source: io::Error::from_raw_os_error(e as i32) })?;
         return match st {
             WaitStatus::PtraceEvent(_, sig, ev) if ev == libc::PTRACE_EVENT_STOP => {
                 Ok(Stop::Event(sig as i32))
             }
-            WaitStatus::PtraceEvent(..) | WaitStatus::PtraceSyscall(_) => continue,
+            WaitStatus::PtraceEvent(_, _, ev) => Ok(Stop::PtraceEvent(ev)),
+            WaitStatus::PtraceSyscall(_) => continue,
             WaitStatus::Stopped(_, Signal::SIGTRAP) => Ok(Stop::Trap),
             WaitStatus::Stopped(_, sig) => Ok(Stop::Signal(sig as i32)),
-            WaitStatus::Exited(_, code) => Err(Error::Gone {
-                tid,
-                how: format!("exit {code}"),
-            }),
-            WaitStatus::Signaled(_, sig, _) => Err(Error::Gone {
-                tid,
-                how: format!("killed by {sig}"),
-            }),
+            WaitStatus::Exited(_, code) => Err(Error::Gone { tid, how: format!("exit {code}") }),
+            WaitStatus::Signaled(_, sig, _) => {
+                Err(Error::Gone { tid, how: format!("killed by {sig}") })
+            }
             WaitStatus::Continued(_) | WaitStatus::StillAlive => continue,
         };
     }
@@ -110,7 +110,7 @@ pub fn interrupt_and_wait(tid: i32) -> Result<()> {
         match wait_stop(tid)? {
             Stop::Event(_) => return Ok(()),
             Stop::Signal(sig) => cont(tid, sig)?,
-            Stop::Trap => cont(tid, 0)?,
+            Stop::Trap | Stop::PtraceEvent(_) => cont(tid, 0)?,
         }
     }
 }
@@ -145,19 +145,11 @@ pub fn set_regs(tid: i32, regs: &Regs) -> Result<()> {
 /// Reads the XSAVE area (FPU, SSE, AVX and later state) of a stopped tracee.
 pub fn get_xstate(tid: i32) -> Result<Vec<u8>> {
     let mut buf = vec![0u8; MAX_XSAVE];
-    let mut iov = libc::iovec {
-        iov_base: buf.as_mut_ptr() as *mut c_void,
-        iov_len: buf.len(),
-    };
+    let mut iov = libc::iovec { iov_base: buf.as_mut_ptr() as *mut c_void, iov_len: buf.len() };
     // SAFETY: the iovec describes `buf`, which stays alive and writable for the call; the
     // kernel writes at most iov_len bytes and shrinks iov_len to what it wrote.
     let r = unsafe {
-        libc::ptrace(
-            libc::PTRACE_GETREGSET,
-            tid,
-            NT_X86_XSTATE as usize,
-            &mut iov as *mut _,
-        )
+        libc::ptrace(libc::PTRACE_GETREGSET, tid, NT_X86_XSTATE as usize, &mut iov as *mut _)
     };
     check("PTRACE_GETREGSET(NT_X86_XSTATE)", tid, r)?;
     buf.truncate(iov.iov_len);
@@ -167,18 +159,10 @@ pub fn get_xstate(tid: i32) -> Result<Vec<u8>> {
 /// Loads an XSAVE area into a stopped tracee.
 pub fn set_xstate(tid: i32, xsave: &[u8]) -> Result<()> {
     let mut copy = xsave.to_vec();
-    let mut iov = libc::iovec {
-        iov_base: copy.as_mut_ptr() as *mut c_void,
-        iov_len: copy.len(),
-    };
+    let mut iov = libc::iovec { iov_base: copy.as_mut_ptr() as *mut c_void, iov_len: copy.len() };
     // SAFETY: the iovec describes `copy`, alive for the call; the kernel only reads it.
     let r = unsafe {
-        libc::ptrace(
-            libc::PTRACE_SETREGSET,
-            tid,
-            NT_X86_XSTATE as usize,
-            &mut iov as *mut _,
-        )
+        libc::ptrace(libc::PTRACE_SETREGSET, tid, NT_X86_XSTATE as usize, &mut iov as *mut _)
     };
     check("PTRACE_SETREGSET(NT_X86_XSTATE)", tid, r).map(drop)
 }
@@ -210,21 +194,12 @@ pub fn peek_siginfo(tid: i32, shared: bool) -> Result<Vec<[u8; 128]>> {
     const BATCH: usize = 32;
     let mut out = Vec::new();
     loop {
-        let args = PeekArgs {
-            off: out.len() as u64,
-            flags: shared as u32,
-            nr: BATCH as i32,
-        };
+        let args = PeekArgs { off: out.len() as u64, flags: shared as u32, nr: BATCH as i32 };
         let mut buf = [[0u8; 128]; BATCH];
         // SAFETY: `args` is the kernel's struct ptrace_peeksiginfo_args; the kernel writes
         // at most `nr` siginfo records of 128 bytes into `buf`, which has room for them.
         let r = unsafe {
-            libc::ptrace(
-                libc::PTRACE_PEEKSIGINFO,
-                tid,
-                &args as *const PeekArgs,
-                buf.as_mut_ptr(),
-            )
+            libc::ptrace(libc::PTRACE_PEEKSIGINFO, tid, &args as *const PeekArgs, buf.as_mut_ptr())
         };
         let n = check("PTRACE_PEEKSIGINFO", tid, r)? as usize;
         out.extend_from_slice(&buf[..n.min(BATCH)]);

@@ -27,11 +27,7 @@ impl Remote {
     /// `syscall_ip` in its address space.
     pub fn new(tid: i32, syscall_ip: u64) -> Result<Self> {
         let base = ptrace::get_regs(tid)?;
-        Ok(Self {
-            tid,
-            base,
-            syscall_ip,
-        })
+        Ok(Self { tid, base, syscall_ip })
     }
 
     pub fn tid(&self) -> i32 {
@@ -41,6 +37,11 @@ impl Remote {
     /// The task's registers as they were when torpor took it over.
     pub fn saved_regs(&self) -> &Regs {
         &self.base
+    }
+
+    /// Address of the `syscall` instruction used.
+    pub fn syscall_ip(&self) -> u64 {
+        self.syscall_ip
     }
 
     /// Moves the `syscall` instruction used (after the vDSO moved).
@@ -62,14 +63,14 @@ impl Remote {
         r.rip = self.syscall_ip;
         ptrace::set_regs(self.tid, &r)?;
         ptrace::single_step(self.tid)?;
-        match ptrace::wait_stop(self.tid)? {
-            Stop::Trap => {}
-            other => {
-                return Err(Error::RemoteStop {
-                    tid: self.tid,
-                    nr,
-                    stop: format!("{other:?}"),
-                })
+        loop {
+            match ptrace::wait_stop(self.tid)? {
+                Stop::Trap => break,
+                // A clone or fork stops the caller inside the call: let it finish.
+                Stop::PtraceEvent(_) => ptrace::single_step(self.tid)?,
+                other => {
+                    return Err(Error::RemoteStop { tid: self.tid, nr, stop: format!("{other:?}") })
+                }
             }
         }
         let out = ptrace::get_regs(self.tid)?;

@@ -37,13 +37,8 @@ pub fn run(quiet: bool) -> Result<u8> {
         ) == 0;
         let kcmp = libc::syscall(libc::SYS_kcmp, me, me, 0, 0, 0) >= 0
             || std::io::Error::last_os_error().raw_os_error() != Some(libc::ENOSYS);
-        let timer_ids = libc::prctl(
-            PR_TIMER_CREATE_RESTORE_IDS,
-            PR_TIMER_CREATE_RESTORE_IDS_GET,
-            0,
-            0,
-            0,
-        ) >= 0;
+        let timer_ids =
+            libc::prctl(PR_TIMER_CREATE_RESTORE_IDS, PR_TIMER_CREATE_RESTORE_IDS_GET, 0, 0, 0) >= 0;
         (mm_map, kcmp, timer_ids)
     };
     let xsave = std::fs::read_to_string("/proc/cpuinfo")
@@ -122,11 +117,7 @@ pub fn run(quiet: bool) -> Result<u8> {
     if !quiet {
         println!(
             "{}",
-            if ok {
-                "torpor can dump and restore here"
-            } else {
-                "torpor cannot work here"
-            }
+            if ok { "torpor can dump and restore here" } else { "torpor cannot work here" }
         );
     }
     Ok(if ok { 0 } else { 1 })
@@ -134,9 +125,7 @@ pub fn run(quiet: bool) -> Result<u8> {
 
 fn kernel_at_least(major: u32, minor: u32) -> bool {
     let rel = torpor_sys::kernel_release();
-    let mut it = rel
-        .split(|c: char| !c.is_ascii_digit())
-        .filter_map(|x| x.parse::<u32>().ok());
+    let mut it = rel.split(|c: char| !c.is_ascii_digit()).filter_map(|x| x.parse::<u32>().ok());
     let (a, b) = (it.next().unwrap_or(0), it.next().unwrap_or(0));
     (a, b) >= (major, minor)
 }

@@ -22,11 +22,7 @@ pub fn count(log: &Path) -> Result<u8> {
 }
 
 fn lines(log: &Path) -> Vec<String> {
-    fs::read_to_string(log)
-        .unwrap_or_default()
-        .lines()
-        .map(String::from)
-        .collect()
+    fs::read_to_string(log).unwrap_or_default().lines().map(String::from).collect()
 }
 
 fn wait_lines(log: &Path, n: usize) -> Result<Vec<String>> {
@@ -68,10 +64,7 @@ pub fn run() -> Result<u8> {
         .spawn()
         .context("cannot start the counter")?;
     let pid = child.id() as i32;
-    println!(
-        "1. started a counter, pid {pid}, counting into {}",
-        log.display()
-    );
+    println!("1. started a counter, pid {pid}, counting into {}", log.display());
     let before = wait_lines(&log, 5)?;
     println!("   it counts: {}", before.join(" "));
 
@@ -108,22 +101,13 @@ pub fn run() -> Result<u8> {
     );
     let n = lines(&log).len();
     let after = wait_lines(&log, n + 5)?;
-    println!(
-        "   it counts on: {}",
-        after[n.saturating_sub(1)..].join(" ")
-    );
+    println!("   it counts on: {}", after[n.saturating_sub(1)..].join(" "));
     // SAFETY: kill takes only integers; the woken counter is our child.
     unsafe { libc::kill(r.pid, libc::SIGTERM) };
     let _ = torpor_restore::wait(r.pid);
-    let ok = after
-        .iter()
-        .enumerate()
-        .all(|(i, l)| l.parse::<usize>().ok() == Some(i + 1));
+    let ok = after.iter().enumerate().all(|(i, l)| l.parse::<usize>().ok() == Some(i + 1));
     if !ok {
-        bail!(
-            "the count did not carry on without a gap: see {}",
-            log.display()
-        );
+        bail!("the count did not carry on without a gap: see {}", log.display());
     }
     println!(
         "4. the count carried on from {last} without a gap; stopped it. Image left in {}",

@@ -82,11 +82,7 @@ fn main() -> ExitCode {
         Ok(c) => c,
         Err(e) => {
             let _ = e.print();
-            return if e.use_stderr() {
-                ExitCode::from(2)
-            } else {
-                ExitCode::SUCCESS
-            };
+            return if e.use_stderr() { ExitCode::from(2) } else { ExitCode::SUCCESS };
         }
     };
     init_logging(cli.verbose, cli.quiet);
@@ -109,20 +105,13 @@ fn init_logging(verbose: u8, quiet: bool) {
     };
     let filter = tracing_subscriber::EnvFilter::try_from_env("TORPOR_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .init();
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
 }
 
 fn run(cli: Cli) -> Result<u8> {
     let quiet = cli.quiet;
     match cli.command {
-        Command::Dump {
-            pid,
-            dir,
-            leave_running,
-        } => {
+        Command::Dump { pid, dir, leave_running } => {
             let s = torpor_dump::dump(&torpor_dump::DumpOptions {
                 pid,
                 dir: dir.clone(),
@@ -143,17 +132,9 @@ fn run(cli: Cli) -> Result<u8> {
             }
             Ok(0)
         }
-        Command::Restore {
-            dir,
-            detach,
-            pidfile,
-            force_vdso_jumps,
-        } => {
-            let opts = torpor_restore::RestoreOptions {
-                dir: dir.clone(),
-                detach,
-                force_vdso_jumps,
-            };
+        Command::Restore { dir, detach, pidfile, force_vdso_jumps } => {
+            let opts =
+                torpor_restore::RestoreOptions { dir: dir.clone(), detach, force_vdso_jumps };
             let r = torpor_restore::restore(&opts)
                 .with_context(|| format!("restore from {} failed", dir.display()))?;
             if let Some(p) = &pidfile {

@@ -15,15 +15,7 @@ fn attrs_fixture_catches_damage() {
     assert_catches_damage(
         "attrs",
         &[],
-        &[
-            "rlimit",
-            "personality",
-            "name",
-            "pdeathsig",
-            "dumpable",
-            "nice",
-            "groups",
-        ],
+        &["rlimit", "personality", "name", "pdeathsig", "dumpable", "nice", "groups"],
     );
 }
 

@@ -9,23 +9,11 @@ use tempfile::TempDir;
 fn dump_of_a_missing_pid_fails_naming_it() {
     let dir = TempDir::new().expect("tempdir");
     let images = dir.path().join("img");
-    let out = torpor([
-        "dump".as_ref(),
-        "999999".as_ref(),
-        "-D".as_ref(),
-        images.as_os_str(),
-    ]);
+    let out = torpor(["dump".as_ref(), "999999".as_ref(), "-D".as_ref(), images.as_os_str()]);
     let stderr = stderr_of(&out);
     assert_eq!(out.status.code(), Some(1), "{stderr}");
-    assert_eq!(
-        stderr.trim().lines().count(),
-        1,
-        "want one line on stderr, got:\n{stderr}"
-    );
-    assert!(
-        stderr.contains("999999"),
-        "stderr does not name the pid: {stderr}"
-    );
+    assert_eq!(stderr.trim().lines().count(), 1, "want one line on stderr, got:\n{stderr}");
+    assert!(stderr.contains("999999"), "stderr does not name the pid: {stderr}");
 }
 
 #[test]
@@ -35,10 +23,7 @@ fn restore_of_a_missing_image_dir_fails_naming_it() {
     let out = torpor(["restore".as_ref(), "-D".as_ref(), images.as_os_str()]);
     let stderr = stderr_of(&out);
     assert_eq!(out.status.code(), Some(1), "{stderr}");
-    assert!(
-        stderr.contains("no-such-image"),
-        "stderr does not name the dir: {stderr}"
-    );
+    assert!(stderr.contains("no-such-image"), "stderr does not name the dir: {stderr}");
 }
 
 #[test]
@@ -54,22 +39,12 @@ fn missing_or_malformed_arguments_are_usage_errors() {
     ];
     for args in cases {
         let out = torpor(*args);
-        assert_eq!(
-            out.status.code(),
-            Some(2),
-            "torpor {args:?}: {}",
-            stderr_of(&out)
-        );
+        assert_eq!(out.status.code(), Some(2), "torpor {args:?}: {}", stderr_of(&out));
     }
 }
 
 #[test]
 fn check_passes_on_this_machine() {
     let out = torpor(["check"]);
-    assert!(
-        out.status.success(),
-        "torpor check: {:?}\n{}",
-        out.status,
-        stderr_of(&out)
-    );
+    assert!(out.status.success(), "torpor check: {:?}\n{}", out.status, stderr_of(&out));
 }

@@ -22,9 +22,7 @@ fn files_fixture_catches_damage() {
     assert_catches_damage(
         "files",
         &[],
-        &[
-            "offset", "append", "cloexec", "unshared", "deleted", "cwd", "umask",
-        ],
+        &["offset", "append", "cloexec", "unshared", "deleted", "cwd", "umask"],
     );
 }
 
@@ -40,10 +38,7 @@ fn restore_refuses_when_an_open_file_changed() {
     f.dump_ok(images.path());
 
     // half.txt is open read-only at offset 4096 in the image.
-    let mut file = OpenOptions::new()
-        .append(true)
-        .open(f.path("half.txt"))
-        .expect("open");
+    let mut file = OpenOptions::new().append(true).open(f.path("half.txt")).expect("open");
     file.write_all(b"!").expect("append a byte");
     drop(file);
 

@@ -22,15 +22,9 @@ fn sleep_finishes_after_its_remaining_time() {
     let restore_at = f.started.elapsed().as_secs_f64();
     let mut restore = Restore::spawn(images.path(), &[]);
     restore.wait_for_process(&f);
-    let status = restore
-        .wait(Duration::from_secs(20))
-        .expect("restored sleep never finished");
+    let status = restore.wait(Duration::from_secs(20)).expect("restored sleep never finished");
     let took = f.started.elapsed().as_secs_f64() - restore_at;
-    assert!(
-        status.success(),
-        "restored sleep: {status:?}; stderr:\n{}",
-        restore.stderr()
-    );
+    assert!(status.success(), "restored sleep: {status:?}; stderr:\n{}", restore.stderr());
 
     // Never before the original deadline; and not a fresh 4 s either (that would be
     // longer than what was left at the dump plus the restore's own overhead).
@@ -64,15 +58,8 @@ fn leave_running_dump_keeps_the_process_running_untraced() {
     let mut f = Fixture::start("signals", &[]);
     let images = TempDir::new().expect("image dir");
     let out = f.dump(images.path(), &["--leave-running"]);
-    assert!(
-        out.status.success(),
-        "dump --leave-running: {}",
-        common::stderr_of(&out)
-    );
-    assert!(
-        f.child.try_wait().expect("try_wait").is_none(),
-        "process exited after dump"
-    );
+    assert!(out.status.success(), "dump --leave-running: {}", common::stderr_of(&out));
+    assert!(f.child.try_wait().expect("try_wait").is_none(), "process exited after dump");
     assert_running_untraced(f.pid);
     sleep(Duration::from_millis(300));
     assert_running_untraced(f.pid);
@@ -80,11 +67,7 @@ fn leave_running_dump_keeps_the_process_running_untraced() {
 
     f.go();
     let status = f.wait_exit(common::FINISH_TIMEOUT);
-    assert!(
-        status.success(),
-        "after --leave-running: {status:?}; log:\n{}",
-        f.log_text()
-    );
+    assert!(status.success(), "after --leave-running: {status:?}; log:\n{}", f.log_text());
     f.assert_log_passed();
 
     // The image is still good once the original is gone.
@@ -115,19 +98,10 @@ fn vdso_calls_reach_the_running_kernel_through_jumps() {
     let mut restore = Restore::spawn(images.path(), &["--force-vdso-jumps"]);
     restore.wait_for_process(&f);
     let now_vdso = vdso_start(f.pid).expect("the restored process has a vDSO");
-    assert_ne!(
-        now_vdso, saved_vdso,
-        "the running vDSO should not have moved onto the saved one"
-    );
+    assert_ne!(now_vdso, saved_vdso, "the running vDSO should not have moved onto the saved one");
     sleep(Duration::from_millis(300));
     f.go();
-    let status = restore
-        .wait(Duration::from_secs(30))
-        .expect("restored counter never finished");
-    assert!(
-        status.success(),
-        "restored counter: {status:?}; stderr:\n{}",
-        restore.stderr()
-    );
+    let status = restore.wait(Duration::from_secs(30)).expect("restored counter never finished");
+    assert!(status.success(), "restored counter: {status:?}; stderr:\n{}", restore.stderr());
     f.assert_log_passed();
 }

@@ -15,9 +15,7 @@ fn memory_fixture_catches_damage() {
     assert_catches_damage(
         "memory",
         &[],
-        &[
-            "heap", "brk", "zero", "guard", "ro", "shared", "filepage", "stack", "grow",
-        ],
+        &["heap", "brk", "zero", "guard", "ro", "shared", "filepage", "stack", "grow"],
     );
 }
 

@@ -24,16 +24,9 @@ fn restore_refuses_a_pid_that_is_taken() {
     // Restore once, detached: the restored process now holds the pid.
     let scratch = TempDir::new().expect("scratch dir");
     let pidfile = scratch.path().join("pid");
-    let mut first = Restore::spawn(
-        images.path(),
-        &["--detach", "--pidfile", path_str(&pidfile)],
-    );
+    let mut first = Restore::spawn(images.path(), &["--detach", "--pidfile", path_str(&pidfile)]);
     let status = first.expect_exit("--detach");
-    assert!(
-        status.success(),
-        "restore --detach: {status:?}; stderr:\n{}",
-        first.stderr()
-    );
+    assert!(status.success(), "restore --detach: {status:?}; stderr:\n{}", first.stderr());
     let written = fs::read_to_string(&pidfile).expect("read pidfile");
     assert_eq!(written.trim(), f.pid.to_string(), "pidfile");
     if proc_exe(f.pid).as_deref() != Some(f.exe.as_path()) {
@@ -41,20 +34,13 @@ fn restore_refuses_a_pid_that_is_taken() {
             PidWait::Exited(status) => format!("it ended with {status:?}"),
             other => format!("{other:?}"),
         };
-        panic!(
-            "detached process is not running: {fate}; log:\n{}",
-            f.log_text()
-        );
+        panic!("detached process is not running: {fate}; log:\n{}", f.log_text());
     }
     let started = proc_start_time(f.pid);
 
     let pid = f.pid.to_string();
     assert_restore_refused(images.path(), &[&pid, "signals"]);
-    assert_eq!(
-        proc_start_time(f.pid),
-        started,
-        "the detached process was replaced"
-    );
+    assert_eq!(proc_start_time(f.pid), started, "the detached process was replaced");
 
     // The detached process was reparented to this subreaper and still passes.
     f.go();
@@ -102,11 +88,7 @@ fn restore_refuses_a_damaged_image_naming_the_file() {
                 _ => fs::write(&target, &bytes).expect("write image file"),
             }
 
-            let name = rel
-                .file_name()
-                .expect("file name")
-                .to_string_lossy()
-                .into_owned();
+            let name = rel.file_name().expect("file name").to_string_lossy().into_owned();
             eprintln!("damage {damage:?} to {}", rel.display());
             assert_restore_refused(copy.path(), &[&name]);
             assert_pid_gone(f.pid);
@@ -123,29 +105,14 @@ fn dump_into_a_full_filesystem_fails_and_leaves_the_process_running() {
     let mut f = Fixture::start("counter", &["16"]);
     let out = f.dump(&tmpfs.dir.path().join("img"), &[]);
     let stderr = stderr_of(&out);
-    assert_eq!(
-        out.status.code(),
-        Some(1),
-        "dump into 1 MiB: {:?}; {stderr}",
-        out.status
-    );
-    assert!(
-        stderr.to_lowercase().contains("space"),
-        "no word about space: {stderr}"
-    );
+    assert_eq!(out.status.code(), Some(1), "dump into 1 MiB: {:?}; {stderr}", out.status);
+    assert!(stderr.to_lowercase().contains("space"), "no word about space: {stderr}");
 
-    assert!(
-        f.child.try_wait().expect("try_wait").is_none(),
-        "process exited after failed dump"
-    );
+    assert!(f.child.try_wait().expect("try_wait").is_none(), "process exited after failed dump");
     assert_running_untraced(f.pid);
     f.go();
     let status = f.wait_exit(FINISH_TIMEOUT);
-    assert!(
-        status.success(),
-        "after failed dump: {status:?}; log:\n{}",
-        f.log_text()
-    );
+    assert!(status.success(), "after failed dump: {status:?}; log:\n{}", f.log_text());
     f.assert_log_passed();
 }
 

@@ -12,11 +12,7 @@ fn registers_fixture_passes_without_torpor() {
 
 #[test]
 fn registers_fixture_catches_damage() {
-    assert_catches_damage(
-        "registers",
-        &[],
-        &["ymm", "gpr", "x87", "mxcsr", "fcw", "tls"],
-    );
+    assert_catches_damage("registers", &[], &["ymm", "gpr", "x87", "mxcsr", "fcw", "tls"]);
 }
 
 #[test]

@@ -12,11 +12,7 @@ fn signals_fixture_passes_without_torpor() {
 
 #[test]
 fn signals_fixture_catches_damage() {
-    assert_catches_damage(
-        "signals",
-        &[],
-        &["action", "mask", "altstack", "lost", "order"],
-    );
+    assert_catches_damage("signals", &[], &["action", "mask", "altstack", "lost", "order"]);
 }
 
 #[test]

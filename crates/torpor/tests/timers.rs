@@ -11,11 +11,7 @@ fn timers_fixture_passes_without_torpor() {
 
 #[test]
 fn timers_fixture_catches_damage() {
-    assert_catches_damage(
-        "timers",
-        &[],
-        &["real", "virtual", "posix", "none", "handler"],
-    );
+    assert_catches_damage("timers", &[], &["real", "virtual", "posix", "none", "handler"]);
 }
 
 #[test]

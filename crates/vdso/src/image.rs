@@ -98,9 +98,7 @@ impl Image {
 
         let (base, segments) = load_segments(header, endian, data)?;
 
-        let sections = header
-            .sections(endian, data)
-            .map_err(malformed("section headers"))?;
+        let sections = header.sections(endian, data).map_err(malformed("section headers"))?;
         let dynsym = sections
             .symbols(endian, data, SHT_DYNSYM)
             .map_err(malformed("dynamic symbol table"))?;
@@ -116,9 +114,7 @@ impl Image {
             if !exported {
                 continue;
             }
-            let name = sym
-                .name(endian, dynsym.strings())
-                .map_err(malformed("symbol name"))?;
+            let name = sym.name(endian, dynsym.strings()).map_err(malformed("symbol name"))?;
             let name = std::str::from_utf8(name)
                 .map_err(|_| VdsoError::SymbolNameNotUtf8 { index })?
                 .to_owned();
@@ -131,9 +127,7 @@ impl Image {
             let offset = value.checked_sub(base);
             let inside = offset.is_some_and(|offset| {
                 offset.checked_add(size).is_some_and(|end| {
-                    segments
-                        .iter()
-                        .any(|s| s.start <= offset && offset < s.end && end <= s.end)
+                    segments.iter().any(|s| s.start <= offset && offset < s.end && end <= s.end)
                 })
             });
             match offset {
@@ -142,11 +136,7 @@ impl Image {
             }
         }
 
-        Ok(Image {
-            machine,
-            segments,
-            symbols,
-        })
+        Ok(Image { machine, segments, symbols })
     }
 
     /// Fails unless the image is for x86_64, the only architecture whose code we emit.
@@ -154,9 +144,7 @@ impl Image {
         if self.machine == object::elf::EM_X86_64 {
             Ok(())
         } else {
-            Err(VdsoError::UnsupportedMachine {
-                machine: self.machine,
-            })
+            Err(VdsoError::UnsupportedMachine { machine: self.machine })
         }
     }
 }
@@ -168,14 +156,9 @@ fn load_segments(
     endian: LittleEndian,
     data: &[u8],
 ) -> Result<(u64, Vec<Segment>), VdsoError> {
-    let phdrs = header
-        .program_headers(endian, data)
-        .map_err(malformed("program headers"))?;
+    let phdrs = header.program_headers(endian, data).map_err(malformed("program headers"))?;
     let loads = || phdrs.iter().filter(|ph| ph.p_type(endian) == PT_LOAD);
-    let base = loads()
-        .map(|ph| ph.p_vaddr(endian))
-        .min()
-        .ok_or(VdsoError::NoLoadSegment)?;
+    let base = loads().map(|ph| ph.p_vaddr(endian)).min().ok_or(VdsoError::NoLoadSegment)?;
 
     let mut segments = Vec::new();
     for ph in loads() {
@@ -187,27 +170,13 @@ fn load_segments(
         // offsets; both must agree for the image to be read as a mapping.
         let expected = vaddr - base;
         if offset != expected {
-            return Err(VdsoError::LayoutMismatch {
-                vaddr,
-                offset,
-                expected,
-            });
+            return Err(VdsoError::LayoutMismatch { vaddr, offset, expected });
         }
-        let end = offset
-            .checked_add(filesz)
-            .filter(|&end| end <= data.len() as u64);
+        let end = offset.checked_add(filesz).filter(|&end| end <= data.len() as u64);
         let Some(end) = end else {
-            return Err(VdsoError::SegmentOutsideImage {
-                offset,
-                filesz,
-                len: data.len(),
-            });
+            return Err(VdsoError::SegmentOutsideImage { offset, filesz, len: data.len() });
         };
-        segments.push(Segment {
-            start: offset,
-            end,
-            executable: ph.p_flags(endian) & PF_X != 0,
-        });
+        segments.push(Segment { start: offset, end, executable: ph.p_flags(endian) & PF_X != 0 });
     }
     Ok((base, segments))
 }
@@ -221,16 +190,9 @@ mod tests {
     fn own_vdso_exports_the_time_functions() {
         let (_, image) = own_vdso();
         let syms = symbols(image).unwrap();
-        for name in [
-            "__vdso_clock_gettime",
-            "__vdso_gettimeofday",
-            "__vdso_time",
-            "__vdso_getcpu",
-        ] {
-            let sym = syms
-                .iter()
-                .find(|s| s.name == name)
-                .unwrap_or_else(|| panic!("{name}"));
+        for name in ["__vdso_clock_gettime", "__vdso_gettimeofday", "__vdso_time", "__vdso_getcpu"]
+        {
+            let sym = syms.iter().find(|s| s.name == name).unwrap_or_else(|| panic!("{name}"));
             // Past the ELF header, inside the image, and long enough to hold code.
             assert!(sym.offset >= 64, "{sym:?}");
             assert!(sym.offset + sym.size <= image.len() as u64, "{sym:?}");
@@ -270,31 +232,19 @@ mod tests {
     #[test]
     fn refusals_name_the_problem() {
         assert!(matches!(symbols(&[]), Err(VdsoError::NotElf { len: 0 })));
-        assert!(matches!(
-            symbols(b"not an elf file at all"),
-            Err(VdsoError::NotElf { .. })
-        ));
+        assert!(matches!(symbols(b"not an elf file at all"), Err(VdsoError::NotElf { .. })));
 
         let (_, image) = own_vdso();
         let mut copy = image.to_vec();
         copy[4] = 1;
-        assert!(matches!(
-            symbols(&copy),
-            Err(VdsoError::UnsupportedClass { class: 1 })
-        ));
+        assert!(matches!(symbols(&copy), Err(VdsoError::UnsupportedClass { class: 1 })));
 
         let mut copy = image.to_vec();
         copy[5] = 2;
-        assert!(matches!(
-            symbols(&copy),
-            Err(VdsoError::UnsupportedEncoding { encoding: 2 })
-        ));
+        assert!(matches!(symbols(&copy), Err(VdsoError::UnsupportedEncoding { encoding: 2 })));
 
         // Cut just after the ELF header: the program headers are gone.
-        assert!(matches!(
-            symbols(&image[..64]),
-            Err(VdsoError::Malformed { .. })
-        ));
+        assert!(matches!(symbols(&image[..64]), Err(VdsoError::Malformed { .. })));
 
         // Drop the section headers: e_shoff = 0 means there are none.
         let mut copy = image.to_vec();

@@ -52,11 +52,7 @@ pub fn find_syscall_insn(image: &[u8]) -> Result<u64, VdsoError> {
             candidates.push(((!in_function, !(before_ret || after_mov)), offset));
         }
     }
-    candidates
-        .into_iter()
-        .min()
-        .map(|(_, offset)| offset)
-        .ok_or(VdsoError::NoSyscallInsn)
+    candidates.into_iter().min().map(|(_, offset)| offset).ok_or(VdsoError::NoSyscallInsn)
 }
 
 /// Sorts half-open ranges and merges the overlapping or touching ones.

@@ -283,9 +283,6 @@ mod tests {
     #[test]
     fn errors_carry_values() {
         let err = symbols(&[1, 2, 3]).unwrap_err();
-        assert_eq!(
-            err.to_string(),
-            "image of 3 bytes is not an ELF file (missing ELF magic)"
-        );
+        assert_eq!(err.to_string(), "image of 3 bytes is not an ELF file (missing ELF magic)");
     }
 }

@@ -16,18 +16,12 @@ pub(crate) fn own_vdso() -> (u64, &'static [u8]) {
     assert_ne!(base, 0, "this process has no vDSO");
 
     let maps = fs::read_to_string("/proc/self/maps").unwrap();
-    let line = maps
-        .lines()
-        .find(|l| l.ends_with("[vdso]"))
-        .expect("no [vdso] line in maps");
+    let line = maps.lines().find(|l| l.ends_with("[vdso]")).expect("no [vdso] line in maps");
     let range = line.split_whitespace().next().unwrap();
     let (start, end) = range.split_once('-').unwrap();
     let start = u64::from_str_radix(start, 16).unwrap();
     let end = u64::from_str_radix(end, 16).unwrap();
-    assert_eq!(
-        start, base,
-        "AT_SYSINFO_EHDR does not match the [vdso] mapping"
-    );
+    assert_eq!(start, base, "AT_SYSINFO_EHDR does not match the [vdso] mapping");
 
     // SAFETY: [start, end) is the readable [vdso] mapping, which the kernel keeps for the
     // life of the process and nothing in the tests unmaps or writes.
@@ -57,12 +51,7 @@ impl ExecCopy {
                 0,
             )
         };
-        assert_ne!(
-            addr,
-            libc::MAP_FAILED,
-            "mmap: {}",
-            std::io::Error::last_os_error()
-        );
+        assert_ne!(addr, libc::MAP_FAILED, "mmap: {}", std::io::Error::last_os_error());
 
         // SAFETY: the mapping is `len` bytes, writable, and owned by this value alone.
         let copy = unsafe { std::slice::from_raw_parts_mut(addr.cast::<u8>(), len) };

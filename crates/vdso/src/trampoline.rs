@@ -84,10 +84,7 @@ const SYSCALL_FALLBACKS: &[(&str, u32)] = &[
 /// The system call that can stand in for the vDSO function `name`, if any.
 fn fallback_nr(name: &str) -> Option<u32> {
     let base = name.strip_prefix("__vdso_").unwrap_or(name);
-    SYSCALL_FALLBACKS
-        .iter()
-        .find(|(n, _)| *n == base)
-        .map(|&(_, nr)| nr)
+    SYSCALL_FALLBACKS.iter().find(|(n, _)| *n == base).map(|&(_, nr)| nr)
 }
 
 /// `jmp qword ptr [rip+0]` followed by the absolute target.
@@ -136,13 +133,11 @@ fn plan(old: &[Symbol], new: &[Symbol], new_base: u64) -> Result<Vec<Patch>, Vds
                 continue;
             };
             let target =
-                new_base
-                    .checked_add(new_offset)
-                    .ok_or_else(|| VdsoError::TargetOverflow {
-                        name: sym.name.clone(),
-                        base: new_base,
-                        offset: new_offset,
-                    })?;
+                new_base.checked_add(new_offset).ok_or_else(|| VdsoError::TargetOverflow {
+                    name: sym.name.clone(),
+                    base: new_base,
+                    offset: new_offset,
+                })?;
             match resolved {
                 None => resolved = Some((&sym.name, target)),
                 Some((first, first_target)) if first_target != target => {
@@ -162,11 +157,7 @@ fn plan(old: &[Symbol], new: &[Symbol], new_base: u64) -> Result<Vec<Patch>, Vds
             Some((_, target)) => PatchKind::Jump { target },
             None => match names.iter().find_map(|s| fallback_nr(&s.name)) {
                 Some(nr) => PatchKind::Syscall { nr },
-                None => {
-                    return Err(VdsoError::NoFallback {
-                        name: primary.name.clone(),
-                    })
-                }
+                None => return Err(VdsoError::NoFallback { name: primary.name.clone() }),
             },
         };
         let bytes = match kind {
@@ -220,20 +211,11 @@ mod tests {
     type Getcpu = unsafe extern "C" fn(*mut u32, *mut u32, *mut libc::c_void) -> libc::c_int;
 
     fn sym(name: &str, offset: u64, size: u64) -> Symbol {
-        Symbol {
-            name: name.to_owned(),
-            offset,
-            size,
-        }
+        Symbol { name: name.to_owned(), offset, size }
     }
 
     fn entry(image: &[u8], name: &str) -> u64 {
-        symbols(image)
-            .unwrap()
-            .into_iter()
-            .find(|s| s.name == name)
-            .unwrap()
-            .offset
+        symbols(image).unwrap().into_iter().find(|s| s.name == name).unwrap().offset
     }
 
     /// Calls a `clock_gettime` entry and returns the raw result and the time.
@@ -241,10 +223,7 @@ mod tests {
         // SAFETY: addr is the entry of a function with the vDSO `clock_gettime` signature,
         // in a mapping that is executable and outlives the call.
         let f: ClockGettime = unsafe { std::mem::transmute(addr) };
-        let mut ts = libc::timespec {
-            tv_sec: 0,
-            tv_nsec: 0,
-        };
+        let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
         // SAFETY: ts is a valid, writable timespec.
         let rc = unsafe { f(clock, &mut ts) };
         (rc, ts)
@@ -252,10 +231,7 @@ mod tests {
 
     /// The libc reading of `clock`, in nanoseconds.
     fn libc_now(clock: libc::clockid_t) -> i128 {
-        let mut ts = libc::timespec {
-            tv_sec: 0,
-            tv_nsec: 0,
-        };
+        let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
         // SAFETY: ts is a valid, writable timespec.
         assert_eq!(unsafe { libc::clock_gettime(clock, &mut ts) }, 0);
         nanos(&ts)
@@ -273,19 +249,14 @@ mod tests {
         assert_eq!(rc, 0, "{name}({clock})");
         let got = nanos(&ts);
         // Coarse clocks may lag the fine ones by a tick; a second is a generous bound.
-        assert!(
-            before - 1_000_000_000 <= got && got <= after + 1_000_000_000,
-            "{name}"
-        );
+        assert!(before - 1_000_000_000 <= got && got <= after + 1_000_000_000, "{name}");
     }
 
     #[test]
     fn jumps_reach_the_real_vdso() {
         let (base, image) = own_vdso();
         let patches = trampolines(image, image, base).unwrap();
-        assert!(patches
-            .iter()
-            .all(|p| matches!(p.kind, PatchKind::Jump { .. })));
+        assert!(patches.iter().all(|p| matches!(p.kind, PatchKind::Jump { .. })));
         let copy = ExecCopy::new(image, &patches);
 
         for name in ["__vdso_clock_gettime", "clock_gettime"] {
@@ -316,16 +287,10 @@ mod tests {
             .collect();
         let patches = plan(&old, &new, base).unwrap();
 
-        let clock = patches
-            .iter()
-            .find(|p| p.symbol == "__vdso_clock_gettime")
-            .unwrap();
+        let clock = patches.iter().find(|p| p.symbol == "__vdso_clock_gettime").unwrap();
         assert_eq!(clock.kind, PatchKind::Syscall { nr: 228 });
         assert_eq!(clock.bytes, [0xb8, 228, 0, 0, 0, 0x0f, 0x05, 0xc3]);
-        let gtod = patches
-            .iter()
-            .find(|p| p.symbol == "__vdso_gettimeofday")
-            .unwrap();
+        let gtod = patches.iter().find(|p| p.symbol == "__vdso_gettimeofday").unwrap();
         assert!(matches!(gtod.kind, PatchKind::Jump { .. }));
 
         let copy = ExecCopy::new(image, &patches);
@@ -333,10 +298,8 @@ mod tests {
         assert_clock_matches(&copy, image, "__vdso_clock_gettime", libc::CLOCK_REALTIME);
 
         // The vDSO returns the raw syscall result on error; so must the fallback.
-        let real = call_clock_gettime(
-            base as usize + entry(image, "__vdso_clock_gettime") as usize,
-            9999,
-        );
+        let real =
+            call_clock_gettime(base as usize + entry(image, "__vdso_clock_gettime") as usize, 9999);
         let fallback = call_clock_gettime(copy.addr(entry(image, "__vdso_clock_gettime")), 9999);
         assert_eq!(fallback.0, -libc::EINVAL);
         assert_eq!(real.0, fallback.0);
@@ -367,15 +330,8 @@ mod tests {
     fn aliases_get_one_patch() {
         let (base, image) = own_vdso();
         let patches = trampolines(image, image, base).unwrap();
-        let clock = patches
-            .iter()
-            .find(|p| p.symbol == "__vdso_clock_gettime")
-            .unwrap();
-        if symbols(image)
-            .unwrap()
-            .iter()
-            .any(|s| s.name == "clock_gettime")
-        {
+        let clock = patches.iter().find(|p| p.symbol == "__vdso_clock_gettime").unwrap();
+        if symbols(image).unwrap().iter().any(|s| s.name == "clock_gettime") {
             assert_eq!(clock.aliases, ["clock_gettime"]);
         }
         let mut offsets: Vec<u64> = patches.iter().map(|p| p.offset).collect();
@@ -407,28 +363,14 @@ mod tests {
     #[test]
     fn small_functions_are_refused() {
         let err = plan(&[sym("f", 0x100, 13)], &[sym("f", 0, 64)], 0x1000).unwrap_err();
-        assert!(matches!(
-            err,
-            VdsoError::FunctionTooSmall {
-                size: 13,
-                needed: 14,
-                ..
-            }
-        ));
+        assert!(matches!(err, VdsoError::FunctionTooSmall { size: 13, needed: 14, .. }));
         assert!(err.to_string().contains("`f` has 13 bytes"), "{err}");
 
         // The syscall fallback is shorter than the jump and fits where a jump would not.
         let patches = plan(&[sym("time", 0x100, 8)], &[], 0x1000).unwrap();
         assert_eq!(patches[0].kind, PatchKind::Syscall { nr: 201 });
         let err = plan(&[sym("time", 0x100, 7)], &[], 0x1000).unwrap_err();
-        assert!(matches!(
-            err,
-            VdsoError::FunctionTooSmall {
-                size: 7,
-                needed: 8,
-                ..
-            }
-        ));
+        assert!(matches!(err, VdsoError::FunctionTooSmall { size: 7, needed: 8, .. }));
     }
 
     #[test]
@@ -436,13 +378,7 @@ mod tests {
         let old = [sym("f", 0x100, 64), sym("g", 0x108, 64)];
         let new = [sym("f", 0, 64), sym("g", 0x40, 64)];
         let err = plan(&old, &new, 0x1000).unwrap_err();
-        assert!(matches!(
-            err,
-            VdsoError::OverlappingPatches {
-                first_offset: 0x100,
-                ..
-            }
-        ));
+        assert!(matches!(err, VdsoError::OverlappingPatches { first_offset: 0x100, .. }));
     }
 
     #[test]
@@ -450,10 +386,7 @@ mod tests {
         let old = [sym("__vdso_f", 0x100, 64), sym("f", 0x100, 64)];
         let new = [sym("__vdso_f", 0, 64), sym("f", 0x40, 64)];
         let err = plan(&old, &new, 0x1000).unwrap_err();
-        assert!(matches!(
-            err,
-            VdsoError::ConflictingAliases { offset: 0x100, .. }
-        ));
+        assert!(matches!(err, VdsoError::ConflictingAliases { offset: 0x100, .. }));
     }
 
     #[test]
@@ -469,9 +402,6 @@ mod tests {
     #[test]
     fn target_overflow_is_refused() {
         let err = plan(&[sym("f", 0, 64)], &[sym("f", 0x40, 64)], u64::MAX).unwrap_err();
-        assert!(matches!(
-            err,
-            VdsoError::TargetOverflow { offset: 0x40, .. }
-        ));
+        assert!(matches!(err, VdsoError::TargetOverflow { offset: 0x40, .. }));
     }
 }

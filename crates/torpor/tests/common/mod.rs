@@ -44,12 +44,7 @@ pub fn become_subreaper() {
     DONE.get_or_init(|| {
         // SAFETY: PR_SET_CHILD_SUBREAPER takes an integer flag and touches no memory.
         let rc = unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) };
-        assert_eq!(
-            rc,
-            0,
-            "PR_SET_CHILD_SUBREAPER: {}",
-            std::io::Error::last_os_error()
-        );
+        assert_eq!(rc, 0, "PR_SET_CHILD_SUBREAPER: {}", std::io::Error::last_os_error());
     });
 }
 
@@ -60,10 +55,7 @@ pub fn become_subreaper() {
 /// pulls the executable from under a dumped image.
 pub fn fixture(name: &str) -> PathBuf {
     static BUILT: OnceLock<Mutex<HashMap<String, PathBuf>>> = OnceLock::new();
-    let mut built = BUILT
-        .get_or_init(Default::default)
-        .lock()
-        .unwrap_or_else(|e| e.into_inner());
+    let mut built = BUILT.get_or_init(Default::default).lock().unwrap_or_else(|e| e.into_inner());
     if let Some(path) = built.get(name) {
         return path.clone();
     }
@@ -126,15 +118,8 @@ pub fn proc_status(pid: i32, key: &str) -> Option<String> {
 /// Asserts that PID is running, neither stopped nor traced.
 pub fn assert_running_untraced(pid: i32) {
     let state = proc_status(pid, "State").unwrap_or_else(|| panic!("pid {pid} is gone"));
-    assert!(
-        !state.starts_with(['T', 't', 'Z', 'X']),
-        "pid {pid} is in state {state}"
-    );
-    assert_eq!(
-        proc_status(pid, "TracerPid").as_deref(),
-        Some("0"),
-        "pid {pid} is traced"
-    );
+    assert!(!state.starts_with(['T', 't', 'Z', 'X']), "pid {pid} is in state {state}");
+    assert_eq!(proc_status(pid, "TracerPid").as_deref(), Some("0"), "pid {pid} is traced");
 }
 
 /// Waits for a child with a deadline; None if it is still running.
@@ -246,11 +231,7 @@ fn run_with_timeout(mut cmd: Command, timeout: Duration) -> Output {
     };
     let (stdout, stderr) = (read_back(&mut out), read_back(&mut err));
     match status {
-        Some(status) => Output {
-            status,
-            stdout,
-            stderr,
-        },
+        Some(status) => Output { status, stdout, stderr },
         None => {
             let _ = child.kill();
             let _ = child.wait();
@@ -311,10 +292,7 @@ impl Fixture {
             .tempdir()
             .expect("create workdir");
         let mut cmd = Command::new(program);
-        cmd.args(lead)
-            .arg(workdir.path())
-            .args(args)
-            .env_remove("FIXTURE_BREAK");
+        cmd.args(lead).arg(workdir.path()).args(args).env_remove("FIXTURE_BREAK");
         for (k, v) in env {
             cmd.env(k, v);
         }
@@ -330,11 +308,7 @@ impl Fixture {
 
     /// Starts any program the same way (stdio, workdir as cwd) without waiting for READY.
     pub fn start_program(program: &Path, args: &[&str]) -> Fixture {
-        let name = program
-            .file_name()
-            .expect("program name")
-            .to_string_lossy()
-            .into_owned();
+        let name = program.file_name().expect("program name").to_string_lossy().into_owned();
         let exe = program.canonicalize().expect("canonicalize program");
         let workdir = tempfile::Builder::new()
             .prefix(&format!("torpor-{name}-"))
@@ -345,11 +319,7 @@ impl Fixture {
         let f = Fixture::spawn(&name, cmd, exe, workdir);
         let deadline = Instant::now() + READY_TIMEOUT;
         while proc_exe(f.pid).as_deref() != Some(&f.exe) {
-            assert!(
-                Instant::now() < deadline,
-                "{} never started",
-                program.display()
-            );
+            assert!(Instant::now() < deadline, "{} never started", program.display());
             sleep(POLL);
         }
         f
@@ -367,46 +337,23 @@ impl Fixture {
         let started = Instant::now();
         let child = cmd.spawn().unwrap_or_else(|e| panic!("spawn {cmd:?}: {e}"));
         let pid = child.id() as i32;
-        Fixture {
-            name: name.to_string(),
-            child,
-            pid,
-            exe,
-            workdir,
-            log,
-            started,
-        }
+        Fixture { name: name.to_string(), child, pid, exe, workdir, log, started }
     }
 
     fn wait_ready(&mut self) {
         let deadline = Instant::now() + READY_TIMEOUT;
         loop {
             let log = self.log_text();
-            if let Some(line) = log
-                .lines()
-                .find(|l| *l == "READY" || l.starts_with("READY "))
-            {
+            if let Some(line) = log.lines().find(|l| *l == "READY" || l.starts_with("READY ")) {
                 if let Some(pid) = line.strip_prefix("READY pid=") {
-                    assert_eq!(
-                        pid,
-                        self.pid.to_string(),
-                        "{} reported another pid",
-                        self.name
-                    );
+                    assert_eq!(pid, self.pid.to_string(), "{} reported another pid", self.name);
                 }
                 return;
             }
             if let Some(status) = self.child.try_wait().expect("try_wait") {
-                panic!(
-                    "{} exited with {status:?} before READY; log:\n{log}",
-                    self.name
-                );
+                panic!("{} exited with {status:?} before READY; log:\n{log}", self.name);
             }
-            assert!(
-                Instant::now() < deadline,
-                "{} not READY after {READY_TIMEOUT:?}",
-                self.name
-            );
+            assert!(Instant::now() < deadline, "{} not READY after {READY_TIMEOUT:?}", self.name);
             sleep(POLL);
         }
     }
@@ -432,11 +379,7 @@ impl Fixture {
     /// Waits for the originally started process to exit.
     pub fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
         wait_child(&mut self.child, timeout).unwrap_or_else(|| {
-            panic!(
-                "{} still running after {timeout:?}; log:\n{}",
-                self.name,
-                self.log_text()
-            )
+            panic!("{} still running after {timeout:?}; log:\n{}", self.name, self.log_text())
         })
     }
 
@@ -453,18 +396,12 @@ impl Fixture {
 
     pub fn mark_log(&self) -> FileMark {
         let meta = fs::metadata(&self.log).expect("stat log");
-        FileMark {
-            len: meta.len(),
-            modified: meta.modified().expect("mtime"),
-        }
+        FileMark { len: meta.len(), modified: meta.modified().expect("mtime") }
     }
 
     /// Cuts the log back to MARK, size and mtime, so the image's view of it holds again.
     pub fn rewind_log(&self, mark: &FileMark) {
-        let f = OpenOptions::new()
-            .write(true)
-            .open(&self.log)
-            .expect("open log");
+        let f = OpenOptions::new().write(true).open(&self.log).expect("open log");
         f.set_len(mark.len).expect("truncate log");
         f.set_modified(mark.modified).expect("set log mtime");
     }
@@ -473,17 +410,8 @@ impl Fixture {
     /// it, and asserts its pid is free.
     pub fn assert_killed_by_dump(&mut self) {
         let status = self.wait_exit(Duration::from_secs(10));
-        assert_eq!(
-            status.signal(),
-            Some(libc::SIGKILL),
-            "{} after dump: {status:?}",
-            self.name
-        );
-        assert!(
-            proc_exe(self.pid).is_none(),
-            "pid {} still exists after dump",
-            self.pid
-        );
+        assert_eq!(status.signal(), Some(libc::SIGKILL), "{} after dump: {status:?}", self.name);
+        assert!(proc_exe(self.pid).is_none(), "pid {} still exists after dump", self.pid);
     }
 
     /// `torpor dump PID -D DIR EXTRA...`.
@@ -498,12 +426,7 @@ impl Fixture {
     /// Dumps into DIR and asserts success and that the process is gone.
     pub fn dump_ok(&mut self, dir: &Path) {
         let out = self.dump(dir, &[]);
-        assert!(
-            out.status.success(),
-            "dump of {} failed: {}",
-            self.name,
-            stderr_of(&out)
-        );
+        assert!(out.status.success(), "dump of {} failed: {}", self.name, stderr_of(&out));
         self.assert_killed_by_dump();
     }
 
@@ -515,11 +438,7 @@ impl Fixture {
         restore.wait_for_process(self);
         self.go();
         let status = restore.wait(FINISH_TIMEOUT).unwrap_or_else(|| {
-            panic!(
-                "restore of {} did not finish; log:\n{}",
-                self.name,
-                self.log_text()
-            )
+            panic!("restore of {} did not finish; log:\n{}", self.name, self.log_text())
         });
         assert!(
             status.success(),
@@ -644,11 +563,7 @@ pub fn assert_passes_standalone(name: &str, args: &[&str]) {
     sleep(Duration::from_millis(200));
     f.go();
     let status = f.wait_exit(FINISH_TIMEOUT);
-    assert!(
-        status.success(),
-        "{name} exited with {status:?}; log:\n{}",
-        f.log_text()
-    );
+    assert!(status.success(), "{name} exited with {status:?}; log:\n{}", f.log_text());
     f.assert_log_passed();
 }
 
@@ -666,10 +581,7 @@ pub fn assert_catches_damage(name: &str, args: &[&str], breaks: &[&str]) {
             Some(1),
             "{name} with FIXTURE_BREAK={what} exited with {status:?} (2 = unknown name); log:\n{log}"
         );
-        assert!(
-            log.contains("\nFAIL: "),
-            "{name} with FIXTURE_BREAK={what}; log:\n{log}"
-        );
+        assert!(log.contains("\nFAIL: "), "{name} with FIXTURE_BREAK={what}; log:\n{log}");
     }
 }
 
@@ -689,32 +601,17 @@ pub fn assert_restore_refused(images: &Path, names: &[&str]) -> String {
     });
     let stderr = restore.stderr();
     let dir = images.display();
-    assert_eq!(
-        status.code(),
-        Some(1),
-        "restore of {dir}: {status:?}; stderr:\n{stderr}"
-    );
-    assert_eq!(
-        stderr.trim().lines().count(),
-        1,
-        "want one line on stderr, got:\n{stderr}"
-    );
+    assert_eq!(status.code(), Some(1), "restore of {dir}: {status:?}; stderr:\n{stderr}");
+    assert_eq!(stderr.trim().lines().count(), 1, "want one line on stderr, got:\n{stderr}");
     for name in names {
-        assert!(
-            stderr.contains(name),
-            "stderr does not name {name}: {stderr}"
-        );
+        assert!(stderr.contains(name), "stderr does not name {name}: {stderr}");
     }
     stderr
 }
 
 /// Asserts that, after a short grace period, no process runs under PID.
 pub fn assert_pid_gone(pid: i32) {
-    assert!(
-        wait_pid_gone(pid, Duration::from_secs(5)),
-        "pid {pid} still runs {:?}",
-        proc_exe(pid)
-    );
+    assert!(wait_pid_gone(pid, Duration::from_secs(5)), "pid {pid} still runs {:?}", proc_exe(pid));
 }
 
 /// The start time of PID in clock ticks since boot (field 22 of /proc/PID/stat).
