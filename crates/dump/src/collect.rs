@@ -5,17 +5,19 @@ use std::fmt;
 use torpor_image::model::{self, AltStack, ITimer, ITimers, PosixTimer, SigAction, SigInfo};
 use torpor_sys::{args, mem, proc, ptrace};
 
-use crate::files::FileTable;
+use crate::files::{FdContext, FileTable};
 use crate::{DumpError, Frozen, FrozenThread, Result};
+use torpor_image::ImageWriter;
 
 /// Why a process cannot be dumped by this version of torpor.
 #[derive(Debug, Clone)]
 pub enum UnsupportedReason {
     NotLeader { tgid: i32 },
     LeaderGone,
-    Children { pids: Vec<i32> },
     Fd { fd: i32, kind: String },
     Mapping { start: u64, end: u64, what: String },
+    External { fd: i32, what: String, holder: String },
+    Torpor,
 }
 
 impl fmt::Display for UnsupportedReason {
@@ -28,16 +30,17 @@ impl fmt::Display for UnsupportedReason {
                 f,
                 "its main thread has exited while other threads run on, which torpor cannot save yet"
             ),
-            Self::Children { pids } => write!(
-                f,
-                "has child processes {pids:?}; this version of torpor dumps single processes only"
-            ),
             Self::Fd { fd, kind } => {
                 write!(
                     f,
                     "fd {fd} is {kind}, a kind of descriptor torpor cannot save yet"
                 )
             }
+            Self::External { fd, what, holder } => write!(
+                f,
+                "fd {fd} is {what}, whose other end is held by {holder} outside the dumped tree"
+            ),
+            Self::Torpor => write!(f, "its tree includes torpor itself"),
             Self::Mapping { start, end, what } => {
                 write!(
                     f,
@@ -46,16 +49,6 @@ impl fmt::Display for UnsupportedReason {
             }
         }
     }
-}
-
-/// Refuses what this version cannot dump, before the process is touched.
-pub(crate) fn check_supported(pid: i32) -> Result<()> {
-    let unsupported = |reason| Err(DumpError::Unsupported { pid, reason });
-    let children = proc::children(pid).unwrap_or_default();
-    if !children.is_empty() {
-        return unsupported(UnsupportedReason::Children { pids: children });
-    }
-    Ok(())
 }
 
 /// Finds the vDSO of `pid` and a `syscall` instruction inside it.
@@ -118,7 +111,12 @@ fn u64_at(b: &[u8], i: usize) -> u64 {
 }
 
 /// Collects everything but page contents.
-pub(crate) fn collect(frozen: &Frozen, files: &mut FileTable) -> Result<model::Process> {
+pub(crate) fn collect(
+    frozen: &Frozen,
+    files: &mut FileTable,
+    fd_ctx: &mut FdContext,
+    writer: &mut ImageWriter,
+) -> Result<model::Process> {
     let pid = frozen.pid;
     let leader = frozen.leader();
     let r = &leader.remote;
@@ -228,7 +226,7 @@ pub(crate) fn collect(frozen: &Frozen, files: &mut FileTable) -> Result<model::P
         exe_file,
     };
 
-    let (open_files, fds) = crate::files::collect_fds(pid, files)?;
+    let (open_files, fds) = crate::files::collect_fds(pid, files, fd_ctx, writer)?;
     let threads =
         frozen.threads.iter().map(|t| collect_thread(pid, t)).collect::<Result<Vec<_>>>()?;
 

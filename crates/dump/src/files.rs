@@ -3,11 +3,11 @@
 use std::collections::HashMap;
 use std::fs::{self, File};
 use std::io::{self, Read};
-use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
 
 use torpor_image::model::{Fd, FileInfo, OpenFile, OpenFileKind};
 use torpor_image::ImageWriter;
-use torpor_sys::proc;
+use torpor_sys::{proc, sock};
 use xxhash_rust::xxh3::Xxh3;
 
 use crate::collect::UnsupportedReason;
@@ -133,24 +133,132 @@ fn describe(link: &str, ft: Option<fs::FileType>) -> String {
     }
 }
 
-/// Reads the descriptor table: each descriptor, and the open file descriptions they share.
-pub(crate) fn collect_fds(pid: i32, files: &mut FileTable) -> Result<(Vec<OpenFile>, Vec<Fd>)> {
+/// A descriptor of a process and the open file description it uses.
+#[derive(Clone, Copy)]
+struct Holder {
+    pid: i32,
+    fd: i32,
+    id: u64,
+}
+
+/// What the dump knows of a pipe so far.
+struct PipeSeen {
+    has_read: bool,
+    has_write: bool,
+    /// A descriptor holding it, for messages.
+    pid: i32,
+    fd: i32,
+    /// The image file with its unread bytes.
+    data: Option<String>,
+}
+
+/// What the dump learns about descriptors across the whole tree: which open file
+/// descriptions processes share, and the pipes and sockets whose ends must all be inside.
+#[derive(Default)]
+pub(crate) struct FdContext {
+    /// Descriptors seen so far, by inode.
+    by_inode: HashMap<(u64, u64), Vec<Holder>>,
+    next_id: u64,
+    /// Pipes by inode.
+    pipes: HashMap<u64, PipeSeen>,
+    /// Unix sockets of the tree by inode, with their peer and a (pid, fd) holding them.
+    sockets: HashMap<u64, (u64, (i32, i32))>,
+    unix: Option<HashMap<u64, sock::UnixInfo>>,
+}
+
+impl FdContext {
+    fn unix_info(&mut self, pid: i32) -> Result<&HashMap<u64, sock::UnixInfo>> {
+        if self.unix.is_none() {
+            let all = sock::unix_sockets().map_err(|source| DumpError::Collect {
+                pid,
+                what: "the unix sockets of this system".into(),
+                source,
+            })?;
+            self.unix = Some(all);
+        }
+        Ok(self.unix.as_ref().unwrap())
+    }
+
+    /// Refuses pipes and sockets connected to a process outside the tree.
+    pub fn check_closed(&self, tree: &[i32]) -> Result<()> {
+        for (&ino, seen) in &self.pipes {
+            let (pid, fd) = (seen.pid, seen.fd);
+            if seen.has_read && seen.has_write {
+                continue;
+            }
+            if let Some(holder) = outside_holder(&format!("pipe:[{ino}]"), tree) {
+                return Err(DumpError::Unsupported {
+                    pid,
+                    reason: UnsupportedReason::External {
+                        fd,
+                        what: format!("pipe:[{ino}]"),
+                        holder,
+                    },
+                });
+            }
+        }
+        for (&ino, &(peer, (pid, fd))) in &self.sockets {
+            if peer == 0 || self.sockets.contains_key(&peer) {
+                continue;
+            }
+            let holder = outside_holder(&format!("socket:[{peer}]"), tree)
+                .unwrap_or_else(|| "no process (in flight?)".into());
+            return Err(DumpError::Unsupported {
+                pid,
+                reason: UnsupportedReason::External {
+                    fd,
+                    what: format!("socket:[{ino}] (a unix socket whose peer is socket:[{peer}])"),
+                    holder,
+                },
+            });
+        }
+        Ok(())
+    }
+}
+
+/// A process outside `tree` holding a descriptor whose link reads `link`, for messages.
+fn outside_holder(link: &str, tree: &[i32]) -> Option<String> {
+    for e in fs::read_dir("/proc").ok()?.flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
+            continue;
+        };
+        if tree.contains(&pid) {
+            continue;
+        }
+        let Ok(fds) = fs::read_dir(format!("/proc/{pid}/fd")) else { continue };
+        for f in fds.flatten() {
+            if fs::read_link(f.path()).map(|l| l.to_string_lossy() == link).unwrap_or(false) {
+                let comm = fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+                return Some(format!("{} (pid {pid})", comm.trim()));
+            }
+        }
+    }
+    None
+}
+
+/// Reads the descriptor table: each descriptor, and the open file descriptions they share
+/// with each other and with processes dumped before.
+pub(crate) fn collect_fds(
+    pid: i32,
+    files: &mut FileTable,
+    ctx: &mut FdContext,
+    writer: &mut ImageWriter,
+) -> Result<(Vec<OpenFile>, Vec<Fd>)> {
     let err = |what: String| move |source| DumpError::Collect { pid, what, source };
     let mut open_files: Vec<OpenFile> = Vec::new();
     let mut fds: Vec<Fd> = Vec::new();
-    // Descriptors by inode, to find the ones sharing an open file description.
-    let mut by_inode: HashMap<(u64, u64), Vec<(i32, usize)>> = HashMap::new();
+    // Description id to its index in this process's `open_files`.
+    let mut local: HashMap<u64, usize> = HashMap::new();
 
     for fd in proc::fds(pid).map_err(err("its descriptors".into()))? {
         let link_path = format!("/proc/{pid}/fd/{fd}");
         let link = proc::readlink(&link_path).map_err(err(format!("fd {fd}")))?;
         let info = proc::fdinfo(pid, fd).map_err(err(format!("fd {fd}")))?;
-        let meta = fs::metadata(&link_path).ok();
         let unsupported = |kind: String| DumpError::Unsupported {
             pid,
             reason: UnsupportedReason::Fd { fd, kind },
         };
-        let Some(meta) = meta else {
+        let Some(meta) = fs::metadata(&link_path).ok() else {
             return Err(unsupported(describe(&link, None)));
         };
         let ft = meta.file_type();
@@ -159,17 +267,23 @@ pub(crate) fn collect_fds(pid: i32, files: &mut FileTable) -> Result<(Vec<OpenFi
         }
 
         let key = (meta.dev(), meta.ino());
-        let mut shared_with = None;
-        for &(other_fd, idx) in by_inode.get(&key).into_iter().flatten() {
-            if torpor_sys::same_file_description(pid, fd, pid, other_fd)
+        let mut id = None;
+        for h in ctx.by_inode.get(&key).into_iter().flatten() {
+            if torpor_sys::same_file_description(pid, fd, h.pid, h.fd)
                 .map_err(err(format!("fd {fd}")))?
             {
-                shared_with = Some(idx);
+                id = Some(h.id);
                 break;
             }
         }
-        let idx = match shared_with {
-            Some(idx) => idx,
+        let id = id.unwrap_or_else(|| {
+            ctx.next_id += 1;
+            ctx.next_id
+        });
+        ctx.by_inode.entry(key).or_default().push(Holder { pid, fd, id });
+
+        let idx = match local.get(&id) {
+            Some(&idx) => idx,
             None => {
                 let kind = if ft.is_file() {
                     let file = files.add_path(pid, &link_path, &link).map_err(|source| {
@@ -183,6 +297,10 @@ pub(crate) fn collect_fds(pid: i32, files: &mut FileTable) -> Result<(Vec<OpenFi
                     OpenFileKind::Directory { path: link.clone() }
                 } else if ft.is_char_device() {
                     OpenFileKind::CharDevice { path: link.clone(), rdev: meta.rdev() }
+                } else if ft.is_fifo() && link.starts_with("pipe:") {
+                    pipe_end(pid, fd, &link_path, meta.ino(), info.flags, ctx, writer)?
+                } else if ft.is_socket() {
+                    unix_pair(pid, fd, &link, meta.ino(), ctx, writer)?
                 } else {
                     return Err(unsupported(describe(&link, Some(ft))));
                 };
@@ -190,12 +308,110 @@ pub(crate) fn collect_fds(pid: i32, files: &mut FileTable) -> Result<(Vec<OpenFi
                     flags: info.flags & !libc::O_CLOEXEC,
                     pos: info.pos,
                     kind,
+                    id,
                 });
+                local.insert(id, open_files.len() - 1);
                 open_files.len() - 1
             }
         };
-        by_inode.entry(key).or_default().push((fd, idx));
         fds.push(Fd { fd, cloexec: info.flags & libc::O_CLOEXEC != 0, open_file: idx });
     }
     Ok((open_files, fds))
+}
+
+/// One end of a pipe; its unread bytes are saved the first time the pipe is seen.
+fn pipe_end(
+    pid: i32,
+    fd: i32,
+    link_path: &str,
+    ino: u64,
+    flags: i32,
+    ctx: &mut FdContext,
+    writer: &mut ImageWriter,
+) -> Result<OpenFileKind> {
+    let write = flags & libc::O_ACCMODE == libc::O_WRONLY;
+    let what = || format!("the pipe on fd {fd}");
+    let first = !ctx.pipes.contains_key(&ino);
+    let entry = ctx.pipes.entry(ino).or_insert(PipeSeen {
+        has_read: false,
+        has_write: false,
+        pid,
+        fd,
+        data: None,
+    });
+    if write {
+        entry.has_write = true;
+    } else {
+        entry.has_read = true;
+    }
+    let known = entry.data.clone();
+    // A second reader of the pipe sees the same bytes; opening it does not disturb them.
+    let reader = fs::File::options()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(link_path)
+        .map_err(|source| DumpError::SaveFile { pid, what: what(), source })?;
+    let reader = std::os::fd::OwnedFd::from(reader);
+    let io = |e: torpor_sys::Error| DumpError::Collect { pid, what: what(), source: e };
+    let size = sock::pipe_size(&reader).map_err(io)? as u32;
+    let mut data = known;
+    if first {
+        let bytes = sock::pipe_contents(&reader).map_err(io)?;
+        if !bytes.is_empty() {
+            let name = format!("pipe-{ino}.img");
+            writer.write_file(&name, &bytes)?;
+            data = Some(name);
+        }
+        ctx.pipes.get_mut(&ino).unwrap().data = data.clone();
+    }
+    Ok(OpenFileKind::Pipe { ino, write, size, data })
+}
+
+/// One end of a connected pair of unix sockets; its receive queue is saved.
+fn unix_pair(
+    pid: i32,
+    fd: i32,
+    link: &str,
+    ino: u64,
+    ctx: &mut FdContext,
+    writer: &mut ImageWriter,
+) -> Result<OpenFileKind> {
+    let unsupported =
+        |kind: String| DumpError::Unsupported { pid, reason: UnsupportedReason::Fd { fd, kind } };
+    let Some(info) = ctx.unix_info(pid)?.get(&ino).cloned() else {
+        return Err(unsupported(describe(link, None)));
+    };
+    if !info.name.is_empty() {
+        return Err(unsupported(format!("a unix socket bound to {:?} ({link})", info.name)));
+    }
+    if info.peer == 0 {
+        return Err(unsupported(format!("an unconnected unix socket ({link})")));
+    }
+    ctx.sockets.insert(ino, (info.peer, (pid, fd)));
+    let sock = sock::take_fd(pid, fd).map_err(|source| DumpError::Collect {
+        pid,
+        what: format!("the socket on fd {fd}"),
+        source,
+    })?;
+    let sock_type = info.sock_type as i32;
+    let stream = sock_type == libc::SOCK_STREAM;
+    let queue = sock::socket_queue(&sock, stream).map_err(|source| DumpError::Collect {
+        pid,
+        what: format!("the queue of the socket on fd {fd}"),
+        source,
+    })?;
+    let queue = if queue.is_empty() {
+        None
+    } else {
+        // Records: a 4-byte length, then the bytes; a stream is one record.
+        let name = format!("sock-{ino}.img");
+        let mut bytes = Vec::new();
+        for m in &queue {
+            bytes.extend_from_slice(&(m.len() as u32).to_le_bytes());
+            bytes.extend_from_slice(m);
+        }
+        writer.write_file(&name, &bytes)?;
+        Some(name)
+    };
+    Ok(OpenFileKind::UnixPair { ino, peer: info.peer, sock_type, queue })
 }

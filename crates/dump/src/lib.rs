@@ -84,7 +84,7 @@ pub fn dump(opts: &DumpOptions) -> Result<DumpSummary> {
     precheck(pid)?;
 
     let mut writer = ImageWriter::create(&opts.dir)?;
-    let frozen = Frozen::attach(pid)?;
+    let frozen = FrozenTree::freeze(pid)?;
     let t_frozen = Instant::now();
 
     let result = write_image(&frozen, &mut writer);
@@ -106,7 +106,7 @@ pub fn dump(opts: &DumpOptions) -> Result<DumpSummary> {
         kernel_release: torpor_sys::kernel_release(),
         arch: std::env::consts::ARCH.into(),
         cpu: cpu_state(&tree),
-        root_pid: pid,
+        root_pid: tree.root_pid,
         files: Vec::new(),
     };
     if let Err(e) = writer.commit(manifest) {
@@ -157,7 +157,19 @@ fn precheck(pid: i32) -> Result<()> {
     if status.tracer_pid != 0 {
         return Err(DumpError::Traced { pid, tracer: status.tracer_pid });
     }
-    collect::check_supported(pid)
+    Ok(())
+}
+
+/// Checks a descendant before torpor stops it.
+fn precheck_member(pid: i32) -> Result<()> {
+    if pid == std::process::id() as i32 {
+        return Err(DumpError::Unsupported { pid, reason: UnsupportedReason::Torpor });
+    }
+    let status = proc::status(pid).map_err(|_| DumpError::NoSuchProcess { pid })?;
+    if status.tracer_pid != 0 {
+        return Err(DumpError::Traced { pid, tracer: status.tracer_pid });
+    }
+    Ok(())
 }
 
 /// Union of the XSAVE features the image's threads use.
@@ -180,20 +192,124 @@ pub fn xstate_bv(xsave: &[u8]) -> u64 {
 #[derive(Default)]
 struct Stats {
     pages_stored: u64,
+    /// Pages shared copy-on-write with a process dumped before, stored once.
+    shared_pages: u64,
     zero_pages: u64,
     bytes: u64,
 }
 
-fn write_image(frozen: &Frozen, writer: &mut ImageWriter) -> Result<(model::Tree, Stats)> {
-    let pid = frozen.pid;
+fn write_image(frozen: &FrozenTree, writer: &mut ImageWriter) -> Result<(model::Tree, Stats)> {
+    let root = frozen.processes[0].pid;
     let mut files = files::FileTable::default();
-    let mut process = collect::collect(frozen, &mut files)?;
+    let mut fd_ctx = files::FdContext::default();
     let mut stats = Stats::default();
-    memory::dump_pages(frozen, &mut process, writer, &mut files, &mut stats)?;
-    files.save_deleted(pid, writer)?;
-    let tree = model::Tree { root_pid: pid, processes: vec![process], files: files.into_infos() };
+    let mut pages = memory::PageIndex::default();
+    let mut processes = Vec::new();
+    for f in &frozen.processes {
+        let mut process = collect::collect(f, &mut files, &mut fd_ctx, writer)?;
+        memory::dump_pages(f, &mut process, writer, &mut files, &mut pages, &mut stats)?;
+        processes.push(process);
+    }
+    let pids: Vec<i32> = frozen.processes.iter().map(|p| p.pid).collect();
+    fd_ctx.check_closed(&pids)?;
+    files.save_deleted(root, writer)?;
+    let tree = model::Tree {
+        root_pid: root,
+        processes,
+        files: files.into_infos(),
+        zombies: frozen.zombies.clone(),
+        pid_ns: false,
+    };
     writer.write_json(torpor_image::TREE, &tree)?;
     Ok((tree, stats))
+}
+
+/// Every process of a tree held stopped, parents before children, and its zombies.
+pub(crate) struct FrozenTree {
+    pub processes: Vec<Frozen>,
+    pub zombies: Vec<model::Zombie>,
+}
+
+impl FrozenTree {
+    /// Stops the tree under `root`: each process with all its threads, then its children.
+    /// A stopped process forks no more, so the walk sees every process there is.
+    fn freeze(root: i32) -> Result<Self> {
+        let mut tree = Self { processes: Vec::new(), zombies: Vec::new() };
+        let mut queue = std::collections::VecDeque::from([root]);
+        while let Some(pid) = queue.pop_front() {
+            if let Err(e) = tree.freeze_one(pid, root, &mut queue) {
+                tree.release();
+                return Err(e);
+            }
+        }
+        Ok(tree)
+    }
+
+    fn freeze_one(
+        &mut self,
+        pid: i32,
+        root: i32,
+        queue: &mut std::collections::VecDeque<i32>,
+    ) -> Result<()> {
+        if pid != root {
+            precheck_member(pid)?;
+        }
+        let zombie = |pid| -> Option<model::Zombie> {
+            let st = proc::stat(pid).ok()?;
+            (st.state == 'Z').then_some(model::Zombie {
+                pid,
+                ppid: st.ppid,
+                pgid: st.pgrp,
+                sid: st.session,
+                exit_status: st.exit_code,
+                comm: st.comm.clone(),
+            })
+        };
+        if let Some(z) = zombie(pid).filter(|_| pid != root) {
+            self.zombies.push(z);
+            return Ok(());
+        }
+        match Frozen::attach(pid) {
+            Ok(f) => self.processes.push(f),
+            // It exited while the tree was being stopped: now a zombie of its parent.
+            Err(_) if pid != root && zombie(pid).is_some() => {
+                self.zombies.push(zombie(pid).unwrap());
+                return Ok(());
+            }
+            Err(e) => return Err(e),
+        }
+        let children = proc::children(pid).map_err(|source| DumpError::Collect {
+            pid,
+            what: "its children".into(),
+            source,
+        })?;
+        queue.extend(children);
+        Ok(())
+    }
+
+    fn release(self) {
+        for f in self.processes.into_iter().rev() {
+            f.release();
+        }
+    }
+
+    /// Ends every process of the tree, children first. Each parent, still stopped under
+    /// torpor, then reaps its dead children itself, so their pids are free at once
+    /// instead of waiting for init to reap orphans; only the root is left for its own
+    /// parent to reap.
+    fn kill(self) -> Result<()> {
+        for f in self.processes.into_iter().rev() {
+            let reap = libc::WNOHANG | libc::__WALL;
+            for _ in 0..65536 {
+                match f.leader().remote.raw(libc::SYS_wait4, torpor_sys::args!(-1i64, 0, reap, 0)) {
+                    Ok(r) if r > 0 => continue,
+                    _ => break,
+                }
+            }
+            f.kill()?;
+        }
+        Ok(())
+    }
 }
 
 /// One thread held stopped, with what is needed to let it go unchanged.

@@ -1,5 +1,6 @@
 //! The memory map and the page contents of a frozen process.
 
+use std::collections::{HashMap, HashSet};
 use std::fs::File;
 
 use torpor_image::model::{self, PageRun, Vma, VmaKind};
@@ -23,6 +24,20 @@ const PAGEMAP_CHUNK: usize = 64 << 10;
 /// VmFlags codes that restore re-applies (madvise, mlock).
 const KEPT_ADVICE: &[&str] = &["dd", "hg", "nh", "dc", "wf", "lo", "mg", "rr", "sr"];
 
+/// Pages already stored, so that memory shared between processes is stored once.
+#[derive(Default)]
+pub(crate) struct PageIndex {
+    /// Page frames of private pages still shared copy-on-write after a fork: where their
+    /// data went (pid whose page file holds it, offset).
+    cow: HashMap<u64, (i32, u64)>,
+    /// Pages of shared anonymous memory objects already stored: (inode, page index).
+    shmem: HashSet<(u64, u64)>,
+}
+
+/// pagemap: page frame number bits and "mapped by this process only".
+const PM_PFN: u64 = (1 << 55) - 1;
+const PM_EXCLUSIVE: u64 = 1 << 56;
+
 /// How the pages of a mapping are saved.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Policy {
@@ -39,6 +54,7 @@ pub(crate) fn dump_pages(
     process: &mut model::Process,
     writer: &mut ImageWriter,
     files: &mut FileTable,
+    index: &mut PageIndex,
     stats: &mut Stats,
 ) -> Result<()> {
     let pid = frozen.pid;
@@ -71,9 +87,23 @@ pub(crate) fn dump_pages(
                 .cloned()
                 .collect(),
             pages: Vec::new(),
+            shmem: None,
         };
+        if m.shared && matches!(vma.kind, VmaKind::Anon { .. }) {
+            let open_path = format!("/proc/{pid}/map_files/{:x}-{:x}", m.start, m.end);
+            let meta = std::fs::metadata(&open_path).map_err(|source| DumpError::SaveFile {
+                pid,
+                what: format!("shared memory at {:#x}", m.start),
+                source,
+            })?;
+            vma.shmem = Some(model::ShmemRef {
+                id: std::os::unix::fs::MetadataExt::ino(&meta),
+                offset: m.offset,
+            });
+        }
         if policy != Policy::None {
-            dump_vma(pid, &pagemap, &mut vma, policy, &mut out, &mut buf, stats)
+            let mut ctx = VmaCtx { pid, pagemap: &pagemap, policy, index };
+            dump_vma(&mut ctx, &mut vma, &mut out, &mut buf, stats)
                 .map_err(|e| e.into_dump_error(pid, m))?;
         }
         process.vmas.push(vma);
@@ -154,33 +184,42 @@ impl VmaError {
     }
 }
 
+/// What saving one mapping's pages needs besides the mapping.
+struct VmaCtx<'a> {
+    pid: i32,
+    pagemap: &'a File,
+    policy: Policy,
+    index: &'a mut PageIndex,
+}
+
 /// Saves the pages of one mapping that the process has (present or swapped out).
 fn dump_vma(
-    pid: i32,
-    pagemap: &File,
+    ctx: &mut VmaCtx,
     vma: &mut Vma,
-    policy: Policy,
     out: &mut ImageFile,
     buf: &mut [u8],
     stats: &mut Stats,
 ) -> std::result::Result<(), VmaError> {
+    let pid = ctx.pid;
     let npages = ((vma.end - vma.start) / PAGE) as usize;
     let mut entries = vec![0u8; PAGEMAP_CHUNK.min(npages) * 8];
-    // Ranges waiting to be read, and their total size.
+    // Pages waiting to be read, with their pagemap entries, and ranges to read, split
+    // where a page is not mapped by this process alone (read without pinning).
     let mut pending: Vec<(u64, usize)> = Vec::new();
-    let mut pending_len = 0usize;
+    let mut pending_shared: Vec<bool> = Vec::new();
+    let mut pending_entries: Vec<u64> = Vec::new();
 
     let mut first = 0usize;
     while first < npages {
         let count = PAGEMAP_CHUNK.min(npages - first);
         let addr = vma.start + first as u64 * PAGE;
         let bytes = &mut entries[..count * 8];
-        let n = mem::pread_full(pagemap, bytes, addr / PAGE * 8).map_err(|source| {
+        let n = mem::pread_full(ctx.pagemap, bytes, addr / PAGE * 8).map_err(|source| {
             VmaError::Read(torpor_sys::Error::Io { what: format!("/proc/{pid}/pagemap"), source })
         })?;
         for i in 0..n / 8 {
             let e = u64::from_ne_bytes(bytes[i * 8..i * 8 + 8].try_into().unwrap());
-            let wanted = match policy {
+            let wanted = match ctx.policy {
                 Policy::Anon => e & (PM_PRESENT | PM_SWAPPED) != 0,
                 // A present page-cache page is the file's own; the process's copies are
                 // anonymous (or swapped out).
@@ -193,79 +232,148 @@ fn dump_vma(
                 continue;
             }
             let a = addr + i as u64 * PAGE;
-            match pending.last_mut() {
-                Some((s, l)) if *s + *l as u64 == a => *l += PAGE as usize,
-                _ => pending.push((a, PAGE as usize)),
+            // A page of a shared memory object that another mapping already saved.
+            if let Some(shm) = vma.shmem {
+                let page_index = shm.offset / PAGE + (a - vma.start) / PAGE;
+                if !ctx.index.shmem.insert((shm.id, page_index)) {
+                    continue;
+                }
             }
-            pending_len += PAGE as usize;
-            if pending_len == buf.len() {
-                flush(pid, &mut pending, vma, policy, out, buf, stats)?;
-                pending_len = 0;
+            let shared = e & PM_PRESENT != 0 && e & PM_EXCLUSIVE == 0;
+            match (pending.last_mut(), pending_shared.last()) {
+                (Some((s, l)), Some(&sh)) if *s + *l as u64 == a && sh == shared => {
+                    *l += PAGE as usize
+                }
+                _ => {
+                    pending.push((a, PAGE as usize));
+                    pending_shared.push(shared);
+                }
+            }
+            pending_entries.push(e);
+            if pending_entries.len() * PAGE as usize == buf.len() {
+                let batch = Batch {
+                    ranges: &mut pending,
+                    shared: &mut pending_shared,
+                    entries: &mut pending_entries,
+                };
+                flush(ctx, batch, vma, out, buf, stats)?;
             }
         }
         first += count;
     }
-    flush(pid, &mut pending, vma, policy, out, buf, stats)
+    let batch =
+        Batch { ranges: &mut pending, shared: &mut pending_shared, entries: &mut pending_entries };
+    flush(ctx, batch, vma, out, buf, stats)
 }
 
-/// Reads the pending ranges, drops or records zero pages, appends the rest to the page
-/// file and records the runs.
+/// Pages waiting to be read: address ranges, whether each range is shared with other
+/// processes, and every page's pagemap entry.
+struct Batch<'a> {
+    ranges: &'a mut Vec<(u64, usize)>,
+    shared: &'a mut Vec<bool>,
+    entries: &'a mut Vec<u64>,
+}
+
+/// Reads the pending pages, drops or records zero pages, refers to copy-on-write pages
+/// already stored for another process, appends the rest to the page file and records
+/// the runs.
 fn flush(
-    pid: i32,
-    pending: &mut Vec<(u64, usize)>,
+    ctx: &mut VmaCtx,
+    batch: Batch,
     vma: &mut Vma,
-    policy: Policy,
     out: &mut ImageFile,
     buf: &mut [u8],
     stats: &mut Stats,
 ) -> std::result::Result<(), VmaError> {
+    let Batch { ranges: pending, shared, entries } = batch;
     if pending.is_empty() {
         return Ok(());
     }
-    let total: usize = pending.iter().map(|r| r.1).sum();
-    mem::read_ranges(pid, pending, &mut buf[..total]).map_err(VmaError::Read)?;
+    let pid = ctx.pid;
+    // Runs of ranges alike in sharing, each read the way that leaves sharing intact.
+    let mut at = 0usize;
+    let mut i = 0usize;
+    while i < pending.len() {
+        let mut j = i;
+        while j < pending.len() && shared[j] == shared[i] {
+            j += 1;
+        }
+        let len: usize = pending[i..j].iter().map(|r| r.1).sum();
+        let dst = &mut buf[at..at + len];
+        if shared[i] {
+            mem::read_ranges_unpinned(pid, &pending[i..j], dst)
+        } else {
+            mem::read_ranges(pid, &pending[i..j], dst)
+        }
+        .map_err(VmaError::Read)?;
+        at += len;
+        i = j;
+    }
 
     // Compact the pages to keep at the front of `buf`, recording runs as we go.
     let mut kept = 0usize;
     let mut at = 0usize;
+    let mut n = 0usize;
     let base_off = out.len();
     for &(start, len) in pending.iter() {
         for p in 0..len / PAGE as usize {
             let addr = start + (p as u64) * PAGE;
+            let e = entries[n];
+            n += 1;
             let page = at..at + PAGE as usize;
             at += PAGE as usize;
             if mem::is_zero(&buf[page.clone()]) {
                 stats.zero_pages += 1;
-                if policy == Policy::PrivateFile {
-                    push_run(&mut vma.pages, addr, None);
+                if ctx.policy == Policy::PrivateFile {
+                    push_run(&mut vma.pages, addr, None, None);
                 }
                 continue;
+            }
+            // Still shared with a process dumped before: the same frame holds the same
+            // bytes, stored once.
+            let shared_frame = ctx.policy == Policy::Anon
+                && e & PM_PRESENT != 0
+                && e & PM_EXCLUSIVE == 0
+                && e & PM_PFN != 0;
+            if shared_frame {
+                if let Some(&(owner, off)) = ctx.index.cow.get(&(e & PM_PFN)) {
+                    push_run(&mut vma.pages, addr, Some(off), Some(owner).filter(|&o| o != pid));
+                    stats.shared_pages += 1;
+                    continue;
+                }
             }
             if kept != page.start {
                 buf.copy_within(page, kept);
             }
-            push_run(&mut vma.pages, addr, Some(base_off + kept as u64));
+            let off = base_off + kept as u64;
+            if shared_frame {
+                ctx.index.cow.insert(e & PM_PFN, (pid, off));
+            }
+            push_run(&mut vma.pages, addr, Some(off), None);
             kept += PAGE as usize;
             stats.pages_stored += 1;
         }
     }
     pending.clear();
+    shared.clear();
+    entries.clear();
     out.write_all(&buf[..kept]).map_err(VmaError::Write)
 }
 
 /// Appends a page to the runs, extending the last run when it continues it.
-fn push_run(runs: &mut Vec<PageRun>, addr: u64, offset: Option<u64>) {
+fn push_run(runs: &mut Vec<PageRun>, addr: u64, offset: Option<u64>, from_pid: Option<i32>) {
     if let Some(last) = runs.last_mut() {
         let next_addr = last.addr + last.pages * PAGE;
-        let continues = match (last.offset, offset) {
-            (Some(lo), Some(o)) => lo + last.pages * PAGE == o,
-            (None, None) => true,
-            _ => false,
-        };
+        let continues = last.from_pid == from_pid
+            && match (last.offset, offset) {
+                (Some(lo), Some(o)) => lo + last.pages * PAGE == o,
+                (None, None) => true,
+                _ => false,
+            };
         if next_addr == addr && continues {
             last.pages += 1;
             return;
         }
     }
-    runs.push(PageRun { addr, pages: 1, offset });
+    runs.push(PageRun { addr, pages: 1, offset, from_pid });
 }

@@ -190,14 +190,31 @@ fn check_vma(
         prev_end = end;
 
         let Some(offset) = run.offset else { continue };
-        let file_len = listed_len(manifest, &p.pages_file)
-            .ok_or_else(|| format!("page file {:?} is not in the manifest", p.pages_file))?;
+        // Pages shared copy-on-write with another process are stored in its page file.
+        let pages_file = match run.from_pid {
+            None => &p.pages_file,
+            Some(owner) => {
+                &tree
+                    .processes
+                    .iter()
+                    .find(|q| q.pid == owner)
+                    .ok_or_else(|| {
+                        format!(
+                            "page run at {:#x} refers to pid {owner}, not in the image",
+                            run.addr
+                        )
+                    })?
+                    .pages_file
+            }
+        };
+        let file_len = listed_len(manifest, pages_file)
+            .ok_or_else(|| format!("page file {pages_file:?} is not in the manifest"))?;
         let data_end = offset.checked_add(end - run.addr);
         if offset % PAGE_SIZE != 0 || data_end.map_or(true, |e| e > file_len) {
             return Err(format!(
                 "page run at {:#x} has its {} pages at offset {offset:#x}, which is misaligned \
-                 or past the end of {:?} ({file_len} bytes)",
-                run.addr, run.pages, p.pages_file
+                 or past the end of {pages_file:?} ({file_len} bytes)",
+                run.addr, run.pages
             ));
         }
     }
@@ -345,7 +362,8 @@ mod tests {
         // Runs may share the end of one and the start of the next.
         let (mut tree, manifest) = sample();
         let heap = &mut tree.processes[0].vmas[2];
-        heap.pages[1] = PageRun { addr: heap.start + 30 * 4096, pages: 31, offset: None };
+        heap.pages[1] =
+            PageRun { addr: heap.start + 30 * 4096, pages: 31, offset: None, from_pid: None };
         check_tree(&tree, &manifest, Path::new(TREE)).unwrap();
     }
 }

@@ -782,6 +782,7 @@ pub(crate) mod tests {
             kind,
             advice: Vec::new(),
             pages: Vec::new(),
+            shmem: None,
         }
     }
 
@@ -818,18 +819,27 @@ pub(crate) mod tests {
             VmaKind::File { file: 0, offset: 3 * PAGE },
         );
         data.pages = vec![
-            PageRun { addr: data.start, pages: 1, offset: Some(0) },
-            PageRun { addr: data.start + PAGE, pages: 1, offset: None },
+            PageRun { addr: data.start, pages: 1, offset: Some(0), from_pid: None },
+            PageRun { addr: data.start + PAGE, pages: 1, offset: None, from_pid: None },
         ];
         let mut heap =
             vma(exe + 5 * PAGE, 64, prot::READ | prot::WRITE, VmaKind::Anon { heap: true });
         heap.pages = vec![
-            PageRun { addr: heap.start, pages: 30, offset: Some(PAGE) },
-            PageRun { addr: heap.start + 33 * PAGE, pages: 31, offset: Some(31 * PAGE) },
+            PageRun { addr: heap.start, pages: 30, offset: Some(PAGE), from_pid: None },
+            PageRun {
+                addr: heap.start + 33 * PAGE,
+                pages: 31,
+                offset: Some(31 * PAGE),
+                from_pid: None,
+            },
         ];
         let mut stack = vma(0x7ffc_d000_0000, 32, prot::READ | prot::WRITE, VmaKind::Stack);
-        stack.pages =
-            vec![PageRun { addr: stack.start + 24 * PAGE, pages: 8, offset: Some(62 * PAGE) }];
+        stack.pages = vec![PageRun {
+            addr: stack.start + 24 * PAGE,
+            pages: 8,
+            offset: Some(62 * PAGE),
+            from_pid: None,
+        }];
         let vvar = vma(0x7ffc_d010_0000, 4, prot::READ, VmaKind::Vvar { name: "[vvar]".into() });
         let vdso = vma(
             0x7ffc_d010_4000,
@@ -918,12 +928,19 @@ pub(crate) mod tests {
                         flags: 2,
                         pos: 0,
                         kind: OpenFileKind::CharDevice { path: "/dev/null".into(), rdev: 0x103 },
+                        id: 0,
                     },
-                    OpenFile { flags: 0o2101, pos: 100, kind: OpenFileKind::Regular { file: 1 } },
+                    OpenFile {
+                        flags: 0o2101,
+                        pos: 100,
+                        kind: OpenFileKind::Regular { file: 1 },
+                        id: 0,
+                    },
                     OpenFile {
                         flags: 0o200000,
                         pos: 0,
                         kind: OpenFileKind::Directory { path: "/home/user".into() },
+                        id: 0,
                     },
                 ],
                 fds: vec![
@@ -957,6 +974,8 @@ pub(crate) mod tests {
                     saved_content: Some(SAVED.into()),
                 },
             ],
+            zombies: Vec::new(),
+            pid_ns: false,
         }
     }
 

@@ -18,6 +18,31 @@ pub struct Tree {
     pub processes: Vec<Process>,
     /// Files referred to by mappings and descriptors, by index.
     pub files: Vec<FileInfo>,
+    /// Children that had exited and were not yet reaped by their parent.
+    #[serde(default)]
+    pub zombies: Vec<Zombie>,
+    /// The tree ran in its own pid namespace (started by `torpor run`), whose first
+    /// process is the root; pids are those inside it.
+    #[serde(default)]
+    pub pid_ns: bool,
+}
+
+/// A process that has exited and waits for its parent to reap it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Zombie {
+    /// Its pid.
+    pub pid: i32,
+    /// Its parent, which has not reaped it.
+    pub ppid: i32,
+    /// Its process group.
+    pub pgid: i32,
+    /// Its session.
+    pub sid: i32,
+    /// The wait status its parent will read (exit code in bits 8-15, or the signal).
+    pub exit_status: i32,
+    /// Its name (`comm`).
+    #[serde(default)]
+    pub comm: String,
 }
 
 /// One process: its threads, memory, descriptors and everything the kernel keeps for it.
@@ -167,6 +192,10 @@ pub struct Vma {
     /// Runs of pages stored in the image (or known to be zero), in address order.
     #[serde(default)]
     pub pages: Vec<PageRun>,
+    /// For shared anonymous memory: the memory object, the same in every process that
+    /// shares it. Each page of it is stored once, with the first mapping that has it.
+    #[serde(default)]
+    pub shmem: Option<ShmemRef>,
 }
 
 impl Vma {
@@ -217,6 +246,15 @@ pub enum VmaKind {
     Vsyscall,
 }
 
+/// Where a shared anonymous mapping sits in its memory object.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ShmemRef {
+    /// Identity of the object (its inode when dumped).
+    pub id: u64,
+    /// Byte offset of the mapping's first page in the object.
+    pub offset: u64,
+}
+
 /// A run of consecutive pages of a mapping.
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
 pub struct PageRun {
@@ -228,6 +266,10 @@ pub struct PageRun {
     /// zero but must still be written (private file mappings, where the file would
     /// otherwise show through).
     pub offset: Option<u64>,
+    /// The process whose page file holds the data, when it is not this one's: memory
+    /// shared copy-on-write after fork is stored once. `None` for the process's own.
+    #[serde(default)]
+    pub from_pid: Option<i32>,
 }
 
 /// A file referred to by the image, with what identifies its content.
@@ -260,6 +302,11 @@ pub struct OpenFile {
     pub pos: u64,
     /// What is open.
     pub kind: OpenFileKind,
+    /// Identity of this open file description in the whole tree: descriptors of several
+    /// processes with the same non-zero id share one description (one offset, one pipe
+    /// end). 0 when only this process uses it.
+    #[serde(default)]
+    pub id: u64,
 }
 
 /// What an open file description refers to.
@@ -282,6 +329,29 @@ pub enum OpenFileKind {
         path: String,
         /// Device number (`st_rdev`), to check the path still names the same device.
         rdev: u64,
+    },
+    /// One end of a pipe whose both ends are inside the tree.
+    Pipe {
+        /// Inode of the pipe: both ends have the same.
+        ino: u64,
+        /// The write end (else the read end).
+        write: bool,
+        /// Buffer size (`F_GETPIPE_SZ`).
+        size: u32,
+        /// Image file holding the bytes written and not yet read, if any. The same for
+        /// both ends.
+        data: Option<String>,
+    },
+    /// One end of a pair of connected unix sockets, both inside the tree.
+    UnixPair {
+        /// Inode of this socket.
+        ino: u64,
+        /// Inode of the other end.
+        peer: u64,
+        /// `SOCK_STREAM`, `SOCK_DGRAM` or `SOCK_SEQPACKET`.
+        sock_type: i32,
+        /// Image file holding the bytes queued for this end to read, if any.
+        queue: Option<String>,
     },
 }
 

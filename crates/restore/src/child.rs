@@ -5,40 +5,20 @@
 //! code in [`child_main`], which makes raw system calls on data prepared beforehand and
 //! never allocates: the copy must not depend on locks other threads of torpor may hold.
 
-use std::ffi::CString;
 use std::fs::File;
 use std::io::{self, Read};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 
 use crate::{RestoreError, Result};
 
-/// One descriptor of the restored process: which prepared file it is and its flags.
-#[derive(Debug, Clone, Copy)]
-pub struct Target {
-    /// Index into [`Plan::sources`].
-    pub source: usize,
-    pub fd: i32,
-    pub cloexec: bool,
-}
-
-/// Everything the child does before it stops.
+/// What the child does before it stops: keep torpor's auxiliary files (page data, mapped
+/// files, the descriptor transfer socket) at known numbers, and nothing else.
 pub struct Plan {
     pub pid: i32,
-    /// Make the child a session leader (`setsid`), or a process group leader.
-    pub setsid: bool,
-    pub setpgid: bool,
-    /// Files opened by torpor: first those the process keeps as descriptors, then the
-    /// auxiliary ones torpor needs inside it (page data, mapped files...).
+    /// Files opened by torpor that the new process (and, by inheritance, every process
+    /// created from it) needs during the restore.
     pub sources: Vec<OwnedFd>,
-    /// How many of `sources` are descriptors of the process; the rest are auxiliary.
-    pub n_fd_sources: usize,
-    pub targets: Vec<Target>,
-    pub cwd: CString,
-    /// Root directory to `chroot` into, when it is not torpor's own.
-    pub root: Option<CString>,
-    pub umask: u32,
-    pub personality: u32,
-    /// First descriptor number above everything in use; sources are moved there first.
+    /// First descriptor number above everything in use; sources are moved there.
     pub base: i32,
     /// The pipe the child reports its setup on: (read end, write end). Made before
     /// `base` is chosen so that it lies below it.
@@ -46,30 +26,25 @@ pub struct Plan {
 }
 
 impl Plan {
-    /// Where auxiliary source `i` (counted from the first auxiliary one) ends up in the
-    /// child.
+    /// Where source `i` ends up in the child.
     pub fn aux_fd(&self, i: usize) -> i32 {
-        self.base + (self.n_fd_sources + i) as i32
+        self.base + i as i32
     }
 
     /// First descriptor number of the auxiliary range in the child.
     pub fn aux_base(&self) -> i32 {
-        self.base + self.n_fd_sources as i32
+        self.base
+    }
+
+    /// First number above the auxiliary range.
+    pub fn aux_end(&self) -> i32 {
+        self.base + self.sources.len() as i32
     }
 }
 
 /// Steps the child reports when one fails.
-const STEPS: &[&str] = &[
-    "set the parent-death signal",
-    "create its session",
-    "create its process group",
-    "move descriptors",
-    "close torpor's descriptors",
-    "install descriptors",
-    "change to its working directory",
-    "set its personality",
-    "change its root directory",
-];
+const STEPS: &[&str] =
+    &["set the parent-death signal", "move descriptors", "close torpor's descriptors"];
 
 /// Creates the process with `plan.pid` as its pid and runs the plan in it. Returns once
 /// the child has carried the plan out and is waiting to be taken over.
@@ -164,70 +139,24 @@ fn child_main(plan: &Plan, report: RawFd) -> ! {
         if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) < 0 {
             fail(0);
         }
-        if plan.setsid {
-            if libc::setsid() < 0 {
-                fail(1);
-            }
-        } else if plan.setpgid && libc::setpgid(0, 0) < 0 {
-            fail(2);
-        }
 
-        // Move every source above all numbers in use, drop the rest, then install each
-        // descriptor at its number. The report pipe moves along as the last source.
+        // Move every source above all numbers in use and drop the rest. The report pipe
+        // moves along, after the sources.
         let n = plan.sources.len() as i32;
         for (i, src) in plan.sources.iter().enumerate() {
-            if libc::fcntl(src.as_raw_fd(), libc::F_DUPFD, plan.base + i as i32)
-                != plan.base + i as i32
-            {
-                fail(3);
+            let want = plan.base + i as i32;
+            if libc::fcntl(src.as_raw_fd(), libc::F_DUPFD, want) != want {
+                fail(1);
             }
         }
         let report_fd = libc::fcntl(report, libc::F_DUPFD_CLOEXEC, plan.base + n);
         if report_fd < 0 {
-            fail(3);
+            fail(1);
         }
         if libc::syscall(libc::SYS_close_range, 0u32, (plan.base - 1) as u32, 0u32) < 0 {
-            fail(4);
+            fail(2);
         }
         let report = report_fd;
-        let fail = |step: u32| -> ! {
-            let errno = *libc::__errno_location();
-            let mut msg = [0u8; 8];
-            msg[..4].copy_from_slice(&step.to_ne_bytes());
-            msg[4..].copy_from_slice(&errno.to_ne_bytes());
-            libc::write(report, msg.as_ptr() as *const libc::c_void, 8);
-            libc::_exit(127)
-        };
-        for t in &plan.targets {
-            let flags = if t.cloexec { libc::O_CLOEXEC } else { 0 };
-            if libc::dup3(plan.base + t.source as i32, t.fd, flags) < 0 {
-                fail(5);
-            }
-        }
-        if plan.n_fd_sources > 0
-            && libc::syscall(
-                libc::SYS_close_range,
-                plan.base as u32,
-                (plan.base + plan.n_fd_sources as i32 - 1) as u32,
-                0u32,
-            ) < 0
-        {
-            fail(4);
-        }
-        if libc::chdir(plan.cwd.as_ptr()) < 0 {
-            fail(6);
-        }
-        // After chdir: the saved cwd is a path as torpor sees it, and chroot leaves the
-        // working directory where it is.
-        if let Some(root) = &plan.root {
-            if libc::chroot(root.as_ptr()) < 0 {
-                fail(8);
-            }
-        }
-        libc::umask(plan.umask);
-        if libc::personality(plan.personality as libc::c_ulong) < 0 {
-            fail(7);
-        }
 
         let ok = [0xffu8; 8];
         libc::write(report, ok.as_ptr() as *const libc::c_void, 8);

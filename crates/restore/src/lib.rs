@@ -105,67 +105,130 @@ pub fn check_image(dir: &std::path::Path) -> Result<(ImageReader, model::Tree)> 
     Ok((reader, tree))
 }
 
-/// Restores the image in `opts.dir` and lets the process run.
+/// Restores the image in `opts.dir` and lets its processes run.
 pub fn restore(opts: &RestoreOptions) -> Result<Restored> {
     let t0 = Instant::now();
     let (reader, tree) = check_image(&opts.dir)?;
     let verify_time = t0.elapsed();
-    let process = &tree.processes[0];
-    let pid = process.pid;
-    for t in &process.threads {
-        prepare::check_pid_free(t.tid)?;
+    let root = tree.root_pid;
+    let ids = tree
+        .processes
+        .iter()
+        .flat_map(|p| p.threads.iter().map(|t| t.tid))
+        .chain(tree.zombies.iter().map(|z| z.pid));
+    for id in ids {
+        prepare::check_pid_free(id)?;
     }
     prepare::check_files(&tree)?;
 
-    let mut prepared = prepare::prepare(&reader, &tree, process)?;
+    let mut prepared = prepare::prepare(&reader, &tree)?;
     let child = child::spawn(&mut prepared.plan)?;
-    debug_assert_eq!(child, pid);
-    // From here on, any failure kills the half-made process.
-    let result = take_over(opts, &reader, &tree, process, &prepared);
-    // The files were inherited by the child; torpor's copies are not needed any more.
+    debug_assert_eq!(child, root);
+    // From here on, any failure kills the half-made tree: the root, and with it (by the
+    // parent-death signal and ptrace's exit-kill) every process it made.
+    let mut built = Built::default();
+    let result = build(opts, &reader, &tree, &prepared, &mut built);
     drop(prepared);
     if let Err(e) = result {
-        // SAFETY: kill takes only integers; `pid` is our own child.
-        unsafe { libc::kill(pid, libc::SIGKILL) };
-        let _ = ptrace::wait_exit(pid);
+        for &pid in built.pids.iter().rev() {
+            // SAFETY: kill takes only integers.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
+        let _ = ptrace::wait_exit(root);
         return Err(e);
     }
     let image_bytes = reader.manifest().files.iter().map(|f| f.len).sum();
-    Ok(Restored { pid, verify_time, total: t0.elapsed(), image_bytes })
+    Ok(Restored { pid: root, verify_time, total: t0.elapsed(), image_bytes })
 }
 
-fn take_over(
+/// The processes made so far, to kill on failure.
+#[derive(Default)]
+struct Built {
+    pids: Vec<i32>,
+}
+
+/// One process being rebuilt: its address space and its threads other than the leader.
+struct Proc<'a> {
+    p: &'a model::Process,
+    space: space::Space,
+    threads: Vec<Remote>,
+}
+
+impl Proc<'_> {
+    fn remotes(&self) -> impl Iterator<Item = &Remote> {
+        std::iter::once(self.space.remote()).chain(self.threads.iter())
+    }
+}
+
+fn build(
     opts: &RestoreOptions,
     reader: &ImageReader,
     tree: &model::Tree,
-    process: &model::Process,
-    prepared: &prepare::Prepared,
+    prep: &prepare::Prepared,
+    built: &mut Built,
 ) -> Result<()> {
-    let pid = process.pid;
-    let step = |what: &str| {
+    let root = tree.root_pid;
+    let step = |pid: i32, what: &str| {
         let step = what.to_string();
         move |source| RestoreError::Step { pid, step, source }
     };
-    ptrace::seize_builder(pid).map_err(step("attach to the new process"))?;
-    ptrace::interrupt_and_wait(pid).map_err(step("stop the new process"))?;
-    ptrace::set_sigmask(pid, !0).map_err(step("block signals"))?;
+    built.pids.push(root);
+    ptrace::seize_builder(root).map_err(step(root, "attach to the new process"))?;
+    ptrace::interrupt_and_wait(root).map_err(step(root, "stop the new process"))?;
+    ptrace::set_sigmask(root, !0).map_err(step(root, "block signals"))?;
 
-    let mut space = space::Space::take(pid, process)?;
-    // Before the saved mappings exist: the kernel refuses to change the executable
-    // while the old one (torpor, which the image may also be) is still mapped.
-    state::set_mm(&space, process, prepared)?;
-    space.rebuild(opts, reader, tree, process, prepared)?;
-    let others = state::restore_state(&space, opts, process, prepared)?;
-    space.finish()?;
-
-    // Every thread is ready before any runs.
-    let remotes: Vec<&Remote> = std::iter::once(space.remote()).chain(others.iter()).collect();
-    for (t, r) in process.threads.iter().zip(&remotes) {
-        state::load_registers(r, t)?;
-        ptrace::set_sigmask(t.tid, t.blocked).map_err(step("set the signal mask"))?;
+    // 1. Every process, parents before children, each forked by its own parent while
+    //    that one is still only a parked vDSO, so the copies are cheap.
+    let mut procs: Vec<Proc> = Vec::with_capacity(tree.processes.len());
+    for p in &tree.processes {
+        let space = if p.pid == root {
+            space::Space::take(root, p)?
+        } else {
+            let parent = procs.iter().find(|q| q.p.pid == p.ppid).expect("validated");
+            state::fork_child(&parent.space, p.pid)?;
+            built.pids.push(p.pid);
+            space::Space::take(p.pid, p)?
+        };
+        state::session(&space, p)?;
+        procs.push(Proc { p, space, threads: Vec::new() });
     }
-    for r in remotes.iter().rev() {
-        ptrace::detach(r.tid(), 0).map_err(step("let the process run"))?;
+    for pr in &procs {
+        state::join_group(&pr.space, pr.p, tree)?;
+    }
+    for z in &tree.zombies {
+        let parent = procs.iter().find(|q| q.p.pid == z.ppid).expect("validated");
+        state::make_zombie(&parent.space, z)?;
+    }
+
+    // 2. Each process's memory, descriptors, threads and state.
+    for pr in &mut procs {
+        let p = pr.p;
+        // Before the saved mappings exist: the kernel refuses to change the executable
+        // while the old one (torpor, which the image may also be) is still mapped.
+        state::set_mm(&pr.space, p, prep)?;
+        pr.space.rebuild(opts, reader, tree, p, prep)?;
+        state::install_fds(&pr.space, p, prep)?;
+        pr.threads = state::restore_state(&pr.space, p)?;
+    }
+
+    // 3. Signals last: the forks above sent SIGCHLDs that were never the processes' own.
+    for pr in &procs {
+        let detached_root = opts.detach && pr.p.pid == root;
+        state::signals_and_flags(&pr.space, &pr.threads, pr.p, detached_root, prep)?;
+        pr.space.finish()?;
+    }
+
+    // 4. Every thread of every process is ready before any runs.
+    for pr in &procs {
+        for (t, r) in pr.p.threads.iter().zip(pr.remotes()) {
+            state::load_registers(r, t)?;
+            ptrace::set_sigmask(t.tid, t.blocked).map_err(step(pr.p.pid, "set the signal mask"))?;
+        }
+    }
+    for pr in procs.iter().rev() {
+        for r in pr.remotes() {
+            ptrace::detach(r.tid(), 0).map_err(step(pr.p.pid, "let the process run"))?;
+        }
     }
     Ok(())
 }

@@ -1,10 +1,10 @@
 //! Checks made before anything is created, and the files opened for the new process.
 
 use std::collections::HashMap;
-use std::ffi::CString;
 use std::fs::{self, File, OpenOptions};
+use std::io::Write;
 use std::io::{self, Read, Seek, SeekFrom};
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::Path;
 
@@ -12,7 +12,7 @@ use torpor_image::model::{self, OpenFileKind, VmaKind};
 use torpor_image::ImageReader;
 use xxhash_rust::xxh3::Xxh3;
 
-use crate::child::{Plan, Target};
+use crate::child::Plan;
 use crate::{RestoreError, Result};
 
 /// Checks what the image asks for against what this version and this machine can do.
@@ -26,53 +26,34 @@ pub(crate) fn validate(reader: &ImageReader, tree: &model::Tree) -> Result<()> {
     if missing != 0 {
         return Err(RestoreError::Cpu { used: m.cpu.xfeatures_used, have, missing });
     }
-    let unsupported = |what: String| Err(RestoreError::Unsupported { what });
-    if tree.processes.len() != 1 {
-        return unsupported(format!("{} processes", tree.processes.len()));
+    if tree.processes.len() > 65536 {
+        return Err(RestoreError::Unsupported {
+            what: format!("{} processes", tree.processes.len()),
+        });
     }
-    let p = &tree.processes[0];
-    if p.threads.is_empty() || p.threads.len() > 65536 {
-        return unsupported(format!("{} threads in pid {}", p.threads.len(), p.pid));
-    }
-    if p.pid <= 0 || p.threads[0].tid != p.pid || p.threads.iter().any(|t| t.tid <= 0) {
-        return unsupported(format!("pid {} with thread {}", p.pid, p.threads[0].tid));
-    }
-    // Every index in the records must point at something.
-    let nfiles = tree.files.len();
-    let bad = |what: String| Err(RestoreError::Unsupported { what });
-    if p.mm.exe_file >= nfiles {
-        return bad("an executable that is not in its file table".into());
-    }
-    for v in &p.vmas {
-        if v.start >= v.end || v.start % torpor_sys::PAGE != 0 || v.end % torpor_sys::PAGE != 0 {
-            return bad(format!("a malformed mapping {:#x}-{:#x}", v.start, v.end));
+    // The image crate checked indices and ranges (check_tree); what is left is what this
+    // version supports.
+    for p in &tree.processes {
+        let unsupported = |what: String| Err(RestoreError::Unsupported { what });
+        if p.threads.is_empty() || p.threads.len() > 65536 {
+            return unsupported(format!("{} threads in pid {}", p.threads.len(), p.pid));
         }
-        if let VmaKind::File { file, .. } = v.kind {
-            if file >= nfiles {
-                return bad(format!("mapping {:#x} of an unknown file", v.start));
-            }
+        if p.sigactions.len() != 64 {
+            return unsupported(format!("{} signal actions in pid {}", p.sigactions.len(), p.pid));
         }
-        for r in &v.pages {
-            let end = r.addr.checked_add(r.pages.saturating_mul(torpor_sys::PAGE));
-            if r.addr < v.start || end.is_none_or(|e| e > v.end) {
-                return bad(format!("page run {:#x} outside mapping {:#x}", r.addr, v.start));
-            }
+        if p.pid != tree.root_pid && !tree.processes.iter().any(|q| q.pid == p.ppid) {
+            return unsupported(format!(
+                "pid {} whose parent {} is not in the image",
+                p.pid, p.ppid
+            ));
         }
     }
-    for f in &p.fds {
-        if f.open_file >= p.open_files.len() || f.fd < 0 {
-            return bad(format!("fd {} pointing at nothing", f.fd));
+    for z in &tree.zombies {
+        if !tree.processes.iter().any(|q| q.pid == z.ppid) {
+            return Err(RestoreError::Unsupported {
+                what: format!("zombie {} whose parent {} is not in the image", z.pid, z.ppid),
+            });
         }
-    }
-    for o in &p.open_files {
-        if let OpenFileKind::Regular { file } = o.kind {
-            if file >= nfiles {
-                return bad("a descriptor of an unknown file".into());
-            }
-        }
-    }
-    if p.sigactions.len() != 64 {
-        return bad(format!("{} signal actions", p.sigactions.len()));
     }
     Ok(())
 }
@@ -130,106 +111,321 @@ fn hash_file(path: &str) -> io::Result<String> {
     }
 }
 
-/// The plan for the new process and where torpor's own files end up in it.
+/// (pid, index into its `open_files`) to an index into the objects torpor made.
+pub(crate) type FdObjects = HashMap<(i32, usize), usize>;
+
+/// Everything torpor opened for the tree, and where its own files sit in every process.
 pub(crate) struct Prepared {
     pub plan: Plan,
-    /// Auxiliary descriptor numbers inside the child.
-    pub pages_fd: i32,
+    /// Auxiliary descriptor numbers inside every process of the tree.
+    pub pages_fds: HashMap<i32, i32>,
     pub zero_fd: i32,
-    pub exe_fd: i32,
-    /// Mapped file (index into the tree's files) to its descriptor in the child.
+    pub exe_fds: HashMap<i32, i32>,
+    /// Mapped file (index into the tree's files) to its descriptor in the processes.
     pub map_fds: HashMap<usize, i32>,
+    /// The processes' end of the descriptor transfer socket, and torpor's.
+    pub transfer_fd: i32,
+    pub transfer: OwnedFd,
+    /// Open file descriptions, created once each.
+    pub objects: Vec<OwnedFd>,
+    /// (pid, index into its `open_files`) to the object it uses.
+    pub fd_objects: FdObjects,
+    /// Shared anonymous memory objects by identity, as descriptors in the processes.
+    pub shmem_fds: HashMap<u64, i32>,
 }
 
-/// Opens everything the new process needs.
-pub(crate) fn prepare(
-    reader: &ImageReader,
-    tree: &model::Tree,
-    p: &model::Process,
-) -> Result<Prepared> {
+/// Opens everything the new processes need.
+pub(crate) fn prepare(reader: &ImageReader, tree: &model::Tree) -> Result<Prepared> {
     let mut ghosts = Ghosts::default();
-
-    let mut sources: Vec<OwnedFd> = Vec::new();
-    for o in &p.open_files {
-        sources.push(open_file(reader, tree, o, &mut ghosts)?);
-    }
-    let n_fd_sources = sources.len();
-    let targets = p
-        .fds
-        .iter()
-        .map(|f| Target { source: f.open_file, fd: f.fd, cloexec: f.cloexec })
-        .collect::<Vec<_>>();
+    let (objects, fd_objects) = open_objects(reader, tree, &mut ghosts)?;
+    let shmem = shmem_objects(tree)?;
 
     let mut aux: Vec<OwnedFd> = Vec::new();
     let mut add_aux = |f: OwnedFd| {
         aux.push(f);
         aux.len() - 1
     };
-    let pages = open_ro(&reader.path(&p.pages_file)?.to_string_lossy())?;
-    let pages_i = add_aux(pages);
-    let zero_i = add_aux(open_ro("/dev/zero")?);
-    let exe_i = add_aux(open_tree_file(reader, tree, p.mm.exe_file, libc::O_RDONLY, &mut ghosts)?);
+    let mut pages_i = HashMap::new();
+    let mut exe_i = HashMap::new();
     let mut map_idx = HashMap::new();
-    for v in &p.vmas {
-        if let VmaKind::File { file, .. } = v.kind {
-            if map_idx.contains_key(&file) {
-                continue;
+    for p in &tree.processes {
+        let pages = open_ro(&reader.path(&p.pages_file)?.to_string_lossy())?;
+        pages_i.insert(p.pid, add_aux(pages));
+        let exe = open_tree_file(reader, tree, p.mm.exe_file, libc::O_RDONLY, &mut ghosts)?;
+        exe_i.insert(p.pid, add_aux(exe));
+        for v in &p.vmas {
+            if let VmaKind::File { file, .. } = v.kind {
+                if map_idx.contains_key(&file) {
+                    continue;
+                }
+                let mode = if v.shared && v.prot & model::prot::WRITE != 0 {
+                    libc::O_RDWR
+                } else {
+                    libc::O_RDONLY
+                };
+                let fd = open_tree_file(reader, tree, file, mode, &mut ghosts)?;
+                map_idx.insert(file, add_aux(fd));
             }
-            let mode = if v.shared && v.prot & model::prot::WRITE != 0 {
-                libc::O_RDWR
-            } else {
-                libc::O_RDONLY
-            };
-            let fd = open_tree_file(reader, tree, file, mode, &mut ghosts)?;
-            map_idx.insert(file, add_aux(fd));
         }
     }
+    let shmem_i: HashMap<u64, usize> = shmem.into_iter().map(|(id, f)| (id, add_aux(f))).collect();
+    let zero_i = add_aux(open_ro("/dev/zero")?);
+    let (transfer, theirs) = socketpair(libc::SOCK_DGRAM)?;
+    let transfer_i = add_aux(theirs);
 
     let report = crate::child::pipe()?;
-    // Every number the child inherits or installs lies below `base`.
-    let max_target = p.fds.iter().map(|f| f.fd).max().unwrap_or(0);
+    // Every number a process inherits or installs lies below `base`.
+    let max_target = tree.processes.iter().flat_map(|p| &p.fds).map(|f| f.fd).max().unwrap_or(0);
     let max_own = fs::read_dir("/proc/self/fd")
         .map(|d| {
             d.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok()).max().unwrap_or(0)
         })
         .unwrap_or(1024);
     let base = max_target.max(max_own) + 1;
-    sources.extend(aux);
-    let cwd = CString::new(p.cwd.clone()).map_err(|_| RestoreError::Prepare {
-        what: format!("working directory {:?}", p.cwd),
-        source: io::Error::from(io::ErrorKind::InvalidInput),
-    })?;
-    let own_root = fs::read_link("/proc/self/root").map(|p| p.to_string_lossy().into_owned());
-    let root = if own_root.as_deref().ok() == Some(p.root.as_str()) {
-        None
-    } else {
-        Some(CString::new(p.root.clone()).map_err(|_| RestoreError::Prepare {
-            what: format!("root directory {:?}", p.root),
-            source: io::Error::from(io::ErrorKind::InvalidInput),
-        })?)
-    };
-    let plan = Plan {
-        pid: p.pid,
-        setsid: p.sid == p.pid,
-        setpgid: p.pgid == p.pid,
-        sources,
-        n_fd_sources,
-        targets,
-        cwd,
-        root,
-        umask: p.umask,
-        personality: p.personality,
-        base,
-        report: Some(report),
-    };
-    let map_fds = map_idx.into_iter().map(|(k, i)| (k, plan.aux_fd(i))).collect();
+    let plan = Plan { pid: tree.root_pid, sources: aux, base, report: Some(report) };
     Ok(Prepared {
-        pages_fd: plan.aux_fd(pages_i),
+        pages_fds: pages_i.into_iter().map(|(k, i)| (k, plan.aux_fd(i))).collect(),
         zero_fd: plan.aux_fd(zero_i),
-        exe_fd: plan.aux_fd(exe_i),
-        map_fds,
+        exe_fds: exe_i.into_iter().map(|(k, i)| (k, plan.aux_fd(i))).collect(),
+        map_fds: map_idx.into_iter().map(|(k, i)| (k, plan.aux_fd(i))).collect(),
+        transfer_fd: plan.aux_fd(transfer_i),
+        transfer,
+        objects,
+        fd_objects,
+        shmem_fds: shmem_i.into_iter().map(|(k, i)| (k, plan.aux_fd(i))).collect(),
         plan,
     })
+}
+
+fn socketpair(kind: i32) -> Result<(OwnedFd, OwnedFd)> {
+    let mut fds = [0; 2];
+    // SAFETY: socketpair writes two new descriptors into `fds`.
+    if unsafe { libc::socketpair(libc::AF_UNIX, kind | libc::SOCK_CLOEXEC, 0, fds.as_mut_ptr()) }
+        < 0
+    {
+        return Err(RestoreError::Prepare {
+            what: "a unix socket pair".into(),
+            source: io::Error::last_os_error(),
+        });
+    }
+    // SAFETY: both were just created and are owned by nobody else.
+    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
+}
+
+/// Creates each open file description of the tree once: descriptors that shared one
+/// (same non-zero id) get the same object.
+fn open_objects(
+    reader: &ImageReader,
+    tree: &model::Tree,
+    ghosts: &mut Ghosts,
+) -> Result<(Vec<OwnedFd>, FdObjects)> {
+    let mut objects: Vec<OwnedFd> = Vec::new();
+    let mut fd_objects = HashMap::new();
+    let mut by_id: HashMap<u64, usize> = HashMap::new();
+    // Pipes and socket pairs by inode: the ends made so far, not yet handed out.
+    let mut pipes: HashMap<u64, (Option<OwnedFd>, Option<OwnedFd>)> = HashMap::new();
+    let mut sockets: HashMap<u64, OwnedFd> = HashMap::new();
+
+    for p in &tree.processes {
+        for (i, o) in p.open_files.iter().enumerate() {
+            if o.id != 0 {
+                if let Some(&obj) = by_id.get(&o.id) {
+                    fd_objects.insert((p.pid, i), obj);
+                    continue;
+                }
+            }
+            let fd = match &o.kind {
+                OpenFileKind::Pipe { ino, write, size, data } => {
+                    let ends = match pipes.entry(*ino) {
+                        std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+                        std::collections::hash_map::Entry::Vacant(e) => {
+                            e.insert(make_pipe(reader, *size, data.as_deref())?)
+                        }
+                    };
+                    let end = if *write { &mut ends.1 } else { &mut ends.0 };
+                    match end.take() {
+                        Some(f) => f,
+                        // Another description of the same end: open the end again.
+                        None => reopen_pipe_end(*ino, *write, &objects, &fd_objects, tree)?,
+                    }
+                }
+                OpenFileKind::UnixPair { ino, peer, sock_type, .. } => {
+                    if let Some(f) = sockets.remove(ino) {
+                        f
+                    } else {
+                        let (mine, theirs) = socketpair(*sock_type)?;
+                        sockets.insert(*peer, theirs);
+                        mine
+                    }
+                }
+                _ => open_file(reader, tree, o, ghosts)?,
+            };
+            set_status_flags(&fd, o.flags)?;
+            objects.push(fd);
+            let obj = objects.len() - 1;
+            if o.id != 0 {
+                by_id.insert(o.id, obj);
+            }
+            fd_objects.insert((p.pid, i), obj);
+        }
+    }
+
+    // Queued socket data goes in through the other end, once both ends exist.
+    let mut by_ino: HashMap<u64, usize> = HashMap::new();
+    for p in &tree.processes {
+        for (i, o) in p.open_files.iter().enumerate() {
+            if let OpenFileKind::UnixPair { ino, .. } = o.kind {
+                by_ino.insert(ino, fd_objects[&(p.pid, i)]);
+            }
+        }
+    }
+    let mut filled = std::collections::HashSet::new();
+    for p in &tree.processes {
+        for o in &p.open_files {
+            let OpenFileKind::UnixPair { ino, peer, queue: Some(queue), .. } = &o.kind else {
+                continue;
+            };
+            if !filled.insert(*ino) {
+                continue;
+            }
+            let sender = by_ino.get(peer).map(|&i| &objects[i]).ok_or_else(|| {
+                RestoreError::Unsupported { what: format!("socket {ino} without its peer {peer}") }
+            })?;
+            fill_socket(reader, sender, queue)?;
+        }
+    }
+    Ok((objects, fd_objects))
+}
+
+/// Another open file description of a pipe end already handed out.
+fn reopen_pipe_end(
+    ino: u64,
+    write: bool,
+    objects: &[OwnedFd],
+    fd_objects: &FdObjects,
+    tree: &model::Tree,
+) -> Result<OwnedFd> {
+    for p in &tree.processes {
+        for (i, o) in p.open_files.iter().enumerate() {
+            if let OpenFileKind::Pipe { ino: other, .. } = o.kind {
+                if other == ino {
+                    if let Some(&obj) = fd_objects.get(&(p.pid, i)) {
+                        let path = format!("/proc/self/fd/{}", objects[obj].as_raw_fd());
+                        let flags = if write { libc::O_WRONLY } else { libc::O_RDONLY };
+                        return OpenOptions::new().open_flags(&path, flags | libc::O_NONBLOCK);
+                    }
+                }
+            }
+        }
+    }
+    Err(RestoreError::Unsupported { what: format!("pipe {ino} with no end to reopen") })
+}
+
+/// A pipe of `size` bytes holding the saved unread bytes: (read end, write end).
+fn make_pipe(
+    reader: &ImageReader,
+    size: u32,
+    data: Option<&str>,
+) -> Result<(Option<OwnedFd>, Option<OwnedFd>)> {
+    let err = |source| RestoreError::Prepare { what: "a pipe".into(), source };
+    let mut fds = [0; 2];
+    // SAFETY: pipe2 writes two new descriptors into `fds`.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } < 0 {
+        return Err(err(io::Error::last_os_error()));
+    }
+    // SAFETY: both were just created and are owned by nobody else.
+    let (r, w) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+    // SAFETY: fcntl on our own descriptor.
+    if unsafe { libc::fcntl(w.as_raw_fd(), libc::F_SETPIPE_SZ, size as i32) } < 0 {
+        tracing::warn!(
+            "cannot give a pipe its size of {size} bytes: {}",
+            io::Error::last_os_error()
+        );
+    }
+    if let Some(name) = data {
+        let bytes = reader.read_file(name)?;
+        let mut f = File::from(w.try_clone().map_err(err)?);
+        f.write_all(&bytes).map_err(err)?;
+    }
+    Ok((Some(r), Some(w)))
+}
+
+/// Sends a socket's saved queue to it through its peer `sender`.
+fn fill_socket(reader: &ImageReader, sender: &OwnedFd, queue: &str) -> Result<()> {
+    let err = |source| RestoreError::Prepare { what: format!("socket queue {queue}"), source };
+    let bytes = reader.read_file(queue)?;
+    let mut at = 0usize;
+    while at + 4 <= bytes.len() {
+        let len = u32::from_le_bytes(bytes[at..at + 4].try_into().unwrap()) as usize;
+        at += 4;
+        let msg = bytes
+            .get(at..at + len)
+            .ok_or_else(|| err(io::Error::other("the saved queue is cut short")))?;
+        at += len;
+        // SAFETY: sends `msg`, which has the length passed.
+        let n = unsafe {
+            libc::send(sender.as_raw_fd(), msg.as_ptr() as *const _, msg.len(), libc::MSG_DONTWAIT)
+        };
+        if n < 0 || n as usize != msg.len() {
+            return Err(err(io::Error::last_os_error()));
+        }
+    }
+    Ok(())
+}
+
+/// Puts back status flags (O_NONBLOCK, O_APPEND...) on an open file description.
+fn set_status_flags(fd: &OwnedFd, flags: i32) -> Result<()> {
+    let settable =
+        libc::O_APPEND | libc::O_NONBLOCK | libc::O_ASYNC | libc::O_DIRECT | libc::O_NOATIME;
+    // SAFETY: fcntl on our own descriptor.
+    let cur = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GETFL) };
+    if cur < 0 {
+        return Ok(());
+    }
+    let want = (cur & !settable) | (flags & settable);
+    // O_NOATIME needs ownership of the file; leave it when the kernel says no.
+    // SAFETY: fcntl on our own descriptor.
+    if want != cur && unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETFL, want) } < 0 {
+        tracing::debug!("cannot set flags {want:#o}: {}", io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Creates each shared anonymous memory object once, as large as its largest mapping
+/// needs: an anonymous shared mapping made in torpor and reopened through
+/// `/proc/self/map_files`, so it is the same kind of object the process had.
+fn shmem_objects(tree: &model::Tree) -> Result<HashMap<u64, OwnedFd>> {
+    let mut sizes: HashMap<u64, u64> = HashMap::new();
+    for v in tree.processes.iter().flat_map(|p| &p.vmas) {
+        if let Some(shm) = v.shmem {
+            let e = sizes.entry(shm.id).or_insert(0);
+            *e = (*e).max(shm.offset + v.len());
+        }
+    }
+    let mut out = HashMap::new();
+    for (id, size) in sizes {
+        let err = |source| RestoreError::Prepare { what: "shared memory".into(), source };
+        // SAFETY: a new shared anonymous mapping, unmapped below once reopened.
+        let addr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                size as usize,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        if addr == libc::MAP_FAILED {
+            return Err(err(io::Error::last_os_error()));
+        }
+        let path = format!("/proc/self/map_files/{:x}-{:x}", addr as u64, addr as u64 + size);
+        let f = OpenOptions::new().read(true).write(true).open(&path).map(OwnedFd::from);
+        // SAFETY: unmaps exactly the mapping made above; the file keeps the object alive.
+        unsafe { libc::munmap(addr, size as usize) };
+        out.insert(id, f.map_err(err)?);
+    }
+    Ok(out)
 }
 
 fn open_ro(path: &str) -> Result<OwnedFd> {
@@ -250,7 +446,10 @@ fn open_file(
     let fd = match &o.kind {
         OpenFileKind::Regular { file } => open_tree_file(reader, tree, *file, o.flags, ghosts)?,
         OpenFileKind::Directory { path } | OpenFileKind::CharDevice { path, .. } => {
-            open_with_flags(path, o.flags)?
+            OpenOptions::new().open_flags(path, o.flags)?
+        }
+        OpenFileKind::Pipe { .. } | OpenFileKind::UnixPair { .. } => {
+            unreachable!("pipes and sockets are made in pairs")
         }
     };
     if matches!(o.kind, OpenFileKind::Regular { .. }) {
@@ -268,15 +467,9 @@ fn describe_kind(tree: &model::Tree, k: &OpenFileKind) -> String {
     match k {
         OpenFileKind::Regular { file } => tree.files[*file].path.clone(),
         OpenFileKind::Directory { path } | OpenFileKind::CharDevice { path, .. } => path.clone(),
+        OpenFileKind::Pipe { ino, .. } => format!("pipe:[{ino}]"),
+        OpenFileKind::UnixPair { ino, .. } => format!("socket:[{ino}]"),
     }
-}
-
-fn open_with_flags(path: &str, flags: i32) -> Result<OwnedFd> {
-    OpenOptions::new()
-        .read(true)
-        .custom_flags((flags & !CREATE_FLAGS & !libc::O_ACCMODE) | libc::O_CLOEXEC)
-        .write(false)
-        .open_flags(path, flags)
 }
 
 trait OpenFlags {

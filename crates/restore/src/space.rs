@@ -229,6 +229,11 @@ impl Space {
             libc::MAP_FIXED_NOREPLACE | if v.shared { libc::MAP_SHARED } else { libc::MAP_PRIVATE };
         let (fd, off) = match &v.kind {
             VmaKind::File { file, offset } => (prep.map_fds[file] as i64, *offset),
+            // Shared anonymous memory: the one object every sharer maps.
+            _ if v.shmem.is_some() => {
+                let shm = v.shmem.unwrap();
+                (prep.shmem_fds[&shm.id] as i64, shm.offset)
+            }
             VmaKind::Stack => {
                 flags |= libc::MAP_ANONYMOUS | libc::MAP_GROWSDOWN;
                 (-1, 0)
@@ -252,7 +257,7 @@ impl Space {
         // The process reads its own pages from the image.
         for run in &v.pages {
             let (src, mut off) = match run.offset {
-                Some(o) => (prep.pages_fd, o),
+                Some(o) => (prep.pages_fds[&run.from_pid.unwrap_or(pid)], o),
                 None => (prep.zero_fd, 0),
             };
             let mut addr = run.addr;

@@ -6,7 +6,9 @@ use torpor_sys::{args, ptrace, Remote};
 
 use crate::prepare::Prepared;
 use crate::space::Space;
-use crate::{RestoreError, RestoreOptions, Result};
+use std::os::fd::AsRawFd;
+
+use crate::{RestoreError, Result};
 
 /// `prctl(PR_TIMER_CREATE_RESTORE_IDS)`: makes `timer_create` take the id to use from
 /// its third argument (Linux 6.17).
@@ -21,13 +23,12 @@ fn le(words: &[u64]) -> Vec<u8> {
     words.iter().flat_map(|w| w.to_ne_bytes()).collect()
 }
 
-pub(crate) fn restore_state(
-    s: &Space,
-    opts: &RestoreOptions,
-    p: &model::Process,
-    prep: &Prepared,
-) -> Result<Vec<Remote>> {
+/// Process state set in phase 2, after memory and descriptors: working directory and
+/// friends, signal actions, timers, limits, the other threads and every thread's own
+/// state, and credentials last. Returns the threads other than the leader.
+pub(crate) fn restore_state(s: &Space, p: &model::Process) -> Result<Vec<Remote>> {
     let pid = s.pid();
+    fs_state(s, p)?;
 
     // Every action, since the new process inherited torpor's.
     for (i, a) in p.sigactions.iter().enumerate() {
@@ -56,9 +57,271 @@ pub(crate) fn restore_state(
     for (t, r) in p.threads.iter().zip(&remotes) {
         thread_state(s, r, t)?;
     }
+    // Credentials belong to each thread; they drop privileges, so they come last.
+    for r in &remotes {
+        set_creds(s, r, p)?;
+    }
+    Ok(others)
+}
 
-    // Signals queued to the whole process, sent by the leader to itself so the kernel
-    // keeps every siginfo field as given.
+/// Working directory, root, umask and personality.
+fn fs_state(s: &Space, p: &model::Process) -> Result<()> {
+    let path = |p: &str| {
+        let mut b = p.as_bytes().to_vec();
+        b.push(0);
+        if b.len() > 4096 {
+            return Err(RestoreError::Unsupported { what: format!("a path this long: {p:?}") });
+        }
+        Ok(b)
+    };
+    let at = s.put(&path(&p.cwd)?)?;
+    s.call(
+        &format!("change to its working directory {}", p.cwd),
+        "chdir",
+        libc::SYS_chdir,
+        args!(at),
+    )?;
+    let own_root = std::fs::read_link("/proc/self/root").map(|r| r.to_string_lossy().into_owned());
+    if own_root.ok().as_deref() != Some(p.root.as_str()) {
+        // After chdir: the saved cwd is a path as torpor sees it, and chroot leaves the
+        // working directory where it is.
+        let at = s.put(&path(&p.root)?)?;
+        s.call(&format!("change its root to {}", p.root), "chroot", libc::SYS_chroot, args!(at))?;
+    }
+    s.call("set its umask", "umask", libc::SYS_umask, args!(p.umask))?;
+    s.call("set its personality", "personality", libc::SYS_personality, args!(p.personality))?;
+    Ok(())
+}
+
+/// Makes `pid` as a child of the process of `parent`, like `fork` with a chosen pid. The
+/// child, seized along with its parent, stops before it runs.
+pub(crate) fn fork_child(parent: &Space, pid: i32) -> Result<()> {
+    // struct clone_args (88 bytes): a plain fork reporting SIGCHLD, with the pid to use
+    // after it.
+    let at = parent.scratch;
+    let mut buf = le(&[0, 0, 0, 0, libc::SIGCHLD as u64, 0, 0, 0, at + 88, 1, 0]);
+    buf.extend_from_slice(&(pid as u64).to_ne_bytes());
+    parent.put(&buf)?;
+    let got =
+        parent.call(&format!("create child {pid}"), "clone3", libc::SYS_clone3, args!(at, 88))?;
+    if got != pid as u64 {
+        return Err(RestoreError::Unsupported { what: format!("child {pid} (got pid {got})") });
+    }
+    let step = |what: &str| {
+        let step = format!("{what} child {pid}");
+        move |source| RestoreError::Step { pid: parent.pid(), step, source }
+    };
+    match ptrace::wait_stop(pid).map_err(step("wait for new"))? {
+        ptrace::Stop::Event(_) => {}
+        other => {
+            return Err(RestoreError::Unsupported {
+                what: format!("child {pid} that stopped with {other:?}"),
+            })
+        }
+    }
+    ptrace::set_sigmask(pid, !0).map_err(step("block signals in"))
+}
+
+/// Session and process group leadership, set right after the process is made so that
+/// the children it makes next inherit them.
+pub(crate) fn session(s: &Space, p: &model::Process) -> Result<()> {
+    if p.sid == p.pid {
+        s.call("create its session", "setsid", libc::SYS_setsid, args!())?;
+    } else if p.pgid == p.pid {
+        s.call("create its process group", "setpgid", libc::SYS_setpgid, args!(0, 0))?;
+    }
+    Ok(())
+}
+
+/// Joins a process group led by another process of the tree, once all exist.
+pub(crate) fn join_group(s: &Space, p: &model::Process, tree: &model::Tree) -> Result<()> {
+    if p.pgid != p.pid && tree.processes.iter().any(|q| q.pid == p.pgid) {
+        s.call(
+            &format!("join process group {}", p.pgid),
+            "setpgid",
+            libc::SYS_setpgid,
+            args!(0, p.pgid),
+        )?;
+    }
+    Ok(())
+}
+
+/// Makes a child that has exited with the saved status and waits for its parent.
+pub(crate) fn make_zombie(parent: &Space, z: &model::Zombie) -> Result<()> {
+    fork_child(parent, z.pid)?;
+    let step = |what: &str| {
+        let step = format!("{what} zombie {}", z.pid);
+        move |source| RestoreError::Step { pid: z.pid, step, source }
+    };
+    let r = Remote::new(z.pid, parent.syscall_ip()).map_err(step("take over"))?;
+    let mut comm = [0u8; 16];
+    let n = z.comm.len().min(15);
+    comm[..n].copy_from_slice(&z.comm.as_bytes()[..n]);
+    let at = parent.put(&comm)?;
+    r.call("prctl", libc::SYS_prctl, args!(libc::PR_SET_NAME, at)).map_err(step("name"))?;
+    let status = z.exit_status;
+    if libc::WIFSIGNALED(status) {
+        // Dies of the signal, as it did: default action, unblocked, sent to itself.
+        let sig = libc::WTERMSIG(status);
+        let dfl = parent.put(&le(&[0, 0, 0, 0]))?;
+        r.call("rt_sigaction", libc::SYS_rt_sigaction, args!(sig, dfl, 0, 8))
+            .map_err(step("reset the signal action of"))?;
+        ptrace::set_sigmask(z.pid, 0).map_err(step("unblock signals in"))?;
+        match r.raw(libc::SYS_kill, args!(z.pid, sig)) {
+            Err(torpor_sys::Error::RemoteStop { .. }) => {
+                ptrace::cont(z.pid, sig).map_err(step("kill"))?
+            }
+            Err(torpor_sys::Error::Gone { .. }) => return Ok(()),
+            other => {
+                other.map_err(step("kill"))?;
+            }
+        }
+    } else {
+        match r.raw(libc::SYS_exit_group, args!(libc::WEXITSTATUS(status))) {
+            Err(torpor_sys::Error::Gone { .. }) => return Ok(()),
+            other => {
+                other.map_err(step("end"))?;
+            }
+        }
+    }
+    // As its tracer torpor sees the exit first; the parent reaps it later.
+    ptrace::wait_exit(z.pid).map_err(|source| RestoreError::Step {
+        pid: z.pid,
+        step: "wait for the zombie to exit".into(),
+        source: torpor_sys::Error::Wait { tid: z.pid, source },
+    })?;
+    Ok(())
+}
+
+/// Most descriptors passed in one message (the kernel allows 253).
+const FDS_PER_MESSAGE: usize = 200;
+
+/// Installs the process's descriptors: torpor sends the open file descriptions over the
+/// transfer socket every process inherited, the process receives them with `recvmsg`
+/// (they land at the lowest free numbers), moves them out of the way, then `dup3`s each
+/// to its number.
+pub(crate) fn install_fds(s: &Space, p: &model::Process, prep: &Prepared) -> Result<()> {
+    let aux_base = prep.plan.aux_base();
+    // Received descriptors stay below aux_end + FDS_PER_MESSAGE; parked ones go above.
+    let park = prep.plan.aux_end() + FDS_PER_MESSAGE as i32 + 8;
+    s.call(
+        "close what it inherited",
+        "close_range",
+        libc::SYS_close_range,
+        args!(0, aux_base - 1, 0),
+    )?;
+    let objects: Vec<usize> =
+        p.fds.iter().map(|f| prep.fd_objects[&(p.pid, f.open_file)]).collect();
+    for (batch, chunk) in objects.chunks(FDS_PER_MESSAGE).enumerate() {
+        let raw: Vec<i32> = chunk.iter().map(|&o| prep.objects[o].as_raw_fd()).collect();
+        send_fds(&prep.transfer, &raw).map_err(|source| RestoreError::Prepare {
+            what: format!("descriptors for pid {}", p.pid),
+            source,
+        })?;
+        let got = recv_fds(s, prep.transfer_fd, chunk.len())?;
+        for (j, fd) in got.into_iter().enumerate() {
+            let want = park + (batch * FDS_PER_MESSAGE + j) as i32;
+            let moved = s.call(
+                "park a received descriptor",
+                "fcntl",
+                libc::SYS_fcntl,
+                args!(fd, libc::F_DUPFD, want),
+            )?;
+            if moved != want as u64 {
+                return Err(RestoreError::Unsupported {
+                    what: format!("descriptor numbers in pid {} (parked at {moved})", p.pid),
+                });
+            }
+            s.call("close a received descriptor", "close", libc::SYS_close, args!(fd))?;
+        }
+    }
+    for (k, f) in p.fds.iter().enumerate() {
+        let flags = if f.cloexec { libc::O_CLOEXEC } else { 0 };
+        s.call(
+            &format!("install fd {}", f.fd),
+            "dup3",
+            libc::SYS_dup3,
+            args!(park + k as i32, f.fd, flags),
+        )?;
+    }
+    if !p.fds.is_empty() {
+        s.call(
+            "close parked descriptors",
+            "close_range",
+            libc::SYS_close_range,
+            args!(park, park + p.fds.len() as i32 - 1, 0),
+        )?;
+    }
+    Ok(())
+}
+
+fn send_fds(sock: &std::os::fd::OwnedFd, fds: &[i32]) -> std::io::Result<()> {
+    use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
+    let iov = [std::io::IoSlice::new(&[0u8])];
+    let cmsg = [ControlMessage::ScmRights(fds)];
+    sendmsg::<()>(sock.as_raw_fd(), &iov, &cmsg, MsgFlags::empty(), None)
+        .map(drop)
+        .map_err(|e| std::io::Error::from_raw_os_error(e as i32))
+}
+
+/// Runs `recvmsg` in the process for one message of `n` descriptors; returns their
+/// numbers there.
+fn recv_fds(s: &Space, sock: i32, n: usize) -> Result<Vec<i32>> {
+    // In the scratch area: struct msghdr (56 bytes), one iovec at 64, its byte at 80,
+    // the control buffer at 128.
+    let base = s.scratch;
+    let control_len = 16 + 4 * FDS_PER_MESSAGE as u64;
+    let mut buf = le(&[0, 0, base + 64, 1, base + 128, control_len, 0]);
+    buf.resize(64, 0);
+    buf.extend_from_slice(&le(&[base + 80, 1]));
+    s.put(&buf)?;
+    s.call("receive its descriptors", "recvmsg", libc::SYS_recvmsg, args!(sock, base, 0))?;
+    let mut control = vec![0u8; 16 + 4 * n];
+    torpor_sys::mem::read_ranges(s.pid(), &[(base + 128, control.len())], &mut control).map_err(
+        |source| RestoreError::Step {
+            pid: s.pid(),
+            step: "read the received descriptors".into(),
+            source,
+        },
+    )?;
+    let len = u64::from_ne_bytes(control[..8].try_into().unwrap()) as usize;
+    let got = len.saturating_sub(16) / 4;
+    if got != n {
+        return Err(RestoreError::Unsupported {
+            what: format!("a transfer of {n} descriptors that delivered {got}"),
+        });
+    }
+    Ok((0..n)
+        .map(|i| i32::from_ne_bytes(control[16 + 4 * i..20 + 4 * i].try_into().unwrap()))
+        .collect())
+}
+
+/// Phase 3: discards the signals the restore itself caused, queues the saved pending
+/// ones, and sets the flags that credentials changes would have reset.
+pub(crate) fn signals_and_flags(
+    s: &Space,
+    others: &[Remote],
+    p: &model::Process,
+    detached_root: bool,
+    prep: &Prepared,
+) -> Result<()> {
+    let pid = s.pid();
+    // SIGCHLD from the children and zombies torpor made; the leader takes them from the
+    // process-wide queue without waiting.
+    let set = s.put(&le(&[!((1u64 << (libc::SIGKILL - 1)) | (1 << (libc::SIGSTOP - 1))), 0, 0]))?;
+    loop {
+        let r = s.remote().raw(libc::SYS_rt_sigtimedwait, args!(set, 0, set + 8, 8)).map_err(
+            |source| RestoreError::Step {
+                pid,
+                step: "discard signals made by the restore".into(),
+                source,
+            },
+        )?;
+        if r < 0 {
+            break;
+        }
+    }
+
     for si in &p.shared_pending {
         let at = s.put(&siginfo(si)?)?;
         s.call(
@@ -68,14 +331,25 @@ pub(crate) fn restore_state(
             args!(pid, si.signo, at),
         )?;
     }
-
-    // Credentials belong to each thread; they drop privileges, so they come last.
-    for r in &remotes {
-        set_creds(s, r, p)?;
+    // Queued to one thread: each thread sends them to itself, so the kernel keeps every
+    // siginfo field as given.
+    let remotes: Vec<&Remote> = std::iter::once(s.remote()).chain(others.iter()).collect();
+    for (t, r) in p.threads.iter().zip(&remotes) {
+        for si in &t.pending {
+            let at = s.put(&siginfo(si)?)?;
+            s.call_in(
+                r,
+                &format!("queue pending signal {} of thread {}", si.signo, t.tid),
+                "rt_tgsigqueueinfo",
+                libc::SYS_rt_tgsigqueueinfo,
+                args!(pid, t.tid, si.signo, at),
+            )?;
+        }
     }
+
     // Replaces the SIGKILL that tied the new process to torpor during the restore. A
-    // detached process outlives torpor, its parent, so it gets none.
-    let pdeath = if opts.detach { 0 } else { p.pdeath_signal };
+    // detached root outlives torpor, its parent, so it gets none.
+    let pdeath = if detached_root { 0 } else { p.pdeath_signal };
     s.call(
         "set the parent-death signal",
         "prctl",
@@ -88,7 +362,6 @@ pub(crate) fn restore_state(
         libc::SYS_prctl,
         args!(libc::PR_SET_DUMPABLE, p.dumpable),
     )?;
-
     // torpor's own descriptors inside the process.
     s.call(
         "close torpor's descriptors",
@@ -96,7 +369,7 @@ pub(crate) fn restore_state(
         libc::SYS_close_range,
         args!(prep.plan.aux_base(), u32::MAX, 0),
     )?;
-    Ok(others)
+    Ok(())
 }
 
 fn siginfo(si: &model::SigInfo) -> Result<Vec<u8>> {
@@ -162,17 +435,6 @@ fn thread_state(s: &Space, r: &Remote, t: &model::Thread) -> Result<()> {
     let at = s.put(&ss)?;
     call("set the alternate signal stack", "sigaltstack", libc::SYS_sigaltstack, args!(at, 0))?;
 
-    // Queued to this thread only: the thread sends them to itself, so the kernel keeps
-    // every siginfo field as given.
-    for si in &t.pending {
-        let at = s.put(&siginfo(si)?)?;
-        call(
-            &format!("queue pending signal {}", si.signo),
-            "rt_tgsigqueueinfo",
-            libc::SYS_rt_tgsigqueueinfo,
-            args!(pid, tid, si.signo, at),
-        )?;
-    }
     if t.robust_list != 0 {
         call(
             "set the robust futex list",
@@ -234,7 +496,7 @@ pub(crate) fn set_mm(s: &Space, p: &model::Process, prep: &Prepared) -> Result<(
         auxv_at,
     ]);
     buf.extend_from_slice(&(auxv_bytes.len() as u32).to_ne_bytes());
-    buf.extend_from_slice(&(prep.exe_fd as u32).to_ne_bytes());
+    buf.extend_from_slice(&(prep.exe_fds[&p.pid] as u32).to_ne_bytes());
     let size = buf.len();
     buf.resize(header, 0);
     buf.extend_from_slice(&auxv_bytes);

@@ -8,6 +8,7 @@ pub mod mem;
 pub mod proc;
 pub mod ptrace;
 pub mod remote;
+pub mod sock;
 
 use std::io;
 
@@ -39,7 +40,7 @@ pub enum Error {
 
 pub type Result<T> = std::result::Result<T, Error>;
 
-fn last(call: &'static str) -> Error {
+pub(crate) fn last(call: &'static str) -> Error {
     Error::Syscall { call, source: io::Error::last_os_error() }
 }
 

@@ -45,6 +45,17 @@ pub fn read_ranges(pid: i32, ranges: &[(u64, usize)], buf: &mut [u8]) -> Result<
     Ok(())
 }
 
+/// Reads `ranges` of process `pid` into `buf` through `/proc/PID/mem` only.
+///
+/// Unlike `process_vm_readv`, which pins the pages it copies and so makes the kernel break
+/// copy-on-write sharing of anonymous pages (each process sharing them after a fork gets
+/// its own copy), this leaves shared pages shared.
+pub fn read_ranges_unpinned(pid: i32, ranges: &[(u64, usize)], buf: &mut [u8]) -> Result<()> {
+    let total: usize = ranges.iter().map(|r| r.1).sum();
+    assert!(buf.len() >= total, "buffer smaller than the ranges");
+    read_mem_file(pid, ranges, 0, &mut buf[..total])
+}
+
 /// Reads what `process_vm_readv` left out of `chunk` (after its first `skip` bytes).
 fn read_mem_file(pid: i32, chunk: &[(u64, usize)], mut skip: usize, out: &mut [u8]) -> Result<()> {
     let path = format!("/proc/{pid}/mem");

@@ -202,6 +202,8 @@ pub struct Stat {
     pub arg_end: u64,
     pub env_start: u64,
     pub env_end: u64,
+    /// The wait status of an exited task (field 52).
+    pub exit_code: i32,
 }
 
 pub fn stat(pid: i32) -> Result<Stat> {
@@ -232,6 +234,7 @@ pub fn stat(pid: i32) -> Result<Stat> {
         arg_end: n(49)?,
         env_start: n(50)?,
         env_end: n(51)?,
+        exit_code: n(52).unwrap_or(0) as i32,
     })
 }
 

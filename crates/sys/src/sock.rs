@@ -1,0 +1,318 @@
+//! Descriptors torpor takes from other processes, and what the kernel tells about
+//! sockets: `pidfd_getfd`, `tee`, and `NETLINK_SOCK_DIAG` for unix sockets.
+
+use std::collections::HashMap;
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+
+use crate::{last, Result};
+
+/// A copy of descriptor `fd` of process `pid`, sharing its open file description.
+/// Needs ptrace access to `pid`. See pidfd_open(2), pidfd_getfd(2).
+pub fn take_fd(pid: i32, fd: i32) -> Result<OwnedFd> {
+    // SAFETY: both calls take integers and return a new descriptor or -1.
+    unsafe {
+        let pidfd = libc::syscall(libc::SYS_pidfd_open, pid, 0);
+        if pidfd < 0 {
+            return Err(last("pidfd_open"));
+        }
+        let pidfd = OwnedFd::from_raw_fd(pidfd as i32);
+        let got = libc::syscall(libc::SYS_pidfd_getfd, pidfd.as_raw_fd(), fd, 0);
+        if got < 0 {
+            return Err(last("pidfd_getfd"));
+        }
+        Ok(OwnedFd::from_raw_fd(got as i32))
+    }
+}
+
+/// The bytes in a pipe, copied without being consumed (`tee`). `pipe` must be a read
+/// end (one may be opened through `/proc/PID/fd/N`).
+pub fn pipe_contents(pipe: &OwnedFd) -> Result<Vec<u8>> {
+    let size = pipe_size(pipe)?;
+    let mut fds = [0; 2];
+    // SAFETY: pipe2 writes two new descriptors into `fds`.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC | libc::O_NONBLOCK) } < 0 {
+        return Err(last("pipe2"));
+    }
+    // SAFETY: both descriptors were just created and belong to nobody else.
+    let (r, w) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+    // SAFETY: fcntl on our own descriptor; room for everything the source may hold.
+    if unsafe { libc::fcntl(w.as_raw_fd(), libc::F_SETPIPE_SZ, size) } < 0 {
+        return Err(last("F_SETPIPE_SZ"));
+    }
+    // SAFETY: tee takes descriptors and integers; it duplicates pipe buffers.
+    let n = unsafe {
+        libc::tee(pipe.as_raw_fd(), w.as_raw_fd(), size as usize, libc::SPLICE_F_NONBLOCK)
+    };
+    if n < 0 {
+        let e = io::Error::last_os_error();
+        // An empty pipe.
+        if e.raw_os_error() == Some(libc::EAGAIN) {
+            return Ok(Vec::new());
+        }
+        return Err(crate::Error::Syscall { call: "tee", source: e });
+    }
+    let mut out = vec![0u8; n as usize];
+    let mut at = 0;
+    while at < out.len() {
+        // SAFETY: reads into the unfilled part of `out`.
+        let k = unsafe {
+            libc::read(r.as_raw_fd(), out[at..].as_mut_ptr() as *mut libc::c_void, out.len() - at)
+        };
+        if k <= 0 {
+            return Err(last("read"));
+        }
+        at += k as usize;
+    }
+    Ok(out)
+}
+
+/// `F_GETPIPE_SZ`.
+pub fn pipe_size(pipe: &OwnedFd) -> Result<i32> {
+    // SAFETY: fcntl on a descriptor we own.
+    let size = unsafe { libc::fcntl(pipe.as_raw_fd(), libc::F_GETPIPE_SZ) };
+    if size < 0 {
+        return Err(last("F_GETPIPE_SZ"));
+    }
+    Ok(size)
+}
+
+/// `getsockopt(SOL_SOCKET, opt)` for an integer option.
+pub fn sockopt(fd: &OwnedFd, opt: i32) -> Result<i32> {
+    let mut v: libc::c_int = 0;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: the kernel writes at most `len` bytes into `v`.
+    let r = unsafe {
+        libc::getsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            opt,
+            &mut v as *mut _ as *mut _,
+            &mut len,
+        )
+    };
+    if r < 0 {
+        return Err(last("getsockopt"));
+    }
+    Ok(v)
+}
+
+/// `setsockopt(SOL_SOCKET, opt)` for an integer option.
+pub fn set_sockopt(fd: &OwnedFd, opt: i32, v: i32) -> Result<()> {
+    // SAFETY: the kernel reads one int from `v`.
+    let r = unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            opt,
+            &v as *const _ as *const _,
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if r < 0 {
+        return Err(last("setsockopt"));
+    }
+    Ok(())
+}
+
+/// The messages queued on a socket for reading, oldest first, without consuming them:
+/// `MSG_PEEK` from a moving `SO_PEEK_OFF`, which is put back afterwards. A stream socket
+/// gives its bytes in one piece.
+pub fn socket_queue(sock: &OwnedFd, stream: bool) -> Result<Vec<Vec<u8>>> {
+    let old_off = sockopt(sock, libc::SO_PEEK_OFF)?;
+    set_sockopt(sock, libc::SO_PEEK_OFF, 0)?;
+    let mut out: Vec<Vec<u8>> = Vec::new();
+    let mut buf = vec![0u8; 1 << 20];
+    let result = loop {
+        // SAFETY: receives into `buf`, which has the length passed.
+        let n = unsafe {
+            libc::recv(
+                sock.as_raw_fd(),
+                buf.as_mut_ptr() as *mut libc::c_void,
+                buf.len(),
+                libc::MSG_PEEK | libc::MSG_DONTWAIT | libc::MSG_TRUNC,
+            )
+        };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            if e.raw_os_error() == Some(libc::EAGAIN) {
+                break Ok(());
+            }
+            break Err(crate::Error::Syscall { call: "recv(MSG_PEEK)", source: e });
+        }
+        let n = n as usize;
+        if n > buf.len() {
+            break Err(crate::Error::Syscall {
+                call: "recv(MSG_PEEK)",
+                source: io::Error::other(format!("a queued message of {n} bytes is too large")),
+            });
+        }
+        if n == 0 && stream {
+            break Ok(());
+        }
+        if stream {
+            out.first_mut()
+                .map(|v| v.extend_from_slice(&buf[..n]))
+                .unwrap_or_else(|| out.push(buf[..n].to_vec()));
+        } else {
+            out.push(buf[..n].to_vec());
+            // An empty datagram does not move the peek offset: count them.
+            if n == 0 && out.len() > 1 << 16 {
+                break Ok(());
+            }
+        }
+    };
+    set_sockopt(sock, libc::SO_PEEK_OFF, old_off)?;
+    result.map(|()| out)
+}
+
+/// What sock_diag tells about one unix socket.
+#[derive(Debug, Clone, Default)]
+pub struct UnixInfo {
+    pub ino: u64,
+    pub sock_type: u8,
+    pub state: u8,
+    /// Inode of the connected peer, 0 for none.
+    pub peer: u64,
+    /// Bound address (path, or `@name` for an abstract one), empty for none.
+    pub name: String,
+}
+
+/// Every unix socket of this network namespace, by inode (`NETLINK_SOCK_DIAG`).
+pub fn unix_sockets() -> Result<HashMap<u64, UnixInfo>> {
+    const SOCK_DIAG_BY_FAMILY: u16 = 20;
+    const UDIAG_SHOW_NAME: u32 = 1;
+    const UDIAG_SHOW_PEER: u32 = 4;
+    const UNIX_DIAG_NAME: u16 = 0;
+    const UNIX_DIAG_PEER: u16 = 2;
+
+    // SAFETY: socket() takes integers and returns a new descriptor or -1.
+    let fd = unsafe {
+        libc::socket(
+            libc::AF_NETLINK,
+            libc::SOCK_DGRAM | libc::SOCK_CLOEXEC,
+            libc::NETLINK_SOCK_DIAG,
+        )
+    };
+    if fd < 0 {
+        return Err(last("socket(NETLINK_SOCK_DIAG)"));
+    }
+    // SAFETY: just created, owned by nobody else.
+    let sock = unsafe { OwnedFd::from_raw_fd(fd) };
+
+    // struct nlmsghdr (16) + struct unix_diag_req (24).
+    let mut req = Vec::with_capacity(40);
+    req.extend_from_slice(&40u32.to_ne_bytes());
+    req.extend_from_slice(&SOCK_DIAG_BY_FAMILY.to_ne_bytes());
+    req.extend_from_slice(&((libc::NLM_F_REQUEST | libc::NLM_F_DUMP) as u16).to_ne_bytes());
+    req.extend_from_slice(&1u32.to_ne_bytes());
+    req.extend_from_slice(&0u32.to_ne_bytes());
+    req.push(libc::AF_UNIX as u8);
+    req.push(0);
+    req.extend_from_slice(&0u16.to_ne_bytes());
+    req.extend_from_slice(&u32::MAX.to_ne_bytes()); // all states
+    req.extend_from_slice(&0u32.to_ne_bytes()); // any inode
+    req.extend_from_slice(&(UDIAG_SHOW_NAME | UDIAG_SHOW_PEER).to_ne_bytes());
+    req.extend_from_slice(&[0xff; 8]); // no cookie
+                                       // SAFETY: sends `req`, which has the length passed.
+    if unsafe { libc::send(sock.as_raw_fd(), req.as_ptr() as *const _, req.len(), 0) } < 0 {
+        return Err(last("send(sock_diag)"));
+    }
+
+    let mut out = HashMap::new();
+    let mut buf = vec![0u8; 1 << 16];
+    loop {
+        // SAFETY: receives into `buf`, which has the length passed.
+        let n = unsafe { libc::recv(sock.as_raw_fd(), buf.as_mut_ptr() as *mut _, buf.len(), 0) };
+        if n < 0 {
+            return Err(last("recv(sock_diag)"));
+        }
+        let mut msgs = &buf[..n as usize];
+        while msgs.len() >= 16 {
+            let len = u32::from_ne_bytes(msgs[0..4].try_into().unwrap()) as usize;
+            let kind = u16::from_ne_bytes(msgs[4..6].try_into().unwrap());
+            if len < 16 || len > msgs.len() {
+                break;
+            }
+            if kind == libc::NLMSG_DONE as u16 {
+                return Ok(out);
+            }
+            if kind == libc::NLMSG_ERROR as u16 {
+                return Err(crate::Error::Syscall {
+                    call: "sock_diag",
+                    source: io::Error::other("the kernel refused the unix socket query"),
+                });
+            }
+            // struct unix_diag_msg: family, type, state, pad, ino, cookie[2].
+            let body = &msgs[16..len];
+            if body.len() >= 16 {
+                let mut info = UnixInfo {
+                    sock_type: body[1],
+                    state: body[2],
+                    ino: u32::from_ne_bytes(body[4..8].try_into().unwrap()) as u64,
+                    ..Default::default()
+                };
+                let mut attrs = &body[16..];
+                while attrs.len() >= 4 {
+                    let alen = u16::from_ne_bytes(attrs[0..2].try_into().unwrap()) as usize;
+                    let atype = u16::from_ne_bytes(attrs[2..4].try_into().unwrap());
+                    if alen < 4 || alen > attrs.len() {
+                        break;
+                    }
+                    let data = &attrs[4..alen];
+                    match atype {
+                        UNIX_DIAG_PEER if data.len() >= 4 => {
+                            info.peer = u32::from_ne_bytes(data[0..4].try_into().unwrap()) as u64
+                        }
+                        UNIX_DIAG_NAME if !data.is_empty() => {
+                            info.name = if data[0] == 0 {
+                                format!("@{}", String::from_utf8_lossy(&data[1..]))
+                            } else {
+                                String::from_utf8_lossy(
+                                    data.split(|&b| b == 0).next().unwrap_or(&[]),
+                                )
+                                .into_owned()
+                            }
+                        }
+                        _ => {}
+                    }
+                    let step = (alen + 3) & !3;
+                    attrs = &attrs[step.min(attrs.len())..];
+                }
+                out.insert(info.ino, info);
+            }
+            let step = (len + 3) & !3;
+            msgs = &msgs[step.min(msgs.len())..];
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn socketpair_peers_and_queue() {
+        let mut fds = [0; 2];
+        // SAFETY: socketpair writes two new descriptors.
+        assert_eq!(
+            unsafe { libc::socketpair(libc::AF_UNIX, libc::SOCK_STREAM, 0, fds.as_mut_ptr()) },
+            0
+        );
+        // SAFETY: just created.
+        let (a, b) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+        // SAFETY: writes 5 bytes from a static string.
+        assert_eq!(unsafe { libc::write(b.as_raw_fd(), b"hello".as_ptr() as *const _, 5) }, 5);
+        let meta = |f: &OwnedFd| {
+            let mut st: libc::stat = unsafe { std::mem::zeroed() };
+            // SAFETY: fstat writes one struct stat.
+            unsafe { libc::fstat(f.as_raw_fd(), &mut st) };
+            st.st_ino
+        };
+        let all = unix_sockets().unwrap();
+        assert_eq!(all[&meta(&a)].peer, meta(&b));
+        assert_eq!(socket_queue(&a, true).unwrap(), vec![b"hello".to_vec()]);
+        // Still there after peeking.
+        assert_eq!(socket_queue(&a, true).unwrap(), vec![b"hello".to_vec()]);
+    }
+}
