@@ -17,6 +17,7 @@ pub enum UnsupportedReason {
     Fd { fd: i32, kind: String },
     Mapping { start: u64, end: u64, what: String },
     External { fd: i32, what: String, holder: String },
+    InsidePidNs { inner: i32 },
     Torpor,
 }
 
@@ -41,6 +42,11 @@ impl fmt::Display for UnsupportedReason {
                 "fd {fd} is {what}, whose other end is held by {holder} outside the dumped tree"
             ),
             Self::Torpor => write!(f, "its tree includes torpor itself"),
+            Self::InsidePidNs { inner } => write!(
+                f,
+                "runs as pid {inner} inside a pid namespace it does not lead; dump the \
+                 namespace's first process (pid 1 inside) to take the whole namespace"
+            ),
             Self::Mapping { start, end, what } => {
                 write!(
                     f,

@@ -213,15 +213,87 @@ fn write_image(frozen: &FrozenTree, writer: &mut ImageWriter) -> Result<(model::
     let pids: Vec<i32> = frozen.processes.iter().map(|p| p.pid).collect();
     fd_ctx.check_closed(&pids)?;
     files.save_deleted(root, writer)?;
-    let tree = model::Tree {
+    let mut tree = model::Tree {
         root_pid: root,
         processes,
         files: files.into_infos(),
         zombies: frozen.zombies.clone(),
         pid_ns: false,
     };
+    if let Some(map) = pid_namespace(&frozen.processes, &frozen.zombies)? {
+        to_inner_pids(&mut tree, &map);
+    }
     writer.write_json(torpor_image::TREE, &tree)?;
     Ok((tree, stats))
+}
+
+/// When the tree's root is the first process of a pid namespace other than torpor's (as
+/// `torpor run` makes), the map from the pids torpor sees to those inside. `None` for a
+/// tree in torpor's own namespace.
+fn pid_namespace(
+    processes: &[Frozen],
+    zombies: &[model::Zombie],
+) -> Result<Option<std::collections::HashMap<i32, i32>>> {
+    let root = processes[0].pid;
+    let ns = |pid: i32| std::fs::read_link(format!("/proc/{pid}/ns/pid")).ok();
+    if ns(root) == ns(std::process::id() as i32) {
+        return Ok(None);
+    }
+    let inner = |pid: i32, tid: i32| -> Result<i32> {
+        let st = proc::task_status(pid, tid).map_err(|source| DumpError::Collect {
+            pid,
+            what: format!("the pid namespace ids of {tid}"),
+            source,
+        })?;
+        Ok(*st.ns_pids.last().unwrap_or(&tid))
+    };
+    if inner(root, root)? != 1 {
+        return Err(DumpError::Unsupported {
+            pid: root,
+            reason: UnsupportedReason::InsidePidNs { inner: inner(root, root)? },
+        });
+    }
+    let mut map = std::collections::HashMap::new();
+    for f in processes {
+        for t in &f.threads {
+            map.insert(t.tid, inner(f.pid, t.tid)?);
+        }
+    }
+    for z in zombies {
+        map.insert(z.pid, inner(z.pid, z.pid)?);
+    }
+    Ok(Some(map))
+}
+
+/// Rewrites every pid of the records to the one the processes see in their namespace;
+/// pids outside it become 0, as the processes see them.
+fn to_inner_pids(tree: &mut model::Tree, map: &std::collections::HashMap<i32, i32>) {
+    let inner = |p: i32| map.get(&p).copied().unwrap_or(0);
+    tree.pid_ns = true;
+    tree.root_pid = inner(tree.root_pid);
+    for p in &mut tree.processes {
+        p.pid = inner(p.pid);
+        p.ppid = inner(p.ppid);
+        p.pgid = inner(p.pgid);
+        p.sid = inner(p.sid);
+        for t in &mut p.threads {
+            t.tid = inner(t.tid);
+        }
+        for t in &mut p.posix_timers {
+            if t.notify_tid != 0 {
+                t.notify_tid = inner(t.notify_tid);
+            }
+        }
+        for r in p.vmas.iter_mut().flat_map(|v| v.pages.iter_mut()) {
+            r.from_pid = r.from_pid.map(inner);
+        }
+    }
+    for z in &mut tree.zombies {
+        z.pid = inner(z.pid);
+        z.ppid = inner(z.ppid);
+        z.pgid = inner(z.pgid);
+        z.sid = inner(z.sid);
+    }
 }
 
 /// Every process of a tree held stopped, parents before children, and its zombies.

@@ -15,6 +15,9 @@ use crate::{RestoreError, Result};
 /// files, the descriptor transfer socket) at known numbers, and nothing else.
 pub struct Plan {
     pub pid: i32,
+    /// Make the process the first of a new pid namespace (with its own mount namespace
+    /// and `/proc`), where `pid` is 1.
+    pub new_pid_ns: bool,
     /// Files opened by torpor that the new process (and, by inheritance, every process
     /// created from it) needs during the restore.
     pub sources: Vec<OwnedFd>,
@@ -54,7 +57,7 @@ pub fn spawn(plan: &mut Plan) -> Result<i32> {
     // SAFETY: the restore path is single-threaded here, and the child runs only
     // `child_main`, which makes raw system calls on `plan` (prepared beforehand) and never
     // allocates or takes locks.
-    let child = unsafe { torpor_sys::clone3_with_pid(pid) }.map_err(|source| {
+    let child = unsafe { torpor_sys::clone3_with_pid(pid, plan.new_pid_ns) }.map_err(|source| {
         if source.raw_os_error() == Some(libc::EEXIST) {
             RestoreError::PidTaken { pid, holder: crate::describe_pid(pid) }
         } else {
@@ -119,19 +122,22 @@ pub(crate) fn pipe() -> Result<(OwnedFd, OwnedFd)> {
 }
 
 /// The child's side. Never returns.
+/// Reports a failed step and errno on `report`, and exits.
+fn fail_on(report: RawFd, step: u32) -> ! {
+    // SAFETY: errno location is thread-local and valid; write and _exit take plain
+    // arguments and a pointer to an 8-byte local.
+    unsafe {
+        let errno = *libc::__errno_location();
+        let mut msg = [0u8; 8];
+        msg[..4].copy_from_slice(&step.to_ne_bytes());
+        msg[4..].copy_from_slice(&errno.to_ne_bytes());
+        libc::write(report, msg.as_ptr() as *const libc::c_void, 8);
+        libc::_exit(127)
+    }
+}
+
 fn child_main(plan: &Plan, report: RawFd) -> ! {
-    let fail = |step: u32| -> ! {
-        // SAFETY: errno location is thread-local and valid; write and _exit take plain
-        // arguments and a pointer to an 8-byte local.
-        unsafe {
-            let errno = *libc::__errno_location();
-            let mut msg = [0u8; 8];
-            msg[..4].copy_from_slice(&step.to_ne_bytes());
-            msg[4..].copy_from_slice(&errno.to_ne_bytes());
-            libc::write(report, msg.as_ptr() as *const libc::c_void, 8);
-            libc::_exit(127)
-        }
-    };
+    let fail = |step| fail_on(report, step);
     // SAFETY: every call below is a plain system call on integers or on memory in `plan`,
     // which this copy of the address space owns; nothing allocates.
     unsafe {
@@ -157,6 +163,30 @@ fn child_main(plan: &Plan, report: RawFd) -> ! {
             fail(2);
         }
         let report = report_fd;
+        let fail = |step| fail_on(report, step);
+
+        // In its own pid namespace, /proc must show that namespace: mount a new one, in a
+        // mount namespace kept private from the rest of the system.
+        if plan.new_pid_ns {
+            let none = std::ptr::null::<libc::c_char>();
+            if libc::mount(
+                none,
+                c"/".as_ptr(),
+                none,
+                libc::MS_REC | libc::MS_PRIVATE,
+                std::ptr::null(),
+            ) < 0
+                || libc::mount(
+                    c"proc".as_ptr(),
+                    c"/proc".as_ptr(),
+                    c"proc".as_ptr(),
+                    libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
+                    std::ptr::null(),
+                ) < 0
+            {
+                fail(3);
+            }
+        }
 
         let ok = [0xffu8; 8];
         libc::write(report, ok.as_ptr() as *const libc::c_void, 8);

@@ -110,35 +110,37 @@ pub fn restore(opts: &RestoreOptions) -> Result<Restored> {
     let t0 = Instant::now();
     let (reader, tree) = check_image(&opts.dir)?;
     let verify_time = t0.elapsed();
-    let root = tree.root_pid;
     let ids = tree
         .processes
         .iter()
         .flat_map(|p| p.threads.iter().map(|t| t.tid))
         .chain(tree.zombies.iter().map(|z| z.pid));
-    for id in ids {
-        prepare::check_pid_free(id)?;
+    // In a new pid namespace every pid is free; otherwise each must be.
+    if !tree.pid_ns {
+        for id in ids {
+            prepare::check_pid_free(id)?;
+        }
     }
     prepare::check_files(&tree)?;
 
     let mut prepared = prepare::prepare(&reader, &tree)?;
+    // The root's pid as torpor sees it (in a new pid namespace it is 1 only inside).
     let child = child::spawn(&mut prepared.plan)?;
-    debug_assert_eq!(child, root);
     // From here on, any failure kills the half-made tree: the root, and with it (by the
     // parent-death signal and ptrace's exit-kill) every process it made.
     let mut built = Built::default();
-    let result = build(opts, &reader, &tree, &prepared, &mut built);
+    let result = build(opts, &reader, &tree, &prepared, child, &mut built);
     drop(prepared);
     if let Err(e) = result {
         for &pid in built.pids.iter().rev() {
             // SAFETY: kill takes only integers.
             unsafe { libc::kill(pid, libc::SIGKILL) };
         }
-        let _ = ptrace::wait_exit(root);
+        let _ = ptrace::wait_exit(child);
         return Err(e);
     }
     let image_bytes = reader.manifest().files.iter().map(|f| f.len).sum();
-    Ok(Restored { pid: root, verify_time, total: t0.elapsed(), image_bytes })
+    Ok(Restored { pid: child, verify_time, total: t0.elapsed(), image_bytes })
 }
 
 /// The processes made so far, to kill on failure.
@@ -165,6 +167,7 @@ fn build(
     reader: &ImageReader,
     tree: &model::Tree,
     prep: &prepare::Prepared,
+    root_outer: i32,
     built: &mut Built,
 ) -> Result<()> {
     let root = tree.root_pid;
@@ -172,22 +175,22 @@ fn build(
         let step = what.to_string();
         move |source| RestoreError::Step { pid, step, source }
     };
-    built.pids.push(root);
-    ptrace::seize_builder(root).map_err(step(root, "attach to the new process"))?;
-    ptrace::interrupt_and_wait(root).map_err(step(root, "stop the new process"))?;
-    ptrace::set_sigmask(root, !0).map_err(step(root, "block signals"))?;
+    built.pids.push(root_outer);
+    ptrace::seize_builder(root_outer).map_err(step(root, "attach to the new process"))?;
+    ptrace::interrupt_and_wait(root_outer).map_err(step(root, "stop the new process"))?;
+    ptrace::set_sigmask(root_outer, !0).map_err(step(root, "block signals"))?;
 
     // 1. Every process, parents before children, each forked by its own parent while
     //    that one is still only a parked vDSO, so the copies are cheap.
     let mut procs: Vec<Proc> = Vec::with_capacity(tree.processes.len());
     for p in &tree.processes {
         let space = if p.pid == root {
-            space::Space::take(root, p)?
+            space::Space::take(root_outer, root, p)?
         } else {
             let parent = procs.iter().find(|q| q.p.pid == p.ppid).expect("validated");
-            state::fork_child(&parent.space, p.pid)?;
-            built.pids.push(p.pid);
-            space::Space::take(p.pid, p)?
+            let outer = state::fork_child(&parent.space, p.pid)?;
+            built.pids.push(outer);
+            space::Space::take(outer, p.pid, p)?
         };
         state::session(&space, p)?;
         procs.push(Proc { p, space, threads: Vec::new() });
@@ -222,7 +225,8 @@ fn build(
     for pr in &procs {
         for (t, r) in pr.p.threads.iter().zip(pr.remotes()) {
             state::load_registers(r, t)?;
-            ptrace::set_sigmask(t.tid, t.blocked).map_err(step(pr.p.pid, "set the signal mask"))?;
+            ptrace::set_sigmask(r.tid(), t.blocked)
+                .map_err(step(pr.p.pid, "set the signal mask"))?;
         }
     }
     for pr in procs.iter().rev() {

@@ -182,7 +182,13 @@ pub(crate) fn prepare(reader: &ImageReader, tree: &model::Tree) -> Result<Prepar
         })
         .unwrap_or(1024);
     let base = max_target.max(max_own) + 1;
-    let plan = Plan { pid: tree.root_pid, sources: aux, base, report: Some(report) };
+    let plan = Plan {
+        pid: tree.root_pid,
+        new_pid_ns: tree.pid_ns,
+        sources: aux,
+        base,
+        report: Some(report),
+    };
     Ok(Prepared {
         pages_fds: pages_i.into_iter().map(|(k, i)| (k, plan.aux_fd(i))).collect(),
         zero_fd: plan.aux_fd(zero_i),

@@ -34,7 +34,11 @@ struct Special {
 
 /// The new process during restore, with its parked vDSO and scratch area.
 pub(crate) struct Space {
+    /// The process's pid as torpor sees it (for ptrace, /proc and its memory).
     pid: i32,
+    /// Its pid as it sees itself (for calls it makes), which differs in a new pid
+    /// namespace.
+    inner: i32,
     remote: Remote,
     specials: Vec<Special>,
     /// The running kernel's vDSO bytes.
@@ -47,7 +51,7 @@ pub(crate) struct Space {
 impl Space {
     /// Takes over the stopped new process: unregisters torpor's rseq area, parks the vDSO
     /// where the saved layout has a hole, and unmaps everything else.
-    pub fn take(pid: i32, process: &model::Process) -> Result<Self> {
+    pub fn take(pid: i32, inner: i32, process: &model::Process) -> Result<Self> {
         let step = |what: &str| {
             let step = what.to_string();
             move |source| RestoreError::Step { pid, step, source }
@@ -76,7 +80,7 @@ impl Space {
                 .map_err(step("unregister torpor's rseq area"))?;
         }
 
-        let mut space = Self { pid, remote, specials, vdso_bytes, syscall_off, scratch: 0 };
+        let mut space = Self { pid, inner, remote, specials, vdso_bytes, syscall_off, scratch: 0 };
 
         // Park the vDSO block, with the scratch area after it, where neither the saved
         // layout nor the current vDSO is.
@@ -121,6 +125,11 @@ impl Space {
 
     pub fn pid(&self) -> i32 {
         self.pid
+    }
+
+    /// The process's pid in its own pid namespace.
+    pub fn inner(&self) -> i32 {
+        self.inner
     }
 
     /// Writes bytes into the scratch area; returns its address.
@@ -257,7 +266,7 @@ impl Space {
         // The process reads its own pages from the image.
         for run in &v.pages {
             let (src, mut off) = match run.offset {
-                Some(o) => (prep.pages_fds[&run.from_pid.unwrap_or(pid)], o),
+                Some(o) => (prep.pages_fds[&run.from_pid.unwrap_or(self.inner)], o),
                 None => (prep.zero_fd, 0),
             };
             let mut addr = run.addr;

@@ -93,9 +93,10 @@ fn fs_state(s: &Space, p: &model::Process) -> Result<()> {
     Ok(())
 }
 
-/// Makes `pid` as a child of the process of `parent`, like `fork` with a chosen pid. The
-/// child, seized along with its parent, stops before it runs.
-pub(crate) fn fork_child(parent: &Space, pid: i32) -> Result<()> {
+/// Makes `pid` as a child of the process of `parent`, like `fork` with a chosen pid (in
+/// the parent's pid namespace). The child, seized along with its parent, stops before it
+/// runs. Returns its pid as torpor sees it.
+pub(crate) fn fork_child(parent: &Space, pid: i32) -> Result<i32> {
     // struct clone_args (88 bytes): a plain fork reporting SIGCHLD, with the pid to use
     // after it.
     let at = parent.scratch;
@@ -111,7 +112,8 @@ pub(crate) fn fork_child(parent: &Space, pid: i32) -> Result<()> {
         let step = format!("{what} child {pid}");
         move |source| RestoreError::Step { pid: parent.pid(), step, source }
     };
-    match ptrace::wait_stop(pid).map_err(step("wait for new"))? {
+    let outer = new_task(parent.remote(), pid)?;
+    match ptrace::wait_stop(outer).map_err(step("wait for new"))? {
         ptrace::Stop::Event(_) => {}
         other => {
             return Err(RestoreError::Unsupported {
@@ -119,7 +121,15 @@ pub(crate) fn fork_child(parent: &Space, pid: i32) -> Result<()> {
             })
         }
     }
-    ptrace::set_sigmask(pid, !0).map_err(step("block signals in"))
+    ptrace::set_sigmask(outer, !0).map_err(step("block signals in"))?;
+    Ok(outer)
+}
+
+/// The pid torpor sees for the task the last call in `r` made (`what` in messages).
+fn new_task(r: &Remote, what: i32) -> Result<i32> {
+    r.take_new_task().ok_or_else(|| RestoreError::Unsupported {
+        what: format!("task {what}, which the kernel made without telling torpor"),
+    })
 }
 
 /// Session and process group leadership, set right after the process is made so that
@@ -148,12 +158,12 @@ pub(crate) fn join_group(s: &Space, p: &model::Process, tree: &model::Tree) -> R
 
 /// Makes a child that has exited with the saved status and waits for its parent.
 pub(crate) fn make_zombie(parent: &Space, z: &model::Zombie) -> Result<()> {
-    fork_child(parent, z.pid)?;
+    let outer = fork_child(parent, z.pid)?;
     let step = |what: &str| {
         let step = format!("{what} zombie {}", z.pid);
         move |source| RestoreError::Step { pid: z.pid, step, source }
     };
-    let r = Remote::new(z.pid, parent.syscall_ip()).map_err(step("take over"))?;
+    let r = Remote::new(outer, parent.syscall_ip()).map_err(step("take over"))?;
     let mut comm = [0u8; 16];
     let n = z.comm.len().min(15);
     comm[..n].copy_from_slice(&z.comm.as_bytes()[..n]);
@@ -166,10 +176,10 @@ pub(crate) fn make_zombie(parent: &Space, z: &model::Zombie) -> Result<()> {
         let dfl = parent.put(&le(&[0, 0, 0, 0]))?;
         r.call("rt_sigaction", libc::SYS_rt_sigaction, args!(sig, dfl, 0, 8))
             .map_err(step("reset the signal action of"))?;
-        ptrace::set_sigmask(z.pid, 0).map_err(step("unblock signals in"))?;
+        ptrace::set_sigmask(outer, 0).map_err(step("unblock signals in"))?;
         match r.raw(libc::SYS_kill, args!(z.pid, sig)) {
             Err(torpor_sys::Error::RemoteStop { .. }) => {
-                ptrace::cont(z.pid, sig).map_err(step("kill"))?
+                ptrace::cont(outer, sig).map_err(step("kill"))?
             }
             Err(torpor_sys::Error::Gone { .. }) => return Ok(()),
             other => {
@@ -185,7 +195,7 @@ pub(crate) fn make_zombie(parent: &Space, z: &model::Zombie) -> Result<()> {
         }
     }
     // As its tracer torpor sees the exit first; the parent reaps it later.
-    ptrace::wait_exit(z.pid).map_err(|source| RestoreError::Step {
+    ptrace::wait_exit(outer).map_err(|source| RestoreError::Step {
         pid: z.pid,
         step: "wait for the zombie to exit".into(),
         source: torpor_sys::Error::Wait { tid: z.pid, source },
@@ -328,7 +338,7 @@ pub(crate) fn signals_and_flags(
             &format!("queue pending signal {}", si.signo),
             "rt_sigqueueinfo",
             libc::SYS_rt_sigqueueinfo,
-            args!(pid, si.signo, at),
+            args!(s.inner(), si.signo, at),
         )?;
     }
     // Queued to one thread: each thread sends them to itself, so the kernel keeps every
@@ -342,7 +352,7 @@ pub(crate) fn signals_and_flags(
                 &format!("queue pending signal {} of thread {}", si.signo, t.tid),
                 "rt_tgsigqueueinfo",
                 libc::SYS_rt_tgsigqueueinfo,
-                args!(pid, t.tid, si.signo, at),
+                args!(s.inner(), t.tid, si.signo, at),
             )?;
         }
     }
@@ -405,7 +415,8 @@ fn create_thread(s: &Space, tid: i32) -> Result<Remote> {
         move |source| RestoreError::Step { pid, step, source }
     };
     // Seized along with its creator, it reports a stop before running any code.
-    match ptrace::wait_stop(tid).map_err(step("wait for new"))? {
+    let outer = new_task(s.remote(), tid)?;
+    match ptrace::wait_stop(outer).map_err(step("wait for new"))? {
         ptrace::Stop::Event(_) => {}
         other => {
             return Err(RestoreError::Unsupported {
@@ -413,8 +424,8 @@ fn create_thread(s: &Space, tid: i32) -> Result<Remote> {
             })
         }
     }
-    ptrace::set_sigmask(tid, !0).map_err(step("block signals in"))?;
-    Remote::new(tid, s.syscall_ip()).map_err(step("take over"))
+    ptrace::set_sigmask(outer, !0).map_err(step("block signals in"))?;
+    Remote::new(outer, s.syscall_ip()).map_err(step("take over"))
 }
 
 /// Per-thread kernel state, set by calls the thread runs itself.
@@ -462,7 +473,7 @@ fn thread_state(s: &Space, r: &Remote, t: &model::Thread) -> Result<()> {
     comm[..n].copy_from_slice(&t.comm.as_bytes()[..n]);
     let at = s.put(&comm)?;
     call("set the name", "prctl", libc::SYS_prctl, args!(libc::PR_SET_NAME, at))?;
-    torpor_sys::set_sched(tid, t.nice, t.sched_policy, t.sched_priority).map_err(|source| {
+    torpor_sys::set_sched(r.tid(), t.nice, t.sched_policy, t.sched_priority).map_err(|source| {
         RestoreError::Step {
             pid,
             step: format!("set the scheduling policy and nice value of thread {tid}"),

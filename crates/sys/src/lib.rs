@@ -108,9 +108,11 @@ pub fn set_rlimit(pid: i32, resource: u32, soft: u64, hard: u64) -> io::Result<(
     Ok(())
 }
 
-/// `clone3` with `set_tid`: creates a child process whose pid is `pid`, like `fork`.
+/// `clone3` with `set_tid`: creates a child process whose pid is `pid`, like `fork`; or,
+/// with `new_ns`, the first process (pid 1) of a new pid namespace, in a new mount
+/// namespace (so it can mount its own `/proc`).
 ///
-/// Returns `Ok(0)` in the child and the child's pid in the parent. The child must only
+/// Returns `Ok(0)` in the child and the child's pid (in this namespace) in the parent. The child must only
 /// call async-signal-safe functions (no allocation) until it execs or stops: torpor's
 /// other threads are not copied.
 ///
@@ -118,7 +120,7 @@ pub fn set_rlimit(pid: i32, resource: u32, soft: u64, hard: u64) -> io::Result<(
 ///
 /// As for `fork`: the caller must not rely, in the child, on locks or state owned by
 /// other threads of this process.
-pub unsafe fn clone3_with_pid(pid: i32) -> io::Result<i32> {
+pub unsafe fn clone3_with_pid(pid: i32, new_ns: bool) -> io::Result<i32> {
     #[repr(C)]
     #[derive(Default)]
     struct CloneArgs {
@@ -135,11 +137,19 @@ pub unsafe fn clone3_with_pid(pid: i32) -> io::Result<i32> {
         cgroup: u64,
     }
     let tids = [pid as libc::pid_t];
-    let args = CloneArgs {
-        exit_signal: libc::SIGCHLD as u64,
-        set_tid: tids.as_ptr() as u64,
-        set_tid_size: 1,
-        ..Default::default()
+    let args = if new_ns {
+        CloneArgs {
+            flags: (libc::CLONE_NEWPID | libc::CLONE_NEWNS) as u64,
+            exit_signal: libc::SIGCHLD as u64,
+            ..Default::default()
+        }
+    } else {
+        CloneArgs {
+            exit_signal: libc::SIGCHLD as u64,
+            set_tid: tids.as_ptr() as u64,
+            set_tid_size: 1,
+            ..Default::default()
+        }
     };
     // SAFETY: `args` is a valid clone_args of the size passed and `tids` outlives the
     // call; without CLONE_VM the child gets a copy of this address space, so both sides

@@ -122,6 +122,12 @@ pub fn cont(tid: i32, sig: i32) -> Result<()> {
     check("PTRACE_CONT", tid, r).map(drop)
 }
 
+/// The message of the last ptrace event (`PTRACE_GETEVENTMSG`): for a fork or clone, the
+/// new task's pid in the tracer's namespace.
+pub fn event_msg(tid: i32) -> Result<i64> {
+    ptrace::getevent(pid(tid)).map_err(nix_err("PTRACE_GETEVENTMSG", tid))
+}
+
 /// Executes one instruction of a stopped tracee.
 pub fn single_step(tid: i32) -> Result<()> {
     ptrace::step(pid(tid), None).map_err(nix_err("PTRACE_SINGLESTEP", tid))

@@ -16,6 +16,9 @@ use crate::{Error, Result};
 /// A stopped task that torpor drives through remote system calls.
 pub struct Remote {
     tid: i32,
+    /// The task made by the last call that forked or cloned, as torpor sees it (its pid
+    /// in torpor's pid namespace, which may differ from the one the call returned).
+    new_task: std::cell::Cell<Option<i32>>,
     /// The task's registers when torpor took it over; the base of every call.
     base: Regs,
     /// Address of a `syscall` instruction inside the task.
@@ -27,7 +30,7 @@ impl Remote {
     /// `syscall_ip` in its address space.
     pub fn new(tid: i32, syscall_ip: u64) -> Result<Self> {
         let base = ptrace::get_regs(tid)?;
-        Ok(Self { tid, base, syscall_ip })
+        Ok(Self { tid, base, syscall_ip, new_task: std::cell::Cell::new(None) })
     }
 
     pub fn tid(&self) -> i32 {
@@ -66,8 +69,12 @@ impl Remote {
         loop {
             match ptrace::wait_stop(self.tid)? {
                 Stop::Trap => break,
-                // A clone or fork stops the caller inside the call: let it finish.
-                Stop::PtraceEvent(_) => ptrace::single_step(self.tid)?,
+                // A clone or fork stops the caller inside the call: note the new task and
+                // let the call finish.
+                Stop::PtraceEvent(_) => {
+                    self.new_task.set(ptrace::event_msg(self.tid).ok().map(|m| m as i32));
+                    ptrace::single_step(self.tid)?
+                }
                 other => {
                     return Err(Error::RemoteStop { tid: self.tid, nr, stop: format!("{other:?}") })
                 }
@@ -89,6 +96,11 @@ impl Remote {
         } else {
             Ok(r as u64)
         }
+    }
+
+    /// The task the last forking or cloning call made, by its pid in torpor's namespace.
+    pub fn take_new_task(&self) -> Option<i32> {
+        self.new_task.take()
     }
 
     /// Puts the task's own registers back.

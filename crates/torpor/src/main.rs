@@ -6,6 +6,7 @@
 
 mod check;
 mod demo;
+mod run;
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -67,6 +68,16 @@ enum Command {
     Verify {
         #[arg(short = 'D', long = "dir")]
         dir: PathBuf,
+    },
+    /// Start a program as the first process of its own pid namespace, so that its tree
+    /// can be woken even where its pids are taken; waits for it.
+    Run {
+        /// Write the program's pid (as seen from outside) into this file.
+        #[arg(long)]
+        pidfile: Option<PathBuf>,
+        /// The program and its arguments.
+        #[arg(trailing_var_arg = true, required = true)]
+        cmd: Vec<String>,
     },
     /// Report which kernel features torpor relies on are present here.
     Check,
@@ -174,6 +185,7 @@ fn run(cli: Cli) -> Result<u8> {
             }
             Ok(0)
         }
+        Command::Run { pidfile, cmd } => run::run(&cmd, pidfile.as_deref(), quiet),
         Command::Check => check::run(quiet),
         Command::Demo => demo::run(),
         Command::Count { log } => demo::count(&log),
