@@ -5,7 +5,7 @@ use std::fs::{self, File};
 use std::io::{self, Read};
 use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
 
-use torpor_image::model::{Fd, FileInfo, OpenFile, OpenFileKind};
+use torpor_image::model::{self, Fd, FileInfo, OpenFile, OpenFileKind};
 use torpor_image::ImageWriter;
 use torpor_sys::{proc, sock};
 use xxhash_rust::xxh3::Xxh3;
@@ -179,14 +179,30 @@ impl FdContext {
         Ok(self.unix.as_ref().unwrap())
     }
 
-    /// Refuses pipes and sockets connected to a process outside the tree.
-    pub fn check_closed(&self, tree: &[i32]) -> Result<()> {
+    /// Refuses pipes and sockets connected to a process outside the tree, or, with
+    /// `inherit_stdio`, turns those on descriptors 0 to 2 into ones restore inherits.
+    pub fn check_closed(
+        &self,
+        tree: &[i32],
+        processes: &mut [model::Process],
+        inherit_stdio: bool,
+    ) -> Result<()> {
+        let mut external = Vec::new();
         for (&ino, seen) in &self.pipes {
             let (pid, fd) = (seen.pid, seen.fd);
             if seen.has_read && seen.has_write {
                 continue;
             }
             if let Some(holder) = outside_holder(&format!("pipe:[{ino}]"), tree) {
+                if inherit_stdio
+                    && inherit(
+                        processes,
+                        |k| matches!(k, OpenFileKind::Pipe { ino: i, .. } if *i == ino),
+                    )
+                {
+                    external.push(ino);
+                    continue;
+                }
                 return Err(DumpError::Unsupported {
                     pid,
                     reason: UnsupportedReason::External {
@@ -203,6 +219,14 @@ impl FdContext {
             }
             let holder = outside_holder(&format!("socket:[{peer}]"), tree)
                 .unwrap_or_else(|| "no process (in flight?)".into());
+            if inherit_stdio
+                && inherit(
+                    processes,
+                    |k| matches!(k, OpenFileKind::UnixPair { ino: i, .. } if *i == ino),
+                )
+            {
+                continue;
+            }
             return Err(DumpError::Unsupported {
                 pid,
                 reason: UnsupportedReason::External {
@@ -214,6 +238,28 @@ impl FdContext {
         }
         Ok(())
     }
+}
+
+/// Turns the open files matching `is` into ones restore inherits, if every descriptor
+/// using them is a standard one (0 to 2); returns whether it did.
+fn inherit(processes: &mut [model::Process], is: impl Fn(&OpenFileKind) -> bool) -> bool {
+    let uses: Vec<(usize, usize, i32)> = processes
+        .iter()
+        .enumerate()
+        .flat_map(|(pi, p)| {
+            p.fds
+                .iter()
+                .filter(|f| is(&p.open_files[f.open_file].kind))
+                .map(move |f| (pi, f.open_file, f.fd))
+        })
+        .collect();
+    if uses.is_empty() || uses.iter().any(|&(_, _, fd)| !(0..=2).contains(&fd)) {
+        return false;
+    }
+    for (pi, of, fd) in uses {
+        processes[pi].open_files[of].kind = OpenFileKind::Inherited { fd };
+    }
+    true
 }
 
 /// A process outside `tree` holding a descriptor whose link reads `link`, for messages.

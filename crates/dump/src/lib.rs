@@ -34,6 +34,9 @@ pub struct DumpOptions {
     pub dir: PathBuf,
     /// Let the process run on after the dump instead of killing it.
     pub leave_running: bool,
+    /// Pipes and sockets on descriptors 0 to 2 whose other end is outside the tree are
+    /// saved as "inherited": restore connects them to its own standard descriptors.
+    pub inherit_stdio: bool,
 }
 
 /// What a dump did, for the summary line.
@@ -87,7 +90,7 @@ pub fn dump(opts: &DumpOptions) -> Result<DumpSummary> {
     let frozen = FrozenTree::freeze(pid)?;
     let t_frozen = Instant::now();
 
-    let result = write_image(&frozen, &mut writer);
+    let result = write_image(&frozen, &mut writer, opts.inherit_stdio);
     let (tree, stats) = match result {
         Ok(v) => v,
         Err(e) => {
@@ -198,7 +201,11 @@ struct Stats {
     bytes: u64,
 }
 
-fn write_image(frozen: &FrozenTree, writer: &mut ImageWriter) -> Result<(model::Tree, Stats)> {
+fn write_image(
+    frozen: &FrozenTree,
+    writer: &mut ImageWriter,
+    inherit_stdio: bool,
+) -> Result<(model::Tree, Stats)> {
     let root = frozen.processes[0].pid;
     let mut files = files::FileTable::default();
     let mut fd_ctx = files::FdContext::default();
@@ -211,7 +218,7 @@ fn write_image(frozen: &FrozenTree, writer: &mut ImageWriter) -> Result<(model::
         processes.push(process);
     }
     let pids: Vec<i32> = frozen.processes.iter().map(|p| p.pid).collect();
-    fd_ctx.check_closed(&pids)?;
+    fd_ctx.check_closed(&pids, &mut processes, inherit_stdio)?;
     files.save_deleted(root, writer)?;
     let mut tree = model::Tree {
         root_pid: root,

@@ -342,6 +342,12 @@ pub enum OpenFileKind {
         /// both ends.
         data: Option<String>,
     },
+    /// A pipe or socket connected to something outside the tree, on a standard
+    /// descriptor; restore connects it to its own descriptor `fd` (`--inherit-stdio`).
+    Inherited {
+        /// The descriptor of `torpor restore` to use.
+        fd: i32,
+    },
     /// One end of a pair of connected unix sockets, both inside the tree.
     UnixPair {
         /// Inode of this socket.

@@ -264,6 +264,27 @@ fn open_objects(
                         mine
                     }
                 }
+                // Whatever the restoring torpor has on that descriptor; its flags belong
+                // to whoever gave it to torpor.
+                OpenFileKind::Inherited { fd } => {
+                    // SAFETY: fcntl on a number; it fails cleanly if nothing is open there.
+                    let dup = unsafe { libc::fcntl(*fd, libc::F_DUPFD_CLOEXEC, 0) };
+                    if dup < 0 {
+                        return Err(RestoreError::Prepare {
+                            what: format!("descriptor {fd} of torpor restore, to hand down"),
+                            source: io::Error::last_os_error(),
+                        });
+                    }
+                    // SAFETY: just created, owned by nobody else.
+                    let dup = unsafe { OwnedFd::from_raw_fd(dup) };
+                    objects.push(dup);
+                    let obj = objects.len() - 1;
+                    if o.id != 0 {
+                        by_id.insert(o.id, obj);
+                    }
+                    fd_objects.insert((p.pid, i), obj);
+                    continue;
+                }
                 _ => open_file(reader, tree, o, ghosts)?,
             };
             set_status_flags(&fd, o.flags)?;
@@ -454,8 +475,10 @@ fn open_file(
         OpenFileKind::Directory { path } | OpenFileKind::CharDevice { path, .. } => {
             OpenOptions::new().open_flags(path, o.flags)?
         }
-        OpenFileKind::Pipe { .. } | OpenFileKind::UnixPair { .. } => {
-            unreachable!("pipes and sockets are made in pairs")
+        OpenFileKind::Pipe { .. }
+        | OpenFileKind::UnixPair { .. }
+        | OpenFileKind::Inherited { .. } => {
+            unreachable!("pipes and sockets are made in pairs, inherited ones duplicated")
         }
     };
     if matches!(o.kind, OpenFileKind::Regular { .. }) {
@@ -475,6 +498,7 @@ fn describe_kind(tree: &model::Tree, k: &OpenFileKind) -> String {
         OpenFileKind::Directory { path } | OpenFileKind::CharDevice { path, .. } => path.clone(),
         OpenFileKind::Pipe { ino, .. } => format!("pipe:[{ino}]"),
         OpenFileKind::UnixPair { ino, .. } => format!("socket:[{ino}]"),
+        OpenFileKind::Inherited { fd } => format!("descriptor {fd} of torpor restore"),
     }
 }
 

@@ -72,6 +72,7 @@ pub fn run() -> Result<u8> {
         pid,
         dir: image.clone(),
         leave_running: false,
+        inherit_stdio: false,
     })
     .context("dump failed")?;
     // As its tracer, dump may already have reaped it.

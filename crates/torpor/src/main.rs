@@ -47,6 +47,10 @@ enum Command {
         /// Let the process run on after the dump instead of ending it.
         #[arg(long)]
         leave_running: bool,
+        /// Save pipes and sockets on descriptors 0-2 that lead outside the tree (a
+        /// pipeline, a CI runner, ssh) as inherited: restore connects them to its own.
+        #[arg(long)]
+        inherit_stdio: bool,
     },
     /// Wake the process saved in an image, with its original pid, and wait for it.
     Restore {
@@ -122,13 +126,11 @@ fn init_logging(verbose: u8, quiet: bool) {
 fn run(cli: Cli) -> Result<u8> {
     let quiet = cli.quiet;
     match cli.command {
-        Command::Dump { pid, dir, leave_running } => {
-            let s = torpor_dump::dump(&torpor_dump::DumpOptions {
-                pid,
-                dir: dir.clone(),
-                leave_running,
-            })
-            .with_context(|| format!("dump of pid {pid} failed"))?;
+        Command::Dump { pid, dir, leave_running, inherit_stdio } => {
+            let opts =
+                torpor_dump::DumpOptions { pid, dir: dir.clone(), leave_running, inherit_stdio };
+            let s =
+                torpor_dump::dump(&opts).with_context(|| format!("dump of pid {pid} failed"))?;
             if !quiet {
                 eprintln!(
                     "torpor: pid {pid} saved to {}: {} pages ({}), {} zero pages skipped, frozen {:.1} ms, total {:.1} ms{}",
