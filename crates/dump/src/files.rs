@@ -308,9 +308,18 @@ pub(crate) fn collect_fds(
             return Err(unsupported(describe(&link, None)));
         };
         let ft = meta.file_type();
-        if link.starts_with("anon_inode:") || link.starts_with("/memfd:") {
-            return Err(unsupported(describe(&link, Some(ft))));
-        }
+        let anon_kind = match link.as_str() {
+            "anon_inode:[eventfd]" => Some(eventfd(&info.text).ok_or_else(|| {
+                unsupported(format!("an eventfd whose state cannot be read ({link})"))
+            })?),
+            "anon_inode:[eventpoll]" => Some(epoll(&info.text).ok_or_else(|| {
+                unsupported(format!("an epoll whose registrations cannot be read ({link})"))
+            })?),
+            _ if link.starts_with("anon_inode:") || link.starts_with("/memfd:") => {
+                return Err(unsupported(describe(&link, Some(ft))));
+            }
+            _ => None,
+        };
 
         let key = (meta.dev(), meta.ino());
         let mut id = None;
@@ -331,7 +340,9 @@ pub(crate) fn collect_fds(
         let idx = match local.get(&id) {
             Some(&idx) => idx,
             None => {
-                let kind = if ft.is_file() {
+                let kind = if let Some(k) = anon_kind {
+                    k
+                } else if ft.is_file() {
                     let file = files.add_path(pid, &link_path, &link).map_err(|source| {
                         DumpError::SaveFile { pid, what: format!("fd {fd} ({link})"), source }
                     })?;
@@ -363,6 +374,34 @@ pub(crate) fn collect_fds(
         fds.push(Fd { fd, cloexec: info.flags & libc::O_CLOEXEC != 0, open_file: idx });
     }
     Ok((open_files, fds))
+}
+
+/// An eventfd, from its fdinfo: `eventfd-count` (hex) and `eventfd-semaphore`.
+fn eventfd(fdinfo: &str) -> Option<OpenFileKind> {
+    let field = |k: &str| {
+        fdinfo.lines().find_map(|l| l.strip_prefix(k)).map(|v| v.trim_start_matches(':').trim())
+    };
+    let count = u64::from_str_radix(field("eventfd-count")?, 16).ok()?;
+    let semaphore = field("eventfd-semaphore").map(|v| v == "1").unwrap_or(false);
+    Some(OpenFileKind::EventFd { count, semaphore })
+}
+
+/// An epoll instance, from its fdinfo: one `tfd:` line per registration.
+fn epoll(fdinfo: &str) -> Option<OpenFileKind> {
+    let mut targets = Vec::new();
+    for l in fdinfo.lines().filter(|l| l.starts_with("tfd:")) {
+        // "tfd: %8d events: %8x data: %16llx pos:%lli ino:%lx sdev:%x"
+        let words: Vec<&str> = l.split_whitespace().collect();
+        let after = |k: &str| words.iter().position(|w| *w == k).and_then(|i| words.get(i + 1));
+        let ino = words.iter().find_map(|w| w.strip_prefix("ino:"))?;
+        targets.push(model::EpollTarget {
+            fd: after("tfd:")?.parse().ok()?,
+            events: u32::from_str_radix(after("events:")?, 16).ok()?,
+            data: u64::from_str_radix(after("data:")?, 16).ok()?,
+            ino: u64::from_str_radix(ino, 16).ok()?,
+        });
+    }
+    Some(OpenFileKind::Epoll { targets })
 }
 
 /// One end of a pipe; its unread bytes are saved the first time the pipe is seen.

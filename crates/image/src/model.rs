@@ -348,6 +348,18 @@ pub enum OpenFileKind {
         /// The descriptor of `torpor restore` to use.
         fd: i32,
     },
+    /// An eventfd.
+    EventFd {
+        /// Its counter.
+        count: u64,
+        /// `EFD_SEMAPHORE` mode.
+        semaphore: bool,
+    },
+    /// An epoll instance and what is registered in it.
+    Epoll {
+        /// Registrations, by descriptor number in the process that holds the epoll.
+        targets: Vec<EpollTarget>,
+    },
     /// One end of a pair of connected unix sockets, both inside the tree.
     UnixPair {
         /// Inode of this socket.
@@ -359,6 +371,19 @@ pub enum OpenFileKind {
         /// Image file holding the bytes queued for this end to read, if any.
         queue: Option<String>,
     },
+}
+
+/// One registration in an epoll instance.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+pub struct EpollTarget {
+    /// The registered descriptor number.
+    pub fd: i32,
+    /// The event mask (`EPOLLIN`, `EPOLLET`...).
+    pub events: u32,
+    /// The user data returned with events.
+    pub data: u64,
+    /// Inode of the registered file, to check `fd` still names it.
+    pub ino: u64,
 }
 
 /// A descriptor number and the open file description it points at.

@@ -204,6 +204,7 @@ fn build(
     }
 
     // 2. Each process's memory, descriptors, threads and state.
+    let mut epolls = std::collections::HashSet::new();
     for pr in &mut procs {
         let p = pr.p;
         // Before the saved mappings exist: the kernel refuses to change the executable
@@ -211,6 +212,7 @@ fn build(
         state::set_mm(&pr.space, p, prep)?;
         pr.space.rebuild(opts, reader, tree, p, prep)?;
         state::install_fds(&pr.space, p, prep)?;
+        state::register_epolls(&pr.space, p, prep, &mut epolls)?;
         pr.threads = state::restore_state(&pr.space, p)?;
     }
 

@@ -455,6 +455,26 @@ fn shmem_objects(tree: &model::Tree) -> Result<HashMap<u64, OwnedFd>> {
     Ok(out)
 }
 
+/// An eventfd holding `count`. The initial value takes 32 bits only; a larger count is
+/// written in.
+fn make_eventfd(count: u64, semaphore: bool) -> Result<OwnedFd> {
+    let err = |source| RestoreError::Prepare { what: "an eventfd".into(), source };
+    let flags = libc::EFD_CLOEXEC | if semaphore { libc::EFD_SEMAPHORE } else { 0 };
+    let init = u32::try_from(count).unwrap_or(0);
+    // SAFETY: eventfd takes integers and returns a new descriptor or -1.
+    let fd = unsafe { libc::eventfd(init, flags) };
+    if fd < 0 {
+        return Err(err(io::Error::last_os_error()));
+    }
+    // SAFETY: just created, owned by nobody else.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    if u64::from(init) != count {
+        let mut f = File::from(fd.try_clone().map_err(err)?);
+        f.write_all(&count.to_ne_bytes()).map_err(err)?;
+    }
+    Ok(fd)
+}
+
 fn open_ro(path: &str) -> Result<OwnedFd> {
     File::open(path)
         .map(OwnedFd::from)
@@ -474,6 +494,21 @@ fn open_file(
         OpenFileKind::Regular { file } => open_tree_file(reader, tree, *file, o.flags, ghosts)?,
         OpenFileKind::Directory { path } | OpenFileKind::CharDevice { path, .. } => {
             OpenOptions::new().open_flags(path, o.flags)?
+        }
+        OpenFileKind::EventFd { count, semaphore } => make_eventfd(*count, *semaphore)?,
+        // Its registrations are made by the process itself once its descriptors are in
+        // place: the kernel keys them by descriptor number in that process.
+        OpenFileKind::Epoll { .. } => {
+            // SAFETY: epoll_create1 takes flags and returns a new descriptor or -1.
+            let fd = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
+            if fd < 0 {
+                return Err(RestoreError::Prepare {
+                    what: "an epoll instance".into(),
+                    source: io::Error::last_os_error(),
+                });
+            }
+            // SAFETY: just created, owned by nobody else.
+            unsafe { OwnedFd::from_raw_fd(fd) }
         }
         OpenFileKind::Pipe { .. }
         | OpenFileKind::UnixPair { .. }
@@ -499,6 +534,8 @@ fn describe_kind(tree: &model::Tree, k: &OpenFileKind) -> String {
         OpenFileKind::Pipe { ino, .. } => format!("pipe:[{ino}]"),
         OpenFileKind::UnixPair { ino, .. } => format!("socket:[{ino}]"),
         OpenFileKind::Inherited { fd } => format!("descriptor {fd} of torpor restore"),
+        OpenFileKind::EventFd { .. } => "an eventfd".into(),
+        OpenFileKind::Epoll { .. } => "an epoll instance".into(),
     }
 }
 

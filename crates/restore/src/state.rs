@@ -265,6 +265,46 @@ pub(crate) fn install_fds(s: &Space, p: &model::Process, prep: &Prepared) -> Res
     Ok(())
 }
 
+/// Registers the targets of the process's epoll instances, with calls it makes itself so
+/// the kernel keys them by its descriptor numbers. An instance shared by several
+/// processes is filled once, by the first (`done` holds the objects already filled).
+pub(crate) fn register_epolls(
+    s: &Space,
+    p: &model::Process,
+    prep: &Prepared,
+    done: &mut std::collections::HashSet<usize>,
+) -> Result<()> {
+    for f in &p.fds {
+        let model::OpenFileKind::Epoll { targets } = &p.open_files[f.open_file].kind else {
+            continue;
+        };
+        if !done.insert(prep.fd_objects[&(p.pid, f.open_file)]) {
+            continue;
+        }
+        for t in targets {
+            if !p.fds.iter().any(|g| g.fd == t.fd) {
+                return Err(RestoreError::Unsupported {
+                    what: format!(
+                        "an epoll (fd {}) watching fd {}, which pid {} does not have open",
+                        f.fd, t.fd, p.pid
+                    ),
+                });
+            }
+            // struct epoll_event is packed on x86_64: 4 bytes of events, 8 of data.
+            let mut ev = t.events.to_ne_bytes().to_vec();
+            ev.extend_from_slice(&t.data.to_ne_bytes());
+            let at = s.put(&ev)?;
+            s.call(
+                &format!("register fd {} in the epoll on fd {}", t.fd, f.fd),
+                "epoll_ctl",
+                libc::SYS_epoll_ctl,
+                args!(f.fd, libc::EPOLL_CTL_ADD, t.fd, at),
+            )?;
+        }
+    }
+    Ok(())
+}
+
 fn send_fds(sock: &std::os::fd::OwnedFd, fds: &[i32]) -> std::io::Result<()> {
     use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
     let iov = [std::io::IoSlice::new(&[0u8])];
