@@ -312,6 +312,12 @@ pub(crate) fn collect_fds(
             "anon_inode:[eventfd]" => Some(eventfd(&info.text).ok_or_else(|| {
                 unsupported(format!("an eventfd whose state cannot be read ({link})"))
             })?),
+            "anon_inode:[signalfd]" => Some(signalfd(&info.text).ok_or_else(|| {
+                unsupported(format!("a signalfd whose mask cannot be read ({link})"))
+            })?),
+            "anon_inode:[timerfd]" => Some(timerfd(&info.text).ok_or_else(|| {
+                unsupported(format!("a timerfd whose state cannot be read ({link})"))
+            })?),
             "anon_inode:[eventpoll]" => Some(epoll(&info.text).ok_or_else(|| {
                 unsupported(format!("an epoll whose registrations cannot be read ({link})"))
             })?),
@@ -384,6 +390,30 @@ fn eventfd(fdinfo: &str) -> Option<OpenFileKind> {
     let count = u64::from_str_radix(field("eventfd-count")?, 16).ok()?;
     let semaphore = field("eventfd-semaphore").map(|v| v == "1").unwrap_or(false);
     Some(OpenFileKind::EventFd { count, semaphore })
+}
+
+/// A signalfd, from its fdinfo: `sigmask` (hex).
+fn signalfd(fdinfo: &str) -> Option<OpenFileKind> {
+    let mask = fdinfo.lines().find_map(|l| l.strip_prefix("sigmask:"))?.trim();
+    Some(OpenFileKind::SignalFd { mask: u64::from_str_radix(mask, 16).ok()? })
+}
+
+/// A timerfd, from its fdinfo: clock, ticks, settime flags (octal), and the time left and
+/// interval as `(seconds, nanoseconds)`.
+fn timerfd(fdinfo: &str) -> Option<OpenFileKind> {
+    let field = |k: &str| fdinfo.lines().find_map(|l| l.strip_prefix(k)).map(str::trim);
+    let time = |k: &str| -> Option<u64> {
+        let v = field(k)?.trim_start_matches('(').trim_end_matches(')');
+        let (s, ns) = v.split_once(',')?;
+        Some(s.trim().parse::<u64>().ok()? * 1_000_000_000 + ns.trim().parse::<u64>().ok()?)
+    };
+    Some(OpenFileKind::TimerFd {
+        clock: field("clockid:")?.parse().ok()?,
+        ticks: field("ticks:")?.parse().ok()?,
+        settime_flags: u32::from_str_radix(field("settime flags:")?, 8).ok()?,
+        value_ns: time("it_value:")?,
+        interval_ns: time("it_interval:")?,
+    })
 }
 
 /// An epoll instance, from its fdinfo: one `tfd:` line per registration.

@@ -355,6 +355,24 @@ pub enum OpenFileKind {
         /// `EFD_SEMAPHORE` mode.
         semaphore: bool,
     },
+    /// A signalfd.
+    SignalFd {
+        /// The signals it reads.
+        mask: u64,
+    },
+    /// A timerfd.
+    TimerFd {
+        /// Its clock (`CLOCK_MONOTONIC`...).
+        clock: i32,
+        /// Expirations not yet read.
+        ticks: u64,
+        /// `timerfd_settime` flags (`TFD_TIMER_ABSTIME`, `TFD_TIMER_CANCEL_ON_SET`).
+        settime_flags: u32,
+        /// Time left until the next expiration, 0 when disarmed.
+        value_ns: u64,
+        /// Reload interval.
+        interval_ns: u64,
+    },
     /// An epoll instance and what is registered in it.
     Epoll {
         /// Registrations, by descriptor number in the process that holds the epoll.

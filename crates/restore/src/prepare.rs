@@ -475,6 +475,60 @@ fn make_eventfd(count: u64, semaphore: bool) -> Result<OwnedFd> {
     Ok(fd)
 }
 
+/// A timerfd armed for the time that was left, with the expirations not yet read.
+fn make_timerfd(
+    clock: i32,
+    ticks: u64,
+    flags: u32,
+    value_ns: u64,
+    interval_ns: u64,
+) -> Result<OwnedFd> {
+    let err = |source| RestoreError::Prepare { what: "a timerfd".into(), source };
+    // TFD_IOC_SET_TICKS: _IOW('T', 0, u64), for checkpoint/restore.
+    const TFD_IOC_SET_TICKS: libc::c_ulong = 0x4008_5400;
+    // SAFETY: timerfd_create takes integers and returns a new descriptor or -1.
+    let fd = unsafe { libc::timerfd_create(clock, libc::TFD_CLOEXEC) };
+    if fd < 0 {
+        return Err(err(io::Error::last_os_error()));
+    }
+    // SAFETY: just created, owned by nobody else.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    // A periodic timer that just fired shows no time left: the next expiry is one
+    // interval away.
+    let value_ns = if value_ns == 0 { interval_ns } else { value_ns };
+    if value_ns != 0 {
+        let ts = |ns: u64| libc::timespec {
+            tv_sec: (ns / 1_000_000_000) as libc::time_t,
+            tv_nsec: (ns % 1_000_000_000) as libc::c_long,
+        };
+        let mut new = libc::itimerspec { it_interval: ts(interval_ns), it_value: ts(value_ns) };
+        let mut set_flags = 0;
+        // An absolute timer (required for cancel-on-set) stays absolute: now plus the
+        // time left.
+        if flags & libc::TFD_TIMER_ABSTIME as u32 != 0 {
+            let mut now = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+            // SAFETY: writes one timespec.
+            unsafe { libc::clock_gettime(clock, &mut now) };
+            let abs = now.tv_sec as u64 * 1_000_000_000 + now.tv_nsec as u64 + value_ns;
+            new.it_value = ts(abs);
+            set_flags = flags as i32;
+        }
+        // SAFETY: reads one itimerspec; no old value asked for.
+        if unsafe { libc::timerfd_settime(fd.as_raw_fd(), set_flags, &new, std::ptr::null_mut()) }
+            < 0
+        {
+            return Err(err(io::Error::last_os_error()));
+        }
+    }
+    if ticks > 0 {
+        // SAFETY: the ioctl reads one u64.
+        if unsafe { libc::ioctl(fd.as_raw_fd(), TFD_IOC_SET_TICKS, &ticks as *const u64) } < 0 {
+            return Err(err(io::Error::last_os_error()));
+        }
+    }
+    Ok(fd)
+}
+
 fn open_ro(path: &str) -> Result<OwnedFd> {
     File::open(path)
         .map(OwnedFd::from)
@@ -496,6 +550,24 @@ fn open_file(
             OpenOptions::new().open_flags(path, o.flags)?
         }
         OpenFileKind::EventFd { count, semaphore } => make_eventfd(*count, *semaphore)?,
+        OpenFileKind::SignalFd { mask } => {
+            // SAFETY: signalfd4 reads an 8-byte mask from `mask` and returns a new
+            // descriptor or -1.
+            let fd = unsafe {
+                libc::syscall(libc::SYS_signalfd4, -1, mask as *const u64, 8, libc::SFD_CLOEXEC)
+            };
+            if fd < 0 {
+                return Err(RestoreError::Prepare {
+                    what: "a signalfd".into(),
+                    source: io::Error::last_os_error(),
+                });
+            }
+            // SAFETY: just created, owned by nobody else.
+            unsafe { OwnedFd::from_raw_fd(fd as i32) }
+        }
+        OpenFileKind::TimerFd { clock, ticks, settime_flags, value_ns, interval_ns } => {
+            make_timerfd(*clock, *ticks, *settime_flags, *value_ns, *interval_ns)?
+        }
         // Its registrations are made by the process itself once its descriptors are in
         // place: the kernel keys them by descriptor number in that process.
         OpenFileKind::Epoll { .. } => {
@@ -535,6 +607,8 @@ fn describe_kind(tree: &model::Tree, k: &OpenFileKind) -> String {
         OpenFileKind::UnixPair { ino, .. } => format!("socket:[{ino}]"),
         OpenFileKind::Inherited { fd } => format!("descriptor {fd} of torpor restore"),
         OpenFileKind::EventFd { .. } => "an eventfd".into(),
+        OpenFileKind::SignalFd { .. } => "a signalfd".into(),
+        OpenFileKind::TimerFd { .. } => "a timerfd".into(),
         OpenFileKind::Epoll { .. } => "an epoll instance".into(),
     }
 }

@@ -89,12 +89,23 @@ pub fn fixture(name: &str) -> PathBuf {
     out
 }
 
+/// The path of a file in `tests/fixtures/`.
+pub fn fixture_source(file: &str) -> PathBuf {
+    fixtures_dir().join(file)
+}
+
 /// The program and leading arguments for fixture NAME, and, for a compiled one, what
-/// `/proc/PID/exe` must show. (Which interpreter `python3` ends up running, through
-/// whatever wrappers PATH holds, is only known once it runs.)
+/// `/proc/PID/exe` must show. NAME is `NAME.c` compiled, or the Python script `NAME.py`
+/// when there is no C source or when NAME itself ends in `.py`. (Which interpreter
+/// `python3` ends up running, through whatever wrappers PATH holds, is only known once
+/// it runs.)
 fn fixture_program(name: &str) -> (PathBuf, Vec<PathBuf>, Option<PathBuf>) {
-    let script = fixtures_dir().join(format!("{name}.py"));
-    if script.exists() {
+    let script = match name.strip_suffix(".py") {
+        Some(_) => fixtures_dir().join(name),
+        None => fixtures_dir().join(format!("{name}.py")),
+    };
+    let c_source = fixtures_dir().join(format!("{name}.c"));
+    if name.ends_with(".py") || (script.exists() && !c_source.exists()) {
         return ("python3".into(), vec!["-u".into(), script], None);
     }
     let program = fixture(name);
@@ -120,6 +131,25 @@ pub fn assert_running_untraced(pid: i32) {
     let state = proc_status(pid, "State").unwrap_or_else(|| panic!("pid {pid} is gone"));
     assert!(!state.starts_with(['T', 't', 'Z', 'X']), "pid {pid} is in state {state}");
     assert_eq!(proc_status(pid, "TracerPid").as_deref(), Some("0"), "pid {pid} is traced");
+}
+
+/// The first line of a fixture log that is `READY` or starts with `READY `.
+pub fn ready_line(log: &str) -> Option<&str> {
+    log.lines().find(|l| *l == "READY" || l.starts_with("READY "))
+}
+
+/// The value of a `KEY=VALUE` word on a READY line.
+pub fn ready_field<'a>(line: &'a str, key: &str) -> Option<&'a str> {
+    line.split_whitespace().skip(1).find_map(|w| w.strip_prefix(key)?.strip_prefix('='))
+}
+
+/// The thread ids of PID, as `/proc/PID/task` lists them, sorted.
+pub fn proc_tasks(pid: i32) -> Vec<i32> {
+    let mut tids: Vec<i32> = fs::read_dir(format!("/proc/{pid}/task"))
+        .map(|dir| dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok()).collect())
+        .unwrap_or_default();
+    tids.sort_unstable();
+    tids
 }
 
 /// Waits for a child with a deadline; None if it is still running.
@@ -199,7 +229,7 @@ pub fn kill_stray(pid: i32, exe: &Path) {
 
 /// Makes CMD close every descriptor above stderr before it executes: a test binary
 /// inherits some (cargo's jobserver pipe, for one) that a fixture must not hold.
-fn close_inherited_fds(cmd: &mut Command) {
+pub fn close_inherited_fds(cmd: &mut Command) {
     // SAFETY: the hook runs between fork and exec and only makes one system call, which
     // is async-signal-safe and touches no memory.
     unsafe {
@@ -287,6 +317,29 @@ impl Fixture {
     /// Like `start`, with extra environment variables.
     pub fn start_with_env(name: &str, args: &[&str], env: &[(&str, &str)]) -> Fixture {
         let (program, lead, exe) = fixture_program(name);
+        Fixture::launch(name, &program, &lead, exe, args, env)
+    }
+
+    /// Starts a fixture that some interpreter runs, as `PROGRAM LEAD... WORKDIR ARGS...`,
+    /// and waits for its READY line; `exe` is then whatever the process runs.
+    pub fn start_interpreted<L: AsRef<OsStr>>(
+        name: &str,
+        program: &Path,
+        lead: &[L],
+        args: &[&str],
+        env: &[(&str, &str)],
+    ) -> Fixture {
+        Fixture::launch(name, program, lead, None, args, env)
+    }
+
+    fn launch<L: AsRef<OsStr>>(
+        name: &str,
+        program: &Path,
+        lead: &[L],
+        exe: Option<PathBuf>,
+        args: &[&str],
+        env: &[(&str, &str)],
+    ) -> Fixture {
         let workdir = tempfile::Builder::new()
             .prefix(&format!("torpor-{name}-"))
             .tempdir()
@@ -344,8 +397,8 @@ impl Fixture {
         let deadline = Instant::now() + READY_TIMEOUT;
         loop {
             let log = self.log_text();
-            if let Some(line) = log.lines().find(|l| *l == "READY" || l.starts_with("READY ")) {
-                if let Some(pid) = line.strip_prefix("READY pid=") {
+            if let Some(line) = ready_line(&log) {
+                if let Some(pid) = ready_field(line, "pid") {
                     assert_eq!(pid, self.pid.to_string(), "{} reported another pid", self.name);
                 }
                 return;
@@ -355,6 +408,16 @@ impl Fixture {
             }
             assert!(Instant::now() < deadline, "{} not READY after {READY_TIMEOUT:?}", self.name);
             sleep(POLL);
+        }
+    }
+
+    /// The value of `KEY=VALUE` on the fixture's READY line, which it has printed.
+    pub fn ready_value(&self, key: &str) -> String {
+        let log = self.log_text();
+        let line = ready_line(&log).unwrap_or_else(|| panic!("{} has no READY line", self.name));
+        match ready_field(line, key) {
+            Some(v) => v.to_string(),
+            None => panic!("{}: no {key}= on the READY line: {line}", self.name),
         }
     }
 
