@@ -494,7 +494,7 @@ fn unix_pair(
     let unsupported =
         |kind: String| DumpError::Unsupported { pid, reason: UnsupportedReason::Fd { fd, kind } };
     let Some(info) = ctx.unix_info(pid)?.get(&ino).cloned() else {
-        return Err(unsupported(describe(link, None)));
+        return inet_socket(pid, fd, link, writer);
     };
     if !info.name.is_empty() {
         return Err(unsupported(format!("a unix socket bound to {:?} ({link})", info.name)));
@@ -529,4 +529,122 @@ fn unix_pair(
         Some(name)
     };
     Ok(OpenFileKind::UnixPair { ino, peer: info.peer, sock_type, queue })
+}
+
+/// Socket options torpor saves and sets again: (level, name, whether it must be set
+/// before `bind`). Buffer sizes are left out on purpose: setting them would turn off the
+/// kernel's automatic sizing the socket had.
+const SOCKET_OPTIONS: &[(i32, i32, bool)] = &[
+    (libc::SOL_SOCKET, libc::SO_REUSEADDR, true),
+    (libc::SOL_SOCKET, libc::SO_REUSEPORT, true),
+    (libc::SOL_SOCKET, libc::SO_KEEPALIVE, false),
+    (libc::SOL_SOCKET, libc::SO_BROADCAST, false),
+    (libc::SOL_SOCKET, libc::SO_PRIORITY, false),
+    (libc::SOL_SOCKET, libc::SO_RCVLOWAT, false),
+    (libc::SOL_SOCKET, libc::SO_LINGER, false),
+    (libc::SOL_SOCKET, libc::SO_RCVTIMEO, false),
+    (libc::SOL_SOCKET, libc::SO_SNDTIMEO, false),
+    (libc::SOL_SOCKET, libc::SO_OOBINLINE, false),
+    (libc::SOL_SOCKET, libc::SO_PASSCRED, false),
+    (libc::IPPROTO_TCP, libc::TCP_NODELAY, false),
+    (libc::IPPROTO_TCP, libc::TCP_CORK, false),
+    (libc::IPPROTO_TCP, libc::TCP_KEEPIDLE, false),
+    (libc::IPPROTO_TCP, libc::TCP_KEEPINTVL, false),
+    (libc::IPPROTO_TCP, libc::TCP_KEEPCNT, false),
+    (libc::IPPROTO_TCP, libc::TCP_DEFER_ACCEPT, false),
+    (libc::IPPROTO_TCP, libc::TCP_FASTOPEN, false),
+    (libc::IPPROTO_TCP, libc::TCP_USER_TIMEOUT, false),
+    (libc::IPPROTO_TCP, libc::TCP_NOTSENT_LOWAT, false),
+    (libc::IPPROTO_TCP, libc::TCP_CONGESTION, false),
+    (libc::IPPROTO_IP, libc::IP_TOS, false),
+    (libc::IPPROTO_IP, libc::IP_TTL, false),
+    (libc::IPPROTO_IP, libc::IP_PKTINFO, false),
+    (libc::IPPROTO_IP, libc::IP_FREEBIND, true),
+    (libc::IPPROTO_IP, libc::IP_TRANSPARENT, true),
+    (libc::IPPROTO_IPV6, libc::IPV6_V6ONLY, true),
+    (libc::IPPROTO_IPV6, libc::IPV6_UNICAST_HOPS, false),
+    (libc::IPPROTO_IPV6, libc::IPV6_RECVPKTINFO, false),
+    (libc::IPPROTO_IPV6, libc::IPV6_TCLASS, false),
+];
+
+/// A TCP or UDP socket: its address, options and, for UDP, the datagrams queued.
+fn inet_socket(pid: i32, fd: i32, link: &str, writer: &mut ImageWriter) -> Result<OpenFileKind> {
+    let unsupported =
+        |kind: String| DumpError::Unsupported { pid, reason: UnsupportedReason::Fd { fd, kind } };
+    let err = |what: &str| {
+        let what = format!("{what} of the socket on fd {fd}");
+        move |source| DumpError::Collect { pid, what, source }
+    };
+    let sock = sock::take_fd(pid, fd).map_err(err("a copy"))?;
+    let family = sock::sockopt(&sock, libc::SO_DOMAIN).map_err(err("the family"))?;
+    let sock_type = sock::sockopt(&sock, libc::SO_TYPE).map_err(err("the type"))?;
+    let protocol = sock::sockopt(&sock, libc::SO_PROTOCOL).map_err(err("the protocol"))?;
+    let inet = family == libc::AF_INET || family == libc::AF_INET6;
+    let tcp = sock_type == libc::SOCK_STREAM && protocol == libc::IPPROTO_TCP;
+    let udp = sock_type == libc::SOCK_DGRAM && protocol == libc::IPPROTO_UDP;
+    if !inet || !(tcp || udp) {
+        return Err(unsupported(format!(
+            "a socket of family {family}, type {sock_type}, protocol {protocol} ({link})"
+        )));
+    }
+    let local = sock::sock_addr(&sock, false).unwrap_or_default();
+    let peer = sock::sock_addr(&sock, true);
+    let listening =
+        tcp && sock::sockopt(&sock, libc::SO_ACCEPTCONN).map_err(err("the state"))? != 0;
+    if tcp && !listening && peer.is_some() {
+        return Err(unsupported(format!(
+            "an established TCP connection {} -> {} ({link}); established connections \
+             are not supported yet",
+            sock::describe_addr(&local),
+            sock::describe_addr(peer.as_deref().unwrap_or_default())
+        )));
+    }
+    let mut options = Vec::new();
+    for &(level, name, _) in SOCKET_OPTIONS {
+        if (level == libc::IPPROTO_TCP && !tcp)
+            || (level == libc::IPPROTO_IPV6 && family != libc::AF_INET6)
+            || (level == libc::IPPROTO_IP && family != libc::AF_INET)
+        {
+            continue;
+        }
+        // An option this kernel or socket does not have is simply not saved.
+        if let Ok(v) = sock::sockopt_raw(&sock, level, name) {
+            options.push(model::SockOpt { level, name, value: hex::encode(v) });
+        }
+    }
+    let queue = if udp {
+        let q = sock::socket_queue(&sock, false).map_err(err("the queue"))?;
+        if q.is_empty() {
+            None
+        } else {
+            let ino =
+                std::fs::metadata(format!("/proc/{pid}/fd/{fd}")).map(|m| m.ino()).unwrap_or(0);
+            let name = format!("sock-{ino}.img");
+            let mut bytes = Vec::new();
+            for m in &q {
+                bytes.extend_from_slice(&(m.len() as u32).to_le_bytes());
+                bytes.extend_from_slice(m);
+            }
+            writer.write_file(&name, &bytes)?;
+            Some(name)
+        }
+    } else {
+        None
+    };
+    // The backlog is not visible to getsockopt; the system's maximum serves any program
+    // that asked for less.
+    let backlog = fs::read_to_string("/proc/sys/net/core/somaxconn")
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(4096);
+    Ok(OpenFileKind::Inet {
+        family,
+        sock_type,
+        protocol,
+        local: hex::encode(&local),
+        peer: if udp { peer.map(hex::encode) } else { None },
+        listen_backlog: listening.then_some(backlog),
+        options,
+        queue,
+    })
 }

@@ -348,6 +348,26 @@ pub enum OpenFileKind {
         /// The descriptor of `torpor restore` to use.
         fd: i32,
     },
+    /// A TCP or UDP socket over IPv4 or IPv6: listening, bound, or (UDP) connected.
+    Inet {
+        /// `AF_INET` or `AF_INET6`.
+        family: i32,
+        /// `SOCK_STREAM` or `SOCK_DGRAM`.
+        sock_type: i32,
+        /// `IPPROTO_TCP` or `IPPROTO_UDP`.
+        protocol: i32,
+        /// Bound address, raw `sockaddr` bytes in hex; empty when unbound.
+        local: String,
+        /// Connected peer (UDP), raw `sockaddr` bytes in hex.
+        peer: Option<String>,
+        /// Listening (TCP), with this backlog.
+        listen_backlog: Option<i32>,
+        /// Socket options to set again.
+        options: Vec<SockOpt>,
+        /// Image file with the datagrams queued for reading (UDP), as 4-byte lengths and
+        /// bytes.
+        queue: Option<String>,
+    },
     /// An eventfd.
     EventFd {
         /// Its counter.
@@ -389,6 +409,17 @@ pub enum OpenFileKind {
         /// Image file holding the bytes queued for this end to read, if any.
         queue: Option<String>,
     },
+}
+
+/// One socket option: `setsockopt(level, name, value)`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct SockOpt {
+    /// `SOL_SOCKET`, `IPPROTO_TCP`, `IPPROTO_IP`, `IPPROTO_IPV6`.
+    pub level: i32,
+    /// The option.
+    pub name: i32,
+    /// Its value as `getsockopt` gave it, hex.
+    pub value: String,
 }
 
 /// One registration in an epoll instance.

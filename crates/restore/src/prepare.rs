@@ -455,6 +455,127 @@ fn shmem_objects(tree: &model::Tree) -> Result<HashMap<u64, OwnedFd>> {
     Ok(out)
 }
 
+/// A TCP or UDP socket bound where it was, listening or connected as it was, with its
+/// options and (UDP) the datagrams it had queued.
+fn make_inet_socket(reader: &ImageReader, kind: &OpenFileKind) -> Result<OwnedFd> {
+    use torpor_sys::sock;
+    let OpenFileKind::Inet {
+        family,
+        sock_type,
+        protocol,
+        local,
+        peer,
+        listen_backlog,
+        options,
+        queue,
+    } = kind
+    else {
+        unreachable!()
+    };
+    let local = hex::decode(local).unwrap_or_default();
+    let where_ = sock::describe_addr(&local);
+    let err = |what: &str| {
+        let what = format!("the socket on {where_} ({what} failed)");
+        move |source| RestoreError::Prepare { what, source }
+    };
+    // SAFETY: socket takes integers and returns a new descriptor or -1.
+    let fd = unsafe { libc::socket(*family, *sock_type | libc::SOCK_CLOEXEC, *protocol) };
+    if fd < 0 {
+        return Err(err("create")(io::Error::last_os_error()));
+    }
+    // SAFETY: just created, owned by nobody else.
+    let sock = unsafe { OwnedFd::from_raw_fd(fd) };
+    let early = |o: &&model::SockOpt| {
+        matches!(
+            (o.level, o.name),
+            (libc::SOL_SOCKET, libc::SO_REUSEADDR | libc::SO_REUSEPORT)
+                | (libc::IPPROTO_IP, libc::IP_FREEBIND | libc::IP_TRANSPARENT)
+                | (libc::IPPROTO_IPV6, libc::IPV6_V6ONLY)
+        )
+    };
+    let set = |o: &model::SockOpt| -> Result<()> {
+        let v = hex::decode(&o.value).unwrap_or_default();
+        sock::set_sockopt_raw(&sock, o.level, o.name, &v).map_err(|source| RestoreError::Prepare {
+            what: format!("option {}/{} of the socket on {where_}", o.level, o.name),
+            source,
+        })
+    };
+    for o in options.iter().filter(early) {
+        set(o)?;
+    }
+    // The dumped process's connections may linger in TIME_WAIT on this port: reuse the
+    // address for the bind, then put the option back as the program had it.
+    let reuse = sock::sockopt(&sock, libc::SO_REUSEADDR).unwrap_or(0);
+    let _ = sock::set_sockopt(&sock, libc::SO_REUSEADDR, 1);
+    let unbound = local.len() < 4 || local[2..4] == [0, 0];
+    if !unbound {
+        // SAFETY: `local` holds a socket address of the length passed.
+        let r =
+            unsafe { libc::bind(sock.as_raw_fd(), local.as_ptr() as *const _, local.len() as _) };
+        if r < 0 {
+            return Err(err("bind")(io::Error::last_os_error()));
+        }
+    }
+    let _ = sock::set_sockopt(&sock, libc::SO_REUSEADDR, reuse);
+    if let Some(peer) = peer {
+        let peer = hex::decode(peer).unwrap_or_default();
+        // SAFETY: `peer` holds a socket address of the length passed.
+        let r =
+            unsafe { libc::connect(sock.as_raw_fd(), peer.as_ptr() as *const _, peer.len() as _) };
+        if r < 0 {
+            return Err(err("connect")(io::Error::last_os_error()));
+        }
+    }
+    if let Some(backlog) = listen_backlog {
+        // SAFETY: listen takes integers.
+        if unsafe { libc::listen(sock.as_raw_fd(), *backlog) } < 0 {
+            return Err(err("listen")(io::Error::last_os_error()));
+        }
+    }
+    for o in options.iter().filter(|o| !early(o)) {
+        set(o)?;
+    }
+    // Queued datagrams go back in from a socket of torpor's, to the socket's address.
+    if let Some(queue) = queue {
+        let bytes = reader.read_file(queue)?;
+        // SAFETY: socket takes integers and returns a new descriptor or -1.
+        let tx = unsafe { libc::socket(*family, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+        if tx < 0 {
+            return Err(err("refill")(io::Error::last_os_error()));
+        }
+        // SAFETY: just created, owned by nobody else.
+        let tx = unsafe { OwnedFd::from_raw_fd(tx) };
+        let mut to = sock::sock_addr(&sock, false).unwrap_or_default();
+        // A socket bound to the wildcard address receives on loopback too.
+        if *family == libc::AF_INET && to.len() >= 8 && to[4..8] == [0; 4] {
+            to[4..8].copy_from_slice(&[127, 0, 0, 1]);
+        } else if *family == libc::AF_INET6 && to.len() >= 24 && to[8..24] == [0; 16] {
+            to[23] = 1;
+        }
+        let mut at = 0;
+        while at + 4 <= bytes.len() {
+            let len = u32::from_le_bytes(bytes[at..at + 4].try_into().unwrap()) as usize;
+            let msg = bytes.get(at + 4..at + 4 + len).unwrap_or_default();
+            at += 4 + len;
+            // SAFETY: sends `msg` to the address in `to`, both of the lengths passed.
+            let n = unsafe {
+                libc::sendto(
+                    tx.as_raw_fd(),
+                    msg.as_ptr() as *const _,
+                    msg.len(),
+                    0,
+                    to.as_ptr() as *const _,
+                    to.len() as _,
+                )
+            };
+            if n < 0 {
+                return Err(err("refill")(io::Error::last_os_error()));
+            }
+        }
+    }
+    Ok(sock)
+}
+
 /// An eventfd holding `count`. The initial value takes 32 bits only; a larger count is
 /// written in.
 fn make_eventfd(count: u64, semaphore: bool) -> Result<OwnedFd> {
@@ -549,6 +670,7 @@ fn open_file(
         OpenFileKind::Directory { path } | OpenFileKind::CharDevice { path, .. } => {
             OpenOptions::new().open_flags(path, o.flags)?
         }
+        OpenFileKind::Inet { .. } => make_inet_socket(reader, &o.kind)?,
         OpenFileKind::EventFd { count, semaphore } => make_eventfd(*count, *semaphore)?,
         OpenFileKind::SignalFd { mask } => {
             // SAFETY: signalfd4 reads an 8-byte mask from `mask` and returns a new
@@ -607,6 +729,10 @@ fn describe_kind(tree: &model::Tree, k: &OpenFileKind) -> String {
         OpenFileKind::UnixPair { ino, .. } => format!("socket:[{ino}]"),
         OpenFileKind::Inherited { fd } => format!("descriptor {fd} of torpor restore"),
         OpenFileKind::EventFd { .. } => "an eventfd".into(),
+        OpenFileKind::Inet { local, .. } => {
+            let raw = hex::decode(local).unwrap_or_default();
+            format!("a socket on {}", torpor_sys::sock::describe_addr(&raw))
+        }
         OpenFileKind::SignalFd { .. } => "a signalfd".into(),
         OpenFileKind::TimerFd { .. } => "a timerfd".into(),
         OpenFileKind::Epoll { .. } => "an epoll instance".into(),

@@ -316,3 +316,62 @@ mod tests {
         assert_eq!(socket_queue(&a, true).unwrap(), vec![b"hello".to_vec()]);
     }
 }
+
+/// `getsockopt` of any option, as raw bytes (at most 64).
+pub fn sockopt_raw(fd: &OwnedFd, level: i32, name: i32) -> Result<Vec<u8>> {
+    let mut buf = [0u8; 64];
+    let mut len = buf.len() as libc::socklen_t;
+    // SAFETY: the kernel writes at most `len` bytes into `buf` and updates `len`.
+    let r = unsafe {
+        libc::getsockopt(fd.as_raw_fd(), level, name, buf.as_mut_ptr() as *mut _, &mut len)
+    };
+    if r < 0 {
+        return Err(last("getsockopt"));
+    }
+    Ok(buf[..len as usize].to_vec())
+}
+
+/// `setsockopt` of any option from raw bytes.
+pub fn set_sockopt_raw(fd: &OwnedFd, level: i32, name: i32, value: &[u8]) -> io::Result<()> {
+    // SAFETY: the kernel reads `value.len()` bytes from `value`.
+    let r = unsafe {
+        libc::setsockopt(fd.as_raw_fd(), level, name, value.as_ptr() as *const _, value.len() as _)
+    };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// The local (`getsockname`) or peer (`getpeername`) address of a socket, raw bytes;
+/// `None` when it has none.
+pub fn sock_addr(fd: &OwnedFd, peer: bool) -> Option<Vec<u8>> {
+    let mut buf = [0u8; 128];
+    let mut len = buf.len() as libc::socklen_t;
+    let p = buf.as_mut_ptr() as *mut libc::sockaddr;
+    // SAFETY: the kernel writes at most `len` bytes into `buf` and updates `len`.
+    let r = unsafe {
+        if peer {
+            libc::getpeername(fd.as_raw_fd(), p, &mut len)
+        } else {
+            libc::getsockname(fd.as_raw_fd(), p, &mut len)
+        }
+    };
+    (r == 0).then(|| buf[..len as usize].to_vec())
+}
+
+/// A readable form of a raw IPv4 or IPv6 socket address, for messages.
+pub fn describe_addr(raw: &[u8]) -> String {
+    let fam = raw.get(..2).map(|b| u16::from_ne_bytes([b[0], b[1]]) as i32);
+    let port = |b: &[u8]| u16::from_be_bytes([b[2], b[3]]);
+    match fam {
+        Some(libc::AF_INET) if raw.len() >= 8 => {
+            format!("{}.{}.{}.{}:{}", raw[4], raw[5], raw[6], raw[7], port(raw))
+        }
+        Some(libc::AF_INET6) if raw.len() >= 24 => {
+            let a: [u8; 16] = raw[8..24].try_into().unwrap();
+            format!("[{}]:{}", std::net::Ipv6Addr::from(a), port(raw))
+        }
+        _ => "an unknown address".into(),
+    }
+}
