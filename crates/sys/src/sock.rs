@@ -287,36 +287,6 @@ pub fn unix_sockets() -> Result<HashMap<u64, UnixInfo>> {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn socketpair_peers_and_queue() {
-        let mut fds = [0; 2];
-        // SAFETY: socketpair writes two new descriptors.
-        assert_eq!(
-            unsafe { libc::socketpair(libc::AF_UNIX, libc::SOCK_STREAM, 0, fds.as_mut_ptr()) },
-            0
-        );
-        // SAFETY: just created.
-        let (a, b) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
-        // SAFETY: writes 5 bytes from a static string.
-        assert_eq!(unsafe { libc::write(b.as_raw_fd(), b"hello".as_ptr() as *const _, 5) }, 5);
-        let meta = |f: &OwnedFd| {
-            let mut st: libc::stat = unsafe { std::mem::zeroed() };
-            // SAFETY: fstat writes one struct stat.
-            unsafe { libc::fstat(f.as_raw_fd(), &mut st) };
-            st.st_ino
-        };
-        let all = unix_sockets().unwrap();
-        assert_eq!(all[&meta(&a)].peer, meta(&b));
-        assert_eq!(socket_queue(&a, true).unwrap(), vec![b"hello".to_vec()]);
-        // Still there after peeking.
-        assert_eq!(socket_queue(&a, true).unwrap(), vec![b"hello".to_vec()]);
-    }
-}
-
 /// `getsockopt` of any option, as raw bytes (at most 64).
 pub fn sockopt_raw(fd: &OwnedFd, level: i32, name: i32) -> Result<Vec<u8>> {
     let mut buf = [0u8; 64];
@@ -373,5 +343,35 @@ pub fn describe_addr(raw: &[u8]) -> String {
             format!("[{}]:{}", std::net::Ipv6Addr::from(a), port(raw))
         }
         _ => "an unknown address".into(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn socketpair_peers_and_queue() {
+        let mut fds = [0; 2];
+        // SAFETY: socketpair writes two new descriptors.
+        assert_eq!(
+            unsafe { libc::socketpair(libc::AF_UNIX, libc::SOCK_STREAM, 0, fds.as_mut_ptr()) },
+            0
+        );
+        // SAFETY: just created.
+        let (a, b) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+        // SAFETY: writes 5 bytes from a static string.
+        assert_eq!(unsafe { libc::write(b.as_raw_fd(), b"hello".as_ptr() as *const _, 5) }, 5);
+        let meta = |f: &OwnedFd| {
+            let mut st: libc::stat = unsafe { std::mem::zeroed() };
+            // SAFETY: fstat writes one struct stat.
+            unsafe { libc::fstat(f.as_raw_fd(), &mut st) };
+            st.st_ino
+        };
+        let all = unix_sockets().unwrap();
+        assert_eq!(all[&meta(&a)].peer, meta(&b));
+        assert_eq!(socket_queue(&a, true).unwrap(), vec![b"hello".to_vec()]);
+        // Still there after peeking.
+        assert_eq!(socket_queue(&a, true).unwrap(), vec![b"hello".to_vec()]);
     }
 }
