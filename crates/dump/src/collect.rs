@@ -18,6 +18,7 @@ pub enum UnsupportedReason {
     Mapping { start: u64, end: u64, what: String },
     External { fd: i32, what: String, holder: String },
     InsidePidNs { inner: i32 },
+    NeedsFlag { fd: i32, what: String, flag: &'static str },
     Torpor,
 }
 
@@ -42,6 +43,9 @@ impl fmt::Display for UnsupportedReason {
                 "fd {fd} is {what}, whose other end is held by {holder} outside the dumped tree"
             ),
             Self::Torpor => write!(f, "its tree includes torpor itself"),
+            Self::NeedsFlag { fd, what, flag } => {
+                write!(f, "fd {fd} is {what}; dump with {flag} to save it")
+            }
             Self::InsidePidNs { inner } => write!(
                 f,
                 "runs as pid {inner} inside a pid namespace it does not lead; dump the \

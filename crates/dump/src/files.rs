@@ -164,9 +164,24 @@ pub(crate) struct FdContext {
     /// Unix sockets of the tree by inode, with their peer and a (pid, fd) holding them.
     sockets: HashMap<u64, (u64, (i32, i32))>,
     unix: Option<HashMap<u64, sock::UnixInfo>>,
+    /// Save established TCP connections (`--tcp-established`).
+    pub tcp_established: bool,
+    /// Copies of the TCP sockets put in repair mode, to take out of it again if the
+    /// process runs on; when it is killed instead, they close silently.
+    pub repaired: Vec<std::os::fd::OwnedFd>,
 }
 
 impl FdContext {
+    /// Takes the connections torpor put in repair mode out of it, so they carry on (after
+    /// a failed dump, or with `--leave-running`).
+    pub fn end_repair(&mut self) {
+        for s in self.repaired.drain(..) {
+            if let Err(e) = sock::set_tcp_opt(&s, sock::tcp_repair::TCP_REPAIR, 0) {
+                tracing::warn!("cannot take a TCP connection out of repair mode: {e}");
+            }
+        }
+    }
+
     fn unix_info(&mut self, pid: i32) -> Result<&HashMap<u64, sock::UnixInfo>> {
         if self.unix.is_none() {
             let all = sock::unix_sockets().map_err(|source| DumpError::Collect {
@@ -494,7 +509,7 @@ fn unix_pair(
     let unsupported =
         |kind: String| DumpError::Unsupported { pid, reason: UnsupportedReason::Fd { fd, kind } };
     let Some(info) = ctx.unix_info(pid)?.get(&ino).cloned() else {
-        return inet_socket(pid, fd, link, writer);
+        return inet_socket(pid, fd, link, ctx, writer);
     };
     if !info.name.is_empty() {
         return Err(unsupported(format!("a unix socket bound to {:?} ({link})", info.name)));
@@ -568,7 +583,13 @@ const SOCKET_OPTIONS: &[(i32, i32, bool)] = &[
 ];
 
 /// A TCP or UDP socket: its address, options and, for UDP, the datagrams queued.
-fn inet_socket(pid: i32, fd: i32, link: &str, writer: &mut ImageWriter) -> Result<OpenFileKind> {
+fn inet_socket(
+    pid: i32,
+    fd: i32,
+    link: &str,
+    ctx: &mut FdContext,
+    writer: &mut ImageWriter,
+) -> Result<OpenFileKind> {
     let unsupported =
         |kind: String| DumpError::Unsupported { pid, reason: UnsupportedReason::Fd { fd, kind } };
     let err = |what: &str| {
@@ -591,13 +612,37 @@ fn inet_socket(pid: i32, fd: i32, link: &str, writer: &mut ImageWriter) -> Resul
     let peer = sock::sock_addr(&sock, true);
     let listening =
         tcp && sock::sockopt(&sock, libc::SO_ACCEPTCONN).map_err(err("the state"))? != 0;
+    let mut tcp_state = None;
     if tcp && !listening && peer.is_some() {
-        return Err(unsupported(format!(
-            "an established TCP connection {} -> {} ({link}); established connections \
-             are not supported yet",
+        let conn = format!(
+            "{} -> {}",
             sock::describe_addr(&local),
             sock::describe_addr(peer.as_deref().unwrap_or_default())
-        )));
+        );
+        if !ctx.tcp_established {
+            return Err(DumpError::Unsupported {
+                pid,
+                reason: UnsupportedReason::NeedsFlag {
+                    fd,
+                    what: format!("an established TCP connection {conn} ({link})"),
+                    flag: "--tcp-established",
+                },
+            });
+        }
+        let ino = fs::metadata(format!("/proc/{pid}/fd/{fd}")).map(|m| m.ino()).unwrap_or(0);
+        let copy = sock::take_fd(pid, fd).map_err(err("a copy"))?;
+        let state = tcp_connection(&copy, ino, writer).map_err(|e| match e {
+            Ok(source) => DumpError::Collect {
+                pid,
+                what: format!("the TCP connection {conn} on fd {fd}"),
+                source,
+            },
+            Err(e) => e,
+        });
+        // In repair mode from here: it stays so until the process is gone, which closes
+        // it without a word to the peer, or until torpor lets the process run on.
+        ctx.repaired.push(copy);
+        tcp_state = Some(state?);
     }
     let mut options = Vec::new();
     for &(level, name, _) in SOCKET_OPTIONS {
@@ -642,9 +687,77 @@ fn inet_socket(pid: i32, fd: i32, link: &str, writer: &mut ImageWriter) -> Resul
         sock_type,
         protocol,
         local: hex::encode(&local),
-        peer: if udp { peer.map(hex::encode) } else { None },
+        peer: if udp || tcp_state.is_some() { peer.map(hex::encode) } else { None },
         listen_backlog: listening.then_some(backlog),
         options,
         queue,
+        tcp: tcp_state,
+    })
+}
+
+/// Saves an established TCP connection with `TCP_REPAIR`: its sequence numbers, the bytes
+/// in flight each way, the negotiated options, window and timestamp. The socket is left in
+/// repair mode. The error is a system error or an image write error.
+fn tcp_connection(
+    s: &std::os::fd::OwnedFd,
+    ino: u64,
+    writer: &mut ImageWriter,
+) -> std::result::Result<model::TcpState, std::result::Result<torpor_sys::Error, DumpError>> {
+    use sock::tcp_repair::*;
+    let sys = |call: &'static str| {
+        move |source: std::io::Error| Ok(torpor_sys::Error::Syscall { call, source })
+    };
+    sock::set_tcp_opt(s, TCP_REPAIR, 1).map_err(sys("TCP_REPAIR"))?;
+
+    let mut queue = |q: i32,
+                     out: bool,
+                     tag: &str|
+     -> std::result::Result<
+        (u32, u32, Option<String>),
+        std::result::Result<torpor_sys::Error, DumpError>,
+    > {
+        sock::set_tcp_opt(s, TCP_REPAIR_QUEUE, q).map_err(sys("TCP_REPAIR_QUEUE"))?;
+        let seq = sock::tcp_opt(s, TCP_QUEUE_SEQ).map_err(Ok)?;
+        let len = sock::queued_bytes(s, out).map_err(Ok)?;
+        let file = if len > 0 {
+            let bytes = sock::peek_exact(s, len as usize).map_err(Ok)?;
+            let name = format!("tcp-{ino}-{tag}.img");
+            writer.write_file(&name, &bytes).map_err(|e| Err(e.into()))?;
+            Some(name)
+        } else {
+            None
+        };
+        Ok((seq, len, file))
+    };
+    let (send_seq, send_len, send_queue) = queue(TCP_SEND_QUEUE, true, "send")?;
+    let (recv_seq, recv_len, recv_queue) = queue(TCP_RECV_QUEUE, false, "recv")?;
+
+    // struct tcp_info: tcpi_options at byte 5, the window scales in byte 6 (send in the
+    // low nibble), tcpi_snd_mss at byte 16.
+    let info = sock::sockopt_raw(s, libc::IPPROTO_TCP, libc::TCP_INFO).map_err(Ok)?;
+    let options = info.get(5).copied().unwrap_or(0);
+    let scales = info.get(6).copied().unwrap_or(0);
+    let mss = info.get(16..20).map_or(536, |b| u32::from_ne_bytes(b.try_into().unwrap()));
+    let win = sock::sockopt_sized(s, libc::IPPROTO_TCP, TCP_REPAIR_WINDOW, 20).map_err(Ok)?;
+    let mut window = [0u32; 5];
+    for (i, w) in window.iter_mut().enumerate() {
+        *w = win.get(i * 4..i * 4 + 4).map_or(0, |b| u32::from_ne_bytes(b.try_into().unwrap()));
+    }
+    let timestamp = sock::tcp_opt(s, TCP_TIMESTAMP).map_err(Ok)?;
+    Ok(model::TcpState {
+        send_seq,
+        recv_seq,
+        send_queue,
+        recv_queue,
+        send_len,
+        recv_len,
+        mss,
+        snd_wscale: scales & 0xf,
+        rcv_wscale: scales >> 4,
+        wscale: options & TCPI_OPT_WSCALE != 0,
+        timestamps: options & TCPI_OPT_TIMESTAMPS != 0,
+        sack: options & TCPI_OPT_SACK != 0,
+        window,
+        timestamp,
     })
 }

@@ -37,6 +37,8 @@ pub struct DumpOptions {
     /// Pipes and sockets on descriptors 0 to 2 whose other end is outside the tree are
     /// saved as "inherited": restore connects them to its own standard descriptors.
     pub inherit_stdio: bool,
+    /// Save established TCP connections (with `TCP_REPAIR`) instead of refusing them.
+    pub tcp_established: bool,
 }
 
 /// What a dump did, for the summary line.
@@ -90,11 +92,14 @@ pub fn dump(opts: &DumpOptions) -> Result<DumpSummary> {
     let frozen = FrozenTree::freeze(pid)?;
     let t_frozen = Instant::now();
 
-    let result = write_image(&frozen, &mut writer, opts.inherit_stdio);
+    let mut fd_ctx = files::FdContext::default();
+    fd_ctx.tcp_established = opts.tcp_established;
+    let result = write_image(&frozen, &mut writer, &mut fd_ctx, opts.inherit_stdio);
     let (tree, stats) = match result {
         Ok(v) => v,
         Err(e) => {
             tracing::debug!("dump of pid {pid} failed, releasing it: {e}");
+            fd_ctx.end_repair();
             frozen.release();
             writer.abandon();
             return Err(e);
@@ -113,15 +118,20 @@ pub fn dump(opts: &DumpOptions) -> Result<DumpSummary> {
         files: Vec::new(),
     };
     if let Err(e) = writer.commit(manifest) {
+        fd_ctx.end_repair();
         frozen.release();
         return Err(e.into());
     }
 
     let frozen_for = t_frozen.elapsed();
     if opts.leave_running {
+        fd_ctx.end_repair();
         frozen.release();
     } else {
         frozen.kill()?;
+        // The connections were in repair mode when their process died: closing torpor's
+        // copies now ends them without a FIN or RST reaching the peer.
+        drop(fd_ctx);
     }
     Ok(DumpSummary {
         pid,
@@ -204,16 +214,16 @@ struct Stats {
 fn write_image(
     frozen: &FrozenTree,
     writer: &mut ImageWriter,
+    fd_ctx: &mut files::FdContext,
     inherit_stdio: bool,
 ) -> Result<(model::Tree, Stats)> {
     let root = frozen.processes[0].pid;
     let mut files = files::FileTable::default();
-    let mut fd_ctx = files::FdContext::default();
     let mut stats = Stats::default();
     let mut pages = memory::PageIndex::default();
     let mut processes = Vec::new();
     for f in &frozen.processes {
-        let mut process = collect::collect(f, &mut files, &mut fd_ctx, writer)?;
+        let mut process = collect::collect(f, &mut files, fd_ctx, writer)?;
         memory::dump_pages(f, &mut process, writer, &mut files, &mut pages, &mut stats)?;
         processes.push(process);
     }

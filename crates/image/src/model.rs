@@ -367,6 +367,9 @@ pub enum OpenFileKind {
         /// Image file with the datagrams queued for reading (UDP), as 4-byte lengths and
         /// bytes.
         queue: Option<String>,
+        /// An established TCP connection's state, saved with `TCP_REPAIR`.
+        #[serde(default)]
+        tcp: Option<TcpState>,
     },
     /// An eventfd.
     EventFd {
@@ -409,6 +412,39 @@ pub enum OpenFileKind {
         /// Image file holding the bytes queued for this end to read, if any.
         queue: Option<String>,
     },
+}
+
+/// What an established TCP connection needs to carry on without its peer noticing.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct TcpState {
+    /// Sequence number after the last byte written (`write_seq`).
+    pub send_seq: u32,
+    /// Sequence number of the next byte expected (`rcv_nxt`).
+    pub recv_seq: u32,
+    /// Image file with the bytes written but not acknowledged.
+    pub send_queue: Option<String>,
+    /// Image file with the bytes received but not read.
+    pub recv_queue: Option<String>,
+    /// Length of the send queue in bytes.
+    pub send_len: u32,
+    /// Length of the receive queue in bytes.
+    pub recv_len: u32,
+    /// Negotiated maximum segment size.
+    pub mss: u32,
+    /// Window scale for sending.
+    pub snd_wscale: u8,
+    /// Window scale for receiving.
+    pub rcv_wscale: u8,
+    /// Window scaling was negotiated.
+    pub wscale: bool,
+    /// Timestamps were negotiated.
+    pub timestamps: bool,
+    /// Selective acknowledgements were negotiated.
+    pub sack: bool,
+    /// `struct tcp_repair_window`: snd_wl1, snd_wnd, max_window, rcv_wnd, rcv_wup.
+    pub window: [u32; 5],
+    /// The connection's current TCP timestamp.
+    pub timestamp: u32,
 }
 
 /// One socket option: `setsockopt(level, name, value)`.

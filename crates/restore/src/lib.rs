@@ -223,7 +223,8 @@ fn build(
         pr.space.finish()?;
     }
 
-    // 4. Every thread of every process is ready before any runs.
+    // 4. Every thread of every process is ready before any runs; connections wake first.
+    prepare::end_repair(tree, prep)?;
     for pr in &procs {
         for (t, r) in pr.p.threads.iter().zip(pr.remotes()) {
             state::load_registers(r, t)?;

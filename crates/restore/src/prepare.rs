@@ -468,6 +468,7 @@ fn make_inet_socket(reader: &ImageReader, kind: &OpenFileKind) -> Result<OwnedFd
         listen_backlog,
         options,
         queue,
+        tcp,
     } = kind
     else {
         unreachable!()
@@ -493,13 +494,18 @@ fn make_inet_socket(reader: &ImageReader, kind: &OpenFileKind) -> Result<OwnedFd
                 | (libc::IPPROTO_IPV6, libc::IPV6_V6ONLY)
         )
     };
-    let set = |o: &model::SockOpt| -> Result<()> {
-        let v = hex::decode(&o.value).unwrap_or_default();
-        sock::set_sockopt_raw(&sock, o.level, o.name, &v).map_err(|source| RestoreError::Prepare {
-            what: format!("option {}/{} of the socket on {where_}", o.level, o.name),
-            source,
-        })
-    };
+    let set = |o: &model::SockOpt| set_option(&sock, o, &where_);
+    if let Some(state) = tcp {
+        let peer = hex::decode(peer.as_deref().unwrap_or_default()).unwrap_or_default();
+        repair_connection(reader, &sock, &local, &peer, state).map_err(|source| {
+            RestoreError::Prepare {
+                what: format!("the TCP connection {where_} -> {}", sock::describe_addr(&peer)),
+                source,
+            }
+        })?;
+        // Still in repair mode: see `end_repair`.
+        return Ok(sock);
+    }
     for o in options.iter().filter(early) {
         set(o)?;
     }
@@ -574,6 +580,134 @@ fn make_inet_socket(reader: &ImageReader, kind: &OpenFileKind) -> Result<OwnedFd
         }
     }
     Ok(sock)
+}
+
+/// Rebuilds an established TCP connection in repair mode: bound, with its sequence
+/// numbers, connected without a handshake, with its options, window, bytes in flight and
+/// timestamp; then out of repair mode, which sends the peer a window probe and nothing
+/// it could object to.
+fn repair_connection(
+    reader: &ImageReader,
+    s: &OwnedFd,
+    local: &[u8],
+    peer: &[u8],
+    t: &model::TcpState,
+) -> io::Result<()> {
+    use torpor_sys::sock::{self, tcp_repair::*};
+    let queue_bytes = |name: &Option<String>| -> io::Result<Vec<u8>> {
+        match name {
+            Some(n) => reader.read_file(n).map_err(io::Error::other),
+            None => Ok(Vec::new()),
+        }
+    };
+    let send = queue_bytes(&t.send_queue)?;
+    let recv = queue_bytes(&t.recv_queue)?;
+
+    // In repair mode the address may be reused freely (the listener has it too).
+    sock::set_tcp_opt(s, TCP_REPAIR, 1)?;
+    // SAFETY: `local` holds a socket address of the length passed.
+    if unsafe { libc::bind(s.as_raw_fd(), local.as_ptr() as *const _, local.len() as _) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    sock::set_tcp_opt(s, TCP_REPAIR_QUEUE, TCP_SEND_QUEUE)?;
+    sock::set_tcp_opt(s, TCP_QUEUE_SEQ, t.send_seq.wrapping_sub(t.send_len) as i32)?;
+    sock::set_tcp_opt(s, TCP_REPAIR_QUEUE, TCP_RECV_QUEUE)?;
+    sock::set_tcp_opt(s, TCP_QUEUE_SEQ, t.recv_seq.wrapping_sub(t.recv_len) as i32)?;
+    // SAFETY: `peer` holds a socket address of the length passed; in repair mode this
+    // sends nothing and makes the socket established.
+    if unsafe { libc::connect(s.as_raw_fd(), peer.as_ptr() as *const _, peer.len() as _) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+
+    // struct tcp_repair_opt { code, value } for each negotiated option.
+    let mut opts: Vec<u8> = Vec::new();
+    let mut opt = |code: u32, val: u32| {
+        opts.extend_from_slice(&code.to_ne_bytes());
+        opts.extend_from_slice(&val.to_ne_bytes());
+    };
+    opt(TCPOPT_MSS, t.mss);
+    if t.wscale {
+        opt(TCPOPT_WINDOW, t.snd_wscale as u32 | (t.rcv_wscale as u32) << 16);
+    }
+    if t.timestamps {
+        opt(TCPOPT_TIMESTAMP, 0);
+    }
+    if t.sack {
+        opt(TCPOPT_SACK_PERM, 0);
+    }
+    sock::set_sockopt_raw(s, libc::IPPROTO_TCP, TCP_REPAIR_OPTIONS, &opts)?;
+
+    // The bytes in flight: written in repair mode, each goes to the named queue.
+    let fill = |q: i32, bytes: &[u8]| -> io::Result<()> {
+        sock::set_tcp_opt(s, TCP_REPAIR_QUEUE, q)?;
+        let mut at = 0;
+        while at < bytes.len() {
+            // SAFETY: sends the unsent tail of `bytes`.
+            let n = unsafe {
+                libc::send(s.as_raw_fd(), bytes[at..].as_ptr() as *const _, bytes.len() - at, 0)
+            };
+            if n <= 0 {
+                return Err(io::Error::last_os_error());
+            }
+            at += n as usize;
+        }
+        Ok(())
+    };
+    fill(TCP_SEND_QUEUE, &send)?;
+    fill(TCP_RECV_QUEUE, &recv)?;
+
+    let window: Vec<u8> = t.window.iter().flat_map(|w| w.to_ne_bytes()).collect();
+    sock::set_sockopt_raw(s, libc::IPPROTO_TCP, TCP_REPAIR_WINDOW, &window)?;
+    if t.timestamps {
+        sock::set_tcp_opt(s, TCP_TIMESTAMP, t.timestamp as i32)?;
+    }
+    Ok(())
+}
+
+/// Sets a saved socket option where it differs from what the socket has: some options
+/// can only be set in some states (TCP_FASTOPEN before connecting), and leaving a default
+/// alone changes nothing.
+fn set_option(sock: &OwnedFd, o: &model::SockOpt, where_: &str) -> Result<()> {
+    let v = hex::decode(&o.value).unwrap_or_default();
+    if torpor_sys::sock::sockopt_raw(sock, o.level, o.name).ok().as_deref() == Some(&v[..]) {
+        return Ok(());
+    }
+    torpor_sys::sock::set_sockopt_raw(sock, o.level, o.name, &v).map_err(|source| {
+        RestoreError::Prepare {
+            what: format!("the socket on {where_} (setting option {}/{} failed)", o.level, o.name),
+            source,
+        }
+    })
+}
+
+/// Takes the restored TCP connections out of repair mode, which sends each peer a window
+/// probe, and sets the options repair mode overrides. Done once the whole tree is
+/// rebuilt: until then a failed restore closes them without a word to the peer.
+pub(crate) fn end_repair(tree: &model::Tree, prep: &Prepared) -> Result<()> {
+    let mut done = std::collections::HashSet::new();
+    for p in &tree.processes {
+        for (i, o) in p.open_files.iter().enumerate() {
+            let OpenFileKind::Inet { tcp: Some(_), options, local, .. } = &o.kind else {
+                continue;
+            };
+            let obj = prep.fd_objects[&(p.pid, i)];
+            if !done.insert(obj) {
+                continue;
+            }
+            let s = &prep.objects[obj];
+            let where_ = torpor_sys::sock::describe_addr(&hex::decode(local).unwrap_or_default());
+            torpor_sys::sock::set_tcp_opt(s, torpor_sys::sock::tcp_repair::TCP_REPAIR, 0).map_err(
+                |source| RestoreError::Prepare {
+                    what: format!("the TCP connection on {where_} (leaving repair mode failed)"),
+                    source,
+                },
+            )?;
+            for o in options {
+                set_option(s, o, &where_)?;
+            }
+        }
+    }
+    Ok(())
 }
 
 /// An eventfd holding `count`. The initial value takes 32 bits only; a larger count is

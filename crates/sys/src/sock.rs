@@ -287,10 +287,15 @@ pub fn unix_sockets() -> Result<HashMap<u64, UnixInfo>> {
     }
 }
 
-/// `getsockopt` of any option, as raw bytes (at most 64).
+/// `getsockopt` of any option, as raw bytes (at most 256).
 pub fn sockopt_raw(fd: &OwnedFd, level: i32, name: i32) -> Result<Vec<u8>> {
-    let mut buf = [0u8; 64];
-    let mut len = buf.len() as libc::socklen_t;
+    sockopt_sized(fd, level, name, 256)
+}
+
+/// `getsockopt` asking for exactly `size` bytes (some options take no other length).
+pub fn sockopt_sized(fd: &OwnedFd, level: i32, name: i32, size: usize) -> Result<Vec<u8>> {
+    let mut buf = [0u8; 256];
+    let mut len = size.min(buf.len()) as libc::socklen_t;
     // SAFETY: the kernel writes at most `len` bytes into `buf` and updates `len`.
     let r = unsafe {
         libc::getsockopt(fd.as_raw_fd(), level, name, buf.as_mut_ptr() as *mut _, &mut len)
@@ -344,6 +349,97 @@ pub fn describe_addr(raw: &[u8]) -> String {
         }
         _ => "an unknown address".into(),
     }
+}
+
+/// `TCP_REPAIR` and friends, see `Documentation/networking/tcp_repair` in the kernel:
+/// reading and setting an established connection's state without talking to the peer.
+pub mod tcp_repair {
+    pub const TCP_REPAIR: i32 = 19;
+    pub const TCP_REPAIR_QUEUE: i32 = 20;
+    pub const TCP_QUEUE_SEQ: i32 = 21;
+    pub const TCP_REPAIR_OPTIONS: i32 = 22;
+    pub const TCP_TIMESTAMP: i32 = 24;
+    pub const TCP_REPAIR_WINDOW: i32 = 29;
+    pub const TCP_RECV_QUEUE: i32 = 1;
+    pub const TCP_SEND_QUEUE: i32 = 2;
+    pub const TCPOPT_MSS: u32 = 2;
+    pub const TCPOPT_WINDOW: u32 = 3;
+    pub const TCPOPT_SACK_PERM: u32 = 4;
+    pub const TCPOPT_TIMESTAMP: u32 = 8;
+    /// `tcpi_options` bits of `struct tcp_info`.
+    pub const TCPI_OPT_TIMESTAMPS: u8 = 1;
+    pub const TCPI_OPT_SACK: u8 = 2;
+    pub const TCPI_OPT_WSCALE: u8 = 4;
+}
+
+/// `setsockopt(IPPROTO_TCP, name)` for an integer option.
+pub fn set_tcp_opt(fd: &OwnedFd, name: i32, v: i32) -> io::Result<()> {
+    set_sockopt_raw(fd, libc::IPPROTO_TCP, name, &v.to_ne_bytes())
+}
+
+/// `getsockopt(IPPROTO_TCP, name)` for an integer option.
+pub fn tcp_opt(fd: &OwnedFd, name: i32) -> Result<u32> {
+    let v = sockopt_raw(fd, libc::IPPROTO_TCP, name)?;
+    Ok(u32::from_ne_bytes(v.get(..4).and_then(|b| b.try_into().ok()).unwrap_or([0; 4])))
+}
+
+/// Bytes queued on a socket: for reading (`SIOCINQ`) or not yet acknowledged
+/// (`SIOCOUTQ`).
+pub fn queued_bytes(fd: &OwnedFd, out: bool) -> Result<u32> {
+    let req = if out { libc::TIOCOUTQ } else { libc::FIONREAD };
+    let mut n: libc::c_int = 0;
+    // SAFETY: the ioctl writes one int.
+    if unsafe { libc::ioctl(fd.as_raw_fd(), req, &mut n) } < 0 {
+        return Err(last("ioctl(SIOCINQ/SIOCOUTQ)"));
+    }
+    Ok(n as u32)
+}
+
+/// Copies `len` bytes from the front of the socket's current repair queue without
+/// consuming them.
+pub fn peek_exact(fd: &OwnedFd, len: usize) -> Result<Vec<u8>> {
+    let mut buf = vec![0u8; len];
+    let mut at = 0;
+    while at < len {
+        // SAFETY: receives into the unfilled part of `buf`. Each peek starts at the front,
+        // so the whole length is asked for each time.
+        let n = unsafe {
+            libc::recv(
+                fd.as_raw_fd(),
+                buf.as_mut_ptr() as *mut _,
+                len,
+                libc::MSG_PEEK | libc::MSG_DONTWAIT,
+            )
+        };
+        if n <= 0 {
+            return Err(last("recv(MSG_PEEK)"));
+        }
+        at = n as usize;
+        if at < len {
+            // A peek returns at most one contiguous piece; ask again with a moving offset.
+            let _ = set_sockopt(fd, libc::SO_PEEK_OFF, 0);
+            let mut got = 0usize;
+            while got < len {
+                // SAFETY: as above, into the unfilled tail of `buf`.
+                let n = unsafe {
+                    libc::recv(
+                        fd.as_raw_fd(),
+                        buf[got..].as_mut_ptr() as *mut _,
+                        len - got,
+                        libc::MSG_PEEK | libc::MSG_DONTWAIT,
+                    )
+                };
+                if n <= 0 {
+                    let _ = set_sockopt(fd, libc::SO_PEEK_OFF, -1);
+                    return Err(last("recv(MSG_PEEK)"));
+                }
+                got += n as usize;
+            }
+            let _ = set_sockopt(fd, libc::SO_PEEK_OFF, -1);
+            return Ok(buf);
+        }
+    }
+    Ok(buf)
 }
 
 #[cfg(test)]

@@ -73,6 +73,7 @@ pub fn run() -> Result<u8> {
         dir: image.clone(),
         leave_running: false,
         inherit_stdio: false,
+        tcp_established: false,
     })
     .context("dump failed")?;
     // As its tracer, dump may already have reaped it.

@@ -51,6 +51,10 @@ enum Command {
         /// pipeline, a CI runner, ssh) as inherited: restore connects them to its own.
         #[arg(long)]
         inherit_stdio: bool,
+        /// Save established TCP connections (TCP_REPAIR) so they carry on after the
+        /// restore, instead of refusing them.
+        #[arg(long)]
+        tcp_established: bool,
     },
     /// Wake the process saved in an image, with its original pid, and wait for it.
     Restore {
@@ -126,9 +130,14 @@ fn init_logging(verbose: u8, quiet: bool) {
 fn run(cli: Cli) -> Result<u8> {
     let quiet = cli.quiet;
     match cli.command {
-        Command::Dump { pid, dir, leave_running, inherit_stdio } => {
-            let opts =
-                torpor_dump::DumpOptions { pid, dir: dir.clone(), leave_running, inherit_stdio };
+        Command::Dump { pid, dir, leave_running, inherit_stdio, tcp_established } => {
+            let opts = torpor_dump::DumpOptions {
+                pid,
+                dir: dir.clone(),
+                leave_running,
+                inherit_stdio,
+                tcp_established,
+            };
             let s =
                 torpor_dump::dump(&opts).with_context(|| format!("dump of pid {pid} failed"))?;
             if !quiet {
