@@ -274,6 +274,7 @@ pub(crate) fn collect(
         open_files,
         fds,
         threads,
+        termios: fd_ctx.termios.get(&pid).cloned(),
     })
 }
 

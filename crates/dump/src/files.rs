@@ -166,6 +166,10 @@ pub(crate) struct FdContext {
     unix: Option<HashMap<u64, sock::UnixInfo>>,
     /// Save established TCP connections (`--tcp-established`).
     pub tcp_established: bool,
+    /// Terminals on descriptors 0 to 2 are the restoring shell's (`--shell-job`).
+    pub shell_job: bool,
+    /// The modes of such a terminal, per process.
+    pub termios: HashMap<i32, String>,
     /// Copies of the TCP sockets put in repair mode, to take out of it again if the
     /// process runs on; when it is killed instead, they close silently.
     pub repaired: Vec<std::os::fd::OwnedFd>,
@@ -373,6 +377,15 @@ pub(crate) fn collect_fds(
                         return Err(unsupported(format!("a deleted directory ({link})")));
                     }
                     OpenFileKind::Directory { path: link.clone() }
+                } else if ft.is_char_device()
+                    && ctx.shell_job
+                    && (0..=2).contains(&fd)
+                    && is_tty(&link_path)
+                {
+                    if let Some(t) = termios(&link_path) {
+                        ctx.termios.insert(pid, t);
+                    }
+                    OpenFileKind::Inherited { fd }
                 } else if ft.is_char_device() {
                     OpenFileKind::CharDevice { path: link.clone(), rdev: meta.rdev() }
                 } else if ft.is_fifo() && link.starts_with("pipe:") {
@@ -395,6 +408,40 @@ pub(crate) fn collect_fds(
         fds.push(Fd { fd, cloexec: info.flags & libc::O_CLOEXEC != 0, open_file: idx });
     }
     Ok((open_files, fds))
+}
+
+/// Whether a descriptor (by its `/proc` link) is a terminal.
+fn is_tty(link_path: &str) -> bool {
+    fs::File::options()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
+        .open(link_path)
+        // SAFETY: isatty only inspects the descriptor.
+        .map(|f| unsafe { libc::isatty(std::os::fd::AsRawFd::as_raw_fd(&f)) } == 1)
+        .unwrap_or(false)
+}
+
+/// The modes of a terminal (`tcgetattr`), hex.
+fn termios(link_path: &str) -> Option<String> {
+    let f = fs::File::options()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
+        .open(link_path)
+        .ok()?;
+    // SAFETY: an all-zero termios is valid; tcgetattr fills it.
+    let mut t: libc::termios = unsafe { std::mem::zeroed() };
+    // SAFETY: tcgetattr writes one termios.
+    if unsafe { libc::tcgetattr(std::os::fd::AsRawFd::as_raw_fd(&f), &mut t) } < 0 {
+        return None;
+    }
+    // SAFETY: termios is plain old data; its bytes are read as they are.
+    let bytes = unsafe {
+        std::slice::from_raw_parts(
+            &t as *const _ as *const u8,
+            std::mem::size_of::<libc::termios>(),
+        )
+    };
+    Some(hex::encode(bytes))
 }
 
 /// An eventfd, from its fdinfo: `eventfd-count` (hex) and `eventfd-semaphore`.

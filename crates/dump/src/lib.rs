@@ -39,6 +39,9 @@ pub struct DumpOptions {
     pub inherit_stdio: bool,
     /// Save established TCP connections (with `TCP_REPAIR`) instead of refusing them.
     pub tcp_established: bool,
+    /// A job of an interactive shell: terminals on descriptors 0 to 2 are saved as
+    /// inherited, with their modes, so the job wakes in the terminal restore runs in.
+    pub shell_job: bool,
 }
 
 /// What a dump did, for the summary line.
@@ -94,6 +97,7 @@ pub fn dump(opts: &DumpOptions) -> Result<DumpSummary> {
 
     let mut fd_ctx = files::FdContext::default();
     fd_ctx.tcp_established = opts.tcp_established;
+    fd_ctx.shell_job = opts.shell_job;
     let result = write_image(&frozen, &mut writer, &mut fd_ctx, opts.inherit_stdio);
     let (tree, stats) = match result {
         Ok(v) => v,

@@ -95,6 +95,10 @@ pub struct Process {
     pub fds: Vec<Fd>,
     /// The first thread is the thread group leader.
     pub threads: Vec<Thread>,
+    /// With `--shell-job`: the terminal modes (`struct termios`, hex) of the terminal on
+    /// its standard descriptors, given to the terminal it wakes in.
+    #[serde(default)]
+    pub termios: Option<String>,
 }
 
 /// Credentials: real, effective, saved and filesystem ids, groups and capability sets.

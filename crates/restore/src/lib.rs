@@ -18,6 +18,7 @@ mod child;
 mod prepare;
 mod space;
 mod state;
+pub mod terminal;
 
 use std::io;
 use std::path::PathBuf;
@@ -36,12 +37,18 @@ pub struct RestoreOptions {
     /// Always reach the running kernel's vDSO through jumps from the saved one, as after
     /// a reboot into another kernel (for testing that path).
     pub force_vdso_jumps: bool,
+    /// Wake a shell job in the terminal this torpor runs in: its inherited terminal
+    /// descriptors get this terminal, with the job's modes, and its group the foreground.
+    pub shell_job: bool,
 }
 
 /// A restored, running process.
 #[derive(Debug, Clone)]
 pub struct Restored {
     pub pid: i32,
+    /// With `shell_job`: the job's process group, the terminal, and the terminal's modes
+    /// before, for [`terminal::wait_job`].
+    pub job: Option<(i32, i32, Option<Vec<u8>>)>,
     pub verify_time: Duration,
     pub total: Duration,
     pub image_bytes: u64,
@@ -140,13 +147,15 @@ pub fn restore(opts: &RestoreOptions) -> Result<Restored> {
         return Err(e);
     }
     let image_bytes = reader.manifest().files.iter().map(|f| f.len).sum();
-    Ok(Restored { pid: child, verify_time, total: t0.elapsed(), image_bytes })
+    let job = built.job.take();
+    Ok(Restored { pid: child, job, verify_time, total: t0.elapsed(), image_bytes })
 }
 
 /// The processes made so far, to kill on failure.
 #[derive(Default)]
 struct Built {
     pids: Vec<i32>,
+    job: Option<(i32, i32, Option<Vec<u8>>)>,
 }
 
 /// One process being rebuilt: its address space and its threads other than the leader.
@@ -192,7 +201,7 @@ fn build(
             built.pids.push(outer);
             space::Space::take(outer, p.pid, p)?
         };
-        state::session(&space, p)?;
+        state::session(&space, p, opts.shell_job && p.pid == root)?;
         procs.push(Proc { p, space, threads: Vec::new() });
     }
     for pr in &procs {
@@ -223,8 +232,21 @@ fn build(
         pr.space.finish()?;
     }
 
-    // 4. Every thread of every process is ready before any runs; connections wake first.
+    // 4. Every thread of every process is ready before any runs; connections wake first,
+    //    and a shell job gets the terminal before it can read from it.
     prepare::end_repair(tree, prep)?;
+    if opts.shell_job {
+        if let Some(tty) = terminal::own_tty() {
+            // SAFETY: getpgid takes an integer.
+            let pgid = unsafe { libc::getpgid(root_outer) };
+            let modes = terminal::hand_over(tty, tree.processes[0].termios.as_deref(), pgid)
+                .map_err(|source| RestoreError::Prepare {
+                    what: "the terminal for the shell job".into(),
+                    source,
+                })?;
+            built.job = Some((pgid, tty, modes));
+        }
+    }
     for pr in &procs {
         for (t, r) in pr.p.threads.iter().zip(pr.remotes()) {
             state::load_registers(r, t)?;
@@ -236,6 +258,11 @@ fn build(
         for r in pr.remotes() {
             ptrace::detach(r.tid(), 0).map_err(step(pr.p.pid, "let the process run"))?;
         }
+    }
+    // The terminal may have another size than the one the job last saw.
+    if let Some((pgid, _, _)) = built.job {
+        // SAFETY: kill takes integers.
+        unsafe { libc::kill(-pgid, libc::SIGWINCH) };
     }
     Ok(())
 }

@@ -59,7 +59,17 @@ pub(crate) fn validate(reader: &ImageReader, tree: &model::Tree) -> Result<()> {
 }
 
 pub(crate) fn check_pid_free(pid: i32) -> Result<()> {
-    if Path::new(&format!("/proc/{pid}")).exists() {
+    let taken = || Path::new(&format!("/proc/{pid}")).exists();
+    // A zombie is usually the dumped process itself, killed a moment ago and not yet
+    // reaped by its parent: give the parent a moment.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+    while taken()
+        && torpor_sys::proc::status(pid).map(|s| s.state == 'Z').unwrap_or(false)
+        && std::time::Instant::now() < deadline
+    {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    if taken() {
         return Err(RestoreError::PidTaken { pid, holder: crate::describe_pid(pid) });
     }
     Ok(())

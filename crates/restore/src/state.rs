@@ -133,9 +133,12 @@ fn new_task(r: &Remote, what: i32) -> Result<i32> {
 }
 
 /// Session and process group leadership, set right after the process is made so that
-/// the children it makes next inherit them.
-pub(crate) fn session(s: &Space, p: &model::Process) -> Result<()> {
-    if p.sid == p.pid {
+/// the children it makes next inherit them. A shell job's root joins the session of the
+/// terminal it wakes in, as a group leader, as a shell would start it.
+pub(crate) fn session(s: &Space, p: &model::Process, shell_job_root: bool) -> Result<()> {
+    if shell_job_root {
+        s.call("create its process group", "setpgid", libc::SYS_setpgid, args!(0, 0))?;
+    } else if p.sid == p.pid {
         s.call("create its session", "setsid", libc::SYS_setsid, args!())?;
     } else if p.pgid == p.pid {
         s.call("create its process group", "setpgid", libc::SYS_setpgid, args!(0, 0))?;

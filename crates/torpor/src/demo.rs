@@ -74,6 +74,7 @@ pub fn run() -> Result<u8> {
         leave_running: false,
         inherit_stdio: false,
         tcp_established: false,
+        shell_job: false,
     })
     .context("dump failed")?;
     // As its tracer, dump may already have reaped it.

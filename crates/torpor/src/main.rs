@@ -55,6 +55,10 @@ enum Command {
         /// restore, instead of refusing them.
         #[arg(long)]
         tcp_established: bool,
+        /// The process is a job of an interactive shell: its terminal is saved as the
+        /// one to wake in (`torpor restore --shell-job` in any terminal).
+        #[arg(long)]
+        shell_job: bool,
     },
     /// Wake the process saved in an image, with its original pid, and wait for it.
     Restore {
@@ -71,6 +75,9 @@ enum Command {
         /// (tests the path taken after a reboot into another kernel).
         #[arg(long, hide = true)]
         force_vdso_jumps: bool,
+        /// Wake a job dumped with --shell-job in this terminal, in the foreground.
+        #[arg(long)]
+        shell_job: bool,
     },
     /// Check an image completely (checksums, format, CPU, files) without restoring it.
     Verify {
@@ -130,13 +137,14 @@ fn init_logging(verbose: u8, quiet: bool) {
 fn run(cli: Cli) -> Result<u8> {
     let quiet = cli.quiet;
     match cli.command {
-        Command::Dump { pid, dir, leave_running, inherit_stdio, tcp_established } => {
+        Command::Dump { pid, dir, leave_running, inherit_stdio, tcp_established, shell_job } => {
             let opts = torpor_dump::DumpOptions {
                 pid,
                 dir: dir.clone(),
                 leave_running,
                 inherit_stdio,
                 tcp_established,
+                shell_job,
             };
             let s =
                 torpor_dump::dump(&opts).with_context(|| format!("dump of pid {pid} failed"))?;
@@ -154,9 +162,13 @@ fn run(cli: Cli) -> Result<u8> {
             }
             Ok(0)
         }
-        Command::Restore { dir, detach, pidfile, force_vdso_jumps } => {
-            let opts =
-                torpor_restore::RestoreOptions { dir: dir.clone(), detach, force_vdso_jumps };
+        Command::Restore { dir, detach, pidfile, force_vdso_jumps, shell_job } => {
+            let opts = torpor_restore::RestoreOptions {
+                dir: dir.clone(),
+                detach,
+                force_vdso_jumps,
+                shell_job,
+            };
             let r = torpor_restore::restore(&opts)
                 .with_context(|| format!("restore from {} failed", dir.display()))?;
             if let Some(p) = &pidfile {
@@ -174,8 +186,13 @@ fn run(cli: Cli) -> Result<u8> {
             if detach {
                 return Ok(0);
             }
-            let code = torpor_restore::wait(r.pid)
-                .with_context(|| format!("waiting for pid {} failed", r.pid))?;
+            let code = match r.job {
+                Some((pgid, tty, modes)) => {
+                    torpor_restore::terminal::wait_job(r.pid, pgid, tty, modes)
+                }
+                None => torpor_restore::wait(r.pid),
+            }
+            .with_context(|| format!("waiting for pid {} failed", r.pid))?;
             Ok(code.clamp(0, 255) as u8)
         }
         Command::Verify { dir } => {

@@ -4,26 +4,12 @@
 mod common;
 
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpStream};
 use std::path::Path;
 use std::time::Duration;
 
-use common::{fixture_source, Fixture, Restore, FINISH_TIMEOUT};
+use common::{fixture_source, free_port, Fixture, Restore, FINISH_TIMEOUT};
 use tempfile::TempDir;
-
-/// A port on 127.0.0.1 that nothing listens on right now, below the kernel's ephemeral
-/// range: between the dump and the restore the port is free, and a port from that range
-/// could meanwhile become the source port of some other connection.
-fn free_port() -> u16 {
-    let seed = std::process::id() as u16
-        ^ (std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.subsec_nanos()) as u16);
-    (0..2000u16)
-        .map(|i| 20000 + (seed.wrapping_add(i.wrapping_mul(7919)) % 12000))
-        .find(|&p| TcpListener::bind(("127.0.0.1", p)).is_ok())
-        .expect("a free port between 20000 and 32000")
-}
 
 fn start(port: u16, env: &[(&str, &str)]) -> Fixture {
     let script = fixture_source("server.js");

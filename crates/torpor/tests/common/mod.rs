@@ -620,6 +620,67 @@ pub fn roundtrip(name: &str, args: &[&str]) {
     f.restore_and_pass(images.path());
 }
 
+/// A port on 127.0.0.1 that nothing listens on right now, below the kernel's ephemeral
+/// range: between the dump and the restore the port is free, and a port from that range
+/// could meanwhile become the source port of some other connection.
+pub fn free_port() -> u16 {
+    let seed = std::process::id() as u16
+        ^ (SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.subsec_nanos())
+            as u16);
+    (0..2000u16)
+        .map(|i| 20000 + (seed.wrapping_add(i.wrapping_mul(7919)) % 12000))
+        .find(|&p| std::net::TcpListener::bind(("127.0.0.1", p)).is_ok())
+        .expect("a free port between 20000 and 32000")
+}
+
+/// A fixture whose READY line names more processes of its tree (`child=PID` and so on).
+/// Those are killed and reaped on drop as well, should a test stop before the fixture
+/// reaps them itself.
+pub struct FixtureTree {
+    pub f: Fixture,
+    /// The READY line's keys and the pids they name.
+    pub others: Vec<(String, i32)>,
+}
+
+impl FixtureTree {
+    /// Starts fixture NAME and reads the pids of KEYS from its READY line.
+    pub fn start(name: &str, args: &[&str], keys: &[&str]) -> FixtureTree {
+        let f = Fixture::start(name, args);
+        let others = keys
+            .iter()
+            .map(|k| {
+                let pid = f.ready_value(k).parse().unwrap_or_else(|e| panic!("{k}= pid: {e}"));
+                (k.to_string(), pid)
+            })
+            .collect();
+        FixtureTree { f, others }
+    }
+
+    /// Dumps the whole tree, asserts every process of it is gone, restores it and sees the
+    /// root PASS.
+    pub fn roundtrip(&mut self) {
+        let images = TempDir::new().expect("image dir");
+        // Let the processes settle into their wait loops.
+        sleep(Duration::from_millis(100));
+        self.f.dump_ok(images.path());
+        for (key, pid) in &self.others {
+            assert!(
+                wait_pid_gone(*pid, Duration::from_secs(10)),
+                "{key} (pid {pid}) still exists after the dump"
+            );
+        }
+        self.f.restore_and_pass(images.path());
+    }
+}
+
+impl Drop for FixtureTree {
+    fn drop(&mut self) {
+        for (_, pid) in self.others.iter().rev() {
+            kill_stray(*pid, &self.f.exe);
+        }
+    }
+}
+
 /// Runs NAME without torpor, says go, and asserts it PASSes.
 pub fn assert_passes_standalone(name: &str, args: &[&str]) {
     let mut f = Fixture::start(name, args);
