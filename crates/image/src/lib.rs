@@ -951,6 +951,7 @@ pub(crate) mod tests {
                     Fd { fd: 4, cloexec: true, open_file: 2 },
                 ],
                 threads: vec![thread(PID), second],
+                termios: None,
             }],
             files: vec![
                 FileInfo {
