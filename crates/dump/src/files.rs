@@ -705,17 +705,21 @@ fn inet_socket(
         }
     }
     let queue = if udp {
-        let q = sock::socket_queue(&sock, false).map_err(err("the queue"))?;
+        let q = sock::datagram_queue(&sock).map_err(err("the queue"))?;
         if q.is_empty() {
             None
         } else {
             let ino =
                 std::fs::metadata(format!("/proc/{pid}/fd/{fd}")).map(|m| m.ino()).unwrap_or(0);
             let name = format!("sock-{ino}.img");
+            // Records: the sender's address and the datagram, each as a 4-byte length
+            // and bytes.
             let mut bytes = Vec::new();
-            for m in &q {
-                bytes.extend_from_slice(&(m.len() as u32).to_le_bytes());
-                bytes.extend_from_slice(m);
+            for (from, data) in &q {
+                bytes.extend_from_slice(&(from.len() as u32).to_le_bytes());
+                bytes.extend_from_slice(from);
+                bytes.extend_from_slice(&(data.len() as u32).to_le_bytes());
+                bytes.extend_from_slice(data);
             }
             writer.write_file(&name, &bytes)?;
             Some(name)

@@ -331,7 +331,104 @@ fn open_objects(
             fill_socket(reader, sender, queue)?;
         }
     }
+    refill_datagrams(reader, tree, &objects, &fd_objects)?;
     Ok((objects, fd_objects))
+}
+
+/// Puts queued datagrams back into their UDP sockets, once every socket exists, each sent
+/// from the address it came from: through the tree's own socket on that address when
+/// there is one (so a connected receiver, which takes datagrams from its peer only,
+/// accepts it), else from a socket bound to that address for the purpose.
+fn refill_datagrams(
+    reader: &ImageReader,
+    tree: &model::Tree,
+    objects: &[OwnedFd],
+    fd_objects: &FdObjects,
+) -> Result<()> {
+    use torpor_sys::sock;
+    let mut by_addr: HashMap<Vec<u8>, usize> = HashMap::new();
+    let mut queues = Vec::new();
+    for p in &tree.processes {
+        for (i, o) in p.open_files.iter().enumerate() {
+            if let OpenFileKind::Inet { sock_type, queue, .. } = &o.kind {
+                let obj = fd_objects[&(p.pid, i)];
+                if *sock_type == libc::SOCK_DGRAM {
+                    if let Some(a) = sock::sock_addr(&objects[obj], false) {
+                        by_addr.insert(a, obj);
+                    }
+                    if let Some(q) = queue {
+                        queues.push((obj, q.clone()));
+                    }
+                }
+            }
+        }
+    }
+    queues.sort();
+    queues.dedup();
+    for (obj, name) in queues {
+        let dest = &objects[obj];
+        let to = sock::sock_addr(dest, false).unwrap_or_default();
+        let where_ = sock::describe_addr(&to);
+        let err = |source| RestoreError::Prepare {
+            what: format!("the queued datagrams of the socket on {where_}"),
+            source,
+        };
+        let bytes = reader.read_file(&name)?;
+        let mut at = 0usize;
+        let mut field = || -> Option<Vec<u8>> {
+            let len = u32::from_le_bytes(bytes.get(at..at + 4)?.try_into().ok()?) as usize;
+            let v = bytes.get(at + 4..at + 4 + len)?.to_vec();
+            at += 4 + len;
+            Some(v)
+        };
+        while let (Some(from), Some(data)) = (field(), field()) {
+            let own;
+            let sender = match by_addr.get(&from) {
+                Some(&o) => &objects[o],
+                None => {
+                    own = sender_socket(&from, &to).map_err(err)?;
+                    &own
+                }
+            };
+            // SAFETY: sends `data` to the address in `to`, both of the lengths passed.
+            let n = unsafe {
+                libc::sendto(
+                    sender.as_raw_fd(),
+                    data.as_ptr() as *const _,
+                    data.len(),
+                    0,
+                    to.as_ptr() as *const _,
+                    to.len() as _,
+                )
+            };
+            if n < 0 {
+                return Err(err(io::Error::last_os_error()));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// A UDP socket to resend a datagram with: bound to its original sender's address when
+/// that is free, else to any (the receiver then sees another sender).
+fn sender_socket(from: &[u8], to: &[u8]) -> io::Result<OwnedFd> {
+    let family = to.get(..2).map_or(libc::AF_INET, |b| u16::from_ne_bytes([b[0], b[1]]) as i32);
+    // SAFETY: socket takes integers and returns a new descriptor or -1.
+    let fd = unsafe { libc::socket(family, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: just created, owned by nobody else.
+    let s = unsafe { OwnedFd::from_raw_fd(fd) };
+    let _ = torpor_sys::sock::set_sockopt(&s, libc::SO_REUSEADDR, 1);
+    // SAFETY: `from` holds a socket address of the length passed.
+    if unsafe { libc::bind(s.as_raw_fd(), from.as_ptr() as *const _, from.len() as _) } < 0 {
+        tracing::warn!(
+            "a queued datagram from {} goes back with another sender: that address is taken",
+            torpor_sys::sock::describe_addr(from)
+        );
+    }
+    Ok(s)
 }
 
 /// Another open file description of a pipe end already handed out.
@@ -477,8 +574,8 @@ fn make_inet_socket(reader: &ImageReader, kind: &OpenFileKind) -> Result<OwnedFd
         peer,
         listen_backlog,
         options,
-        queue,
         tcp,
+        ..
     } = kind
     else {
         unreachable!()
@@ -550,44 +647,6 @@ fn make_inet_socket(reader: &ImageReader, kind: &OpenFileKind) -> Result<OwnedFd
     }
     for o in options.iter().filter(|o| !early(o)) {
         set(o)?;
-    }
-    // Queued datagrams go back in from a socket of torpor's, to the socket's address.
-    if let Some(queue) = queue {
-        let bytes = reader.read_file(queue)?;
-        // SAFETY: socket takes integers and returns a new descriptor or -1.
-        let tx = unsafe { libc::socket(*family, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
-        if tx < 0 {
-            return Err(err("refill")(io::Error::last_os_error()));
-        }
-        // SAFETY: just created, owned by nobody else.
-        let tx = unsafe { OwnedFd::from_raw_fd(tx) };
-        let mut to = sock::sock_addr(&sock, false).unwrap_or_default();
-        // A socket bound to the wildcard address receives on loopback too.
-        if *family == libc::AF_INET && to.len() >= 8 && to[4..8] == [0; 4] {
-            to[4..8].copy_from_slice(&[127, 0, 0, 1]);
-        } else if *family == libc::AF_INET6 && to.len() >= 24 && to[8..24] == [0; 16] {
-            to[23] = 1;
-        }
-        let mut at = 0;
-        while at + 4 <= bytes.len() {
-            let len = u32::from_le_bytes(bytes[at..at + 4].try_into().unwrap()) as usize;
-            let msg = bytes.get(at + 4..at + 4 + len).unwrap_or_default();
-            at += 4 + len;
-            // SAFETY: sends `msg` to the address in `to`, both of the lengths passed.
-            let n = unsafe {
-                libc::sendto(
-                    tx.as_raw_fd(),
-                    msg.as_ptr() as *const _,
-                    msg.len(),
-                    0,
-                    to.as_ptr() as *const _,
-                    to.len() as _,
-                )
-            };
-            if n < 0 {
-                return Err(err("refill")(io::Error::last_os_error()));
-            }
-        }
     }
     Ok(sock)
 }

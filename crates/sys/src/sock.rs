@@ -166,6 +166,44 @@ pub fn socket_queue(sock: &OwnedFd, stream: bool) -> Result<Vec<Vec<u8>>> {
     result.map(|()| out)
 }
 
+/// The datagrams queued on a socket for reading, oldest first, each with the address it
+/// came from, without consuming them (`MSG_PEEK` from a moving `SO_PEEK_OFF`, put back
+/// afterwards).
+pub fn datagram_queue(sock: &OwnedFd) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
+    let old_off = sockopt(sock, libc::SO_PEEK_OFF)?;
+    set_sockopt(sock, libc::SO_PEEK_OFF, 0)?;
+    let mut out = Vec::new();
+    let mut buf = vec![0u8; 1 << 16];
+    let result = loop {
+        let mut addr = [0u8; 128];
+        let mut iov = libc::iovec { iov_base: buf.as_mut_ptr() as *mut _, iov_len: buf.len() };
+        // SAFETY: an all-zero msghdr is valid; the fields set point at live buffers.
+        let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+        msg.msg_name = addr.as_mut_ptr() as *mut _;
+        msg.msg_namelen = addr.len() as _;
+        msg.msg_iov = &mut iov;
+        msg.msg_iovlen = 1;
+        // SAFETY: the kernel writes into `buf` and `addr` within the lengths given.
+        let n = unsafe {
+            libc::recvmsg(sock.as_raw_fd(), &mut msg, libc::MSG_PEEK | libc::MSG_DONTWAIT)
+        };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            if e.raw_os_error() == Some(libc::EAGAIN) {
+                break Ok(());
+            }
+            break Err(crate::Error::Syscall { call: "recvmsg(MSG_PEEK)", source: e });
+        }
+        out.push((addr[..msg.msg_namelen as usize].to_vec(), buf[..n as usize].to_vec()));
+        // An empty datagram does not move the peek offset: stop rather than loop.
+        if n == 0 || out.len() > 1 << 16 {
+            break Ok(());
+        }
+    };
+    set_sockopt(sock, libc::SO_PEEK_OFF, old_off)?;
+    result.map(|()| out)
+}
+
 /// What sock_diag tells about one unix socket.
 #[derive(Debug, Clone, Default)]
 pub struct UnixInfo {

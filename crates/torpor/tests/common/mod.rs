@@ -244,7 +244,7 @@ pub fn close_inherited_fds(cmd: &mut Command) {
 
 /// Runs a command with stdin on /dev/null and stdout/stderr captured in unnamed files
 /// (never pipes), killing it after `timeout`.
-fn run_with_timeout(mut cmd: Command, timeout: Duration) -> Output {
+pub fn run_with_timeout(mut cmd: Command, timeout: Duration) -> Output {
     let mut out = tempfile::tempfile().expect("tempfile");
     let mut err = tempfile::tempfile().expect("tempfile");
     cmd.stdin(Stdio::null())
