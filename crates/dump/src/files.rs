@@ -553,16 +553,11 @@ fn unix_pair(
     ctx: &mut FdContext,
     writer: &mut ImageWriter,
 ) -> Result<OpenFileKind> {
-    let unsupported =
-        |kind: String| DumpError::Unsupported { pid, reason: UnsupportedReason::Fd { fd, kind } };
     let Some(info) = ctx.unix_info(pid)?.get(&ino).cloned() else {
         return inet_socket(pid, fd, link, ctx, writer);
     };
-    if !info.name.is_empty() {
-        return Err(unsupported(format!("a unix socket bound to {:?} ({link})", info.name)));
-    }
     if info.peer == 0 {
-        return Err(unsupported(format!("an unconnected unix socket ({link})")));
+        return unix_bound(pid, fd, link, &info, writer);
     }
     ctx.sockets.insert(ino, (info.peer, (pid, fd)));
     let sock = sock::take_fd(pid, fd).map_err(|source| DumpError::Collect {
@@ -590,7 +585,7 @@ fn unix_pair(
         writer.write_file(&name, &bytes)?;
         Some(name)
     };
-    Ok(OpenFileKind::UnixPair { ino, peer: info.peer, sock_type, queue })
+    Ok(OpenFileKind::UnixPair { ino, peer: info.peer, sock_type, queue, name: info.name.clone() })
 }
 
 /// Socket options torpor saves and sets again: (level, name, whether it must be set
@@ -628,6 +623,75 @@ const SOCKET_OPTIONS: &[(i32, i32, bool)] = &[
     (libc::IPPROTO_IPV6, libc::IPV6_RECVPKTINFO, false),
     (libc::IPPROTO_IPV6, libc::IPV6_TCLASS, false),
 ];
+
+/// A unix socket with no peer: its address, whether it listens, and (datagram) its queue.
+fn unix_bound(
+    pid: i32,
+    fd: i32,
+    link: &str,
+    info: &sock::UnixInfo,
+    writer: &mut ImageWriter,
+) -> Result<OpenFileKind> {
+    const TCP_LISTEN: u8 = 10;
+    let unsupported =
+        |kind: String| DumpError::Unsupported { pid, reason: UnsupportedReason::Fd { fd, kind } };
+    let listening = info.state == TCP_LISTEN;
+    if listening && info.pending > 0 {
+        return Err(unsupported(format!(
+            "a unix socket listening on {:?} with {} connections not yet accepted ({link})",
+            info.name, info.pending
+        )));
+    }
+    // A path bound relative to the working directory of the time: resolve it now.
+    let mut name = info.name.clone();
+    if !name.is_empty() && !name.starts_with('@') && !name.starts_with('/') {
+        if let Ok(cwd) = proc::readlink(format!("/proc/{pid}/cwd")) {
+            name = format!("{cwd}/{name}");
+        }
+    }
+    let (mut file_mode, mut file_uid, mut file_gid) = (0o777, 0, 0);
+    if name.starts_with('/') {
+        if let Ok(m) = fs::symlink_metadata(&name) {
+            (file_mode, file_uid, file_gid) = (m.mode() & 0o7777, m.uid(), m.gid());
+        }
+    }
+    let sock_type = info.sock_type as i32;
+    let queue = if sock_type == libc::SOCK_DGRAM {
+        let s = sock::take_fd(pid, fd).map_err(|source| DumpError::Collect {
+            pid,
+            what: format!("the socket on fd {fd}"),
+            source,
+        })?;
+        let q = sock::socket_queue(&s, false).map_err(|source| DumpError::Collect {
+            pid,
+            what: format!("the queue of the socket on fd {fd}"),
+            source,
+        })?;
+        if q.is_empty() {
+            None
+        } else {
+            let file = format!("sock-{}.img", info.ino);
+            let mut bytes = Vec::new();
+            for m in &q {
+                bytes.extend_from_slice(&(m.len() as u32).to_le_bytes());
+                bytes.extend_from_slice(m);
+            }
+            writer.write_file(&file, &bytes)?;
+            Some(file)
+        }
+    } else {
+        None
+    };
+    Ok(OpenFileKind::UnixBound {
+        sock_type,
+        name,
+        listen_backlog: listening.then_some(info.backlog as i32),
+        file_mode,
+        file_uid,
+        file_gid,
+        queue,
+    })
+}
 
 /// A TCP or UDP socket: its address, options and, for UDP, the datagrams queued.
 fn inet_socket(

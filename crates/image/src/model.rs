@@ -405,6 +405,24 @@ pub enum OpenFileKind {
         /// Registrations, by descriptor number in the process that holds the epoll.
         targets: Vec<EpollTarget>,
     },
+    /// A unix socket that is not connected: bound to a path or an abstract name, possibly
+    /// listening, or neither.
+    UnixBound {
+        /// `SOCK_STREAM`, `SOCK_DGRAM` or `SOCK_SEQPACKET`.
+        sock_type: i32,
+        /// Absolute path, `@name` for an abstract address, empty when unbound.
+        name: String,
+        /// Listening, with this backlog.
+        listen_backlog: Option<i32>,
+        /// Mode of the socket file of a path.
+        file_mode: u32,
+        /// Owner of the socket file.
+        file_uid: u32,
+        /// Group of the socket file.
+        file_gid: u32,
+        /// Image file with the datagrams queued for reading (4-byte length and bytes).
+        queue: Option<String>,
+    },
     /// One end of a pair of connected unix sockets, both inside the tree.
     UnixPair {
         /// Inode of this socket.
@@ -415,6 +433,9 @@ pub enum OpenFileKind {
         sock_type: i32,
         /// Image file holding the bytes queued for this end to read, if any.
         queue: Option<String>,
+        /// This end's address: the name of the listener it was accepted from, or empty.
+        #[serde(default)]
+        name: String,
     },
 }
 

@@ -242,8 +242,32 @@ fn open_objects(
     let mut pipes: HashMap<u64, (Option<OwnedFd>, Option<OwnedFd>)> = HashMap::new();
     let mut sockets: HashMap<u64, OwnedFd> = HashMap::new();
 
-    for p in &tree.processes {
-        for (i, o) in p.open_files.iter().enumerate() {
+    // Names of connected unix sockets by inode; listeners are made first, so that
+    // connections accepted from them can be made again through them.
+    let peer_names: HashMap<u64, String> = tree
+        .processes
+        .iter()
+        .flat_map(|p| &p.open_files)
+        .filter_map(|o| match &o.kind {
+            OpenFileKind::UnixPair { ino, name, .. } => Some((*ino, name.clone())),
+            _ => None,
+        })
+        .collect();
+    let mut listeners: HashMap<String, usize> = HashMap::new();
+    let mut order: Vec<(&model::Process, usize)> = Vec::new();
+    for pass in 0..2 {
+        for p in &tree.processes {
+            for (i, o) in p.open_files.iter().enumerate() {
+                let is_pair = matches!(o.kind, OpenFileKind::UnixPair { .. });
+                if is_pair == (pass == 1) {
+                    order.push((p, i));
+                }
+            }
+        }
+    }
+    for (p, i) in order {
+        let o = &p.open_files[i];
+        {
             if o.id != 0 {
                 if let Some(&obj) = by_id.get(&o.id) {
                     fd_objects.insert((p.pid, i), obj);
@@ -265,11 +289,29 @@ fn open_objects(
                         None => reopen_pipe_end(*ino, *write, &objects, &fd_objects, tree)?,
                     }
                 }
-                OpenFileKind::UnixPair { ino, peer, sock_type, .. } => {
+                OpenFileKind::UnixPair { ino, peer, sock_type, name, .. } => {
                     if let Some(f) = sockets.remove(ino) {
                         f
                     } else {
-                        let (mine, theirs) = socketpair(*sock_type)?;
+                        // Accepted from a listener of the tree: connect to it again, so both
+                        // ends carry the names they had. Otherwise a plain pair.
+                        let server_name = if name.is_empty() {
+                            peer_names.get(peer).cloned().unwrap_or_default()
+                        } else {
+                            name.clone()
+                        };
+                        let listener = listeners.get(&server_name).map(|&i| &objects[i]);
+                        let (mine, theirs) = match listener {
+                            Some(l) if !server_name.is_empty() => {
+                                let (client, server) = connect_accept(l, &server_name, *sock_type)?;
+                                if name.is_empty() {
+                                    (client, server)
+                                } else {
+                                    (server, client)
+                                }
+                            }
+                            _ => socketpair(*sock_type)?,
+                        };
                         sockets.insert(*peer, theirs);
                         mine
                     }
@@ -302,6 +344,9 @@ fn open_objects(
             let obj = objects.len() - 1;
             if o.id != 0 {
                 by_id.insert(o.id, obj);
+            }
+            if let OpenFileKind::UnixBound { name, listen_backlog: Some(_), .. } = &o.kind {
+                listeners.insert(name.clone(), obj);
             }
             fd_objects.insert((p.pid, i), obj);
         }
@@ -429,6 +474,42 @@ fn sender_socket(from: &[u8], to: &[u8]) -> io::Result<OwnedFd> {
         );
     }
     Ok(s)
+}
+
+/// A connection to the listener bound to `name`, and its accepted end: (client, server).
+fn connect_accept(listener: &OwnedFd, name: &str, sock_type: i32) -> Result<(OwnedFd, OwnedFd)> {
+    let err = |source| RestoreError::Prepare {
+        what: format!("a connection to the unix socket listening on {name:?}"),
+        source,
+    };
+    let addr = unix_addr(name);
+    // SAFETY: socket takes integers; connect reads the address of the length passed; a
+    // unix connection to a listener is queued at once.
+    let client = unsafe { libc::socket(libc::AF_UNIX, sock_type | libc::SOCK_CLOEXEC, 0) };
+    if client < 0 {
+        return Err(err(io::Error::last_os_error()));
+    }
+    // SAFETY: just created, owned by nobody else.
+    let client = unsafe { OwnedFd::from_raw_fd(client) };
+    // SAFETY: as above.
+    if unsafe { libc::connect(client.as_raw_fd(), addr.as_ptr() as *const _, addr.len() as _) } < 0
+    {
+        return Err(err(io::Error::last_os_error()));
+    }
+    // SAFETY: accept4 returns a new descriptor or -1; no peer address is asked for.
+    let server = unsafe {
+        libc::accept4(
+            listener.as_raw_fd(),
+            std::ptr::null_mut(),
+            std::ptr::null_mut(),
+            libc::SOCK_CLOEXEC,
+        )
+    };
+    if server < 0 {
+        return Err(err(io::Error::last_os_error()));
+    }
+    // SAFETY: just created, owned by nobody else.
+    Ok((client, unsafe { OwnedFd::from_raw_fd(server) }))
 }
 
 /// Another open file description of a pipe end already handed out.
@@ -779,6 +860,118 @@ pub(crate) fn end_repair(tree: &model::Tree, prep: &Prepared) -> Result<()> {
     Ok(())
 }
 
+/// A unix socket address (`sockaddr_un`): a path, or `@name` for an abstract one.
+fn unix_addr(name: &str) -> Vec<u8> {
+    let mut a = (libc::AF_UNIX as u16).to_ne_bytes().to_vec();
+    match name.strip_prefix('@') {
+        Some(abs) => {
+            a.push(0);
+            a.extend_from_slice(abs.as_bytes());
+        }
+        None => {
+            a.extend_from_slice(name.as_bytes());
+            a.push(0);
+        }
+    }
+    a
+}
+
+/// A unix socket bound where it was, listening if it was, with its queued datagrams.
+///
+/// The socket file a path leaves behind outlives its process. One nobody answers on is
+/// stale and removed before binding; one a live process still answers on is refused.
+fn make_unix_bound(reader: &ImageReader, kind: &OpenFileKind) -> Result<OwnedFd> {
+    let OpenFileKind::UnixBound {
+        sock_type,
+        name,
+        listen_backlog,
+        file_mode,
+        file_uid,
+        file_gid,
+        queue,
+    } = kind
+    else {
+        unreachable!()
+    };
+    let err = |what: &str| {
+        let what = format!("the unix socket on {name:?} ({what} failed)");
+        move |source| RestoreError::Prepare { what, source }
+    };
+    // SAFETY: socket takes integers and returns a new descriptor or -1.
+    let fd = unsafe { libc::socket(libc::AF_UNIX, *sock_type | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(err("create")(io::Error::last_os_error()));
+    }
+    // SAFETY: just created, owned by nobody else.
+    let sock = unsafe { OwnedFd::from_raw_fd(fd) };
+    if name.is_empty() {
+        return Ok(sock);
+    }
+    let addr = unix_addr(name);
+    if name.starts_with('/') && fs::symlink_metadata(name).is_ok() {
+        // SAFETY: a probe socket, connected to the address of the length passed.
+        let live = unsafe {
+            let probe = libc::socket(libc::AF_UNIX, *sock_type | libc::SOCK_CLOEXEC, 0);
+            let r = libc::connect(probe, addr.as_ptr() as *const _, addr.len() as _);
+            libc::close(probe);
+            r == 0
+        };
+        if live {
+            return Err(err("bind")(io::Error::from_raw_os_error(libc::EADDRINUSE)));
+        }
+        fs::remove_file(name).map_err(err("remove the stale socket file for"))?;
+    }
+    // SAFETY: `addr` holds a sockaddr_un of the length passed.
+    if unsafe { libc::bind(sock.as_raw_fd(), addr.as_ptr() as *const _, addr.len() as _) } < 0 {
+        return Err(err("bind")(io::Error::last_os_error()));
+    }
+    if name.starts_with('/') {
+        let c = std::ffi::CString::new(name.as_str())
+            .map_err(|_| err("name")(io::ErrorKind::InvalidInput.into()))?;
+        // SAFETY: chmod and lchown take a NUL-terminated path and integers.
+        unsafe {
+            libc::chmod(c.as_ptr(), *file_mode);
+            libc::lchown(c.as_ptr(), *file_uid, *file_gid);
+        }
+    }
+    if let Some(backlog) = listen_backlog {
+        // SAFETY: listen takes integers.
+        if unsafe { libc::listen(sock.as_raw_fd(), *backlog) } < 0 {
+            return Err(err("listen")(io::Error::last_os_error()));
+        }
+    }
+    if let Some(q) = queue {
+        let bytes = reader.read_file(q)?;
+        let (tx, _) = socketpair(libc::SOCK_DGRAM)?;
+        let mut at = 0;
+        while at + 4 <= bytes.len() {
+            let len = u32::from_le_bytes(bytes[at..at + 4].try_into().unwrap()) as usize;
+            let msg = bytes.get(at + 4..at + 4 + len).unwrap_or_default();
+            at += 4 + len;
+            // An unbound sender: the socketpair end is connected, so use a fresh one.
+            // SAFETY: socket takes integers; sendto sends `msg` to `addr`.
+            let n = unsafe {
+                let s = libc::socket(libc::AF_UNIX, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0);
+                let n = libc::sendto(
+                    s,
+                    msg.as_ptr() as *const _,
+                    msg.len(),
+                    0,
+                    addr.as_ptr() as *const _,
+                    addr.len() as _,
+                );
+                libc::close(s);
+                n
+            };
+            if n < 0 {
+                return Err(err("refill")(io::Error::last_os_error()));
+            }
+        }
+        drop(tx);
+    }
+    Ok(sock)
+}
+
 /// An eventfd holding `count`. The initial value takes 32 bits only; a larger count is
 /// written in.
 fn make_eventfd(count: u64, semaphore: bool) -> Result<OwnedFd> {
@@ -874,6 +1067,7 @@ fn open_file(
             OpenOptions::new().open_flags(path, o.flags)?
         }
         OpenFileKind::Inet { .. } => make_inet_socket(reader, &o.kind)?,
+        OpenFileKind::UnixBound { .. } => make_unix_bound(reader, &o.kind)?,
         OpenFileKind::EventFd { count, semaphore } => make_eventfd(*count, *semaphore)?,
         OpenFileKind::SignalFd { mask } => {
             // SAFETY: signalfd4 reads an 8-byte mask from `mask` and returns a new
@@ -932,6 +1126,7 @@ fn describe_kind(tree: &model::Tree, k: &OpenFileKind) -> String {
         OpenFileKind::UnixPair { ino, .. } => format!("socket:[{ino}]"),
         OpenFileKind::Inherited { fd } => format!("descriptor {fd} of torpor restore"),
         OpenFileKind::EventFd { .. } => "an eventfd".into(),
+        OpenFileKind::UnixBound { name, .. } => format!("a unix socket on {name:?}"),
         OpenFileKind::Inet { local, .. } => {
             let raw = hex::decode(local).unwrap_or_default();
             format!("a socket on {}", torpor_sys::sock::describe_addr(&raw))

@@ -214,6 +214,10 @@ pub struct UnixInfo {
     pub peer: u64,
     /// Bound address (path, or `@name` for an abstract one), empty for none.
     pub name: String,
+    /// For a listening socket: connections waiting to be accepted.
+    pub pending: u32,
+    /// For a listening socket: its backlog.
+    pub backlog: u32,
 }
 
 /// Every unix socket of this network namespace, by inode (`NETLINK_SOCK_DIAG`).
@@ -223,6 +227,8 @@ pub fn unix_sockets() -> Result<HashMap<u64, UnixInfo>> {
     const UDIAG_SHOW_PEER: u32 = 4;
     const UNIX_DIAG_NAME: u16 = 0;
     const UNIX_DIAG_PEER: u16 = 2;
+    const UDIAG_SHOW_RQLEN: u32 = 16;
+    const UNIX_DIAG_RQLEN: u16 = 4;
 
     // SAFETY: socket() takes integers and returns a new descriptor or -1.
     let fd = unsafe {
@@ -250,7 +256,7 @@ pub fn unix_sockets() -> Result<HashMap<u64, UnixInfo>> {
     req.extend_from_slice(&0u16.to_ne_bytes());
     req.extend_from_slice(&u32::MAX.to_ne_bytes()); // all states
     req.extend_from_slice(&0u32.to_ne_bytes()); // any inode
-    req.extend_from_slice(&(UDIAG_SHOW_NAME | UDIAG_SHOW_PEER).to_ne_bytes());
+    req.extend_from_slice(&(UDIAG_SHOW_NAME | UDIAG_SHOW_PEER | UDIAG_SHOW_RQLEN).to_ne_bytes());
     req.extend_from_slice(&[0xff; 8]); // no cookie
                                        // SAFETY: sends `req`, which has the length passed.
     if unsafe { libc::send(sock.as_raw_fd(), req.as_ptr() as *const _, req.len(), 0) } < 0 {
@@ -301,6 +307,10 @@ pub fn unix_sockets() -> Result<HashMap<u64, UnixInfo>> {
                     match atype {
                         UNIX_DIAG_PEER if data.len() >= 4 => {
                             info.peer = u32::from_ne_bytes(data[0..4].try_into().unwrap()) as u64
+                        }
+                        UNIX_DIAG_RQLEN if data.len() >= 8 => {
+                            info.pending = u32::from_ne_bytes(data[0..4].try_into().unwrap());
+                            info.backlog = u32::from_ne_bytes(data[4..8].try_into().unwrap());
                         }
                         UNIX_DIAG_NAME if !data.is_empty() => {
                             info.name = if data[0] == 0 {
