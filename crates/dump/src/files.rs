@@ -50,6 +50,10 @@ impl FileTable {
             self.deleted.push((idx, open_path.to_string()));
             Some(format!("file-{idx}.img"))
         };
+        let memfd = path.strip_prefix("/memfd:").map(|name| model::Memfd {
+            name: name.to_string(),
+            seals: seals(open_path).unwrap_or(0),
+        });
         self.infos.push(FileInfo {
             path,
             dev: meta.dev(),
@@ -59,6 +63,7 @@ impl FileTable {
             mode: meta.mode(),
             content_xxh3,
             saved_content,
+            memfd,
         });
         self.by_inode.insert(key, idx);
         Ok(idx)
@@ -96,6 +101,14 @@ impl FileTable {
     pub fn into_infos(self) -> Vec<FileInfo> {
         self.infos
     }
+}
+
+/// A memfd's seals (`F_GET_SEALS`), through any path that opens it.
+fn seals(open_path: &str) -> Option<u32> {
+    let f = File::open(open_path).ok()?;
+    // SAFETY: fcntl on a descriptor we own.
+    let s = unsafe { libc::fcntl(std::os::fd::AsRawFd::as_raw_fd(&f), libc::F_GET_SEALS) };
+    (s >= 0).then_some(s as u32)
 }
 
 fn hash_file(path: &str) -> io::Result<String> {
@@ -340,7 +353,7 @@ pub(crate) fn collect_fds(
             "anon_inode:[eventpoll]" => Some(epoll(&info.text).ok_or_else(|| {
                 unsupported(format!("an epoll whose registrations cannot be read ({link})"))
             })?),
-            _ if link.starts_with("anon_inode:") || link.starts_with("/memfd:") => {
+            _ if link.starts_with("anon_inode:") => {
                 return Err(unsupported(describe(&link, Some(ft))));
             }
             _ => None,
@@ -389,7 +402,10 @@ pub(crate) fn collect_fds(
                 } else if ft.is_char_device() {
                     OpenFileKind::CharDevice { path: link.clone(), rdev: meta.rdev() }
                 } else if ft.is_fifo() && link.starts_with("pipe:") {
-                    pipe_end(pid, fd, &link_path, meta.ino(), info.flags, ctx, writer)?
+                    pipe_end(pid, fd, &link_path, meta.ino(), info.flags, None, ctx, writer)?
+                } else if ft.is_fifo() && link.starts_with('/') {
+                    let path = link.strip_suffix(" (deleted)").unwrap_or(&link).to_string();
+                    pipe_end(pid, fd, &link_path, meta.ino(), info.flags, Some(path), ctx, writer)?
                 } else if ft.is_socket() {
                     unix_pair(pid, fd, &link, meta.ino(), ctx, writer)?
                 } else {
@@ -497,12 +513,14 @@ fn epoll(fdinfo: &str) -> Option<OpenFileKind> {
 }
 
 /// One end of a pipe; its unread bytes are saved the first time the pipe is seen.
+#[allow(clippy::too_many_arguments)]
 fn pipe_end(
     pid: i32,
     fd: i32,
     link_path: &str,
     ino: u64,
     flags: i32,
+    path: Option<String>,
     ctx: &mut FdContext,
     writer: &mut ImageWriter,
 ) -> Result<OpenFileKind> {
@@ -516,9 +534,11 @@ fn pipe_end(
         fd,
         data: None,
     });
-    if write {
+    // A named pipe may be opened by anyone at any time: never "held outside".
+    if write || path.is_some() {
         entry.has_write = true;
-    } else {
+    }
+    if !write || path.is_some() {
         entry.has_read = true;
     }
     let known = entry.data.clone();
@@ -541,7 +561,7 @@ fn pipe_end(
         }
         ctx.pipes.get_mut(&ino).unwrap().data = data.clone();
     }
-    Ok(OpenFileKind::Pipe { ino, write, size, data })
+    Ok(OpenFileKind::Pipe { ino, write, size, data, path })
 }
 
 /// One end of a connected pair of unix sockets; its receive queue is saved.

@@ -146,7 +146,6 @@ fn classify(
         n if n.starts_with("[anon:") || n.starts_with("[anon_shmem:") => anon(false),
         n if n.starts_with("/dev/zero") => anon(false),
         n if n.starts_with("/SYSV") => return Err(unsupported("a SysV shared memory segment")),
-        n if n.starts_with("/memfd:") => return Err(unsupported(&format!("a memfd ({n})"))),
         n if n.starts_with('[') => return Err(unsupported(&format!("a kernel mapping {n}"))),
         n => {
             let open_path = format!("/proc/{pid}/map_files/{:x}-{:x}", m.start, m.end);

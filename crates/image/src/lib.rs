@@ -963,6 +963,7 @@ pub(crate) mod tests {
                     mode: 0o100755,
                     content_xxh3: Some(hash_bytes(b"sleeper")),
                     saved_content: None,
+                    memfd: None,
                 },
                 FileInfo {
                     path: "/tmp/scratch".into(),
@@ -973,6 +974,7 @@ pub(crate) mod tests {
                     mode: 0o100600,
                     content_xxh3: None,
                     saved_content: Some(SAVED.into()),
+                    memfd: None,
                 },
             ],
             zombies: Vec::new(),

@@ -295,6 +295,19 @@ pub struct FileInfo {
     pub content_xxh3: Option<String>,
     /// For a file deleted while open or mapped: the image file holding its content.
     pub saved_content: Option<String>,
+    /// For a memfd: its name (without the `/memfd:` prefix) and seals (`F_GET_SEALS`).
+    /// Restore makes a memfd holding the saved content.
+    #[serde(default)]
+    pub memfd: Option<Memfd>,
+}
+
+/// What makes a memfd a memfd.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Memfd {
+    /// The name given to `memfd_create`.
+    pub name: String,
+    /// Its seals (`F_SEAL_*`).
+    pub seals: u32,
 }
 
 /// An open file description, which one or more descriptors share.
@@ -345,6 +358,9 @@ pub enum OpenFileKind {
         /// Image file holding the bytes written and not yet read, if any. The same for
         /// both ends.
         data: Option<String>,
+        /// For a named pipe (FIFO): its path. Its ends may be opened by anyone.
+        #[serde(default)]
+        path: Option<String>,
     },
     /// A pipe or socket connected to something outside the tree, on a standard
     /// descriptor; restore connects it to its own descriptor `fd` (`--inherit-stdio`).

@@ -241,6 +241,9 @@ fn open_objects(
     // Pipes and socket pairs by inode: the ends made so far, not yet handed out.
     let mut pipes: HashMap<u64, (Option<OwnedFd>, Option<OwnedFd>)> = HashMap::new();
     let mut sockets: HashMap<u64, OwnedFd> = HashMap::new();
+    // Named pipes by inode: an end opened for reading and writing that holds each open
+    // (and its bytes) until every end the processes use exists.
+    let mut fifo_keepers: HashMap<u64, OwnedFd> = HashMap::new();
 
     // Names of connected unix sockets by inode; listeners are made first, so that
     // connections accepted from them can be made again through them.
@@ -275,7 +278,19 @@ fn open_objects(
                 }
             }
             let fd = match &o.kind {
-                OpenFileKind::Pipe { ino, write, size, data } => {
+                OpenFileKind::Pipe { ino, size, data, path: Some(path), .. } => {
+                    let keeper = match fifo_keepers.entry(*ino) {
+                        std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+                        std::collections::hash_map::Entry::Vacant(e) => {
+                            e.insert(make_fifo(reader, path, *size, data.as_deref())?)
+                        }
+                    };
+                    let _ = keeper;
+                    // Non-blocking, so opening a writing end needs no reader but the
+                    // keeper; the saved flags are set afterwards.
+                    OpenOptions::new().open_flags(path, o.flags | libc::O_NONBLOCK)?
+                }
+                OpenFileKind::Pipe { ino, write, size, data, path: None } => {
                     let ends = match pipes.entry(*ino) {
                         std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
                         std::collections::hash_map::Entry::Vacant(e) => {
@@ -534,6 +549,34 @@ fn reopen_pipe_end(
         }
     }
     Err(RestoreError::Unsupported { what: format!("pipe {ino} with no end to reopen") })
+}
+
+/// A named pipe at `path` (made if missing), opened for reading and writing, holding the
+/// saved unread bytes.
+fn make_fifo(reader: &ImageReader, path: &str, size: u32, data: Option<&str>) -> Result<OwnedFd> {
+    let err = |source| RestoreError::Prepare { what: format!("the named pipe {path}"), source };
+    if fs::symlink_metadata(path).is_err() {
+        let c =
+            std::ffi::CString::new(path).map_err(|_| err(io::ErrorKind::InvalidInput.into()))?;
+        // SAFETY: mkfifo takes a NUL-terminated path and a mode.
+        if unsafe { libc::mkfifo(c.as_ptr(), 0o600) } < 0 {
+            return Err(err(io::Error::last_os_error()));
+        }
+    }
+    let keeper = OpenOptions::new().open_flags(path, libc::O_RDWR | libc::O_NONBLOCK)?;
+    // SAFETY: fcntl on our own descriptor.
+    if unsafe { libc::fcntl(keeper.as_raw_fd(), libc::F_SETPIPE_SZ, size as i32) } < 0 {
+        tracing::warn!(
+            "cannot give {path} its size of {size} bytes: {}",
+            io::Error::last_os_error()
+        );
+    }
+    if let Some(name) = data {
+        let bytes = reader.read_file(name)?;
+        let mut f = File::from(keeper.try_clone().map_err(err)?);
+        f.write_all(&bytes).map_err(err)?;
+    }
+    Ok(keeper)
 }
 
 /// A pipe of `size` bytes holding the saved unread bytes: (read end, write end).
@@ -972,6 +1015,29 @@ fn make_unix_bound(reader: &ImageReader, kind: &OpenFileKind) -> Result<OwnedFd>
     Ok(sock)
 }
 
+/// A memfd with the saved name, content and seals.
+fn make_memfd(reader: &ImageReader, m: &model::Memfd, saved: &str) -> Result<File> {
+    let err = |source| RestoreError::Prepare { what: format!("memfd {:?}", m.name), source };
+    let name = std::ffi::CString::new(m.name.as_str())
+        .map_err(|_| err(io::ErrorKind::InvalidInput.into()))?;
+    // SAFETY: memfd_create takes a NUL-terminated name and flags.
+    let fd =
+        unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING) };
+    if fd < 0 {
+        return Err(err(io::Error::last_os_error()));
+    }
+    // SAFETY: just created, owned by nobody else.
+    let mut f = unsafe { File::from_raw_fd(fd) };
+    let mut src = File::open(reader.path(saved)?).map_err(err)?;
+    io::copy(&mut src, &mut f).map_err(err)?;
+    let seals = m.seals as i32;
+    // SAFETY: fcntl on our own descriptor.
+    if seals != 0 && unsafe { libc::fcntl(fd, libc::F_ADD_SEALS, seals) } < 0 {
+        return Err(err(io::Error::last_os_error()));
+    }
+    Ok(f)
+}
+
 /// An eventfd holding `count`. The initial value takes 32 bits only; a larger count is
 /// written in.
 fn make_eventfd(count: u64, semaphore: bool) -> Result<OwnedFd> {
@@ -1188,6 +1254,9 @@ fn open_tree_file(
 fn make_ghost(reader: &ImageReader, info: &model::FileInfo, saved: &str) -> Result<File> {
     let err =
         |source| RestoreError::Prepare { what: format!("deleted file {}", info.path), source };
+    if let Some(m) = &info.memfd {
+        return make_memfd(reader, m, saved);
+    }
     let dir = Path::new(&info.path).parent().filter(|d| d.is_dir()).unwrap_or(Path::new("/tmp"));
     let mut f = OpenOptions::new()
         .read(true)
