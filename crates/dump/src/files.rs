@@ -350,6 +350,9 @@ pub(crate) fn collect_fds(
             "anon_inode:[timerfd]" => Some(timerfd(&info.text).ok_or_else(|| {
                 unsupported(format!("a timerfd whose state cannot be read ({link})"))
             })?),
+            "anon_inode:inotify" => Some(inotify(&info.text).map_err(|why| {
+                unsupported(format!("an inotify instance whose watches cannot be saved: {why}"))
+            })?),
             "anon_inode:[eventpoll]" => Some(epoll(&info.text).ok_or_else(|| {
                 unsupported(format!("an epoll whose registrations cannot be read ({link})"))
             })?),
@@ -492,6 +495,70 @@ fn timerfd(fdinfo: &str) -> Option<OpenFileKind> {
         value_ns: time("it_value:")?,
         interval_ns: time("it_interval:")?,
     })
+}
+
+/// An inotify instance, from its fdinfo: one `inotify wd:` line per watch, whose file
+/// handle gives back the watched path.
+fn inotify(fdinfo: &str) -> std::result::Result<OpenFileKind, String> {
+    let mut watches = Vec::new();
+    for l in fdinfo.lines().filter(|l| l.starts_with("inotify ")) {
+        let field = |k: &str| {
+            l.split_whitespace().find_map(|w| w.strip_prefix(k)).ok_or(format!("no {k} in {l:?}"))
+        };
+        let hex = |k: &str| -> std::result::Result<u64, String> {
+            u64::from_str_radix(field(k)?, 16).map_err(|_| format!("bad {k} in {l:?}"))
+        };
+        let wd = hex("wd:")? as i32;
+        let mask = hex("mask:")? as u32;
+        let sdev = hex("sdev:")?;
+        let handle_type = hex("fhandle-type:")? as i32;
+        let handle =
+            hex::decode(field("f_handle:")?).map_err(|_| format!("bad handle in {l:?}"))?;
+        let path = path_from_handle(sdev, handle_type, &handle)
+            .ok_or(format!("the file watched by wd {wd} cannot be found (deleted?)"))?;
+        watches.push(model::InotifyWatch { wd, path, mask });
+    }
+    watches.sort_by_key(|w| w.wd);
+    Ok(OpenFileKind::Inotify { watches })
+}
+
+/// The path of the file a handle names (`open_by_handle_at` on its mount). `sdev` is the
+/// kernel's device number (major << 20 | minor).
+fn path_from_handle(sdev: u64, handle_type: i32, handle: &[u8]) -> Option<String> {
+    let dev = format!("{}:{}", sdev >> 20, sdev & 0xfffff);
+    let mountinfo = fs::read_to_string("/proc/self/mountinfo").ok()?;
+    // A mount of that device, its root first.
+    let mut points: Vec<(bool, String)> = mountinfo
+        .lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split(' ').collect();
+            (f.get(2) == Some(&dev.as_str())).then(|| (f[3] != "/", f[4].replace("\\040", " ")))
+        })
+        .collect();
+    points.sort();
+    let mount = fs::File::open(&points.first()?.1).ok()?;
+    // struct file_handle: handle_bytes, handle_type, then the handle.
+    let mut fh = (handle.len() as u32).to_ne_bytes().to_vec();
+    fh.extend_from_slice(&handle_type.to_ne_bytes());
+    fh.extend_from_slice(handle);
+    // SAFETY: `fh` is a complete struct file_handle; the call returns a new descriptor.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_open_by_handle_at,
+            std::os::fd::AsRawFd::as_raw_fd(&mount),
+            fh.as_ptr(),
+            libc::O_PATH | libc::O_CLOEXEC,
+        )
+    };
+    if fd < 0 {
+        return None;
+    }
+    // SAFETY: just returned, owned by nobody else.
+    let f = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd as i32) };
+    let path =
+        fs::read_link(format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(&f))).ok()?;
+    let path = path.to_string_lossy().into_owned();
+    (!path.ends_with(" (deleted)")).then_some(path)
 }
 
 /// An epoll instance, from its fdinfo: one `tfd:` line per registration.

@@ -416,6 +416,11 @@ pub enum OpenFileKind {
         /// Reload interval.
         interval_ns: u64,
     },
+    /// An inotify instance and its watches.
+    Inotify {
+        /// Watches in the order of their descriptors.
+        watches: Vec<InotifyWatch>,
+    },
     /// An epoll instance and what is registered in it.
     Epoll {
         /// Registrations, by descriptor number in the process that holds the epoll.
@@ -497,6 +502,17 @@ pub struct SockOpt {
     pub name: i32,
     /// Its value as `getsockopt` gave it, hex.
     pub value: String,
+}
+
+/// One inotify watch.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct InotifyWatch {
+    /// Its watch descriptor, as the program knows it.
+    pub wd: i32,
+    /// The watched file or directory.
+    pub path: String,
+    /// The event mask and flags.
+    pub mask: u32,
 }
 
 /// One registration in an epoll instance.

@@ -1038,6 +1038,63 @@ fn make_memfd(reader: &ImageReader, m: &model::Memfd, saved: &str) -> Result<Fil
     Ok(f)
 }
 
+/// An inotify instance with its watches under their descriptors. The kernel numbers
+/// watches in order; numbers in between, of watches removed before the dump, are used up
+/// by throwaway watches on files of a scratch directory.
+fn make_inotify(watches: &[model::InotifyWatch]) -> Result<OwnedFd> {
+    let err = |what: String| move |source| RestoreError::Prepare { what, source };
+    // SAFETY: inotify_init1 takes flags and returns a new descriptor or -1.
+    let fd = unsafe { libc::inotify_init1(libc::IN_CLOEXEC) };
+    if fd < 0 {
+        return Err(err("an inotify instance".into())(io::Error::last_os_error()));
+    }
+    // SAFETY: just created, owned by nobody else.
+    let ino = unsafe { OwnedFd::from_raw_fd(fd) };
+    let add = |path: &str, mask: u32| -> io::Result<i32> {
+        let c = std::ffi::CString::new(path)
+            .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+        // SAFETY: a NUL-terminated path and integers.
+        let wd = unsafe { libc::inotify_add_watch(ino.as_raw_fd(), c.as_ptr(), mask) };
+        if wd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(wd)
+    };
+    let scratch = std::env::temp_dir().join(format!("torpor-inotify-{}", std::process::id()));
+    let mut next = 1;
+    for w in watches {
+        while next < w.wd {
+            // A throwaway watch on a fresh file uses up one number.
+            let _ = fs::create_dir_all(&scratch);
+            let f = scratch.join(next.to_string());
+            fs::write(&f, b"").map_err(err("a scratch file".into()))?;
+            let wd = add(&f.to_string_lossy(), libc::IN_ATTRIB)
+                .map_err(err("a scratch watch".into()))?;
+            // SAFETY: integers.
+            unsafe { libc::inotify_rm_watch(ino.as_raw_fd(), wd) };
+            next = wd + 1;
+        }
+        let wd = add(&w.path, w.mask).map_err(err(format!("the inotify watch on {}", w.path)))?;
+        if wd != w.wd {
+            let _ = fs::remove_dir_all(&scratch);
+            return Err(RestoreError::Unsupported {
+                what: format!("inotify watch {} on {} (the kernel gave {wd})", w.wd, w.path),
+            });
+        }
+        next = wd + 1;
+    }
+    let _ = fs::remove_dir_all(&scratch);
+    // Removing the throwaway watches queued IN_IGNORED events the program never caused.
+    // SAFETY: fcntl and read on our own descriptor, into a local buffer.
+    unsafe {
+        libc::fcntl(ino.as_raw_fd(), libc::F_SETFL, libc::O_NONBLOCK);
+        let mut buf = [0u8; 4096];
+        while libc::read(ino.as_raw_fd(), buf.as_mut_ptr() as *mut _, buf.len()) > 0 {}
+        libc::fcntl(ino.as_raw_fd(), libc::F_SETFL, 0);
+    }
+    Ok(ino)
+}
+
 /// An eventfd holding `count`. The initial value takes 32 bits only; a larger count is
 /// written in.
 fn make_eventfd(count: u64, semaphore: bool) -> Result<OwnedFd> {
@@ -1135,6 +1192,7 @@ fn open_file(
         OpenFileKind::Inet { .. } => make_inet_socket(reader, &o.kind)?,
         OpenFileKind::UnixBound { .. } => make_unix_bound(reader, &o.kind)?,
         OpenFileKind::EventFd { count, semaphore } => make_eventfd(*count, *semaphore)?,
+        OpenFileKind::Inotify { watches } => make_inotify(watches)?,
         OpenFileKind::SignalFd { mask } => {
             // SAFETY: signalfd4 reads an 8-byte mask from `mask` and returns a new
             // descriptor or -1.
@@ -1192,6 +1250,7 @@ fn describe_kind(tree: &model::Tree, k: &OpenFileKind) -> String {
         OpenFileKind::UnixPair { ino, .. } => format!("socket:[{ino}]"),
         OpenFileKind::Inherited { fd } => format!("descriptor {fd} of torpor restore"),
         OpenFileKind::EventFd { .. } => "an eventfd".into(),
+        OpenFileKind::Inotify { .. } => "an inotify instance".into(),
         OpenFileKind::UnixBound { name, .. } => format!("a unix socket on {name:?}"),
         OpenFileKind::Inet { local, .. } => {
             let raw = hex::decode(local).unwrap_or_default();
