@@ -147,7 +147,10 @@ fn run(cli: Cli) -> Result<u8> {
                 shell_job,
             };
             let s =
-                torpor_dump::dump(&opts).with_context(|| format!("dump of pid {pid} failed"))?;
+                // An interrupted dump would leave the process stopped halfway through a call
+                // torpor runs in it: an interruption waits until it is itself again.
+                with_signals_deferred(|| torpor_dump::dump(&opts))
+                    .with_context(|| format!("dump of pid {pid} failed"))?;
             if !quiet {
                 eprintln!(
                     "torpor: pid {pid} saved to {}: {} pages ({}), {} zero pages skipped, frozen {:.1} ms, total {:.1} ms{}",
@@ -169,7 +172,7 @@ fn run(cli: Cli) -> Result<u8> {
                 force_vdso_jumps,
                 shell_job,
             };
-            let r = torpor_restore::restore(&opts)
+            let r = with_signals_deferred(|| torpor_restore::restore(&opts))
                 .with_context(|| format!("restore from {} failed", dir.display()))?;
             if let Some(p) = &pidfile {
                 write_pidfile(p, r.pid)?;
@@ -217,6 +220,24 @@ fn run(cli: Cli) -> Result<u8> {
         Command::Check => check::run(quiet),
         Command::Demo => demo::run(),
         Command::Count { log } => demo::count(&log),
+    }
+}
+
+/// Runs `f` with SIGINT, SIGTERM, SIGHUP and SIGQUIT held back; one that arrived meanwhile
+/// takes effect when `f` is done.
+fn with_signals_deferred<T>(f: impl FnOnce() -> T) -> T {
+    // SAFETY: sigset operations on locals; pthread_sigmask on this thread only.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        let mut old: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP, libc::SIGQUIT] {
+            libc::sigaddset(&mut set, sig);
+        }
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, &mut old);
+        let r = f();
+        libc::pthread_sigmask(libc::SIG_SETMASK, &old, std::ptr::null_mut());
+        r
     }
 }
 

@@ -105,3 +105,37 @@ fn vdso_calls_reach_the_running_kernel_through_jumps() {
     assert!(status.success(), "restored counter: {status:?}; stderr:\n{}", restore.stderr());
     f.assert_log_passed();
 }
+
+/// Ctrl-C on `torpor dump` while it works inside the process must not leave the process
+/// stopped halfway through one of torpor's calls: whenever the interruption lands, the
+/// process runs on untraced and intact.
+#[test]
+fn interrupting_a_dump_leaves_the_process_whole() {
+    let mut f = Fixture::start("counter", &["64"]);
+    sleep(Duration::from_millis(100));
+    let images = TempDir::new().expect("image dir");
+    for delay_ms in [1u64, 5, 20] {
+        let mut dump = std::process::Command::new(env!("CARGO_BIN_EXE_torpor"))
+            .args(["dump", &f.pid.to_string(), "-D"])
+            .arg(images.path())
+            .arg("--leave-running")
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("start torpor dump");
+        sleep(Duration::from_millis(delay_ms));
+        // SAFETY: kill takes integers; the pid is our own child's.
+        unsafe { libc::kill(dump.id() as i32, libc::SIGINT) };
+        let _ = dump.wait();
+        assert_running_untraced(f.pid);
+    }
+    f.go();
+    let status = f.wait_exit(Duration::from_secs(30));
+    assert!(
+        status.success(),
+        "counter after interrupted dumps: {status:?}; log:\n{}",
+        f.log_text()
+    );
+    f.assert_log_passed();
+}
