@@ -89,6 +89,11 @@ pub(crate) fn dump_pages(
             pages: Vec::new(),
             shmem: None,
         };
+        // Each page of a SysV segment is stored once, like shared anonymous memory; its
+        // ids are kept apart from those inodes by the top bit.
+        if let VmaKind::SysvShm { shmid, .. } = vma.kind {
+            vma.shmem = Some(model::ShmemRef { id: 1 << 63 | shmid as u64, offset: m.offset });
+        }
         if m.shared && matches!(vma.kind, VmaKind::Anon { .. }) {
             let open_path = format!("/proc/{pid}/map_files/{:x}-{:x}", m.start, m.end);
             let meta = std::fs::metadata(&open_path).map_err(|source| DumpError::SaveFile {
@@ -145,7 +150,12 @@ fn classify(
         "" => anon(false),
         n if n.starts_with("[anon:") || n.starts_with("[anon_shmem:") => anon(false),
         n if n.starts_with("/dev/zero") => anon(false),
-        n if n.starts_with("/SYSV") => return Err(unsupported("a SysV shared memory segment")),
+        n if n.starts_with("/SYSV") => {
+            let seg = sysv_segment(m.inode as i32).ok_or_else(|| {
+                unsupported(&format!("a SysV shared memory segment ({n}) not in /proc/sysvipc/shm"))
+            })?;
+            (seg, Policy::Anon)
+        }
         n if n.starts_with('[') => return Err(unsupported(&format!("a kernel mapping {n}"))),
         n => {
             let open_path = format!("/proc/{pid}/map_files/{:x}-{:x}", m.start, m.end);
@@ -189,6 +199,30 @@ struct VmaCtx<'a> {
     pagemap: &'a File,
     policy: Policy,
     index: &'a mut PageIndex,
+}
+
+/// A SysV shared memory segment by id, from `/proc/sysvipc/shm`.
+fn sysv_segment(shmid: i32) -> Option<VmaKind> {
+    const SHM_DEST: u32 = 0o1000;
+    let text = std::fs::read_to_string("/proc/sysvipc/shm").ok()?;
+    for l in text.lines().skip(1) {
+        // key shmid perms(octal) size cpid lpid nattch uid gid ...
+        let f: Vec<&str> = l.split_whitespace().collect();
+        if f.len() < 9 || f[1].parse::<i32>().ok()? != shmid {
+            continue;
+        }
+        let perms = u32::from_str_radix(f[2], 8).ok()?;
+        return Some(VmaKind::SysvShm {
+            shmid,
+            key: f[0].parse().ok()?,
+            size: f[3].parse().ok()?,
+            mode: perms & 0o777,
+            uid: f[7].parse().ok()?,
+            gid: f[8].parse().ok()?,
+            removed: perms & SHM_DEST != 0,
+        });
+    }
+    None
 }
 
 /// Saves the pages of one mapping that the process has (present or swapped out).

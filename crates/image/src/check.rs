@@ -168,7 +168,11 @@ fn check_vma(
                 return Err(format!("vDSO file {content_file:?} is not in the manifest"));
             }
         }
-        VmaKind::Anon { .. } | VmaKind::Stack | VmaKind::Vvar { .. } | VmaKind::Vsyscall => {}
+        VmaKind::Anon { .. }
+        | VmaKind::Stack
+        | VmaKind::Vvar { .. }
+        | VmaKind::Vsyscall
+        | VmaKind::SysvShm { .. } => {}
     }
 
     let mut prev_end = vma.start;

@@ -246,6 +246,23 @@ pub enum VmaKind {
         /// The name `/proc/PID/maps` shows, brackets included.
         name: String,
     },
+    /// An attached SysV shared memory segment.
+    SysvShm {
+        /// Its id, which programs keep.
+        shmid: i32,
+        /// Its key (0 for `IPC_PRIVATE`).
+        key: i32,
+        /// Its size in bytes.
+        size: u64,
+        /// Permission bits.
+        mode: u32,
+        /// Owner and group.
+        uid: u32,
+        /// Group.
+        gid: u32,
+        /// Marked for removal (`IPC_RMID`) while still attached.
+        removed: bool,
+    },
     /// The fixed legacy `[vsyscall]` page; nothing to restore.
     Vsyscall,
 }

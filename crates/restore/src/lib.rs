@@ -137,6 +137,9 @@ pub fn restore(opts: &RestoreOptions) -> Result<Restored> {
     // parent-death signal and ptrace's exit-kill) every process it made.
     let mut built = Built::default();
     let result = build(opts, &reader, &tree, &prepared, child, &mut built);
+    // The objects were handed to the processes; torpor's copies go. SysV segments stay
+    // only if the restore succeeded.
+    let sysv = std::mem::take(&mut prepared.sysv);
     drop(prepared);
     if let Err(e) = result {
         for &pid in built.pids.iter().rev() {
@@ -146,6 +149,7 @@ pub fn restore(opts: &RestoreOptions) -> Result<Restored> {
         let _ = ptrace::wait_exit(child);
         return Err(e);
     }
+    sysv.finish();
     let image_bytes = reader.manifest().files.iter().map(|f| f.len).sum();
     let job = built.job.take();
     Ok(Restored { pid: child, job, verify_time, total: t0.elapsed(), image_bytes })

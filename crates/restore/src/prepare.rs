@@ -140,6 +140,8 @@ pub(crate) struct Prepared {
     pub objects: Vec<OwnedFd>,
     /// (pid, index into its `open_files`) to the object it uses.
     pub fd_objects: FdObjects,
+    /// SysV segments made for the tree, and those to mark for removal once attached.
+    pub sysv: SysvSegments,
     /// Shared anonymous memory objects by identity, as descriptors in the processes.
     pub shmem_fds: HashMap<u64, i32>,
 }
@@ -149,6 +151,7 @@ pub(crate) fn prepare(reader: &ImageReader, tree: &model::Tree) -> Result<Prepar
     let mut ghosts = Ghosts::default();
     let (objects, fd_objects) = open_objects(reader, tree, &mut ghosts)?;
     let shmem = shmem_objects(tree)?;
+    let sysv = make_sysv_segments(reader, tree)?;
 
     let mut aux: Vec<OwnedFd> = Vec::new();
     let mut add_aux = |f: OwnedFd| {
@@ -209,6 +212,7 @@ pub(crate) fn prepare(reader: &ImageReader, tree: &model::Tree) -> Result<Prepar
         objects,
         fd_objects,
         shmem_fds: shmem_i.into_iter().map(|(k, i)| (k, plan.aux_fd(i))).collect(),
+        sysv,
         plan,
     })
 }
@@ -649,12 +653,151 @@ fn set_status_flags(fd: &OwnedFd, flags: i32) -> Result<()> {
     Ok(())
 }
 
+/// SysV segments torpor made. Dropped before the restore is done (a failure), it removes
+/// them; [`SysvSegments::finish`] keeps them and marks those that were marked for removal.
+#[derive(Default)]
+pub(crate) struct SysvSegments {
+    made: Vec<i32>,
+    removed: Vec<i32>,
+}
+
+impl SysvSegments {
+    pub fn finish(mut self) {
+        for id in self.removed.drain(..) {
+            // SAFETY: shmctl takes integers; no buffer for IPC_RMID.
+            unsafe { libc::shmctl(id, libc::IPC_RMID, std::ptr::null_mut()) };
+        }
+        self.made.clear();
+    }
+}
+
+impl Drop for SysvSegments {
+    fn drop(&mut self) {
+        for &id in &self.made {
+            // SAFETY: as above.
+            unsafe { libc::shmctl(id, libc::IPC_RMID, std::ptr::null_mut()) };
+        }
+    }
+}
+
+/// Makes every SysV segment the tree had attached, with its id (asked for through
+/// `kernel.shm_next_id`), key, size, mode and owner, and fills it from the image.
+fn make_sysv_segments(reader: &ImageReader, tree: &model::Tree) -> Result<SysvSegments> {
+    let mut out = SysvSegments::default();
+    let mut done = std::collections::HashSet::new();
+    for p in &tree.processes {
+        for v in &p.vmas {
+            let VmaKind::SysvShm { shmid, key, size, mode, uid, gid, removed } = v.kind else {
+                continue;
+            };
+            if done.insert(shmid) {
+                let err = |source| RestoreError::Prepare {
+                    what: format!("SysV shared memory segment {shmid} (key {key})"),
+                    source,
+                };
+                // A segment outlives its processes: the one the dumped process left,
+                // attached by nobody, gives way to the image's; one in use does not.
+                // SAFETY: an all-zero shmid_ds is valid; IPC_STAT fills it.
+                let mut ds: libc::shmid_ds = unsafe { std::mem::zeroed() };
+                // SAFETY: shmctl writes one shmid_ds.
+                if unsafe { libc::shmctl(shmid, libc::IPC_STAT, &mut ds) } == 0 {
+                    if ds.shm_nattch > 0 {
+                        return Err(err(io::Error::other(format!(
+                            "a segment with this id exists and is attached by {} processes",
+                            ds.shm_nattch
+                        ))));
+                    }
+                    // SAFETY: shmctl takes integers; no buffer for IPC_RMID.
+                    unsafe { libc::shmctl(shmid, libc::IPC_RMID, std::ptr::null_mut()) };
+                }
+                fs::write("/proc/sys/kernel/shm_next_id", shmid.to_string()).map_err(err)?;
+                let k = if key == 0 { libc::IPC_PRIVATE } else { key };
+                // SAFETY: shmget takes integers.
+                let id = unsafe {
+                    libc::shmget(
+                        k,
+                        size as usize,
+                        libc::IPC_CREAT | libc::IPC_EXCL | (mode as i32 & 0o777),
+                    )
+                };
+                let _ = fs::write("/proc/sys/kernel/shm_next_id", "-1");
+                if id < 0 {
+                    return Err(err(io::Error::last_os_error()));
+                }
+                out.made.push(id);
+                if id != shmid {
+                    return Err(RestoreError::Unsupported {
+                        what: format!("SysV segment {shmid} (the kernel gave id {id})"),
+                    });
+                }
+                // SAFETY: an all-zero shmid_ds is valid; IPC_STAT fills it, IPC_SET reads it.
+                unsafe {
+                    let mut ds: libc::shmid_ds = std::mem::zeroed();
+                    if libc::shmctl(id, libc::IPC_STAT, &mut ds) == 0 {
+                        ds.shm_perm.uid = uid;
+                        ds.shm_perm.gid = gid;
+                        ds.shm_perm.mode = mode as _;
+                        libc::shmctl(id, libc::IPC_SET, &mut ds);
+                    }
+                }
+                if removed {
+                    out.removed.push(id);
+                }
+            }
+            fill_sysv(reader, tree, p, v, shmid)?;
+        }
+    }
+    Ok(out)
+}
+
+/// Copies a mapping's saved pages into its SysV segment, attached to torpor for the while.
+fn fill_sysv(
+    reader: &ImageReader,
+    tree: &model::Tree,
+    p: &model::Process,
+    v: &model::Vma,
+    shmid: i32,
+) -> Result<()> {
+    if v.pages.iter().all(|r| r.offset.is_none()) {
+        return Ok(());
+    }
+    let err = |source| RestoreError::Prepare { what: format!("SysV segment {shmid}"), source };
+    // SAFETY: shmat maps the segment anywhere free in torpor; detached below.
+    let base = unsafe { libc::shmat(shmid, std::ptr::null(), 0) };
+    if base as isize == -1 {
+        return Err(err(io::Error::last_os_error()));
+    }
+    let offset = v.shmem.map_or(0, |s| s.offset);
+    let result = (|| -> Result<()> {
+        for run in &v.pages {
+            let Some(off) = run.offset else { continue };
+            let owner = run.from_pid.unwrap_or(p.pid);
+            let file = tree.processes.iter().find(|q| q.pid == owner).map(|q| &q.pages_file);
+            let file = File::open(reader.path(file.expect("checked"))?).map_err(err)?;
+            let len = (run.pages * torpor_sys::PAGE) as usize;
+            let at = offset + (run.addr - v.start);
+            // SAFETY: the segment is mapped at `base` for its whole size, which the
+            // checked page runs stay within.
+            let dst =
+                unsafe { std::slice::from_raw_parts_mut((base as *mut u8).add(at as usize), len) };
+            std::os::unix::fs::FileExt::read_exact_at(&file, dst, off).map_err(err)?;
+        }
+        Ok(())
+    })();
+    // SAFETY: detaches what shmat attached above.
+    unsafe { libc::shmdt(base) };
+    result
+}
+
 /// Creates each shared anonymous memory object once, as large as its largest mapping
 /// needs: an anonymous shared mapping made in torpor and reopened through
 /// `/proc/self/map_files`, so it is the same kind of object the process had.
 fn shmem_objects(tree: &model::Tree) -> Result<HashMap<u64, OwnedFd>> {
     let mut sizes: HashMap<u64, u64> = HashMap::new();
     for v in tree.processes.iter().flat_map(|p| &p.vmas) {
+        if matches!(v.kind, VmaKind::SysvShm { .. }) {
+            continue;
+        }
         if let Some(shm) = v.shmem {
             let e = sizes.entry(shm.id).or_insert(0);
             *e = (*e).max(shm.offset + v.len());

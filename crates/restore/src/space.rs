@@ -219,6 +219,9 @@ impl Space {
 
     fn map_vma(&self, tree: &model::Tree, v: &model::Vma, prep: &Prepared) -> Result<()> {
         let pid = self.pid;
+        if let VmaKind::SysvShm { shmid, .. } = v.kind {
+            return self.attach_sysv(v, shmid);
+        }
         let what = match &v.kind {
             VmaKind::File { file, .. } => tree.files[*file].path.clone(),
             VmaKind::Stack => "stack".into(),
@@ -314,6 +317,40 @@ impl Space {
             if let Err(e) = r.call("madvise", libc::SYS_madvise, args!(v.start, v.len(), advice)) {
                 tracing::debug!("pid {pid}: madvise {a} on {:#x} refused: {e}", v.start);
             }
+        }
+        Ok(())
+    }
+
+    /// Attaches a SysV segment (already filled) where it was, with its protection.
+    fn attach_sysv(&self, v: &model::Vma, shmid: i32) -> Result<()> {
+        let pid = self.pid;
+        let map_err = |source| RestoreError::Map {
+            pid,
+            start: v.start,
+            end: v.end,
+            what: format!("SysV shared memory segment {shmid}"),
+            source,
+        };
+        let mut flags = 0;
+        if v.prot & model::prot::WRITE == 0 {
+            flags |= libc::SHM_RDONLY;
+        }
+        if v.prot & model::prot::EXEC != 0 {
+            flags |= libc::SHM_EXEC;
+        }
+        let r = &self.remote;
+        let got =
+            r.call("shmat", libc::SYS_shmat, args!(shmid, v.start, flags)).map_err(map_err)?;
+        if got != v.start {
+            return Err(map_err(torpor_sys::Error::Parse {
+                what: "shmat".into(),
+                line: format!("attached at {got:#x}"),
+            }));
+        }
+        // What shmat cannot say (no access at all, a part of the segment) mprotect can.
+        if v.prot & model::prot::READ == 0 || v.len() != 0 {
+            r.call("mprotect", libc::SYS_mprotect, args!(v.start, v.len(), v.prot))
+                .map_err(map_err)?;
         }
         Ok(())
     }
