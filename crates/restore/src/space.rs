@@ -347,11 +347,8 @@ impl Space {
                 line: format!("attached at {got:#x}"),
             }));
         }
-        // What shmat cannot say (no access at all, a part of the segment) mprotect can.
-        if v.prot & model::prot::READ == 0 || v.len() != 0 {
-            r.call("mprotect", libc::SYS_mprotect, args!(v.start, v.len(), v.prot))
-                .map_err(map_err)?;
-        }
+        // What shmat cannot say (no access at all, for instance) mprotect can.
+        r.call("mprotect", libc::SYS_mprotect, args!(v.start, v.len(), v.prot)).map_err(map_err)?;
         Ok(())
     }
 
