@@ -186,6 +186,10 @@ pub(crate) struct FdContext {
     /// Copies of the TCP sockets put in repair mode, to take out of it again if the
     /// process runs on; when it is killed instead, they close silently.
     pub repaired: Vec<std::os::fd::OwnedFd>,
+    /// Name of the firewall rules holding back the saved connections' peers, and whether
+    /// any rule was set.
+    pub lock_tag: String,
+    pub locked: bool,
 }
 
 impl FdContext {
@@ -196,6 +200,35 @@ impl FdContext {
             if let Err(e) = sock::set_tcp_opt(&s, sock::tcp_repair::TCP_REPAIR, 0) {
                 tracing::warn!("cannot take a TCP connection out of repair mode: {e}");
             }
+        }
+        if self.locked {
+            if let Err(e) = torpor_sys::netlock::unlock(&self.lock_tag) {
+                tracing::warn!("cannot remove the firewall rules {}: {e}", self.lock_tag);
+            }
+            self.locked = false;
+        }
+    }
+
+    /// Holds back a connection's peer before its state is read: bytes arriving later
+    /// would be acknowledged to the peer yet missing from the image.
+    fn lock(&mut self, local: &[u8], peer: &[u8]) {
+        let (Some(local), Some(peer)) = (sock::to_socket_addr(local), sock::to_socket_addr(peer))
+        else {
+            return;
+        };
+        if !self.locked && !torpor_sys::netlock::available() {
+            tracing::warn!(
+                "nft is not installed: a peer that sends to a hibernated connection before the \
+                 restore will get a reset"
+            );
+            return;
+        }
+        match torpor_sys::netlock::lock(
+            &[torpor_sys::netlock::Conn { local, peer }],
+            &self.lock_tag,
+        ) {
+            Ok(()) => self.locked = true,
+            Err(e) => tracing::warn!("cannot hold back the peer {peer} of {local}: {e}"),
         }
     }
 
@@ -828,6 +861,7 @@ fn inet_socket(
             });
         }
         let ino = fs::metadata(format!("/proc/{pid}/fd/{fd}")).map(|m| m.ino()).unwrap_or(0);
+        ctx.lock(&local, peer.as_deref().unwrap_or_default());
         let copy = sock::take_fd(pid, fd).map_err(err("a copy"))?;
         let state = tcp_connection(&copy, ino, writer).map_err(|e| match e {
             Ok(source) => DumpError::Collect {

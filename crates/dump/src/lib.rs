@@ -97,6 +97,10 @@ pub fn dump(opts: &DumpOptions) -> Result<DumpSummary> {
 
     let mut fd_ctx = files::FdContext::default();
     fd_ctx.tcp_established = opts.tcp_established;
+    fd_ctx.lock_tag = format!(
+        "torpor-{pid}-{}",
+        SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos())
+    );
     fd_ctx.shell_job = opts.shell_job;
     let result = write_image(&frozen, &mut writer, &mut fd_ctx, opts.inherit_stdio);
     let (tree, stats) = match result {
@@ -240,6 +244,7 @@ fn write_image(
         files: files.into_infos(),
         zombies: frozen.zombies.clone(),
         pid_ns: false,
+        net_lock: fd_ctx.locked.then(|| fd_ctx.lock_tag.clone()),
     };
     if let Some(map) = pid_namespace(&frozen.processes, &frozen.zombies)? {
         to_inner_pids(&mut tree, &map);

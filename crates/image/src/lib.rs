@@ -979,6 +979,7 @@ pub(crate) mod tests {
             ],
             zombies: Vec::new(),
             pid_ns: false,
+            net_lock: None,
         }
     }
 

@@ -25,6 +25,10 @@ pub struct Tree {
     /// process is the root; pids are those inside it.
     #[serde(default)]
     pub pid_ns: bool,
+    /// Name of the firewall rules holding back the peers of the saved TCP connections
+    /// until the restore (see `torpor_sys::netlock`), if any were set.
+    #[serde(default)]
+    pub net_lock: Option<String>,
 }
 
 /// A process that has exited and waits for its parent to reap it.

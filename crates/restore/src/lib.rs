@@ -239,6 +239,12 @@ fn build(
     // 4. Every thread of every process is ready before any runs; connections wake first,
     //    and a shell job gets the terminal before it can read from it.
     prepare::end_repair(tree, prep)?;
+    // The connections answer again: their peers' packets may come through.
+    if let Some(tag) = &tree.net_lock {
+        if let Err(e) = torpor_sys::netlock::unlock(tag) {
+            tracing::warn!("cannot remove the firewall rules {tag}: {e}");
+        }
+    }
     if opts.shell_job {
         if let Some(tty) = terminal::own_tty() {
             // SAFETY: getpgid takes an integer.

@@ -5,6 +5,7 @@
 //! Everything here is specific to Linux on x86_64.
 
 pub mod mem;
+pub mod netlock;
 pub mod proc;
 pub mod ptrace;
 pub mod remote;

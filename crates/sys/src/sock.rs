@@ -383,6 +383,23 @@ pub fn sock_addr(fd: &OwnedFd, peer: bool) -> Option<Vec<u8>> {
     (r == 0).then(|| buf[..len as usize].to_vec())
 }
 
+/// A raw IPv4 or IPv6 socket address as a `SocketAddr`.
+pub fn to_socket_addr(raw: &[u8]) -> Option<std::net::SocketAddr> {
+    let fam = u16::from_ne_bytes([*raw.first()?, *raw.get(1)?]) as i32;
+    let port = u16::from_be_bytes([*raw.get(2)?, *raw.get(3)?]);
+    match fam {
+        libc::AF_INET => {
+            let a: [u8; 4] = raw.get(4..8)?.try_into().ok()?;
+            Some((std::net::Ipv4Addr::from(a), port).into())
+        }
+        libc::AF_INET6 => {
+            let a: [u8; 16] = raw.get(8..24)?.try_into().ok()?;
+            Some((std::net::Ipv6Addr::from(a), port).into())
+        }
+        _ => None,
+    }
+}
+
 /// A readable form of a raw IPv4 or IPv6 socket address, for messages.
 pub fn describe_addr(raw: &[u8]) -> String {
     let fam = raw.get(..2).map(|b| u16::from_ne_bytes([b[0], b[1]]) as i32);
