@@ -705,7 +705,14 @@ fn unix_pair(
         writer.write_file(&name, &bytes)?;
         Some(name)
     };
-    Ok(OpenFileKind::UnixPair { ino, peer: info.peer, sock_type, queue, name: info.name.clone() })
+    Ok(OpenFileKind::UnixPair {
+        ino,
+        peer: info.peer,
+        sock_type,
+        queue,
+        name: info.name.clone(),
+        options: unix_options(&sock),
+    })
 }
 
 /// Socket options torpor saves and sets again: (level, name, whether it must be set
@@ -802,6 +809,7 @@ fn unix_bound(
     } else {
         None
     };
+    let options = sock::take_fd(pid, fd).map(|s| unix_options(&s)).unwrap_or_default();
     Ok(OpenFileKind::UnixBound {
         sock_type,
         name,
@@ -810,7 +818,20 @@ fn unix_bound(
         file_uid,
         file_gid,
         queue,
+        options,
     })
+}
+
+/// The options of a unix socket worth setting again: passing of credentials and security
+/// labels with messages.
+fn unix_options(sock: &std::os::fd::OwnedFd) -> Vec<model::SockOpt> {
+    [libc::SO_PASSCRED, libc::SO_PASSSEC]
+        .into_iter()
+        .filter_map(|name| {
+            let v = sock::sockopt_raw(sock, libc::SOL_SOCKET, name).ok()?;
+            Some(model::SockOpt { level: libc::SOL_SOCKET, name, value: hex::encode(v) })
+        })
+        .collect()
 }
 
 /// A TCP or UDP socket: its address, options and, for UDP, the datagrams queued.
@@ -859,6 +880,32 @@ fn inet_socket(
                     flag: "--tcp-established",
                 },
             });
+        }
+        // struct tcp_info starts with the state; TCP_ESTABLISHED is 1.
+        let state = sock::sockopt_raw(&sock, libc::IPPROTO_TCP, libc::TCP_INFO)
+            .ok()
+            .and_then(|i| i.first().copied())
+            .unwrap_or(0);
+        if state != 1 {
+            const NAMES: [&str; 12] = [
+                "?",
+                "ESTABLISHED",
+                "SYN_SENT",
+                "SYN_RECV",
+                "FIN_WAIT1",
+                "FIN_WAIT2",
+                "TIME_WAIT",
+                "CLOSE",
+                "CLOSE_WAIT",
+                "LAST_ACK",
+                "LISTEN",
+                "CLOSING",
+            ];
+            return Err(unsupported(format!(
+                "a TCP connection {conn} in state {} ({link}); only established connections \
+                 can be saved yet",
+                NAMES.get(state as usize).unwrap_or(&"?")
+            )));
         }
         let ino = fs::metadata(format!("/proc/{pid}/fd/{fd}")).map(|m| m.ino()).unwrap_or(0);
         ctx.lock(&local, peer.as_deref().unwrap_or_default());

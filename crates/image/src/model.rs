@@ -464,6 +464,9 @@ pub enum OpenFileKind {
         file_gid: u32,
         /// Image file with the datagrams queued for reading (4-byte length and bytes).
         queue: Option<String>,
+        /// Socket options to set again (credentials passing).
+        #[serde(default)]
+        options: Vec<SockOpt>,
     },
     /// One end of a pair of connected unix sockets, both inside the tree.
     UnixPair {
@@ -478,6 +481,9 @@ pub enum OpenFileKind {
         /// This end's address: the name of the listener it was accepted from, or empty.
         #[serde(default)]
         name: String,
+        /// Socket options to set again (credentials passing).
+        #[serde(default)]
+        options: Vec<SockOpt>,
     },
 }
 

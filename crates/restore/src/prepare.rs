@@ -359,6 +359,13 @@ fn open_objects(
                 _ => open_file(reader, tree, o, ghosts)?,
             };
             set_status_flags(&fd, o.flags)?;
+            if let OpenFileKind::UnixPair { options, .. }
+            | OpenFileKind::UnixBound { options, .. } = &o.kind
+            {
+                for opt in options {
+                    set_option(&fd, opt, "a unix socket")?;
+                }
+            }
             objects.push(fd);
             let obj = objects.len() - 1;
             if o.id != 0 {
@@ -1075,6 +1082,7 @@ fn make_unix_bound(reader: &ImageReader, kind: &OpenFileKind) -> Result<OwnedFd>
         file_uid,
         file_gid,
         queue,
+        ..
     } = kind
     else {
         unreachable!()
