@@ -435,6 +435,14 @@ pub(crate) fn collect_fds(
                         ctx.termios.insert(pid, t);
                     }
                     OpenFileKind::Inherited { fd }
+                } else if ft.is_char_device()
+                    && libc::major(meta.rdev()) == 5
+                    && libc::minor(meta.rdev()) == 2
+                {
+                    // /dev/ptmx: reopening it would make a new pair, not this one.
+                    return Err(unsupported(format!(
+                        "a pseudo-terminal master ({link}), which torpor cannot save yet"
+                    )));
                 } else if ft.is_char_device() {
                     OpenFileKind::CharDevice { path: link.clone(), rdev: meta.rdev() }
                 } else if ft.is_fifo() && link.starts_with("pipe:") {
