@@ -440,9 +440,7 @@ pub(crate) fn collect_fds(
                     && libc::minor(meta.rdev()) == 2
                 {
                     // /dev/ptmx: reopening it would make a new pair, not this one.
-                    return Err(unsupported(format!(
-                        "a pseudo-terminal master ({link}), which torpor cannot save yet"
-                    )));
+                    return Err(unsupported(format!("a pseudo-terminal master ({link})")));
                 } else if ft.is_char_device() {
                     OpenFileKind::CharDevice { path: link.clone(), rdev: meta.rdev() }
                 } else if ft.is_fifo() && link.starts_with("pipe:") {
