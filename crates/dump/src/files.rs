@@ -8,7 +8,6 @@ use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
 use torpor_image::model::{self, Fd, FileInfo, OpenFile, OpenFileKind};
 use torpor_image::ImageWriter;
 use torpor_sys::{proc, sock};
-use xxhash_rust::xxh3::Xxh3;
 
 use crate::collect::UnsupportedReason;
 use crate::{DumpError, Result};
@@ -40,7 +39,7 @@ impl FileTable {
         let still_there = fs::metadata(&path).map(|m| (m.dev(), m.ino()) == key).unwrap_or(false);
         let idx = self.infos.len();
         let content_xxh3 = if meta.is_file() && meta.size() <= HASH_LIMIT {
-            Some(hash_file(open_path)?)
+            Some(torpor_image::hash_file(open_path)?)
         } else {
             None
         };
@@ -109,19 +108,6 @@ fn seals(open_path: &str) -> Option<u32> {
     // SAFETY: fcntl on a descriptor we own.
     let s = unsafe { libc::fcntl(std::os::fd::AsRawFd::as_raw_fd(&f), libc::F_GET_SEALS) };
     (s >= 0).then_some(s as u32)
-}
-
-fn hash_file(path: &str) -> io::Result<String> {
-    let mut f = File::open(path)?;
-    let mut h = Xxh3::new();
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        let n = f.read(&mut buf)?;
-        if n == 0 {
-            return Ok(torpor_image::digest_hex(&h));
-        }
-        h.update(&buf[..n]);
-    }
 }
 
 /// What kind of descriptor a `/proc/PID/fd` link names, for messages.

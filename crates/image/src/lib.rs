@@ -233,6 +233,20 @@ fn is_digest(s: &[u8]) -> bool {
     s.len() == 32 && s.iter().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(b))
 }
 
+/// xxh3-128 of a file's content, in hex, read in 1 MiB pieces.
+pub fn hash_file(path: impl AsRef<Path>) -> io::Result<String> {
+    let mut f = File::open(path)?;
+    let mut h = Xxh3::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = f.read(&mut buf)?;
+        if n == 0 {
+            return Ok(digest_hex(&h));
+        }
+        h.update(&buf[..n]);
+    }
+}
+
 /// A file name inside an image: one plain path component.
 fn check_name(name: &str) -> Result<()> {
     let ok = !name.is_empty()

@@ -3,14 +3,13 @@
 use std::collections::HashMap;
 use std::fs::{self, File, OpenOptions};
 use std::io::Write;
-use std::io::{self, Read, Seek, SeekFrom};
+use std::io::{self, Seek, SeekFrom};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::Path;
 
 use torpor_image::model::{self, OpenFileKind, VmaKind};
 use torpor_image::ImageReader;
-use xxhash_rust::xxh3::Xxh3;
 
 use crate::child::Plan;
 use crate::{RestoreError, Result};
@@ -101,24 +100,13 @@ pub(crate) fn check_files(tree: &model::Tree) -> Result<()> {
             "its modification time or inode differs".to_string()
         };
         match &f.content_xxh3 {
-            Some(h) if meta.size() == f.size && hash_file(&f.path).as_deref().ok() == Some(h) => {}
+            Some(h)
+                if meta.size() == f.size
+                    && torpor_image::hash_file(&f.path).as_deref().ok() == Some(h) => {}
             _ => return Err(changed(why)),
         }
     }
     Ok(())
-}
-
-fn hash_file(path: &str) -> io::Result<String> {
-    let mut f = File::open(path)?;
-    let mut h = Xxh3::new();
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        let n = f.read(&mut buf)?;
-        if n == 0 {
-            return Ok(torpor_image::digest_hex(&h));
-        }
-        h.update(&buf[..n]);
-    }
 }
 
 /// (pid, index into its `open_files`) to an index into the objects torpor made.

@@ -269,26 +269,24 @@ pub fn fdinfo(pid: i32, fd: i32) -> Result<FdInfo> {
     Ok(fi)
 }
 
-/// Open descriptor numbers of a process, ascending.
-pub fn fds(pid: i32) -> Result<Vec<i32>> {
-    let path = format!("/proc/{pid}/fd");
-    let mut v: Vec<i32> = fs::read_dir(&path)
-        .map_err(|source| Error::Io { what: path.clone(), source })?
+/// The entries of a `/proc` directory named by numbers, ascending.
+fn numbered_entries(path: &str) -> Result<Vec<i32>> {
+    let mut v: Vec<i32> = fs::read_dir(path)
+        .map_err(|source| Error::Io { what: path.to_string(), source })?
         .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
         .collect();
     v.sort_unstable();
     Ok(v)
 }
 
+/// Open descriptor numbers of a process, ascending.
+pub fn fds(pid: i32) -> Result<Vec<i32>> {
+    numbered_entries(&format!("/proc/{pid}/fd"))
+}
+
 /// Thread ids of a process, ascending.
 pub fn tids(pid: i32) -> Result<Vec<i32>> {
-    let path = format!("/proc/{pid}/task");
-    let mut v: Vec<i32> = fs::read_dir(&path)
-        .map_err(|source| Error::Io { what: path.clone(), source })?
-        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
-        .collect();
-    v.sort_unstable();
-    Ok(v)
+    numbered_entries(&format!("/proc/{pid}/task"))
 }
 
 /// Direct children of a process (over all its threads).
