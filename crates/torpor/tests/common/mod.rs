@@ -621,16 +621,22 @@ pub fn roundtrip(name: &str, args: &[&str]) {
 }
 
 /// A port on 127.0.0.1 that nothing listens on right now, below the kernel's ephemeral
-/// range: between the dump and the restore the port is free, and a port from that range
-/// could meanwhile become the source port of some other connection.
+/// range (a port from that range could become some connection's source port while a
+/// dumped server's port is free). Never the same port twice in one test binary: tests run
+/// in parallel, and a port freed by one test's dump must still be free at its restore.
 pub fn free_port() -> u16 {
-    let seed = std::process::id() as u16
-        ^ (SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.subsec_nanos())
-            as u16);
-    (0..2000u16)
-        .map(|i| 20000 + (seed.wrapping_add(i.wrapping_mul(7919)) % 12000))
-        .find(|&p| std::net::TcpListener::bind(("127.0.0.1", p)).is_ok())
-        .expect("a free port between 20000 and 32000")
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    // Each test binary starts at its own place in the range.
+    let start = std::process::id() % 12000;
+    loop {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        assert!(n < 12000, "no free port left between 20000 and 32000");
+        let port = 20000 + ((start + n * 7) % 12000) as u16;
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
 }
 
 /// A fixture whose READY line names more processes of its tree (`child=PID` and so on).
