@@ -23,6 +23,8 @@ const LOW: u64 = 0x1_0000;
 pub(crate) const SCRATCH_LEN: u64 = 64 << 10;
 /// Largest single pread (the kernel caps one read at 2 GiB minus a page).
 const MAX_READ: u64 = 1 << 30;
+/// Most page runs one preadv fills (`IOV_MAX`).
+const MAX_IOVECS: usize = 1024;
 
 /// One of the kernel's vDSO-related mappings in the new process.
 #[derive(Debug, Clone)]
@@ -266,31 +268,39 @@ impl Space {
             }));
         }
 
-        // The process reads its own pages from the image.
-        for run in &v.pages {
-            let (src, mut off) = match run.offset {
-                Some(o) => (prep.pages_fds[&run.from_pid.unwrap_or(self.inner)], o),
-                None => (prep.zero_fd, 0),
-            };
-            let mut addr = run.addr;
-            let mut left = run.pages * PAGE;
-            while left > 0 {
-                let n = left.min(MAX_READ);
-                let got = r
-                    .call("pread64", libc::SYS_pread64, args!(src, addr, n, off))
-                    .map_err(map_err)?;
-                if got == 0 {
-                    return Err(map_err(torpor_sys::Error::Parse {
-                        what: "page data".into(),
-                        line: "the image ended early".into(),
-                    }));
+        // The process reads its own pages from the image. Runs stored back to back (zero
+        // pages skipped between them leave many short ones) go in one preadv each.
+        let source = |run: &model::PageRun| match run.offset {
+            Some(o) => (prep.pages_fds[&run.from_pid.unwrap_or(self.inner)], o),
+            None => (prep.zero_fd, 0),
+        };
+        let mut i = 0;
+        while i < v.pages.len() {
+            let (src, start_off) = source(&v.pages[i]);
+            let mut j = i;
+            let (mut total, mut next_off) = (0u64, start_off);
+            while j < v.pages.len() && j - i < MAX_IOVECS {
+                let run = &v.pages[j];
+                let (s, o) = source(run);
+                let len = run.pages * PAGE;
+                let follows = s == src && (run.offset.is_none() || o == next_off);
+                if j > i && (!follows || total + len > MAX_READ) {
+                    break;
                 }
-                if run.offset.is_some() {
-                    off += got;
-                }
-                addr += got;
-                left -= got;
+                total += len;
+                next_off = o + len;
+                j += 1;
             }
+            let batch = &v.pages[i..j];
+            let filled = batch.len() > 1 && self.preadv(src, start_off, batch, total)?;
+            if !filled {
+                for run in batch {
+                    let (src, off) = source(run);
+                    self.pread_run(src, off, run.offset.is_some(), run.addr, run.pages * PAGE)
+                        .map_err(map_err)?;
+                }
+            }
+            i = j;
         }
         if prot != v.prot {
             r.call("mprotect", libc::SYS_mprotect, args!(v.start, v.len(), v.prot))
@@ -350,6 +360,51 @@ impl Space {
         // What shmat cannot say (no access at all, for instance) mprotect can.
         r.call("mprotect", libc::SYS_mprotect, args!(v.start, v.len(), v.prot)).map_err(map_err)?;
         Ok(())
+    }
+
+    /// Reads `len` bytes at `off` of `src` into `addr` in the process, in pieces of at most
+    /// `MAX_READ` (the same offset each time for /dev/zero, `advance` false).
+    fn pread_run(
+        &self,
+        src: i32,
+        mut off: u64,
+        advance: bool,
+        mut addr: u64,
+        mut left: u64,
+    ) -> torpor_sys::Result<()> {
+        while left > 0 {
+            let n = left.min(MAX_READ);
+            let got = self.remote.call("pread64", libc::SYS_pread64, args!(src, addr, n, off))?;
+            if got == 0 {
+                return Err(torpor_sys::Error::Parse {
+                    what: "page data".into(),
+                    line: "the image ended early".into(),
+                });
+            }
+            if advance {
+                off += got;
+            }
+            addr += got;
+            left -= got;
+        }
+        Ok(())
+    }
+
+    /// Fills several runs stored back to back with one `preadv`; false when it read less
+    /// than all (the caller then reads run by run, which is always correct).
+    fn preadv(&self, src: i32, off: u64, runs: &[model::PageRun], total: u64) -> Result<bool> {
+        let iov: Vec<u8> = runs
+            .iter()
+            .flat_map(|r| [r.addr, r.pages * PAGE])
+            .flat_map(|w| w.to_ne_bytes())
+            .collect();
+        let at = self.put(&iov)?;
+        // preadv(fd, iov, count, offset low, offset high): on 64 bits the low word holds
+        // the whole offset.
+        match self.remote.call("preadv", libc::SYS_preadv, args!(src, at, runs.len(), off, 0)) {
+            Ok(got) => Ok(got == total),
+            Err(_) => Ok(false),
+        }
     }
 
     /// Puts the running kernel's vDSO where the process expects its vDSO.
