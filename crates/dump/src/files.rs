@@ -6,7 +6,7 @@ use std::io::{self, Read};
 use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
 
 use torpor_image::model::{self, Fd, FileInfo, OpenFile, OpenFileKind};
-use torpor_image::ImageWriter;
+use torpor_image::{records, ImageWriter};
 use torpor_sys::{proc, sock};
 
 use crate::collect::UnsupportedReason;
@@ -687,14 +687,9 @@ fn unix_pair(
     let queue = if queue.is_empty() {
         None
     } else {
-        // Records: a 4-byte length, then the bytes; a stream is one record.
+        // One record per message; a stream is one record.
         let name = format!("sock-{ino}.img");
-        let mut bytes = Vec::new();
-        for m in &queue {
-            bytes.extend_from_slice(&(m.len() as u32).to_le_bytes());
-            bytes.extend_from_slice(m);
-        }
-        writer.write_file(&name, &bytes)?;
+        writer.write_file(&name, &records::encode(queue.iter().map(Vec::as_slice)))?;
         Some(name)
     };
     Ok(OpenFileKind::UnixPair {
@@ -790,12 +785,7 @@ fn unix_bound(
             None
         } else {
             let file = format!("sock-{}.img", info.ino);
-            let mut bytes = Vec::new();
-            for m in &q {
-                bytes.extend_from_slice(&(m.len() as u32).to_le_bytes());
-                bytes.extend_from_slice(m);
-            }
-            writer.write_file(&file, &bytes)?;
+            writer.write_file(&file, &records::encode(q.iter().map(Vec::as_slice)))?;
             Some(file)
         }
     } else {
@@ -936,16 +926,9 @@ fn inet_socket(
             let ino =
                 std::fs::metadata(format!("/proc/{pid}/fd/{fd}")).map(|m| m.ino()).unwrap_or(0);
             let name = format!("sock-{ino}.img");
-            // Records: the sender's address and the datagram, each as a 4-byte length
-            // and bytes.
-            let mut bytes = Vec::new();
-            for (from, data) in &q {
-                bytes.extend_from_slice(&(from.len() as u32).to_le_bytes());
-                bytes.extend_from_slice(from);
-                bytes.extend_from_slice(&(data.len() as u32).to_le_bytes());
-                bytes.extend_from_slice(data);
-            }
-            writer.write_file(&name, &bytes)?;
+            // Two records per datagram: the sender's address, then the datagram.
+            let pairs = q.iter().flat_map(|(from, data)| [from.as_slice(), data.as_slice()]);
+            writer.write_file(&name, &records::encode(pairs))?;
             Some(name)
         }
     } else {

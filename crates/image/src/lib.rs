@@ -247,6 +247,49 @@ pub fn hash_file(path: impl AsRef<Path>) -> io::Result<String> {
     }
 }
 
+/// The record files of socket queues: each record a 4-byte little-endian length, then
+/// that many bytes.
+pub mod records {
+    /// Encodes records back to back.
+    pub fn encode<'a>(items: impl IntoIterator<Item = &'a [u8]>) -> Vec<u8> {
+        let mut out = Vec::new();
+        for item in items {
+            out.extend_from_slice(&(item.len() as u32).to_le_bytes());
+            out.extend_from_slice(item);
+        }
+        out
+    }
+
+    /// Decodes records; `None` when the bytes end inside one.
+    pub fn decode(bytes: &[u8]) -> Option<Vec<&[u8]>> {
+        let mut out = Vec::new();
+        let mut at = 0usize;
+        while at < bytes.len() {
+            let len = u32::from_le_bytes(bytes.get(at..at + 4)?.try_into().ok()?) as usize;
+            out.push(bytes.get(at + 4..(at + 4).checked_add(len)?)?);
+            at += 4 + len;
+        }
+        Some(out)
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        #[test]
+        fn round_trip_and_cut_short() {
+            let items: [&[u8]; 3] = [b"one", b"", b"three"];
+            let bytes = encode(items);
+            assert_eq!(decode(&bytes).unwrap(), items.to_vec());
+            for cut in 1..bytes.len() {
+                let d = decode(&bytes[..cut]);
+                assert!(d.is_none() || d.unwrap().len() < 3, "cut at {cut}");
+            }
+            assert_eq!(decode(&[0xff, 0xff, 0xff, 0xff, 1]), None);
+        }
+    }
+}
+
 /// A file name inside an image: one plain path component.
 fn check_name(name: &str) -> Result<()> {
     let ok = !name.is_empty()

@@ -9,7 +9,7 @@ use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::Path;
 
 use torpor_image::model::{self, OpenFileKind, VmaKind};
-use torpor_image::ImageReader;
+use torpor_image::{records, ImageReader};
 
 use crate::child::Plan;
 use crate::{RestoreError, Result};
@@ -433,14 +433,10 @@ fn refill_datagrams(
             source,
         };
         let bytes = reader.read_file(&name)?;
-        let mut at = 0usize;
-        let mut field = || -> Option<Vec<u8>> {
-            let len = u32::from_le_bytes(bytes.get(at..at + 4)?.try_into().ok()?) as usize;
-            let v = bytes.get(at + 4..at + 4 + len)?.to_vec();
-            at += 4 + len;
-            Some(v)
-        };
-        while let (Some(from), Some(data)) = (field(), field()) {
+        let recs = records::decode(&bytes)
+            .ok_or_else(|| err(io::Error::other("the saved queue is cut short")))?;
+        for pair in recs.chunks_exact(2) {
+            let (from, data) = (pair[0].to_vec(), pair[1]);
             let own;
             let sender = match by_addr.get(&from) {
                 Some(&o) => &objects[o],
@@ -611,14 +607,9 @@ fn make_pipe(
 fn fill_socket(reader: &ImageReader, sender: &OwnedFd, queue: &str) -> Result<()> {
     let err = |source| RestoreError::Prepare { what: format!("socket queue {queue}"), source };
     let bytes = reader.read_file(queue)?;
-    let mut at = 0usize;
-    while at + 4 <= bytes.len() {
-        let len = u32::from_le_bytes(bytes[at..at + 4].try_into().unwrap()) as usize;
-        at += 4;
-        let msg = bytes
-            .get(at..at + len)
-            .ok_or_else(|| err(io::Error::other("the saved queue is cut short")))?;
-        at += len;
+    let recs = records::decode(&bytes)
+        .ok_or_else(|| err(io::Error::other("the saved queue is cut short")))?;
+    for msg in recs {
         // SAFETY: sends `msg`, which has the length passed.
         let n = unsafe {
             libc::send(sender.as_raw_fd(), msg.as_ptr() as *const _, msg.len(), libc::MSG_DONTWAIT)
@@ -1124,13 +1115,10 @@ fn make_unix_bound(reader: &ImageReader, kind: &OpenFileKind) -> Result<OwnedFd>
     }
     if let Some(q) = queue {
         let bytes = reader.read_file(q)?;
-        let (tx, _) = socketpair(libc::SOCK_DGRAM)?;
-        let mut at = 0;
-        while at + 4 <= bytes.len() {
-            let len = u32::from_le_bytes(bytes[at..at + 4].try_into().unwrap()) as usize;
-            let msg = bytes.get(at + 4..at + 4 + len).unwrap_or_default();
-            at += 4 + len;
-            // An unbound sender: the socketpair end is connected, so use a fresh one.
+        let recs = records::decode(&bytes)
+            .ok_or_else(|| err("refill")(io::Error::other("the saved queue is cut short")))?;
+        for msg in recs {
+            // An unbound sender, one for each datagram.
             // SAFETY: socket takes integers; sendto sends `msg` to `addr`.
             let n = unsafe {
                 let s = libc::socket(libc::AF_UNIX, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0);
@@ -1149,7 +1137,6 @@ fn make_unix_bound(reader: &ImageReader, kind: &OpenFileKind) -> Result<OwnedFd>
                 return Err(err("refill")(io::Error::last_os_error()));
             }
         }
-        drop(tx);
     }
     Ok(sock)
 }
