@@ -402,6 +402,8 @@ pub(crate) fn collect_fds(
             None => {
                 let kind = if let Some(k) = anon_kind {
                     k
+                } else if ft.is_file() && link.starts_with("/proc/") {
+                    OpenFileKind::ProcFile { path: link.clone() }
                 } else if ft.is_file() {
                     let file = files.add_path(pid, &link_path, &link).map_err(|source| {
                         DumpError::SaveFile { pid, what: format!("fd {fd} ({link})"), source }

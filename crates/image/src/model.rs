@@ -356,6 +356,12 @@ pub enum OpenFileKind {
         /// Index into [`Tree::files`].
         file: usize,
     },
+    /// A file of `/proc`, reopened by path once the restored processes exist (it may be
+    /// one of theirs); its content is the kernel's, so it has no identity to check.
+    ProcFile {
+        /// Absolute path.
+        path: String,
+    },
     /// A directory, reopened by path.
     Directory {
         /// Absolute path.

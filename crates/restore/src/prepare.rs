@@ -134,6 +134,17 @@ pub(crate) struct Prepared {
     pub shmem_fds: HashMap<u64, i32>,
 }
 
+/// Opens a `/proc` file for a process now that the processes exist, at its saved offset;
+/// `None` for any other kind, whose object was made beforehand.
+pub(crate) fn late_open(o: &model::OpenFile) -> Result<Option<OwnedFd>> {
+    let OpenFileKind::ProcFile { path } = &o.kind else { return Ok(None) };
+    let fd = OpenOptions::new().open_flags(path, o.flags)?;
+    let mut f = File::from(fd);
+    // A seq file regenerates its text; the offset may lie past a shorter one.
+    let _ = f.seek(SeekFrom::Start(o.pos));
+    Ok(Some(OwnedFd::from(f)))
+}
+
 /// Opens everything the new processes need.
 pub(crate) fn prepare(reader: &ImageReader, tree: &model::Tree) -> Result<Prepared> {
     let mut ghosts = Ghosts::default();
@@ -1315,6 +1326,8 @@ fn open_file(
         OpenFileKind::Directory { path } | OpenFileKind::CharDevice { path, .. } => {
             OpenOptions::new().open_flags(path, o.flags)?
         }
+        // A stand-in until the processes exist: see `late_open`.
+        OpenFileKind::ProcFile { .. } => open_ro("/dev/null")?,
         OpenFileKind::Inet { .. } => make_inet_socket(reader, &o.kind)?,
         OpenFileKind::UnixBound { .. } => make_unix_bound(reader, &o.kind)?,
         OpenFileKind::EventFd { count, semaphore } => make_eventfd(*count, *semaphore)?,
@@ -1371,7 +1384,9 @@ fn open_file(
 fn describe_kind(tree: &model::Tree, k: &OpenFileKind) -> String {
     match k {
         OpenFileKind::Regular { file } => tree.files[*file].path.clone(),
-        OpenFileKind::Directory { path } | OpenFileKind::CharDevice { path, .. } => path.clone(),
+        OpenFileKind::Directory { path }
+        | OpenFileKind::CharDevice { path, .. }
+        | OpenFileKind::ProcFile { path } => path.clone(),
         OpenFileKind::Pipe { ino, .. } => format!("pipe:[{ino}]"),
         OpenFileKind::UnixPair { ino, .. } => format!("socket:[{ino}]"),
         OpenFileKind::Inherited { fd } => format!("descriptor {fd} of torpor restore"),

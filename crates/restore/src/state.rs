@@ -223,10 +223,20 @@ pub(crate) fn install_fds(s: &Space, p: &model::Process, prep: &Prepared) -> Res
         libc::SYS_close_range,
         args!(0, aux_base - 1, 0),
     )?;
-    let objects: Vec<usize> =
-        p.fds.iter().map(|f| prep.fd_objects[&(p.pid, f.open_file)]).collect();
-    for (batch, chunk) in objects.chunks(FDS_PER_MESSAGE).enumerate() {
-        let raw: Vec<i32> = chunk.iter().map(|&o| prep.objects[o].as_raw_fd()).collect();
+    // `/proc` files are opened only now: they may belong to the processes just made.
+    let mut late = Vec::new();
+    let mut raw_fds = Vec::with_capacity(p.fds.len());
+    for f in &p.fds {
+        match crate::prepare::late_open(&p.open_files[f.open_file])? {
+            Some(fd) => {
+                raw_fds.push(fd.as_raw_fd());
+                late.push(fd);
+            }
+            None => raw_fds.push(prep.objects[prep.fd_objects[&(p.pid, f.open_file)]].as_raw_fd()),
+        }
+    }
+    for (batch, chunk) in raw_fds.chunks(FDS_PER_MESSAGE).enumerate() {
+        let raw: Vec<i32> = chunk.to_vec();
         send_fds(&prep.transfer, &raw).map_err(|source| RestoreError::Prepare {
             what: format!("descriptors for pid {}", p.pid),
             source,
