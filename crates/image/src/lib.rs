@@ -336,12 +336,97 @@ fn sync_dir(dir: &Path) -> Result<()> {
 }
 
 /// A file of the image being written; checksums what goes through it.
+///
+/// Big writes go to a writer thread, so that whoever produces the data (reading a
+/// process's memory) works while the previous piece goes to the file. The thread also
+/// starts the disk's writeback as each piece lands and waits for pieces written a while
+/// ago: the final sync then finds little left to do, and the page cache never fills with
+/// an image's dirty pages.
 pub struct ImageFile {
     name: String,
     path: PathBuf,
     file: File,
     hash: Xxh3,
     len: u64,
+    /// The writer thread, started by the first big write.
+    pipe: Option<Pipe>,
+}
+
+/// Writes at least this big start the writer thread.
+const PIPE_MIN_WRITE: usize = 1 << 20;
+/// Pieces queued for the writer thread at most, besides the one it is writing.
+const PIPE_DEPTH: usize = 2;
+/// Pieces whose writeback may still be running; the writer waits for older ones.
+const WRITEBACK_WINDOW: usize = 4;
+
+/// A writer thread and the channels to it: full buffers go, empty ones come back.
+struct Pipe {
+    full: std::sync::mpsc::SyncSender<Vec<u8>>,
+    empty: std::sync::mpsc::Receiver<Vec<u8>>,
+    thread: std::thread::JoinHandle<io::Result<()>>,
+}
+
+impl Pipe {
+    fn start(file: &File, at: u64) -> io::Result<Self> {
+        let file = file.try_clone()?;
+        let (full, rx) = std::sync::mpsc::sync_channel::<Vec<u8>>(PIPE_DEPTH);
+        let (tx, empty) = std::sync::mpsc::sync_channel(PIPE_DEPTH + 2);
+        let thread = std::thread::Builder::new().name("image-writer".into()).spawn(move || {
+            let mut file = file;
+            let mut at = at;
+            let mut window = std::collections::VecDeque::new();
+            for buf in rx {
+                file.write_all(&buf)?;
+                let len = buf.len() as u64;
+                start_writeback(&file, at, len, false);
+                window.push_back((at, len));
+                if window.len() > WRITEBACK_WINDOW {
+                    let (o, l) = window.pop_front().unwrap();
+                    start_writeback(&file, o, l, true);
+                }
+                at += len;
+                // The producer may have gone already; the buffer is then simply dropped.
+                let _ = tx.try_send(buf);
+            }
+            Ok(())
+        })?;
+        Ok(Self { full, empty, thread })
+    }
+
+    /// Hands a copy of `data` to the thread; false when the thread has stopped (its
+    /// error comes from [`Pipe::finish`]).
+    fn send(&self, data: &[u8]) -> bool {
+        let mut buf = self.empty.try_recv().unwrap_or_default();
+        buf.clear();
+        buf.extend_from_slice(data);
+        self.full.send(buf).is_ok()
+    }
+
+    /// Waits until everything sent is written.
+    fn finish(self) -> io::Result<()> {
+        drop(self.full);
+        self.thread.join().unwrap_or_else(|_| Err(io::Error::other("the writer thread panicked")))
+    }
+}
+
+/// Starts writing a range of `file` back to disk, or with `wait` waits until it is.
+///
+/// Only an optimisation of the final sync, so a filesystem that refuses (or has no disk
+/// behind it) changes nothing. Neither nix nor rustix wraps `sync_file_range(2)`, hence
+/// libc here, the one system call of this crate beyond plain file I/O.
+#[allow(unsafe_code)]
+fn start_writeback(file: &File, at: u64, len: u64, wait: bool) {
+    let flags = if wait {
+        libc::SYNC_FILE_RANGE_WAIT_BEFORE
+            | libc::SYNC_FILE_RANGE_WRITE
+            | libc::SYNC_FILE_RANGE_WAIT_AFTER
+    } else {
+        libc::SYNC_FILE_RANGE_WRITE
+    };
+    let fd = std::os::fd::AsRawFd::as_raw_fd(file);
+    // SAFETY: sync_file_range only reads its integer arguments; `fd` is open for as long
+    // as `file` is borrowed, and a bad range is refused with EINVAL, which is ignored.
+    let _ = unsafe { libc::sync_file_range(fd, at as i64, len as i64, flags) };
 }
 
 impl ImageFile {
@@ -362,25 +447,48 @@ impl ImageFile {
 
     /// Writes all of `buf` at the end of the file.
     pub fn write_all(&mut self, buf: &[u8]) -> Result<()> {
-        self.file
-            .write_all(buf)
-            .map_err(|source| ImageError::Write { path: self.path.clone(), source })?;
+        self.put(buf).map_err(|source| ImageError::Write { path: self.path.clone(), source })
+    }
+
+    fn put(&mut self, buf: &[u8]) -> io::Result<()> {
+        if self.pipe.is_none() && buf.len() >= PIPE_MIN_WRITE {
+            self.pipe = Some(Pipe::start(&self.file, self.len)?);
+        }
+        match &self.pipe {
+            Some(pipe) => {
+                if !pipe.send(buf) {
+                    // The thread stopped on an error, which finishing it returns.
+                    let err = self.pipe.take().unwrap().finish().err();
+                    return Err(err.unwrap_or_else(|| io::Error::other("the writer stopped")));
+                }
+            }
+            None => self.file.write_all(buf)?,
+        }
         self.hash.update(buf);
         self.len += buf.len() as u64;
         Ok(())
+    }
+
+    /// Waits for the writer thread, then syncs the file to disk.
+    fn sync(&mut self) -> io::Result<()> {
+        if let Some(pipe) = self.pipe.take() {
+            pipe.finish()?;
+        }
+        self.file.sync_all()
     }
 }
 
 impl Write for ImageFile {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        let n = self.file.write(buf)?;
-        self.hash.update(&buf[..n]);
-        self.len += n as u64;
-        Ok(n)
+        self.put(buf)?;
+        Ok(buf.len())
     }
 
     fn flush(&mut self) -> io::Result<()> {
-        self.file.flush()
+        match self.pipe.take() {
+            Some(pipe) => pipe.finish(),
+            None => self.file.flush(),
+        }
     }
 }
 
@@ -434,13 +542,13 @@ impl ImageWriter {
         let file = create_private(&path)
             .map_err(|source| ImageError::Write { path: path.clone(), source })?;
         self.created.push(path.clone());
-        Ok(ImageFile { name: name.to_string(), path, file, hash: Xxh3::new(), len: 0 })
+        Ok(ImageFile { name: name.to_string(), path, file, hash: Xxh3::new(), len: 0, pipe: None })
     }
 
     /// Flushes a file to disk and records it for the manifest. A file written again under
     /// the same name replaces the earlier record.
-    pub fn finish_file(&mut self, f: ImageFile) -> Result<()> {
-        f.file.sync_all().map_err(|source| ImageError::Write { path: f.path.clone(), source })?;
+    pub fn finish_file(&mut self, mut f: ImageFile) -> Result<()> {
+        f.sync().map_err(|source| ImageError::Write { path: f.path.clone(), source })?;
         let entry = FileEntry { name: f.name, len: f.len, xxh3: digest_hex(&f.hash) };
         match self.entries.iter_mut().find(|e| e.name == entry.name) {
             Some(old) => *old = entry,
