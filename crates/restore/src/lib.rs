@@ -14,6 +14,7 @@
 //! The new process dies with torpor (`PTRACE_O_EXITKILL` and a parent-death signal) until
 //! it is handed over, so a failed or interrupted restore leaves nothing running.
 
+mod batch;
 mod child;
 mod prepare;
 mod space;

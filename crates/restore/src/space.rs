@@ -10,8 +10,10 @@
 
 use torpor_image::model::{self, VmaKind};
 use torpor_image::ImageReader;
+use torpor_sys::remote::Expect;
 use torpor_sys::{args, mem, proc, ptrace, Remote, PAGE};
 
+use crate::batch::Batch;
 use crate::prepare::Prepared;
 use crate::{RestoreError, RestoreOptions, Result};
 
@@ -48,6 +50,10 @@ pub(crate) struct Space {
     /// Offset of the `syscall` instruction inside the vDSO.
     syscall_off: u64,
     pub scratch: u64,
+    /// The page after the scratch area, holding the batch executor.
+    pub code: u64,
+    /// Its memory, for writing into the scratch area.
+    mem: mem::ProcMem,
 }
 
 impl Space {
@@ -82,7 +88,17 @@ impl Space {
                 .map_err(step("unregister torpor's rseq area"))?;
         }
 
-        let mut space = Self { pid, inner, remote, specials, vdso_bytes, syscall_off, scratch: 0 };
+        let mut space = Self {
+            pid,
+            inner,
+            remote,
+            specials,
+            vdso_bytes,
+            syscall_off,
+            scratch: 0,
+            code: 0,
+            mem: mem::ProcMem::open(pid).map_err(step("open its memory"))?,
+        };
 
         // Park the vDSO block, with the scratch area after it, where neither the saved
         // layout nor the current vDSO is.
@@ -91,7 +107,7 @@ impl Space {
         let block_len = block_end - block_start;
         let mut busy: Vec<(u64, u64)> = process.vmas.iter().map(|v| (v.start, v.end)).collect();
         busy.push((block_start, block_end));
-        let park = find_hole(&busy, block_len + PAGE + SCRATCH_LEN)
+        let park = find_hole(&busy, block_len + PAGE + SCRATCH_LEN + PAGE)
             .ok_or_else(|| RestoreError::Vdso { pid, what: "no room to park the vDSO".into() })?;
         space.move_specials(|s| park + (s.start - block_start))?;
 
@@ -118,6 +134,26 @@ impl Space {
         )
         .map_err(step("map a scratch area"))?;
         space.scratch = scratch;
+
+        // The batch executor, read-only and executable; /proc/PID/mem writes through the
+        // protection.
+        let code = scratch + SCRATCH_LEN;
+        r.call(
+            "mmap",
+            libc::SYS_mmap,
+            args!(
+                code,
+                PAGE,
+                libc::PROT_READ | libc::PROT_EXEC,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED_NOREPLACE,
+                -1i64,
+                0
+            ),
+        )
+        .map_err(step("map the batch executor"))?;
+        mem::write_mem(pid, code, &torpor_sys::remote::BATCH_CODE)
+            .map_err(step("load the batch executor"))?;
+        space.code = code;
         Ok(space)
     }
 
@@ -137,7 +173,7 @@ impl Space {
     /// Writes bytes into the scratch area; returns its address.
     pub fn put(&self, bytes: &[u8]) -> Result<u64> {
         assert!(bytes.len() as u64 <= SCRATCH_LEN);
-        mem::write_mem(self.pid, self.scratch, bytes).map_err(|source| RestoreError::Step {
+        self.mem.write(self.scratch, bytes).map_err(|source| RestoreError::Step {
             pid: self.pid,
             step: "write into the scratch area".into(),
             source,
@@ -210,18 +246,45 @@ impl Space {
         p: &model::Process,
         prep: &Prepared,
     ) -> Result<()> {
+        // Mappings are made and filled by batches of calls the process runs itself; what
+        // must happen between them (SysV attach, advice) flushes the batch first.
+        let mut batch = Batch::new(self);
         for v in &p.vmas {
             match &v.kind {
                 VmaKind::Vdso { .. } | VmaKind::Vvar { .. } | VmaKind::Vsyscall => continue,
-                _ => self.map_vma(tree, v, prep)?,
+                _ => self.map_vma(tree, v, prep, &mut batch)?,
             }
         }
+        self.run(&self.remote, &mut batch)?;
         self.place_vdso(opts, reader, p)
     }
 
-    fn map_vma(&self, tree: &model::Tree, v: &model::Vma, prep: &Prepared) -> Result<()> {
+    /// Adds `call` to `batch`, running what the batch holds first when `data` bytes and
+    /// the call would not fit.
+    fn queue(
+        &self,
+        batch: &mut Batch,
+        data: &[u8],
+        call: impl FnOnce(&mut Batch, u64),
+    ) -> Result<()> {
+        if !batch.has_room(data.len(), 1) {
+            self.run(&self.remote, batch)?;
+        }
+        let at = if data.is_empty() { 0 } else { batch.data(data) };
+        call(batch, at);
+        Ok(())
+    }
+
+    fn map_vma(
+        &self,
+        tree: &model::Tree,
+        v: &model::Vma,
+        prep: &Prepared,
+        batch: &mut Batch,
+    ) -> Result<()> {
         let pid = self.pid;
         if let VmaKind::SysvShm { shmid, .. } = v.kind {
+            self.run(&self.remote, batch)?;
             return self.attach_sysv(v, shmid);
         }
         let what = match &v.kind {
@@ -230,13 +293,7 @@ impl Space {
             VmaKind::Anon { heap: true } => "heap".into(),
             _ => "anonymous memory".into(),
         };
-        let map_err = |source| RestoreError::Map {
-            pid,
-            start: v.start,
-            end: v.end,
-            what: what.clone(),
-            source,
-        };
+        let range = format!("{:#x}-{:#x} ({what})", v.start, v.end);
         let fill = !v.pages.is_empty();
         let prot = v.prot | if fill { model::prot::WRITE } else { 0 };
         let mut flags =
@@ -257,16 +314,16 @@ impl Space {
                 (-1, 0)
             }
         };
-        let r = &self.remote;
-        let got = r
-            .call("mmap", libc::SYS_mmap, args!(v.start, v.len(), prot, flags, fd, off))
-            .map_err(map_err)?;
-        if got != v.start {
-            return Err(map_err(torpor_sys::Error::Parse {
-                what: "mmap".into(),
-                line: format!("placed at {got:#x}"),
-            }));
-        }
+        // MAP_FIXED_NOREPLACE puts it exactly there or fails.
+        self.queue(batch, &[], |b, _| {
+            b.call(
+                format!("map {range}"),
+                "mmap",
+                libc::SYS_mmap,
+                args!(v.start, v.len(), prot, flags, fd, off),
+                Expect::Value(v.start),
+            )
+        })?;
 
         // The process reads its own pages from the image. Runs stored back to back (zero
         // pages skipped between them leave many short ones) go in one preadv each.
@@ -274,6 +331,7 @@ impl Space {
             Some(o) => (prep.pages_fds[&run.from_pid.unwrap_or(self.inner)], o),
             None => (prep.zero_fd, 0),
         };
+        let fill_what = format!("fill {range} from the image");
         let mut i = 0;
         while i < v.pages.len() {
             let (src, start_off) = source(&v.pages[i]);
@@ -291,21 +349,72 @@ impl Space {
                 next_off = o + len;
                 j += 1;
             }
-            let batch = &v.pages[i..j];
-            let filled = batch.len() > 1 && self.preadv(src, start_off, batch, total)?;
-            if !filled {
-                for run in batch {
-                    let (src, off) = source(run);
-                    self.pread_run(src, off, run.offset.is_some(), run.addr, run.pages * PAGE)
-                        .map_err(map_err)?;
+            let runs = &v.pages[i..j];
+            if runs.len() > 1 {
+                let iov: Vec<u8> = runs
+                    .iter()
+                    .flat_map(|r| [r.addr, r.pages * PAGE])
+                    .flat_map(|w| w.to_ne_bytes())
+                    .collect();
+                // preadv(fd, iov, count, offset low, offset high): on 64 bits the low word
+                // holds the whole offset.
+                self.queue(batch, &iov, |b, at| {
+                    b.call(
+                        fill_what.clone(),
+                        "preadv",
+                        libc::SYS_preadv,
+                        args!(src, at, runs.len(), start_off, 0),
+                        Expect::Value(total),
+                    )
+                })?;
+            } else {
+                let run = &runs[0];
+                let (src, mut off) = source(run);
+                let (mut addr, mut left) = (run.addr, run.pages * PAGE);
+                while left > 0 {
+                    let n = left.min(MAX_READ);
+                    self.queue(batch, &[], |b, _| {
+                        b.call(
+                            fill_what.clone(),
+                            "pread64",
+                            libc::SYS_pread64,
+                            args!(src, addr, n, off),
+                            Expect::Value(n),
+                        )
+                    })?;
+                    // /dev/zero reads the same offset each time.
+                    if run.offset.is_some() {
+                        off += n;
+                    }
+                    addr += n;
+                    left -= n;
                 }
             }
             i = j;
         }
         if prot != v.prot {
-            r.call("mprotect", libc::SYS_mprotect, args!(v.start, v.len(), v.prot))
-                .map_err(map_err)?;
+            self.queue(batch, &[], |b, _| {
+                b.call(
+                    format!("protect {range}"),
+                    "mprotect",
+                    libc::SYS_mprotect,
+                    args!(v.start, v.len(), v.prot),
+                    Expect::Success,
+                )
+            })?;
         }
+        if v.advice.is_empty() {
+            return Ok(());
+        }
+        self.run(&self.remote, batch)?;
+        let map_err = |source| RestoreError::Map {
+            pid,
+            start: v.start,
+            end: v.end,
+            what: what.clone(),
+            source,
+        };
+        let r = &self.remote;
         for a in &v.advice {
             let advice = match a.as_str() {
                 "dd" => libc::MADV_DONTDUMP,
@@ -360,51 +469,6 @@ impl Space {
         // What shmat cannot say (no access at all, for instance) mprotect can.
         r.call("mprotect", libc::SYS_mprotect, args!(v.start, v.len(), v.prot)).map_err(map_err)?;
         Ok(())
-    }
-
-    /// Reads `len` bytes at `off` of `src` into `addr` in the process, in pieces of at most
-    /// `MAX_READ` (the same offset each time for /dev/zero, `advance` false).
-    fn pread_run(
-        &self,
-        src: i32,
-        mut off: u64,
-        advance: bool,
-        mut addr: u64,
-        mut left: u64,
-    ) -> torpor_sys::Result<()> {
-        while left > 0 {
-            let n = left.min(MAX_READ);
-            let got = self.remote.call("pread64", libc::SYS_pread64, args!(src, addr, n, off))?;
-            if got == 0 {
-                return Err(torpor_sys::Error::Parse {
-                    what: "page data".into(),
-                    line: "the image ended early".into(),
-                });
-            }
-            if advance {
-                off += got;
-            }
-            addr += got;
-            left -= got;
-        }
-        Ok(())
-    }
-
-    /// Fills several runs stored back to back with one `preadv`; false when it read less
-    /// than all (the caller then reads run by run, which is always correct).
-    fn preadv(&self, src: i32, off: u64, runs: &[model::PageRun], total: u64) -> Result<bool> {
-        let iov: Vec<u8> = runs
-            .iter()
-            .flat_map(|r| [r.addr, r.pages * PAGE])
-            .flat_map(|w| w.to_ne_bytes())
-            .collect();
-        let at = self.put(&iov)?;
-        // preadv(fd, iov, count, offset low, offset high): on 64 bits the low word holds
-        // the whole offset.
-        match self.remote.call("preadv", libc::SYS_preadv, args!(src, at, runs.len(), off, 0)) {
-            Ok(got) => Ok(got == total),
-            Err(_) => Ok(false),
-        }
     }
 
     /// Puts the running kernel's vDSO where the process expects its vDSO.
@@ -501,7 +565,7 @@ impl Space {
             "unmap the scratch area",
             "munmap",
             libc::SYS_munmap,
-            args!(self.scratch, SCRATCH_LEN),
+            args!(self.scratch, SCRATCH_LEN + PAGE),
         )
         .map(drop)
     }

@@ -2,8 +2,10 @@
 //! credentials, and finally its registers.
 
 use torpor_image::model;
+use torpor_sys::remote::Expect;
 use torpor_sys::{args, ptrace, Remote};
 
+use crate::batch::Batch;
 use crate::prepare::Prepared;
 use crate::space::Space;
 use std::os::fd::AsRawFd;
@@ -31,19 +33,22 @@ pub(crate) fn restore_state(s: &Space, p: &model::Process) -> Result<Vec<Remote>
     fs_state(s, p)?;
 
     // Every action, since the new process inherited torpor's.
+    let mut batch = Batch::new(s);
     for (i, a) in p.sigactions.iter().enumerate() {
         let sig = i as u64 + 1;
         if sig == libc::SIGKILL as u64 || sig == libc::SIGSTOP as u64 {
             continue;
         }
-        let at = s.put(&le(&[a.handler, a.flags, a.restorer, a.mask]))?;
-        s.call(
-            &format!("set the action of signal {sig}"),
+        let at = batch.data(&le(&[a.handler, a.flags, a.restorer, a.mask]));
+        batch.call(
+            format!("set the action of signal {sig}"),
             "rt_sigaction",
             libc::SYS_rt_sigaction,
             args!(sig, at, 0, 8),
-        )?;
+            Expect::Success,
+        );
     }
+    s.run(s.remote(), &mut batch)?;
     restore_itimers(s, p)?;
     set_rlimits(pid, p);
 
@@ -485,8 +490,10 @@ fn create_thread(s: &Space, tid: i32) -> Result<Remote> {
 fn thread_state(s: &Space, r: &Remote, t: &model::Thread) -> Result<()> {
     let pid = s.pid();
     let tid = t.tid;
-    let call =
-        |what: &str, name, nr, a| s.call_in(r, &format!("{what} of thread {tid}"), name, nr, a);
+    let mut b = Batch::new(s);
+    let call = |b: &mut Batch, what: &str, name, nr, a| {
+        b.call(format!("{what} of thread {tid}"), name, nr, a, Expect::Success)
+    };
 
     let alt = &t.altstack;
     let ss = if alt.flags & libc::SS_DISABLE != 0 {
@@ -496,36 +503,46 @@ fn thread_state(s: &Space, r: &Remote, t: &model::Thread) -> Result<()> {
         // pointer.
         le(&[alt.sp, (alt.flags & !libc::SS_ONSTACK) as u64, alt.size])
     };
-    let at = s.put(&ss)?;
-    call("set the alternate signal stack", "sigaltstack", libc::SYS_sigaltstack, args!(at, 0))?;
+    let at = b.data(&ss);
+    call(
+        &mut b,
+        "set the alternate signal stack",
+        "sigaltstack",
+        libc::SYS_sigaltstack,
+        args!(at, 0),
+    );
 
     if t.robust_list != 0 {
         call(
+            &mut b,
             "set the robust futex list",
             "set_robust_list",
             libc::SYS_set_robust_list,
             args!(t.robust_list, t.robust_list_len),
-        )?;
+        );
     }
     call(
+        &mut b,
         "set clear_child_tid",
         "set_tid_address",
         libc::SYS_set_tid_address,
         args!(t.clear_child_tid),
-    )?;
+    );
     if let Some(rseq) = &t.rseq {
         call(
+            &mut b,
             "register the rseq area",
             "rseq",
             libc::SYS_rseq,
             args!(rseq.addr, rseq.len, 0, rseq.signature),
-        )?;
+        );
     }
     let mut comm = [0u8; 16];
     let n = t.comm.len().min(15);
     comm[..n].copy_from_slice(&t.comm.as_bytes()[..n]);
-    let at = s.put(&comm)?;
-    call("set the name", "prctl", libc::SYS_prctl, args!(libc::PR_SET_NAME, at))?;
+    let at = b.data(&comm);
+    call(&mut b, "set the name", "prctl", libc::SYS_prctl, args!(libc::PR_SET_NAME, at));
+    s.run(r, &mut b)?;
     torpor_sys::set_sched(r.tid(), t.nice, t.sched_policy, t.sched_priority).map_err(|source| {
         RestoreError::Step {
             pid,
@@ -690,55 +707,66 @@ fn set_rlimits(pid: i32, p: &model::Process) {
 fn set_creds(s: &Space, r: &Remote, p: &model::Process) -> Result<()> {
     let c = &p.creds;
     let tid = r.tid();
-    // The bounding set shrinks while the process still has CAP_SETPCAP.
-    for cap in 0..64u64 {
+    let mut b = Batch::new(s);
+    let what = |w: &str| format!("{w} of thread {tid}");
+    // The bounding set shrinks while the process still has CAP_SETPCAP. Capabilities this
+    // kernel does not know fail with EINVAL: there is nothing to drop.
+    for cap in 0..=last_cap() {
         if c.cap_bounding & (1 << cap) == 0 {
-            // Capabilities this kernel does not know fail with EINVAL: nothing to drop.
-            let _ = r.call("prctl", libc::SYS_prctl, args!(libc::PR_CAPBSET_DROP, cap));
+            b.call(
+                what("drop a capability from the bounding set"),
+                "prctl",
+                libc::SYS_prctl,
+                args!(libc::PR_CAPBSET_DROP, cap),
+                Expect::Any,
+            );
         }
     }
-    if c.groups.len() > 65536 {
-        return Err(RestoreError::Unsupported { what: "that many groups".into() });
+    if c.groups.len() > 8192 {
+        return Err(RestoreError::Unsupported {
+            what: "more than 8192 supplementary groups".into(),
+        });
     }
     let groups: Vec<u8> = c.groups.iter().flat_map(|g| g.to_ne_bytes()).collect();
-    let at = s.put(&groups)?;
-    s.call_in(
-        r,
-        &format!("{} of thread {tid}", "set its groups"),
+    let at = b.data(&groups);
+    b.call(
+        what("set its groups"),
         "setgroups",
         libc::SYS_setgroups,
         args!(c.groups.len(), at),
-    )?;
+        Expect::Success,
+    );
     let [gr, ge, gs, gf] = c.gids;
-    s.call_in(
-        r,
-        &format!("{} of thread {tid}", "set its group ids"),
+    b.call(
+        what("set its group ids"),
         "setresgid",
         libc::SYS_setresgid,
         args!(gr, ge, gs),
-    )?;
-    s.call_in(
-        r,
-        &format!("{} of thread {tid}", "set its filesystem group id"),
+        Expect::Success,
+    );
+    // setfsgid and setfsuid return the previous id, never an error.
+    b.call(
+        what("set its filesystem group id"),
         "setfsgid",
         libc::SYS_setfsgid,
         args!(gf),
-    )?;
+        Expect::Any,
+    );
     let [ur, ue, us, uf] = c.uids;
-    s.call_in(
-        r,
-        &format!("{} of thread {tid}", "set its user ids"),
+    b.call(
+        what("set its user ids"),
         "setresuid",
         libc::SYS_setresuid,
         args!(ur, ue, us),
-    )?;
-    s.call_in(
-        r,
-        &format!("{} of thread {tid}", "set its filesystem user id"),
+        Expect::Success,
+    );
+    b.call(
+        what("set its filesystem user id"),
         "setfsuid",
         libc::SYS_setfsuid,
         args!(uf),
-    )?;
+        Expect::Any,
+    );
 
     // struct __user_cap_header_struct { version 3, pid 0 } and two data words.
     let lo = |v: u64| v & 0xffff_ffff;
@@ -756,24 +784,33 @@ fn set_creds(s: &Space, r: &Remote, p: &model::Process) -> Result<()> {
     ] {
         buf.extend_from_slice(&(w as u32).to_ne_bytes());
     }
-    let at = s.put(&buf)?;
-    s.call_in(
-        r,
-        &format!("{} of thread {tid}", "set its capabilities"),
+    let at = b.data(&buf);
+    b.call(
+        what("set its capabilities"),
         "capset",
         libc::SYS_capset,
         args!(at, at + 8),
-    )?;
+        Expect::Success,
+    );
     if c.no_new_privs {
-        s.call_in(
-            r,
-            &format!("{} of thread {tid}", "set no_new_privs"),
+        b.call(
+            what("set no_new_privs"),
             "prctl",
             libc::SYS_prctl,
             args!(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0),
-        )?;
+            Expect::Success,
+        );
     }
-    Ok(())
+    s.run(r, &mut b)
+}
+
+/// The highest capability number the running kernel knows.
+fn last_cap() -> u64 {
+    std::fs::read_to_string("/proc/sys/kernel/cap_last_cap")
+        .ok()
+        .and_then(|t| t.trim().parse().ok())
+        .unwrap_or(63)
+        .min(63)
 }
 
 /// Loads the saved registers. A thread stopped inside an interrupted system call is set

@@ -80,6 +80,35 @@ fn read_mem_file(pid: i32, chunk: &[(u64, usize)], mut skip: usize, out: &mut [u
     Ok(())
 }
 
+/// A process's memory opened once for many writes (`/proc/PID/mem`, which writes through
+/// page protections as a debugger does).
+pub struct ProcMem {
+    pid: i32,
+    file: File,
+}
+
+impl ProcMem {
+    /// Opens the memory of `pid` for writing.
+    pub fn open(pid: i32) -> Result<Self> {
+        let path = format!("/proc/{pid}/mem");
+        let file = File::options()
+            .write(true)
+            .open(&path)
+            .map_err(|source| Error::Io { what: path.clone(), source })?;
+        Ok(Self { pid, file })
+    }
+
+    /// Writes `data` at `addr`.
+    pub fn write(&self, addr: u64, data: &[u8]) -> Result<()> {
+        self.file.write_all_at(data, addr).map_err(|source| Error::WriteMemory {
+            pid: self.pid,
+            addr,
+            len: data.len(),
+            source,
+        })
+    }
+}
+
 /// Writes `data` at `addr` in process `pid` (through `/proc/PID/mem`, which may write
 /// pages the process cannot, such as read-only code).
 pub fn write_mem(pid: i32, addr: u64, data: &[u8]) -> Result<()> {
