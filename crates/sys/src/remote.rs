@@ -1,11 +1,14 @@
 //! System calls run inside a stopped tracee.
 //!
-//! torpor never injects code. To make a stopped task call `syscall(nr, a..f)`, it loads the
+//! torpor injects no code into a dumped process. To make a stopped task call `syscall(nr, a..f)`, it loads the
 //! number and arguments into the task's registers, points the instruction pointer at a
 //! `syscall` instruction that already exists in the task (inside its vDSO), and
 //! single-steps: the kernel runs the call as the task, with the task's credentials and
 //! address space, and reports the step once the call has returned. The task's own
 //! registers are put back afterwards, so nothing of torpor remains in it.
+//!
+//! A process being restored, which torpor creates and which does not outlive a failed
+//! restore, may also run series of calls in one go with [`BATCH_CODE`].
 //!
 //! `orig_rax` is set to -1 for each call so that the kernel's syscall-restart logic does
 //! not act on registers that are not the task's own.
