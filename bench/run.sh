@@ -10,6 +10,8 @@
 #                         of 256 MiB, 1 GiB and 4 GiB (--quick: 256 MiB only)
 #   python-dict-2M        python3 with a 2,000,000-entry dict (bench/pydict.py)
 #   redis-1M              redis-server with 1,000,000 keys loaded by redis-cli --pipe
+#   maps-10k, threads-1k  bench/scale.c with 10,000 mappings, or with 1,000 threads: costs
+#                         that grow with the number of mappings or threads
 #
 # For each: dump wall time, frozen time (from the tool's own report), image bytes, restore
 # wall time, time from the start of restore until the process answers (Redis: PING; the
@@ -25,7 +27,7 @@ usage() {
 usage: bash bench/run.sh [options]
   --quick            memory workloads of 256 MiB only (default: 256 MiB, 1 GiB, 4 GiB)
   --sizes LIST       memory workload sizes in MiB, comma-separated (overrides --quick)
-  --workloads LIST   any of mem,python,redis, comma-separated (default: all three)
+  --workloads LIST   any of mem,python,redis,scale, comma-separated (default: all four)
   --criu PATH        also run CRIU from PATH (default: criu on PATH, if any)
   --no-criu          do not run CRIU even if it is on PATH
   --torpor PATH      the torpor binary (default: cargo build --release, then its binary)
@@ -44,7 +46,7 @@ die() {
 
 # --- options -------------------------------------------------------------------------
 
-QUICK=0 SIZES="" WORKLOADS="mem,python,redis" CRIU="" NO_CRIU=0 TORPOR="${TORPOR:-}"
+QUICK=0 SIZES="" WORKLOADS="mem,python,redis,scale" CRIU="" NO_CRIU=0 TORPOR="${TORPOR:-}"
 BASE="${TMPDIR:-/tmp}" REPS=1 COLD=0 OUT="" KEEP=0
 ARGS=("$@")
 while [ $# -gt 0 ]; do
@@ -265,6 +267,7 @@ TOOLS=(torpor)
 [ -n "$CRIU" ] && TOOLS+=(criu)
 
 gcc -O2 -o "$WORK/mem" "$BENCH/mem.c" || die "cannot build bench/mem.c"
+gcc -O2 -pthread -o "$WORK/scale" "$BENCH/scale.c" || die "cannot build bench/scale.c"
 
 HAVE_REDIS=1
 if want redis && ! { command -v redis-server && command -v redis-cli; } >/dev/null; then
@@ -342,6 +345,18 @@ start_mem() {
 	PID=$LAUNCHED
 	if ! wait_file "$STATE/ready" $((60 + size / 32)); then
 		log "  mem did not get ready: $(tail -3 "$STATE/out")"
+		return 1
+	fi
+}
+
+start_scale() {
+	local maps=$1 threads=$2
+	STATE="$WORK/state-scale-$maps-$threads"
+	rm -rf "$STATE" && mkdir -p "$STATE"
+	launch "$STATE/out" "$WORK/scale" "$maps" "$threads" "$STATE"
+	PID=$LAUNCHED
+	if ! wait_file "$STATE/ready" 60; then
+		log "  scale did not get ready: $(tail -3 "$STATE/out")"
 		return 1
 	fi
 }
@@ -433,6 +448,7 @@ run_one() {
 	log "$name, $tool, run $rep"
 	case "$kind" in
 	mem) start_mem "$size" "$flavour" ;;
+	scale) start_scale "$size" "$flavour" ;;
 	python) start_python ;;
 	redis) start_redis ;;
 	esac || {
@@ -619,6 +635,11 @@ if want mem; then
 fi
 want python && fits 512 python-dict-2M && run_workload python python-dict-2M 0 -
 want redis && [ "$HAVE_REDIS" = 1 ] && fits 512 redis-1M && run_workload redis redis-1M 0 -
+if want scale; then
+	# For scale workloads SIZE and FLAVOUR are the numbers of mappings and threads.
+	run_workload scale maps-10k 10000 0
+	run_workload scale threads-1k 10 1000
+fi
 echo "duration: $(elapsed "$START" "$EPOCHREALTIME") s" >>"$META"
 
 # --- the report ------------------------------------------------------------------------
