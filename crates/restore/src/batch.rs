@@ -51,6 +51,13 @@ impl Batch {
         self.base + at as u64
     }
 
+    /// Overwrites data added before at address `at` (for structures that point into
+    /// themselves, whose address must be known first).
+    pub fn set_data(&mut self, at: u64, bytes: &[u8]) {
+        let off = (at - self.base) as usize;
+        self.data[off..off + bytes.len()].copy_from_slice(bytes);
+    }
+
     /// Adds a call; `what` names the step in an error.
     pub fn call(
         &mut self,

@@ -54,8 +54,7 @@ pub(crate) fn restore_state(s: &Space, p: &model::Process) -> Result<Vec<Remote>
 
     // The other threads, made by the leader with their own tids while it still may
     // choose ids. POSIX timers may notify a thread, so they come after.
-    let others =
-        p.threads[1..].iter().map(|t| create_thread(s, t.tid)).collect::<Result<Vec<_>>>()?;
+    let others = create_threads(s, &p.threads[1..])?;
     restore_posix_timers(s, p)?;
 
     let remotes: Vec<&Remote> = std::iter::once(s.remote()).chain(others.iter()).collect();
@@ -447,9 +446,9 @@ fn siginfo(si: &model::SigInfo) -> Result<Vec<u8>> {
         .ok_or_else(|| RestoreError::Unsupported { what: "a malformed pending signal".into() })
 }
 
-/// Creates thread `tid` in the new process, as a thread of its leader, and returns it
-/// stopped and ready for remote calls.
-fn create_thread(s: &Space, tid: i32) -> Result<Remote> {
+/// Creates the threads in the new process, as threads of its leader, with their own tids,
+/// and returns them stopped and ready for remote calls. The leader makes them in batches.
+fn create_threads(s: &Space, threads: &[model::Thread]) -> Result<Vec<Remote>> {
     let pid = s.pid();
     let flags = libc::CLONE_VM
         | libc::CLONE_FS
@@ -457,33 +456,74 @@ fn create_thread(s: &Space, tid: i32) -> Result<Remote> {
         | libc::CLONE_SIGHAND
         | libc::CLONE_THREAD
         | libc::CLONE_SYSVSEM;
-    // struct clone_args (88 bytes) with no stack: the thread stops before it runs, and
-    // gets its own registers from the image. The tid to use follows the struct.
-    let args_at = s.scratch;
-    let mut buf = le(&[flags as u64, 0, 0, 0, 0, 0, 0, 0, args_at + 88, 1, 0]);
-    buf.extend_from_slice(&(tid as u64).to_ne_bytes());
-    s.put(&buf)?;
-    let got =
-        s.call(&format!("create thread {tid}"), "clone3", libc::SYS_clone3, args!(args_at, 88))?;
-    if got != tid as u64 {
-        return Err(RestoreError::Unsupported { what: format!("thread {tid} (got tid {got})") });
-    }
-    let step = |what: &str| {
-        let step = format!("{what} thread {tid}");
-        move |source| RestoreError::Step { pid, step, source }
-    };
-    // Seized along with its creator, it reports a stop before running any code.
-    let outer = new_task(s.remote(), tid)?;
-    match ptrace::wait_stop(outer).map_err(step("wait for new"))? {
-        ptrace::Stop::Event(_) => {}
-        other => {
-            return Err(RestoreError::Unsupported {
-                what: format!("thread {tid} that stopped with {other:?}"),
-            })
+    let mut remotes = Vec::with_capacity(threads.len());
+    let mut batch = Batch::new(s);
+    let mut made = 0;
+    for (i, t) in threads.iter().enumerate() {
+        let tid = t.tid;
+        // struct clone_args (88 bytes) with no stack: the thread stops before it runs,
+        // and gets its own registers from the image. The tid to use follows the struct,
+        // at the set_tid address the struct names.
+        let (args_len, set_tid_len) = (88u64, 8u64);
+        if !batch.has_room((args_len + set_tid_len) as usize, 1) {
+            s.run(s.remote(), &mut batch)?;
+            take_threads(s, &threads[made..i], &mut remotes)?;
+            made = i;
         }
+        let at = batch.data(&[0; 96]);
+        let mut bytes = le(&[flags as u64, 0, 0, 0, 0, 0, 0, 0, at + args_len, 1, 0]);
+        bytes.extend_from_slice(&(tid as u64).to_ne_bytes());
+        batch.set_data(at, &bytes);
+        batch.call(
+            format!("create thread {tid}"),
+            "clone3",
+            libc::SYS_clone3,
+            args!(at, args_len),
+            Expect::Value(tid as u64),
+        );
     }
-    ptrace::set_sigmask(outer, !0).map_err(step("block signals in"))?;
-    Remote::new(outer, s.syscall_ip()).map_err(step("take over"))
+    s.run(s.remote(), &mut batch)?;
+    take_threads(s, &threads[made..], &mut remotes)?;
+    if remotes.len() != threads.len() {
+        return Err(RestoreError::Unsupported {
+            what: format!("pid {pid}: {} threads made, {} wanted", remotes.len(), threads.len()),
+        });
+    }
+    Ok(remotes)
+}
+
+/// Takes over the threads a batch just made (`threads`, in order): each, seized along
+/// with its creator, reports a stop before running any code.
+fn take_threads(s: &Space, threads: &[model::Thread], remotes: &mut Vec<Remote>) -> Result<()> {
+    let pid = s.pid();
+    let made = s.remote().take_new_tasks();
+    if made.len() != threads.len() {
+        return Err(RestoreError::Unsupported {
+            what: format!(
+                "threads of pid {pid} that the kernel made without telling torpor ({} of {})",
+                made.len(),
+                threads.len()
+            ),
+        });
+    }
+    for (t, outer) in threads.iter().zip(made) {
+        let tid = t.tid;
+        let step = |what: &str| {
+            let step = format!("{what} thread {tid}");
+            move |source| RestoreError::Step { pid, step, source }
+        };
+        match ptrace::wait_stop(outer).map_err(step("wait for new"))? {
+            ptrace::Stop::Event(_) => {}
+            other => {
+                return Err(RestoreError::Unsupported {
+                    what: format!("thread {tid} that stopped with {other:?}"),
+                })
+            }
+        }
+        ptrace::set_sigmask(outer, !0).map_err(step("block signals in"))?;
+        remotes.push(Remote::new(outer, s.syscall_ip()).map_err(step("take over"))?);
+    }
+    Ok(())
 }
 
 /// Per-thread kernel state, set by calls the thread runs itself.

@@ -22,6 +22,8 @@ pub struct Remote {
     /// The task made by the last call that forked or cloned, as torpor sees it (its pid
     /// in torpor's pid namespace, which may differ from the one the call returned).
     new_task: std::cell::Cell<Option<i32>>,
+    /// The tasks made by batches, in order, until taken.
+    new_tasks: std::cell::RefCell<Vec<i32>>,
     /// The task's registers when torpor took it over; the base of every call.
     base: Regs,
     /// Address of a `syscall` instruction inside the task.
@@ -33,7 +35,13 @@ impl Remote {
     /// `syscall_ip` in its address space.
     pub fn new(tid: i32, syscall_ip: u64) -> Result<Self> {
         let base = ptrace::get_regs(tid)?;
-        Ok(Self { tid, base, syscall_ip, new_task: std::cell::Cell::new(None) })
+        Ok(Self {
+            tid,
+            base,
+            syscall_ip,
+            new_task: std::cell::Cell::new(None),
+            new_tasks: Default::default(),
+        })
     }
 
     pub fn tid(&self) -> i32 {
@@ -104,6 +112,12 @@ impl Remote {
     /// The task the last forking or cloning call made, by its pid in torpor's namespace.
     pub fn take_new_task(&self) -> Option<i32> {
         self.new_task.take()
+    }
+
+    /// The tasks that calls of batches made by forking or cloning, in the order made, by
+    /// their pids in torpor's namespace.
+    pub fn take_new_tasks(&self) -> Vec<i32> {
+        self.new_tasks.take()
     }
 
     /// Puts the task's own registers back.
@@ -222,14 +236,23 @@ impl Remote {
         r.r13 = end;
         ptrace::set_regs(self.tid, &r)?;
         ptrace::cont(self.tid, 0)?;
-        match ptrace::wait_stop(self.tid)? {
-            Stop::Trap => {}
-            other => {
-                return Err(Error::RemoteStop {
-                    tid: self.tid,
-                    nr: -1,
-                    stop: format!("{other:?} while running a batch of calls"),
-                })
+        loop {
+            match ptrace::wait_stop(self.tid)? {
+                Stop::Trap => break,
+                // A clone or fork stops the caller inside the call: note the new task and
+                // let the batch go on.
+                Stop::PtraceEvent(_) => {
+                    let new = ptrace::event_msg(self.tid).ok().map(|m| m as i32);
+                    self.new_tasks.borrow_mut().extend(new);
+                    ptrace::cont(self.tid, 0)?;
+                }
+                other => {
+                    return Err(Error::RemoteStop {
+                        tid: self.tid,
+                        nr: -1,
+                        stop: format!("{other:?} while running a batch of calls"),
+                    })
+                }
             }
         }
         let out = ptrace::get_regs(self.tid)?;
