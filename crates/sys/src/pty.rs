@@ -284,3 +284,52 @@ pub fn write_all(fd: &impl AsRawFd, bytes: &[u8]) -> Result<()> {
     }
     Ok(())
 }
+
+/// Puts `bytes` into the master's read queue unchanged, as if programs had written them
+/// to the slave: written to the slave with output processing off (the master's own line
+/// discipline is always raw), then the modes `t` again.
+pub fn inject_output(
+    master: &impl AsRawFd,
+    slave: &impl AsRawFd,
+    t: &Termios,
+    bytes: &[u8],
+) -> Result<()> {
+    let raw_out = Termios { oflag: t.oflag & !libc::OPOST, ..*t };
+    set_termios(master, &raw_out)?;
+    let written = write_all(slave, bytes);
+    set_termios(master, t)?;
+    written
+}
+
+/// Puts `bytes` into the slave's input queue unchanged, as if typed and not yet read:
+/// written to the master while the slave's input processing, echo and signals are off,
+/// then the modes `t` again once the line discipline has taken every byte (it takes
+/// them asynchronously, from a kernel worker).
+pub fn inject_input(
+    master: &impl AsRawFd,
+    slave: &impl AsRawFd,
+    t: &Termios,
+    bytes: &[u8],
+) -> Result<()> {
+    let before = queued(slave)?;
+    let raw_in = Termios { iflag: 0, lflag: 0, ..*t };
+    set_termios(master, &raw_in)?;
+    let written = write_all(master, bytes);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+    while written.is_ok()
+        && queued(slave)? < before + bytes.len()
+        && std::time::Instant::now() < deadline
+    {
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+    let arrived = queued(slave)? >= before + bytes.len();
+    set_termios(master, t)?;
+    written?;
+    if !arrived {
+        return Err(crate::Error::Syscall {
+            call: "write",
+            source: io::Error::other("the terminal did not take every byte in time"),
+        });
+    }
+    Ok(())
+}
