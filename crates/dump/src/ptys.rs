@@ -87,8 +87,27 @@ impl FdContext {
     ) -> Result<Vec<model::Pty>> {
         let mut saved = Vec::new();
         let seen = std::mem::take(&mut self.ptys);
+        // A slave also held outside keeps its number taken after the dump: the pair
+        // could not come back.
+        let whole: Vec<u32> = seen
+            .iter()
+            .filter(|(_, s)| s.master.is_some() && s.slave.is_some())
+            .map(|(&i, _)| i)
+            .collect();
+        let outside = if whole.is_empty() { Default::default() } else { slaves_outside(tree) };
         for (index, s) in seen {
             match (s.master, s.slave) {
+                (Some((pid, fd)), Some(_)) if outside.contains_key(&index) => {
+                    return Err(DumpError::Unsupported {
+                        pid,
+                        reason: UnsupportedReason::PtyOutside {
+                            fd,
+                            pts: index,
+                            master: true,
+                            holder: outside.get(&index).cloned(),
+                        },
+                    })
+                }
                 (Some(master), Some(slave)) => {
                     saved.push(save_pair(index, master, slave, tree, processes, writer)?)
                 }
@@ -131,6 +150,35 @@ impl FdContext {
         }
         Ok(saved)
     }
+}
+
+/// The slaves `/dev/pts/N` that processes outside `tree` hold, by number, with one such
+/// process each.
+fn slaves_outside(tree: &[i32]) -> std::collections::HashMap<u32, String> {
+    let mut held = std::collections::HashMap::new();
+    let Ok(procs) = fs::read_dir("/proc") else { return held };
+    for e in procs.flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
+            continue;
+        };
+        if tree.contains(&pid) {
+            continue;
+        }
+        let Ok(fds) = fs::read_dir(format!("/proc/{pid}/fd")) else { continue };
+        for f in fds.flatten() {
+            let link = fs::read_link(f.path()).unwrap_or_default();
+            let Some(n) = link.to_str().and_then(|l| l.strip_prefix("/dev/pts/")) else {
+                continue;
+            };
+            if let Ok(n) = n.parse::<u32>() {
+                held.entry(n).or_insert_with(|| {
+                    let comm = fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+                    format!("{} (pid {pid})", comm.trim())
+                });
+            }
+        }
+    }
+    held
 }
 
 /// A process outside `tree` holding the master of `/dev/pts/index`, for messages; the

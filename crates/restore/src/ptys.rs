@@ -16,9 +16,6 @@ use torpor_sys::pty;
 
 use crate::{RestoreError, Result};
 
-/// At most this many pairs are opened on the way to one number.
-const MAX_TRIES: u32 = 4096;
-
 /// One pair made for the tree.
 struct Pair {
     master: OwnedFd,
@@ -38,7 +35,19 @@ pub(crate) struct Pairs {
 
 /// Refuses, before anything is made, a pair whose number is in use.
 pub(crate) fn check_free(tree: &model::Tree) -> Result<()> {
+    let max = std::fs::read_to_string("/proc/sys/kernel/pty/max")
+        .ok()
+        .and_then(|m| m.trim().parse::<u32>().ok())
+        .unwrap_or(u32::MAX);
     for t in &tree.ptys {
+        if t.index >= max {
+            return Err(RestoreError::Unsupported {
+                what: format!(
+                    "/dev/pts/{}, beyond this system's {max} pseudo-terminals (kernel.pty.max)",
+                    t.index
+                ),
+            });
+        }
         let path = format!("/dev/pts/{}", t.index);
         if Path::new(&path).exists() {
             return Err(RestoreError::PtyTaken { index: t.index, holder: holder(&path) });
@@ -47,16 +56,31 @@ pub(crate) fn check_free(tree: &model::Tree) -> Result<()> {
     Ok(())
 }
 
-/// A process holding `path` open, for messages.
+/// A process holding `path` open, or the master of its pair (whose descriptor shows as
+/// `/dev/ptmx`, with the slave number in its fdinfo), for messages.
 fn holder(path: &str) -> String {
+    let index = path.trim_start_matches("/dev/pts/");
     let Ok(procs) = std::fs::read_dir("/proc") else { return "another process".into() };
     for e in procs.flatten() {
         let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
             continue;
         };
         let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else { continue };
-        if fds.flatten().any(|f| std::fs::read_link(f.path()).is_ok_and(|l| l == Path::new(path))) {
-            return crate::describe_pid(pid);
+        for f in fds.flatten() {
+            let Ok(link) = std::fs::read_link(f.path()) else { continue };
+            let held = link == Path::new(path)
+                || (link == Path::new("/dev/ptmx") || link == Path::new("/dev/pts/ptmx"))
+                    && std::fs::read_to_string(format!(
+                        "/proc/{pid}/fdinfo/{}",
+                        f.file_name().to_string_lossy()
+                    ))
+                    .is_ok_and(|i| {
+                        i.lines()
+                            .any(|l| l.strip_prefix("tty-index:").map(str::trim) == Some(index))
+                    });
+            if held {
+                return crate::describe_pid(pid);
+            }
         }
     }
     "another process".into()
@@ -90,7 +114,8 @@ impl Pairs {
                 let step = step.to_string();
                 move |source| RestoreError::Pty { index, step, source }
             };
-            let master = pty::open_at(index, MAX_TRIES).map_err(|e| match e {
+            // Each pair opened on the way has a lower number: at most `index` of them.
+            let master = pty::open_at(index, index.saturating_add(1)).map_err(|e| match e {
                 pty::OpenAtError::Taken { .. } => {
                     let path = format!("/dev/pts/{index}");
                     RestoreError::PtyTaken { index, holder: holder(&path) }

@@ -80,7 +80,8 @@ fn restore_refuses_a_pts_number_in_use_then_wakes_once_it_is_free() {
     t.f.dump_ok(images.path());
 
     let held = take_pts(index);
-    assert_restore_refused(images.path(), &[&pts, "in use"]);
+    let holder = format!("(pid {})", std::process::id());
+    assert_restore_refused(images.path(), &[&pts, "in use", &holder]);
     drop(held);
     t.f.restore_and_pass(images.path());
 }
