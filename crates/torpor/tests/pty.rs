@@ -18,24 +18,36 @@ use tempfile::TempDir;
 
 const BREAKS: &[&str] = &["termios", "winsize", "ctty", "output", "input"];
 
+/// Held by each test of this file for its whole run. The kernel hands out the lowest free
+/// `/dev/pts` number, so a pair another test opens between a dump and its restore would
+/// take the number the restore needs.
+fn one_at_a_time() -> std::sync::MutexGuard<'static, ()> {
+    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    LOCK.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 #[test]
 fn pty_fixture_passes_without_torpor() {
+    let _serial = one_at_a_time();
     assert_passes_standalone("pty", &[]);
 }
 
 #[test]
 fn pty_fixture_catches_damage() {
+    let _serial = one_at_a_time();
     assert_catches_damage("pty", &[], BREAKS);
 }
 
 #[test]
 fn a_pty_pair_inside_the_tree_comes_back_with_its_name_modes_data_and_session() {
+    let _serial = one_at_a_time();
     let mut t = FixtureTree::start("pty", &[], &["child"]);
     t.roundtrip();
 }
 
 #[test]
 fn dump_leave_running_keeps_the_bytes_queued_in_a_pty() {
+    let _serial = one_at_a_time();
     let mut t = FixtureTree::start("pty", &[], &["child"]);
     sleep(Duration::from_millis(100));
     let images = TempDir::new().expect("image dir");
@@ -72,6 +84,7 @@ fn take_pts(index: u32) -> Vec<OwnedFd> {
 
 #[test]
 fn restore_refuses_a_pts_number_in_use_then_wakes_once_it_is_free() {
+    let _serial = one_at_a_time();
     let mut t = FixtureTree::start("pty", &[], &["child"]);
     let pts = t.f.ready_value("pts");
     let index: u32 = pts.trim_start_matches("/dev/pts/").parse().expect("pts number");
@@ -88,6 +101,7 @@ fn restore_refuses_a_pts_number_in_use_then_wakes_once_it_is_free() {
 
 #[test]
 fn dump_refuses_a_pty_master_whose_slave_is_not_in_the_tree() {
+    let _serial = one_at_a_time();
     let mut f = Fixture::start("pty", &["alone"]);
     let pts = f.ready_value("pts");
     let images = TempDir::new().expect("image dir");
@@ -107,6 +121,7 @@ fn dump_refuses_a_pty_master_whose_slave_is_not_in_the_tree() {
 
 #[test]
 fn dump_refuses_a_pty_slave_whose_master_is_outside_the_tree() {
+    let _serial = one_at_a_time();
     let mut t = FixtureTree::start("pty", &[], &["child"]);
     let pts = t.f.ready_value("pts");
     let child = t.others[0].1;

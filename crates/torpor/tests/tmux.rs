@@ -125,8 +125,17 @@ fn wait_for_program(pid: i32, prefix: &str, tmux: &Tmux, target: &str) -> PathBu
     }
 }
 
+/// Held by each test of this file for its whole run. The kernel hands out the lowest free
+/// `/dev/pts` number, so a pair another test opens between a dump and its restore would
+/// take the number the restore needs.
+fn one_at_a_time() -> std::sync::MutexGuard<'static, ()> {
+    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    LOCK.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 #[test]
 fn a_python_repl_in_tmux_wakes_in_another_window_with_its_variables() {
+    let _serial = one_at_a_time();
     let images = TempDir::new().expect("image dir");
     let mut tmux = Tmux::start("repl", "python3 -q");
     let pid: i32 = tmux
@@ -168,6 +177,7 @@ fn a_python_repl_in_tmux_wakes_in_another_window_with_its_variables() {
 
 #[test]
 fn a_tmux_server_wakes_with_its_panes_terminals_shell_and_repl() {
+    let _serial = one_at_a_time();
     let images = TempDir::new().expect("image dir");
     let mut tmux = Tmux::start("srv", "bash --norc --noprofile");
     tmux.run(["new-window", "-t", "srv", "-n", "py", "python3 -q"]);
