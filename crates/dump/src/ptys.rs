@@ -123,7 +123,7 @@ impl FdContext {
                     })
                 }
                 (None, Some((pid, fd))) => {
-                    let is_it = |k: &OpenFileKind| matches!(k, OpenFileKind::PtySlave { index: i } if *i == index);
+                    let is_it = |k: &OpenFileKind| *k == OpenFileKind::PtySlave { index };
                     let users: Vec<i32> = processes
                         .iter()
                         .filter(|p| p.open_files.iter().any(|o| is_it(&o.kind)))

@@ -206,7 +206,8 @@ pub enum OpenAtError {
 }
 
 /// Opens a new pseudo-terminal pair whose slave is `/dev/pts/index`, returning its
-/// master (`O_RDWR | O_NOCTTY | O_CLOEXEC`).
+/// master (`O_RDWR | O_NOCTTY | O_NONBLOCK | O_CLOEXEC`: a write that does not fit
+/// fails instead of waiting for a reader that does not exist yet).
 ///
 /// Linux has no call to choose the number: each open of `/dev/ptmx` takes the lowest
 /// free one. So the pairs opened on the way, with lower numbers, are held until the
@@ -217,7 +218,10 @@ pub fn open_at(index: u32, max_tries: u32) -> std::result::Result<OwnedFd, OpenA
     for _ in 0..max_tries {
         // SAFETY: a NUL-terminated path and flags; returns a new descriptor or -1.
         let fd = unsafe {
-            libc::open(c"/dev/ptmx".as_ptr(), libc::O_RDWR | libc::O_NOCTTY | libc::O_CLOEXEC)
+            libc::open(
+                c"/dev/ptmx".as_ptr(),
+                libc::O_RDWR | libc::O_NOCTTY | libc::O_NONBLOCK | libc::O_CLOEXEC,
+            )
         };
         if fd < 0 {
             return Err(last("open /dev/ptmx").into());
