@@ -337,3 +337,62 @@ pub fn inject_input(
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A new pair: its master and a description of its slave.
+    fn pair() -> (OwnedFd, OwnedFd) {
+        // SAFETY: a NUL-terminated path and flags; returns a new descriptor or -1.
+        let fd = unsafe { libc::open(c"/dev/ptmx".as_ptr(), libc::O_RDWR | libc::O_NOCTTY) };
+        assert!(fd >= 0, "open /dev/ptmx: {}", io::Error::last_os_error());
+        // SAFETY: just returned, owned by nobody else.
+        let master = unsafe { OwnedFd::from_raw_fd(fd) };
+        set_locked(&master, false).unwrap();
+        let slave = open_slave(&master, libc::O_RDWR | libc::O_NOCTTY | libc::O_NONBLOCK).unwrap();
+        (master, slave)
+    }
+
+    #[test]
+    fn open_at_gets_the_number_asked_for_or_says_it_is_taken() {
+        let (master, _slave) = pair();
+        let n = index(&master).unwrap();
+        match open_at(n, n + 1) {
+            Err(OpenAtError::Taken { index }) => assert_eq!(index, n),
+            other => panic!("/dev/pts/{n} is held, yet open_at says {other:?}"),
+        }
+        drop((master, _slave));
+        // Someone else on the machine may take it meanwhile; then it says so.
+        match open_at(n, n + 1) {
+            Ok(m) => assert_eq!(index(&m).unwrap(), n),
+            Err(OpenAtError::Taken { index }) => assert_eq!(index, n),
+            Err(e) => panic!("open_at({n}): {e}"),
+        }
+    }
+
+    #[test]
+    fn queued_bytes_are_put_back_unchanged() {
+        let (master, slave) = pair();
+        let mut t = termios(&master).unwrap();
+        // Output processing on (\n becomes \r\n when written normally).
+        t.oflag |= libc::OPOST | libc::ONLCR;
+        set_termios(&master, &t).unwrap();
+        inject_output(&master, &slave, &t, b"a\nb").unwrap();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+        while queued(&master).unwrap() < 3 && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        assert_eq!(read_queued(&master, queued(&master).unwrap()).unwrap(), b"a\nb");
+        assert_eq!(termios(&master).unwrap(), t, "the modes are put back");
+
+        // Non-canonical, with CR translated to NL and echo on when typed normally.
+        t.lflag = (t.lflag & !libc::ICANON) | libc::ECHO;
+        t.iflag |= libc::ICRNL;
+        set_termios(&master, &t).unwrap();
+        inject_input(&master, &slave, &t, b"x\ry").unwrap();
+        assert_eq!(read_queued(&slave, queued(&slave).unwrap()).unwrap(), b"x\ry");
+        assert_eq!(queued(&master).unwrap(), 0, "nothing was echoed");
+        assert_eq!(termios(&master).unwrap(), t, "the modes are put back");
+    }
+}
