@@ -1,8 +1,9 @@
 //! Pseudo-terminal pairs owned inside the dumped tree (fixture `pty.c`): the master in
 //! the parent, the slave the controlling terminal of a child in its own session, bytes
 //! queued both ways. They come back under the same `/dev/pts` number with their modes,
-//! window size, queued bytes, controlling session and foreground group. A pair with one
-//! side outside the tree is refused.
+//! window size, queued bytes, controlling session and foreground group; a second pair
+//! with its packet, exclusive and lock modes. A pair with one side outside the tree is
+//! refused.
 
 mod common;
 
@@ -16,7 +17,7 @@ use common::{
 };
 use tempfile::TempDir;
 
-const BREAKS: &[&str] = &["termios", "winsize", "ctty", "output", "input"];
+const BREAKS: &[&str] = &["termios", "winsize", "ctty", "output", "input", "packet"];
 
 /// Held by each test of this file for its whole run. The kernel hands out the lowest free
 /// `/dev/pts` number, so a pair another test opens between a dump and its restore would
