@@ -264,10 +264,12 @@ fn save_pair(
         // Reading a master in packet mode also takes its pending control status, which
         // cannot be put back.
         let out = pty::queued(&master).unwrap_or(0);
-        if out > 0 {
+        let inp = pty::queued(&slave).unwrap_or(0);
+        if out + inp > 0 {
             tracing::warn!(
-                "/dev/pts/{index}: {out} bytes written to it and not yet read by its master \
-                 (in packet mode) are not saved"
+                "/dev/pts/{index}: {out} bytes written to it and not yet read by its master, \
+                 and {inp} bytes of input not yet read by its programs, are not saved (packet \
+                 mode)"
             );
         }
         (None, None)
