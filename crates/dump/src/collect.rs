@@ -12,13 +12,46 @@ use torpor_image::ImageWriter;
 /// Why a process cannot be dumped by this version of torpor.
 #[derive(Debug, Clone)]
 pub enum UnsupportedReason {
-    NotLeader { tgid: i32 },
+    NotLeader {
+        tgid: i32,
+    },
     LeaderGone,
-    Fd { fd: i32, kind: String },
-    Mapping { start: u64, end: u64, what: String },
-    External { fd: i32, what: String, holder: String },
-    InsidePidNs { inner: i32 },
-    NeedsFlag { fd: i32, what: String, flag: &'static str },
+    Fd {
+        fd: i32,
+        kind: String,
+    },
+    Mapping {
+        start: u64,
+        end: u64,
+        what: String,
+    },
+    External {
+        fd: i32,
+        what: String,
+        holder: String,
+    },
+    InsidePidNs {
+        inner: i32,
+    },
+    NeedsFlag {
+        fd: i32,
+        what: String,
+        flag: &'static str,
+    },
+    /// One side of a pseudo-terminal pair, whose other side is outside the tree (or
+    /// open nowhere): `master` says which side `fd` is.
+    PtyOutside {
+        fd: i32,
+        pts: u32,
+        master: bool,
+        holder: Option<String>,
+    },
+    /// The master of a pair whose slave controls a session led from outside the tree.
+    PtySession {
+        fd: i32,
+        pts: u32,
+        sid: i32,
+    },
     Torpor,
 }
 
@@ -43,6 +76,26 @@ impl fmt::Display for UnsupportedReason {
                 "fd {fd} is {what}, whose other end is held by {holder} outside the dumped tree"
             ),
             Self::Torpor => write!(f, "its tree includes torpor itself"),
+            Self::PtyOutside { fd, pts, master: true, holder } => write!(
+                f,
+                "fd {fd} is the master of pseudo-terminal /dev/pts/{pts}, whose slave is {}; \
+                 torpor saves a pseudo-terminal pair only with both sides in the tree",
+                match holder {
+                    Some(h) => format!("held by {h} outside the dumped tree"),
+                    None => "open nowhere in the dumped tree".into(),
+                }
+            ),
+            Self::PtyOutside { fd, pts, master: false, holder } => write!(
+                f,
+                "fd {fd} is pseudo-terminal /dev/pts/{pts}, whose master is held by {} outside \
+                 the dumped tree; a terminal on descriptors 0-2 can be saved with --shell-job",
+                holder.as_deref().unwrap_or("a process")
+            ),
+            Self::PtySession { fd, pts, sid } => write!(
+                f,
+                "fd {fd} is the master of pseudo-terminal /dev/pts/{pts}, the controlling \
+                 terminal of session {sid}, whose leader is outside the dumped tree"
+            ),
             Self::NeedsFlag { fd, what, flag } => {
                 write!(f, "fd {fd} is {what}; dump with {flag} to save it")
             }

@@ -7,9 +7,10 @@ use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
 
 use torpor_image::model::{self, Fd, FileInfo, OpenFile, OpenFileKind};
 use torpor_image::{records, ImageWriter};
-use torpor_sys::{proc, sock};
+use torpor_sys::{proc, pty, sock};
 
 use crate::collect::UnsupportedReason;
+use crate::ptys::{pty_master, pty_slave};
 use crate::{DumpError, Result};
 
 /// Files larger than this are identified by size, mtime and inode only, not by content.
@@ -151,6 +152,14 @@ struct PipeSeen {
     data: Option<String>,
 }
 
+/// Where the dump saw the two sides of a pseudo-terminal pair: (pid, fd) of one
+/// descriptor of each.
+#[derive(Default)]
+pub(crate) struct PtySeen {
+    pub master: Option<(i32, i32)>,
+    pub slave: Option<(i32, i32)>,
+}
+
 /// What the dump learns about descriptors across the whole tree: which open file
 /// descriptions processes share, and the pipes and sockets whose ends must all be inside.
 #[derive(Default)]
@@ -169,6 +178,11 @@ pub(crate) struct FdContext {
     pub shell_job: bool,
     /// The modes of such a terminal, per process.
     pub termios: HashMap<i32, String>,
+    /// Pseudo-terminal pairs by slave number: a descriptor of the tree holding each side.
+    pub(crate) ptys: std::collections::BTreeMap<u32, PtySeen>,
+    /// The modes of a pseudo-terminal on a standard descriptor, per process, for when it
+    /// turns out to be the restoring shell's (`--shell-job`).
+    pub(crate) pty_termios: HashMap<i32, String>,
     /// Copies of the TCP sockets put in repair mode, to take out of it again if the
     /// process runs on; when it is killed instead, they close silently.
     pub repaired: Vec<std::os::fd::OwnedFd>,
@@ -293,7 +307,10 @@ impl FdContext {
 
 /// Turns the open files matching `is` into ones restore inherits, if every descriptor
 /// using them is a standard one (0 to 2); returns whether it did.
-fn inherit(processes: &mut [model::Process], is: impl Fn(&OpenFileKind) -> bool) -> bool {
+pub(crate) fn inherit(
+    processes: &mut [model::Process],
+    is: impl Fn(&OpenFileKind) -> bool,
+) -> bool {
     let uses: Vec<(usize, usize, i32)> = processes
         .iter()
         .enumerate()
@@ -314,7 +331,7 @@ fn inherit(processes: &mut [model::Process], is: impl Fn(&OpenFileKind) -> bool)
 }
 
 /// A process outside `tree` holding a descriptor whose link reads `link`, for messages.
-fn outside_holder(link: &str, tree: &[i32]) -> Option<String> {
+pub(crate) fn outside_holder(link: &str, tree: &[i32]) -> Option<String> {
     for e in fs::read_dir("/proc").ok()?.flatten() {
         let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
             continue;
@@ -414,6 +431,13 @@ pub(crate) fn collect_fds(
                         return Err(unsupported(format!("a deleted directory ({link})")));
                     }
                     OpenFileKind::Directory { path: link.clone() }
+                } else if ft.is_char_device() && libc::major(meta.rdev()) == pty::SLAVE_MAJOR {
+                    pty_slave(pid, fd, &link, &link_path, &meta, ctx)?
+                } else if ft.is_char_device()
+                    && libc::major(meta.rdev()) == pty::PTMX_MAJOR
+                    && libc::minor(meta.rdev()) == pty::PTMX_MINOR
+                {
+                    pty_master(pid, fd, &link, ctx)?
                 } else if ft.is_char_device()
                     && ctx.shell_job
                     && (0..=2).contains(&fd)
@@ -423,12 +447,6 @@ pub(crate) fn collect_fds(
                         ctx.termios.insert(pid, t);
                     }
                     OpenFileKind::Inherited { fd }
-                } else if ft.is_char_device()
-                    && libc::major(meta.rdev()) == 5
-                    && libc::minor(meta.rdev()) == 2
-                {
-                    // /dev/ptmx: reopening it would make a new pair, not this one.
-                    return Err(unsupported(format!("a pseudo-terminal master ({link})")));
                 } else if ft.is_char_device() {
                     OpenFileKind::CharDevice { path: link.clone(), rdev: meta.rdev() }
                 } else if ft.is_fifo() && link.starts_with("pipe:") {
@@ -468,7 +486,7 @@ fn is_tty(link_path: &str) -> bool {
 }
 
 /// The modes of a terminal (`tcgetattr`), hex.
-fn termios(link_path: &str) -> Option<String> {
+pub(crate) fn termios(link_path: &str) -> Option<String> {
     let f = fs::File::options()
         .read(true)
         .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)

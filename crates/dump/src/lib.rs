@@ -18,6 +18,7 @@
 mod collect;
 mod files;
 mod memory;
+mod ptys;
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -237,6 +238,7 @@ fn write_image(
     }
     let pids: Vec<i32> = frozen.processes.iter().map(|p| p.pid).collect();
     fd_ctx.check_closed(&pids, &mut processes, inherit_stdio)?;
+    let ptys = fd_ctx.finish_ptys(&pids, &mut processes, writer)?;
     files.save_deleted(root, writer)?;
     let mut tree = model::Tree {
         root_pid: root,
@@ -245,6 +247,7 @@ fn write_image(
         zombies: frozen.zombies.clone(),
         pid_ns: false,
         net_lock: fd_ctx.locked.then(|| fd_ctx.lock_tag.clone()),
+        ptys,
     };
     if let Some(map) = pid_namespace(&frozen.processes, &frozen.zombies)? {
         to_inner_pids(&mut tree, &map);
@@ -313,6 +316,10 @@ fn to_inner_pids(tree: &mut model::Tree, map: &std::collections::HashMap<i32, i3
         for r in p.vmas.iter_mut().flat_map(|v| v.pages.iter_mut()) {
             r.from_pid = r.from_pid.map(inner);
         }
+    }
+    for t in &mut tree.ptys {
+        t.session = t.session.map(inner);
+        t.foreground = t.foreground.map(inner);
     }
     for z in &mut tree.zombies {
         z.pid = inner(z.pid);

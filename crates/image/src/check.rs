@@ -86,6 +86,49 @@ fn check(tree: &Tree, manifest: &Manifest) -> std::result::Result<(), String> {
         }
         check_process(p, tree, manifest).map_err(|why| format!("process {}: {why}", p.pid))?;
     }
+    check_ptys(tree, manifest)
+}
+
+/// Bytes of `c_cc` in the kernel's `struct termios2`.
+const NCCS: usize = 19;
+
+/// Pseudo-terminal pairs: one record per slave number, their data files listed, every
+/// master or slave descriptor naming a pair that has a record, and the sessions they
+/// control led by a process of the tree.
+fn check_ptys(tree: &Tree, manifest: &Manifest) -> std::result::Result<(), String> {
+    let mut indices = HashSet::new();
+    for t in &tree.ptys {
+        let what = format!("pseudo-terminal /dev/pts/{}", t.index);
+        if !indices.insert(t.index) {
+            return Err(format!("{what} appears twice"));
+        }
+        if t.termios.cc.len() != NCCS * 2 || !is_hex(&t.termios.cc) {
+            return Err(format!("{what}: its control characters are not {NCCS} bytes of hex"));
+        }
+        for name in t.output.iter().chain(&t.input) {
+            if listed_len(manifest, name).is_none() {
+                return Err(format!("{what}: its queued data {name:?} is not in the manifest"));
+            }
+        }
+        if let Some(sid) = t.session {
+            if !tree.processes.iter().any(|p| p.pid == sid && p.sid == sid) {
+                return Err(format!("{what} controls session {sid}, whose leader is not here"));
+            }
+        }
+    }
+    for p in &tree.processes {
+        for (i, of) in p.open_files.iter().enumerate() {
+            if let OpenFileKind::PtyMaster { index } | OpenFileKind::PtySlave { index } = of.kind {
+                if !indices.contains(&index) {
+                    return Err(format!(
+                        "process {}: open file {i} is a pseudo-terminal /dev/pts/{index} \
+                         without a record",
+                        p.pid
+                    ));
+                }
+            }
+        }
+    }
     Ok(())
 }
 
@@ -338,6 +381,18 @@ mod tests {
             }),
             ("thread 4242: its XSAVE area is not hex", |t, _| {
                 t.processes[0].threads[0].xsave.push('0')
+            }),
+            ("/dev/pts/7 appears twice", |t, _| t.ptys.push(t.ptys[0].clone())),
+            ("control characters are not 19 bytes of hex", |t, _| t.ptys[0].termios.cc.push('0')),
+            ("control characters are not 19 bytes of hex", |t, _| {
+                t.ptys[0].termios.cc.replace_range(0..2, "zz")
+            }),
+            ("queued data \"pty-7-out.img\" is not in the manifest", |t, _| {
+                t.ptys[0].output = Some("pty-7-out.img".into())
+            }),
+            ("controls session 99, whose leader is not here", |t, _| t.ptys[0].session = Some(99)),
+            ("open file 1 is a pseudo-terminal /dev/pts/8 without a record", |t, _| {
+                t.processes[0].open_files[1].kind = OpenFileKind::PtySlave { index: 8 }
             }),
         ];
 

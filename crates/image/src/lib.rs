@@ -1145,6 +1145,27 @@ pub(crate) mod tests {
             zombies: Vec::new(),
             pid_ns: false,
             net_lock: None,
+            ptys: vec![Pty {
+                index: 7,
+                termios: Termios {
+                    iflag: 0o2400,
+                    oflag: 0o5,
+                    cflag: 0o277,
+                    lflag: 0o105073,
+                    line: 0,
+                    cc: "03 1c 7f 15 04 00 01 00 11 13 1a 00 12 0f 17 16 00 00 00".replace(' ', ""),
+                    ispeed: 38400,
+                    ospeed: 38400,
+                },
+                winsize: Winsize { rows: 40, cols: 120, xpixel: 0, ypixel: 0 },
+                locked: false,
+                packet: false,
+                exclusive: false,
+                session: None,
+                foreground: None,
+                output: None,
+                input: None,
+            }],
         }
     }
 

@@ -29,6 +29,72 @@ pub struct Tree {
     /// until the restore (see `torpor_sys::netlock`), if any were set.
     #[serde(default)]
     pub net_lock: Option<String>,
+    /// Pseudo-terminal pairs whose master and slave are both open inside the tree.
+    #[serde(default)]
+    pub ptys: Vec<Pty>,
+}
+
+/// A pseudo-terminal pair held inside the tree (a terminal multiplexer's panes, a
+/// program run under `script` or `expect`): what the kernel keeps for it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Pty {
+    /// The slave's number N, `/dev/pts/N`, which programs remember.
+    pub index: u32,
+    /// The slave's modes.
+    pub termios: Termios,
+    /// The window size.
+    pub winsize: Winsize,
+    /// The slave is locked (`TIOCGPTLCK`: `unlockpt` not called yet).
+    pub locked: bool,
+    /// The master is in packet mode (`TIOCPKT`).
+    pub packet: bool,
+    /// The slave is in exclusive mode (`TIOCEXCL`).
+    pub exclusive: bool,
+    /// The session whose controlling terminal the slave is (its leader's pid), if any.
+    pub session: Option<i32>,
+    /// The slave's foreground process group, when it has one in the tree.
+    pub foreground: Option<i32>,
+    /// Image file with the bytes the slave side wrote and the master has not read yet.
+    #[serde(default)]
+    pub output: Option<String>,
+    /// Image file with the bytes written to the master that programs on the slave side
+    /// have not read yet (saved in non-canonical mode only).
+    #[serde(default)]
+    pub input: Option<String>,
+}
+
+/// A terminal's modes, the kernel's `struct termios2`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Termios {
+    /// Input modes (`c_iflag`).
+    pub iflag: u32,
+    /// Output modes (`c_oflag`).
+    pub oflag: u32,
+    /// Control modes (`c_cflag`).
+    pub cflag: u32,
+    /// Local modes (`c_lflag`).
+    pub lflag: u32,
+    /// Line discipline (`c_line`).
+    pub line: u8,
+    /// Control characters (`c_cc`), 19 bytes, hex.
+    pub cc: String,
+    /// Input speed in bits per second.
+    pub ispeed: u32,
+    /// Output speed in bits per second.
+    pub ospeed: u32,
+}
+
+/// A terminal's window size, `struct winsize`.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Winsize {
+    /// Rows of characters.
+    pub rows: u16,
+    /// Columns of characters.
+    pub cols: u16,
+    /// Width in pixels.
+    pub xpixel: u16,
+    /// Height in pixels.
+    pub ypixel: u16,
 }
 
 /// A process that has exited and waits for its parent to reap it.
@@ -388,6 +454,18 @@ pub enum OpenFileKind {
         /// For a named pipe (FIFO): its path. Its ends may be opened by anyone.
         #[serde(default)]
         path: Option<String>,
+    },
+    /// The master of a pseudo-terminal pair of the tree ([`Tree::ptys`]); one open file
+    /// description per pair.
+    PtyMaster {
+        /// The pair's slave number.
+        index: u32,
+    },
+    /// The slave `/dev/pts/N` of a pseudo-terminal pair of the tree, reopened from its
+    /// master.
+    PtySlave {
+        /// The pair's slave number.
+        index: u32,
     },
     /// A pipe or socket connected to something outside the tree, on a standard
     /// descriptor; restore connects it to its own descriptor `fd` (`--inherit-stdio`).

@@ -17,6 +17,7 @@
 mod batch;
 mod child;
 mod prepare;
+mod ptys;
 mod space;
 mod state;
 pub mod terminal;
@@ -73,6 +74,13 @@ pub enum RestoreError {
          `torpor run` so it can be woken in its own pid namespace"
     )]
     PidTaken { pid: i32, holder: String },
+    #[error(
+        "pseudo-terminal /dev/pts/{index} is in use (by {holder}); the restored programs \
+         know their terminal by that name, so it must be free"
+    )]
+    PtyTaken { index: u32, holder: String },
+    #[error("pseudo-terminal /dev/pts/{index}: cannot {step}")]
+    Pty { index: u32, step: String, source: torpor_sys::Error },
     #[error("file {path} has changed since the dump ({why}); restoring could corrupt the process")]
     FileChanged { path: String, why: String },
     #[error("cannot open {what}")]
@@ -130,6 +138,7 @@ pub fn restore(opts: &RestoreOptions) -> Result<Restored> {
         }
     }
     prepare::check_files(&tree)?;
+    ptys::check_free(&tree)?;
 
     let mut prepared = prepare::prepare(&reader, &tree)?;
     // The root's pid as torpor sees it (in a new pid namespace it is 1 only inside).
@@ -226,6 +235,7 @@ fn build(
         state::set_mm(&pr.space, p, prep)?;
         pr.space.rebuild(opts, reader, tree, p, prep)?;
         state::install_fds(&pr.space, p, prep)?;
+        state::controlling_ttys(&pr.space, p, tree, prep)?;
         state::register_epolls(&pr.space, p, prep, &mut epolls)?;
         pr.threads = state::restore_state(&pr.space, p)?;
     }

@@ -132,6 +132,8 @@ pub(crate) struct Prepared {
     pub sysv: SysvSegments,
     /// Shared anonymous memory objects by identity, as descriptors in the processes.
     pub shmem_fds: HashMap<u64, i32>,
+    /// Pseudo-terminal pairs of the tree.
+    pub ptys: crate::ptys::Pairs,
 }
 
 /// Opens a `/proc` file for a process now that the processes exist, at its saved offset;
@@ -148,7 +150,9 @@ pub(crate) fn late_open(o: &model::OpenFile) -> Result<Option<OwnedFd>> {
 /// Opens everything the new processes need.
 pub(crate) fn prepare(reader: &ImageReader, tree: &model::Tree) -> Result<Prepared> {
     let mut ghosts = Ghosts::default();
-    let (objects, fd_objects) = open_objects(reader, tree, &mut ghosts)?;
+    let mut ptys = crate::ptys::Pairs::make(reader, tree)?;
+    let (objects, fd_objects) = open_objects(reader, tree, &mut ghosts, &mut ptys)?;
+    ptys.finish()?;
     let shmem = shmem_objects(tree)?;
     let sysv = make_sysv_segments(reader, tree)?;
 
@@ -212,6 +216,7 @@ pub(crate) fn prepare(reader: &ImageReader, tree: &model::Tree) -> Result<Prepar
         fd_objects,
         shmem_fds: shmem_i.into_iter().map(|(k, i)| (k, plan.aux_fd(i))).collect(),
         sysv,
+        ptys,
         plan,
     })
 }
@@ -237,6 +242,7 @@ fn open_objects(
     reader: &ImageReader,
     tree: &model::Tree,
     ghosts: &mut Ghosts,
+    ptys: &mut crate::ptys::Pairs,
 ) -> Result<(Vec<OwnedFd>, FdObjects)> {
     let mut objects: Vec<OwnedFd> = Vec::new();
     let mut fd_objects = HashMap::new();
@@ -334,6 +340,8 @@ fn open_objects(
                         mine
                     }
                 }
+                OpenFileKind::PtyMaster { index } => ptys.take_master(*index)?,
+                OpenFileKind::PtySlave { index } => ptys.open_slave(*index, o.flags)?,
                 // Whatever the restoring torpor has on that descriptor; its flags belong
                 // to whoever gave it to torpor.
                 OpenFileKind::Inherited { fd } => {
@@ -1366,8 +1374,12 @@ fn open_file(
         }
         OpenFileKind::Pipe { .. }
         | OpenFileKind::UnixPair { .. }
+        | OpenFileKind::PtyMaster { .. }
+        | OpenFileKind::PtySlave { .. }
         | OpenFileKind::Inherited { .. } => {
-            unreachable!("pipes and sockets are made in pairs, inherited ones duplicated")
+            unreachable!(
+                "pipes, sockets and terminals are made in pairs, inherited ones duplicated"
+            )
         }
     };
     if matches!(o.kind, OpenFileKind::Regular { .. }) {
@@ -1390,6 +1402,8 @@ fn describe_kind(tree: &model::Tree, k: &OpenFileKind) -> String {
         OpenFileKind::Pipe { ino, .. } => format!("pipe:[{ino}]"),
         OpenFileKind::UnixPair { ino, .. } => format!("socket:[{ino}]"),
         OpenFileKind::Inherited { fd } => format!("descriptor {fd} of torpor restore"),
+        OpenFileKind::PtyMaster { index } => format!("the master of /dev/pts/{index}"),
+        OpenFileKind::PtySlave { index } => format!("/dev/pts/{index}"),
         OpenFileKind::EventFd { .. } => "an eventfd".into(),
         OpenFileKind::Inotify { .. } => "an inotify instance".into(),
         OpenFileKind::UnixBound { name, .. } => format!("a unix socket on {name:?}"),

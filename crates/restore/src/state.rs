@@ -282,6 +282,47 @@ pub(crate) fn install_fds(s: &Space, p: &model::Process, prep: &Prepared) -> Res
     Ok(())
 }
 
+/// Makes the slaves of the tree's pseudo-terminals that controlled this process's
+/// session its controlling terminals again, with their foreground process groups. Only
+/// the session leader may, from inside: it receives torpor's description of the slave
+/// for the moment, takes it (`TIOCSCTTY`), sets the foreground (`TIOCSPGRP`, every group
+/// exists by now) and closes it again.
+pub(crate) fn controlling_ttys(
+    s: &Space,
+    p: &model::Process,
+    tree: &model::Tree,
+    prep: &Prepared,
+) -> Result<()> {
+    for t in tree.ptys.iter().filter(|t| t.session == Some(p.pid)) {
+        let index = t.index;
+        let slave = prep.ptys.slave(index).ok_or_else(|| RestoreError::Unsupported {
+            what: format!("/dev/pts/{index} without its pair"),
+        })?;
+        send_fds(&prep.transfer, &[slave.as_raw_fd()]).map_err(|source| RestoreError::Prepare {
+            what: format!("/dev/pts/{index} for pid {}", p.pid),
+            source,
+        })?;
+        let fd = recv_fds(s, prep.transfer_fd, 1)?[0];
+        s.call(
+            &format!("make /dev/pts/{index} its controlling terminal"),
+            "ioctl",
+            libc::SYS_ioctl,
+            args!(fd, libc::TIOCSCTTY, 0),
+        )?;
+        if let Some(fg) = t.foreground {
+            let at = s.put(&fg.to_ne_bytes())?;
+            s.call(
+                &format!("give process group {fg} the foreground of /dev/pts/{index}"),
+                "ioctl",
+                libc::SYS_ioctl,
+                args!(fd, libc::TIOCSPGRP, at),
+            )?;
+        }
+        s.call("close a terminal it was lent", "close", libc::SYS_close, args!(fd))?;
+    }
+    Ok(())
+}
+
 /// Registers the targets of the process's epoll instances, with calls it makes itself so
 /// the kernel keys them by its descriptor numbers. An instance shared by several
 /// processes is filled once, by the first (`done` holds the objects already filled).

@@ -8,6 +8,7 @@ pub mod mem;
 pub mod netlock;
 pub mod proc;
 pub mod ptrace;
+pub mod pty;
 pub mod remote;
 pub mod sock;
 

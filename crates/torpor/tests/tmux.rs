@@ -1,6 +1,9 @@
 //! A Python REPL in a tmux pane, with a variable set, dumped with `--shell-job` and woken
 //! with `restore --shell-job` in another tmux window: the variable is still there and the
 //! REPL answers in its new terminal.
+//!
+//! A whole tmux server, its panes' pseudo-terminals inside the dumped tree, dumped and
+//! woken: each pane keeps its terminal's name, its shell its variables and job control.
 
 mod common;
 
@@ -100,25 +103,39 @@ impl Drop for Tmux {
 
 /// Waits until PID runs a program whose file name starts with `python`; returns it.
 fn wait_for_python(pid: i32, tmux: &Tmux, target: &str) -> PathBuf {
+    wait_for_program(pid, "python", tmux, target)
+}
+
+/// Waits until PID runs a program whose file name starts with PREFIX; returns it.
+fn wait_for_program(pid: i32, prefix: &str, tmux: &Tmux, target: &str) -> PathBuf {
     let deadline = Instant::now() + READY_TIMEOUT;
     loop {
         if let Some(exe) = proc_exe(pid) {
             let name = exe.file_name().unwrap_or_default().to_string_lossy().into_owned();
-            if name.starts_with("python") {
+            if name.starts_with(prefix) {
                 return exe;
             }
         }
         assert!(
             Instant::now() < deadline,
-            "pid {pid} is not running Python; window {target} shows:\n{}",
+            "pid {pid} is not running {prefix}; window {target} shows:\n{}",
             tmux.screen(target)
         );
         sleep(Duration::from_millis(20));
     }
 }
 
+/// Held by each test of this file for its whole run. The kernel hands out the lowest free
+/// `/dev/pts` number, so a pair another test opens between a dump and its restore would
+/// take the number the restore needs.
+fn one_at_a_time() -> std::sync::MutexGuard<'static, ()> {
+    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    LOCK.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 #[test]
 fn a_python_repl_in_tmux_wakes_in_another_window_with_its_variables() {
+    let _serial = one_at_a_time();
     let images = TempDir::new().expect("image dir");
     let mut tmux = Tmux::start("repl", "python3 -q");
     let pid: i32 = tmux
@@ -156,6 +173,74 @@ fn a_python_repl_in_tmux_wakes_in_another_window_with_its_variables() {
 
     tmux.send_line(woken, "exit()");
     tmux.wait_for_line(woken, "torpor restore exited with 0", "the woken REPL's exit");
+}
+
+#[test]
+fn a_tmux_server_wakes_with_its_panes_terminals_shell_and_repl() {
+    let _serial = one_at_a_time();
+    let images = TempDir::new().expect("image dir");
+    let mut tmux = Tmux::start("srv", "bash --norc --noprofile");
+    tmux.run(["new-window", "-t", "srv", "-n", "py", "python3 -q"]);
+    // Pane pid and terminal, of the shell's window then the REPL's.
+    let panes: Vec<(i32, String)> = tmux
+        .run(["list-panes", "-s", "-t", "srv", "-F", "#{pane_pid} #{pane_tty}"])
+        .lines()
+        .map(|l| {
+            let (pid, tty) = l.split_once(' ').expect("pid and tty");
+            (pid.parse().expect("pane pid"), tty.to_string())
+        })
+        .collect();
+    assert_eq!(panes.len(), 2, "two panes: {panes:?}");
+    let ((bash, bash_tty), (python, python_tty)) = (panes[0].clone(), panes[1].clone());
+    let (shell, repl) = ("srv:0", "srv:py");
+    let bash_exe = wait_for_program(bash, "bash", &tmux, shell);
+    let python_exe = wait_for_python(python, &tmux, repl);
+    tmux.strays.push((bash, bash_exe.clone()));
+    tmux.strays.push((python, python_exe.clone()));
+    tmux.send_line(shell, "x=4242; echo $((x+1))");
+    tmux.wait_for_line(shell, "4243", "the shell before the dump");
+    tmux.send_line(repl, "y = 777");
+    tmux.send_line(repl, "print(y+1)");
+    tmux.wait_for_line(repl, "778", "the REPL before the dump");
+    // The clients of the commands above are gone; let the server notice.
+    sleep(Duration::from_millis(300));
+
+    let server = tmux.server;
+    let out = torpor([
+        OsStr::new("dump"),
+        OsStr::new(&server.to_string()),
+        OsStr::new("-D"),
+        images.path().as_os_str(),
+    ]);
+    assert!(out.status.success(), "dump of the tmux server failed: {}", stderr_of(&out));
+    for pid in [server, bash, python] {
+        assert!(wait_pid_gone(pid, TORPOR_TIMEOUT), "pid {pid} still runs after the dump");
+    }
+
+    let out = torpor([
+        OsStr::new("restore"),
+        OsStr::new("-D"),
+        images.path().as_os_str(),
+        OsStr::new("--detach"),
+    ]);
+    assert!(out.status.success(), "restore of the tmux server failed: {}", stderr_of(&out));
+    assert_eq!(proc_exe(bash), Some(bash_exe), "pid {bash} woke as another program");
+    assert_eq!(proc_exe(python), Some(python_exe), "pid {python} woke as another program");
+
+    // Same terminals by name, as the programs see them.
+    tmux.send_line(shell, "echo $((x*2)); tty");
+    tmux.wait_for_line(shell, "8484", "the woken shell");
+    tmux.wait_for_line(shell, &bash_tty, "the woken shell's terminal");
+    tmux.send_line(repl, "import os; print(y*2, os.ttyname(0))");
+    tmux.wait_for_line(repl, &format!("1554 {python_tty}"), "the woken REPL");
+
+    // Job control: Ctrl-C reaches the foreground job through the controlling terminal,
+    // and the shell carries on.
+    tmux.send_line(shell, "sleep 600");
+    sleep(Duration::from_millis(300));
+    tmux.run(["send-keys", "-t", shell, "C-c"]);
+    tmux.send_line(shell, "echo interrupted-$?");
+    tmux.wait_for_line(shell, "interrupted-130", "Ctrl-C in the woken shell");
 }
 
 /// WORD quoted for sh.
