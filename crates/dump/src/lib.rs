@@ -29,7 +29,7 @@ use torpor_sys::{proc, ptrace, Remote};
 pub use collect::UnsupportedReason;
 
 /// What to dump and how.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct DumpOptions {
     pub pid: i32,
     pub dir: PathBuf,
@@ -43,6 +43,9 @@ pub struct DumpOptions {
     /// A job of an interactive shell: terminals on descriptors 0 to 2 are saved as
     /// inherited, with their modes, so the job wakes in the terminal restore runs in.
     pub shell_job: bool,
+    /// Leave the image to the kernel's writeback instead of syncing it before the
+    /// process is ended: faster, but a crash soon after the dump can lose both.
+    pub no_sync: bool,
 }
 
 /// What a dump did, for the summary line.
@@ -93,6 +96,7 @@ pub fn dump(opts: &DumpOptions) -> Result<DumpSummary> {
     precheck(pid)?;
 
     let mut writer = ImageWriter::create(&opts.dir)?;
+    writer.set_durable(!opts.no_sync);
     let frozen = FrozenTree::freeze(pid)?;
     let t_frozen = Instant::now();
 

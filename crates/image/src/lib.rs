@@ -350,12 +350,14 @@ pub struct ImageFile {
     len: u64,
     /// The writer thread, started by the first big write.
     pipe: Option<Pipe>,
+    /// Whether the file goes to disk before it counts as written.
+    durable: bool,
 }
 
 /// Writes at least this big start the writer thread.
 const PIPE_MIN_WRITE: usize = 1 << 20;
-/// Pieces queued for the writer thread at most, besides the one it is writing.
-const PIPE_DEPTH: usize = 2;
+/// Buffers handed to the writer thread at most: one it writes while the next waits.
+const PIPE_BUFFERS: usize = 2;
 /// Pieces whose writeback may still be running; the writer waits for older ones.
 const WRITEBACK_WINDOW: usize = 4;
 
@@ -363,14 +365,16 @@ const WRITEBACK_WINDOW: usize = 4;
 struct Pipe {
     full: std::sync::mpsc::SyncSender<Vec<u8>>,
     empty: std::sync::mpsc::Receiver<Vec<u8>>,
+    /// Buffers made so far; never more than [`PIPE_BUFFERS`], which bounds the memory.
+    made: usize,
     thread: std::thread::JoinHandle<io::Result<()>>,
 }
 
 impl Pipe {
-    fn start(file: &File, at: u64) -> io::Result<Self> {
+    fn start(file: &File, at: u64, durable: bool) -> io::Result<Self> {
         let file = file.try_clone()?;
-        let (full, rx) = std::sync::mpsc::sync_channel::<Vec<u8>>(PIPE_DEPTH);
-        let (tx, empty) = std::sync::mpsc::sync_channel(PIPE_DEPTH + 2);
+        let (full, rx) = std::sync::mpsc::sync_channel::<Vec<u8>>(PIPE_BUFFERS);
+        let (tx, empty) = std::sync::mpsc::sync_channel(PIPE_BUFFERS);
         let thread = std::thread::Builder::new().name("image-writer".into()).spawn(move || {
             let mut file = file;
             let mut at = at;
@@ -378,8 +382,10 @@ impl Pipe {
             for buf in rx {
                 file.write_all(&buf)?;
                 let len = buf.len() as u64;
-                start_writeback(&file, at, len, false);
-                window.push_back((at, len));
+                if durable {
+                    start_writeback(&file, at, len, false);
+                    window.push_back((at, len));
+                }
                 if window.len() > WRITEBACK_WINDOW {
                     let (o, l) = window.pop_front().unwrap();
                     start_writeback(&file, o, l, true);
@@ -390,13 +396,24 @@ impl Pipe {
             }
             Ok(())
         })?;
-        Ok(Self { full, empty, thread })
+        Ok(Self { full, empty, made: 0, thread })
     }
 
-    /// Hands a copy of `data` to the thread; false when the thread has stopped (its
-    /// error comes from [`Pipe::finish`]).
-    fn send(&self, data: &[u8]) -> bool {
-        let mut buf = self.empty.try_recv().unwrap_or_default();
+    /// Hands a copy of `data` to the thread, waiting for a buffer it is done with once
+    /// all are made; false when the thread has stopped (its error comes from
+    /// [`Pipe::finish`]).
+    fn send(&mut self, data: &[u8]) -> bool {
+        let mut buf = match self.empty.try_recv() {
+            Ok(b) => b,
+            Err(_) if self.made < PIPE_BUFFERS => {
+                self.made += 1;
+                Vec::new()
+            }
+            Err(_) => match self.empty.recv() {
+                Ok(b) => b,
+                Err(_) => return false,
+            },
+        };
         buf.clear();
         buf.extend_from_slice(data);
         self.full.send(buf).is_ok()
@@ -452,9 +469,9 @@ impl ImageFile {
 
     fn put(&mut self, buf: &[u8]) -> io::Result<()> {
         if self.pipe.is_none() && buf.len() >= PIPE_MIN_WRITE {
-            self.pipe = Some(Pipe::start(&self.file, self.len)?);
+            self.pipe = Some(Pipe::start(&self.file, self.len, self.durable)?);
         }
-        match &self.pipe {
+        match &mut self.pipe {
             Some(pipe) => {
                 if !pipe.send(buf) {
                     // The thread stopped on an error, which finishing it returns.
@@ -469,12 +486,15 @@ impl ImageFile {
         Ok(())
     }
 
-    /// Waits for the writer thread, then syncs the file to disk.
+    /// Waits for the writer thread, then syncs the file to disk if it must be durable.
     fn sync(&mut self) -> io::Result<()> {
         if let Some(pipe) = self.pipe.take() {
             pipe.finish()?;
         }
-        self.file.sync_all()
+        if self.durable {
+            self.file.sync_all()?;
+        }
+        Ok(())
     }
 }
 
@@ -500,6 +520,8 @@ pub struct ImageWriter {
     created: Vec<PathBuf>,
     /// Whether [`ImageWriter::create`] made the directory (so abandoning removes it).
     made_dir: bool,
+    /// Whether files, directory entries and the manifest are synced to disk.
+    durable: bool,
 }
 
 impl ImageWriter {
@@ -523,7 +545,20 @@ impl ImageWriter {
         let manifest = dir.join(MANIFEST);
         remove_if_exists(&manifest)
             .map_err(|source| ImageError::Write { path: manifest, source })?;
-        Ok(Self { dir: dir.to_path_buf(), entries: Vec::new(), created: Vec::new(), made_dir })
+        Ok(Self {
+            dir: dir.to_path_buf(),
+            entries: Vec::new(),
+            created: Vec::new(),
+            made_dir,
+            durable: true,
+        })
+    }
+
+    /// Chooses whether the image goes to disk before [`ImageWriter::commit`] returns (the
+    /// default) or is left to the kernel's writeback. Not durable, a dump is faster, but
+    /// a crash soon after it may lose the image, and with it a process the dump ended.
+    pub fn set_durable(&mut self, durable: bool) {
+        self.durable = durable;
     }
 
     /// The image directory.
@@ -542,7 +577,15 @@ impl ImageWriter {
         let file = create_private(&path)
             .map_err(|source| ImageError::Write { path: path.clone(), source })?;
         self.created.push(path.clone());
-        Ok(ImageFile { name: name.to_string(), path, file, hash: Xxh3::new(), len: 0, pipe: None })
+        Ok(ImageFile {
+            name: name.to_string(),
+            path,
+            file,
+            hash: Xxh3::new(),
+            len: 0,
+            pipe: None,
+            durable: self.durable,
+        })
     }
 
     /// Flushes a file to disk and records it for the manifest. A file written again under
@@ -599,15 +642,23 @@ impl ImageWriter {
         create_private(&tmp)
             .and_then(|mut f| {
                 f.write_all(&bytes)?;
-                f.sync_all()
+                if self.durable {
+                    f.sync_all()?;
+                }
+                Ok(())
             })
             .map_err(|source| ImageError::Write { path: tmp.clone(), source })?;
 
         // The other files' directory entries must be on disk before the manifest that
         // lists them can be.
-        sync_dir(&self.dir)?;
+        if self.durable {
+            sync_dir(&self.dir)?;
+        }
         fs::rename(&tmp, &final_path)
             .map_err(|source| ImageError::Write { path: final_path.clone(), source })?;
+        if !self.durable {
+            return Ok(());
+        }
         sync_dir(&self.dir)?;
 
         // A directory made by `create` is itself an entry of its parent.
@@ -712,6 +763,7 @@ pub fn decode_manifest(bytes: &[u8], path: &Path) -> Result<Manifest> {
 }
 
 /// A complete image, opened for reading.
+#[derive(Clone)]
 pub struct ImageReader {
     dir: PathBuf,
     manifest: Manifest,
@@ -782,10 +834,19 @@ impl ImageReader {
 
     /// Reads every file of the image and compares its checksum and length with the
     /// manifest. `progress` is called with the bytes read so far.
-    pub fn verify_all(&self, mut progress: impl FnMut(u64)) -> Result<()> {
+    pub fn verify_all(&self, progress: impl FnMut(u64)) -> Result<()> {
+        self.verify_files(|_| true, progress)
+    }
+
+    /// Like [`ImageReader::verify_all`], for the files `select` picks.
+    pub fn verify_files(
+        &self,
+        select: impl Fn(&FileEntry) -> bool,
+        mut progress: impl FnMut(u64),
+    ) -> Result<()> {
         let mut buf = vec![0u8; 4 << 20];
         let mut total = 0u64;
-        for f in &self.manifest.files {
+        for f in self.manifest.files.iter().filter(|f| select(f)) {
             let path = self.dir.join(&f.name);
             let mut file = open_regular(&path)?;
             let mut h = Xxh3::new();

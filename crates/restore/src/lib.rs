@@ -121,11 +121,32 @@ pub fn check_image(dir: &std::path::Path) -> Result<(ImageReader, model::Tree)> 
     Ok((reader, tree))
 }
 
+/// Files at least this big are checked while the restore goes on, not before it.
+const VERIFY_LATER: u64 = 4 << 20;
+
 /// Restores the image in `opts.dir` and lets its processes run.
 pub fn restore(opts: &RestoreOptions) -> Result<Restored> {
     let t0 = Instant::now();
-    let (reader, tree) = check_image(&opts.dir)?;
-    let verify_time = t0.elapsed();
+    // The records and small files are checked before anything is made from them. Page
+    // data, most of the image, is checked on another core while the processes are rebuilt
+    // (reading it from the page cache as they do), and they run only if it is intact.
+    let reader = ImageReader::open(&opts.dir)?;
+    reader.verify_files(|f| f.len < VERIFY_LATER, |_| {})?;
+    let tree = reader.read_tree()?;
+    prepare::validate(&reader, &tree)?;
+    let later = reader.clone();
+    let big = std::thread::spawn(move || {
+        let t = Instant::now();
+        later.verify_files(|f| f.len >= VERIFY_LATER, |_| {}).map(|()| t.elapsed())
+    });
+    let mut big = Some(big);
+    let mut verify_time = t0.elapsed();
+    let mut verified = || -> Result<()> {
+        let Some(h) = big.take() else { return Ok(()) };
+        let took = h.join().unwrap_or_else(|_| panic!("the image check panicked"))?;
+        verify_time += took;
+        Ok(())
+    };
     let ids = tree
         .processes
         .iter()
@@ -146,7 +167,7 @@ pub fn restore(opts: &RestoreOptions) -> Result<Restored> {
     // From here on, any failure kills the half-made tree: the root, and with it (by the
     // parent-death signal and ptrace's exit-kill) every process it made.
     let mut built = Built::default();
-    let result = build(opts, &reader, &tree, &prepared, child, &mut built);
+    let result = build(opts, &reader, &tree, &prepared, child, &mut built, &mut verified);
     // The objects were handed to the processes; torpor's copies go. SysV segments stay
     // only if the restore succeeded.
     let sysv = std::mem::take(&mut prepared.sysv);
@@ -157,6 +178,8 @@ pub fn restore(opts: &RestoreOptions) -> Result<Restored> {
             unsafe { libc::kill(pid, libc::SIGKILL) };
         }
         let _ = ptrace::wait_exit(child);
+        // Damaged page data explains any other failure better than that failure does.
+        verified()?;
         return Err(e);
     }
     sysv.finish();
@@ -192,6 +215,7 @@ fn build(
     prep: &prepare::Prepared,
     root_outer: i32,
     built: &mut Built,
+    verified: &mut dyn FnMut() -> Result<()>,
 ) -> Result<()> {
     let root = tree.root_pid;
     let step = |pid: i32, what: &str| {
@@ -275,6 +299,8 @@ fn build(
                 .map_err(step(pr.p.pid, "set the signal mask"))?;
         }
     }
+    // Nothing runs on page data that does not match the manifest.
+    verified()?;
     for pr in procs.iter().rev() {
         for r in pr.remotes() {
             ptrace::detach(r.tid(), 0).map_err(step(pr.p.pid, "let the process run"))?;

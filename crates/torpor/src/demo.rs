@@ -71,10 +71,7 @@ pub fn run() -> Result<u8> {
     let s = torpor_dump::dump(&torpor_dump::DumpOptions {
         pid,
         dir: image.clone(),
-        leave_running: false,
-        inherit_stdio: false,
-        tcp_established: false,
-        shell_job: false,
+        ..Default::default()
     })
     .context("dump failed")?;
     // As its tracer, dump may already have reaped it.

@@ -59,6 +59,10 @@ enum Command {
         /// one to wake in (`torpor restore --shell-job` in any terminal).
         #[arg(long)]
         shell_job: bool,
+        /// Do not wait for the image to reach the disk before ending the process: faster,
+        /// but a machine crash in the next half minute or so can lose the process.
+        #[arg(long)]
+        no_sync: bool,
     },
     /// Wake the process saved in an image, with its original pid, and wait for it.
     Restore {
@@ -137,7 +141,15 @@ fn init_logging(verbose: u8, quiet: bool) {
 fn run(cli: Cli) -> Result<u8> {
     let quiet = cli.quiet;
     match cli.command {
-        Command::Dump { pid, dir, leave_running, inherit_stdio, tcp_established, shell_job } => {
+        Command::Dump {
+            pid,
+            dir,
+            leave_running,
+            inherit_stdio,
+            tcp_established,
+            shell_job,
+            no_sync,
+        } => {
             let opts = torpor_dump::DumpOptions {
                 pid,
                 dir: dir.clone(),
@@ -145,6 +157,7 @@ fn run(cli: Cli) -> Result<u8> {
                 inherit_stdio,
                 tcp_established,
                 shell_job,
+                no_sync,
             };
             let s =
                 // An interrupted dump would leave the process stopped halfway through a call
