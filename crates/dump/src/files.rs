@@ -848,6 +848,30 @@ fn inet_socket(
     let peer = sock::sock_addr(&sock, true);
     let listening =
         tcp && sock::sockopt(&sock, libc::SO_ACCEPTCONN).map_err(err("the state"))? != 0;
+    // struct tcp_info starts with the state.
+    let info =
+        if tcp { sock::sockopt_raw(&sock, libc::IPPROTO_TCP, libc::TCP_INFO).ok() } else { None };
+    let state = info.as_ref().and_then(|i| i.first().copied()).unwrap_or(0);
+    if tcp && !listening && peer.is_none() && state != TCP_CLOSE {
+        // Connecting (SYN_SENT) or a connection ended while the socket stays open: the
+        // kernel tells neither its peer nor how it ended.
+        return Err(unsupported(format!(
+            "a TCP socket in state {} ({link}), whose connection torpor cannot rebuild",
+            tcp_state_name(state)
+        )));
+    }
+    // tcpi_segs_out, at byte 136: a closed socket that sent anything had a connection.
+    let segs_out = info
+        .as_ref()
+        .and_then(|i| i.get(136..140))
+        .map_or(0, |b| u32::from_ne_bytes(b.try_into().unwrap()));
+    if tcp && !listening && peer.is_none() && segs_out > 0 {
+        return Err(unsupported(format!(
+            "a TCP socket whose connection has ended (state CLOSE, {}, {link}); torpor \
+             cannot rebuild it",
+            sock::describe_addr(&local)
+        )));
+    }
     let mut tcp_state = None;
     if tcp && !listening && peer.is_some() {
         let conn = format!(
@@ -860,35 +884,24 @@ fn inet_socket(
                 pid,
                 reason: UnsupportedReason::NeedsFlag {
                     fd,
-                    what: format!("an established TCP connection {conn} ({link})"),
+                    what: if state == 1 {
+                        format!("an established TCP connection {conn} ({link})")
+                    } else {
+                        format!(
+                            "a TCP connection {conn} in state {} ({link})",
+                            tcp_state_name(state)
+                        )
+                    },
                     flag: "--tcp-established",
                 },
             });
         }
-        // struct tcp_info starts with the state; TCP_ESTABLISHED is 1.
-        let state = sock::sockopt_raw(&sock, libc::IPPROTO_TCP, libc::TCP_INFO)
-            .ok()
-            .and_then(|i| i.first().copied())
-            .unwrap_or(0);
-        if state != 1 {
-            const NAMES: [&str; 12] = [
-                "?",
-                "ESTABLISHED",
-                "SYN_SENT",
-                "SYN_RECV",
-                "FIN_WAIT1",
-                "FIN_WAIT2",
-                "TIME_WAIT",
-                "CLOSE",
-                "CLOSE_WAIT",
-                "LAST_ACK",
-                "LISTEN",
-                "CLOSING",
-            ];
+        if model::TcpConnState::from_kernel(state).is_none() {
             return Err(unsupported(format!(
-                "a TCP connection {conn} in state {} ({link}); only established connections \
-                 can be saved yet",
-                NAMES.get(state as usize).unwrap_or(&"?")
+                "a TCP connection {conn} in state {} ({link}); only connections that are \
+                 established or closing (FIN_WAIT1, FIN_WAIT2, CLOSE_WAIT, LAST_ACK, CLOSING) \
+                 can be saved",
+                tcp_state_name(state)
             )));
         }
         let ino = fs::metadata(format!("/proc/{pid}/fd/{fd}")).map(|m| m.ino()).unwrap_or(0);
@@ -955,8 +968,31 @@ fn inet_socket(
     })
 }
 
-/// Saves an established TCP connection with `TCP_REPAIR`: its sequence numbers, the bytes
-/// in flight each way, the negotiated options, window and timestamp. The socket is left in
+/// The kernel's `TCP_CLOSE` state number.
+const TCP_CLOSE: u8 = 7;
+
+/// The kernel's name of TCP state number `state`, for messages.
+fn tcp_state_name(state: u8) -> &'static str {
+    const NAMES: [&str; 13] = [
+        "?",
+        "ESTABLISHED",
+        "SYN_SENT",
+        "SYN_RECV",
+        "FIN_WAIT1",
+        "FIN_WAIT2",
+        "TIME_WAIT",
+        "CLOSE",
+        "CLOSE_WAIT",
+        "LAST_ACK",
+        "LISTEN",
+        "CLOSING",
+        "NEW_SYN_RECV",
+    ];
+    NAMES.get(state as usize).unwrap_or(&"?")
+}
+
+/// Saves an established or closing TCP connection with `TCP_REPAIR`: its state, sequence
+/// numbers, the bytes in flight each way, the negotiated options, window and timestamp. The socket is left in
 /// repair mode. The error is a system error or an image write error.
 fn tcp_connection(
     s: &std::os::fd::OwnedFd,
@@ -969,6 +1005,19 @@ fn tcp_connection(
     };
     sock::set_tcp_opt(s, TCP_REPAIR, 1).map_err(sys("TCP_REPAIR"))?;
 
+    // Read again now that the peer is held back: a FIN may have arrived since.
+    let info = sock::sockopt_raw(s, libc::IPPROTO_TCP, libc::TCP_INFO).map_err(Ok)?;
+    let kernel_state = info.first().copied().unwrap_or(0);
+    let state = model::TcpConnState::from_kernel(kernel_state).ok_or_else(|| {
+        Ok(torpor_sys::Error::Syscall {
+            call: "getsockopt(TCP_INFO)",
+            source: std::io::Error::other(format!(
+                "the connection went to state {} while being saved",
+                tcp_state_name(kernel_state)
+            )),
+        })
+    })?;
+
     let mut queue = |q: i32,
                      out: bool,
                      tag: &str|
@@ -978,7 +1027,11 @@ fn tcp_connection(
     > {
         sock::set_tcp_opt(s, TCP_REPAIR_QUEUE, q).map_err(sys("TCP_REPAIR_QUEUE"))?;
         let seq = sock::tcp_opt(s, TCP_QUEUE_SEQ).map_err(Ok)?;
-        let len = sock::queued_bytes(s, out).map_err(Ok)?;
+        // The send queue's count includes this end's FIN while it is not acknowledged;
+        // the receive queue's never includes the peer's.
+        let len = sock::queued_bytes(s, out)
+            .map_err(Ok)?
+            .saturating_sub(u32::from(out && state.fin_unacked()));
         let file = if len > 0 {
             let bytes = sock::peek_exact(s, len as usize).map_err(Ok)?;
             let name = format!("tcp-{ino}-{tag}.img");
@@ -994,7 +1047,6 @@ fn tcp_connection(
 
     // struct tcp_info: tcpi_options at byte 5, the window scales in byte 6 (send in the
     // low nibble), tcpi_snd_mss at byte 16.
-    let info = sock::sockopt_raw(s, libc::IPPROTO_TCP, libc::TCP_INFO).map_err(Ok)?;
     let options = info.get(5).copied().unwrap_or(0);
     let scales = info.get(6).copied().unwrap_or(0);
     let mss = info.get(16..20).map_or(536, |b| u32::from_ne_bytes(b.try_into().unwrap()));
@@ -1019,5 +1071,6 @@ fn tcp_connection(
         sack: options & TCPI_OPT_SACK != 0,
         window,
         timestamp,
+        state,
     })
 }

@@ -942,10 +942,14 @@ fn repair_connection(
     if unsafe { libc::bind(s.as_raw_fd(), local.as_ptr() as *const _, local.len() as _) } < 0 {
         return Err(io::Error::last_os_error());
     }
+    // The saved sequence numbers count the FINs; the socket starts established, before
+    // them, and the FINs are played again below.
+    let send_end = t.send_seq.wrapping_sub(u32::from(t.state.fin_sent()));
+    let recv_end = t.recv_seq.wrapping_sub(u32::from(t.state.fin_received()));
     sock::set_tcp_opt(s, TCP_REPAIR_QUEUE, TCP_SEND_QUEUE)?;
-    sock::set_tcp_opt(s, TCP_QUEUE_SEQ, t.send_seq.wrapping_sub(t.send_len) as i32)?;
+    sock::set_tcp_opt(s, TCP_QUEUE_SEQ, send_end.wrapping_sub(t.send_len) as i32)?;
     sock::set_tcp_opt(s, TCP_REPAIR_QUEUE, TCP_RECV_QUEUE)?;
-    sock::set_tcp_opt(s, TCP_QUEUE_SEQ, t.recv_seq.wrapping_sub(t.recv_len) as i32)?;
+    sock::set_tcp_opt(s, TCP_QUEUE_SEQ, recv_end.wrapping_sub(t.recv_len) as i32)?;
     // SAFETY: `peer` holds a socket address of the length passed; in repair mode this
     // sends nothing and makes the socket established.
     if unsafe { libc::connect(s.as_raw_fd(), peer.as_ptr() as *const _, peer.len() as _) } < 0 {
@@ -989,12 +993,101 @@ fn repair_connection(
     fill(TCP_SEND_QUEUE, &send)?;
     fill(TCP_RECV_QUEUE, &recv)?;
 
-    let window: Vec<u8> = t.window.iter().flat_map(|w| w.to_ne_bytes()).collect();
+    // The window's rcv_wup may count the peer's FIN, which the socket has not seen yet;
+    // the kernel refuses one past what it has received.
+    let mut window = t.window;
+    if t.state.fin_received() && window[4] == t.recv_seq {
+        window[4] = recv_end;
+    }
+    let window: Vec<u8> = window.iter().flat_map(|w| w.to_ne_bytes()).collect();
     sock::set_sockopt_raw(s, libc::IPPROTO_TCP, TCP_REPAIR_WINDOW, &window)?;
     if t.timestamps {
         sock::set_tcp_opt(s, TCP_TIMESTAMP, t.timestamp as i32)?;
     }
+    if t.state != model::TcpConnState::Established {
+        close_half(s, local, peer, t, send_end, recv_end)?;
+    }
     Ok(())
+}
+
+/// Brings a rebuilt connection, still in repair mode, from established to the closing
+/// state it was saved in, by the same steps the kernel took the first time.
+///
+/// This end's FIN: a `shutdown` in repair mode queues it as sent without sending it, so
+/// it takes its sequence number and writing fails from then on; once out of repair mode
+/// the kernel retransmits it until acknowledged, which a peer that had it already simply
+/// acknowledges again. The peer's FIN: repair mode offers no way to queue one, so it is
+/// delivered as the peer would, a segment sent to the socket through a raw socket (which
+/// the connection's lock lets through). The socket still takes in segments in repair
+/// mode; the acknowledgement it answers with is one the peer has had already.
+fn close_half(
+    s: &OwnedFd,
+    local: &[u8],
+    peer: &[u8],
+    t: &model::TcpState,
+    send_end: u32,
+    recv_end: u32,
+) -> io::Result<()> {
+    use model::TcpConnState as St;
+    use torpor_sys::netlock::{self, TCP_ACK, TCP_FIN};
+    use torpor_sys::sock::{self, tcp_repair::*};
+    let (Some(local), Some(peer)) = (sock::to_socket_addr(local), sock::to_socket_addr(peer))
+    else {
+        return Err(io::Error::other("the saved addresses are not IP addresses"));
+    };
+    let conn = netlock::Conn { local, peer };
+    // The window the peer advertised, as its segments carry it (scaled down).
+    let window = (t.window[1] >> t.snd_wscale).min(u16::MAX as u32) as u16;
+    // What the peer had acknowledged: everything but the unacknowledged data and FIN.
+    let una = send_end.wrapping_sub(t.send_len);
+    let shutdown = || -> io::Result<()> {
+        // Only with the send queue selected does repair mode keep the FIN from the wire.
+        sock::set_tcp_opt(s, TCP_REPAIR_QUEUE, TCP_SEND_QUEUE)?;
+        // SAFETY: shutdown takes a descriptor we own and a constant.
+        if unsafe { libc::shutdown(s.as_raw_fd(), libc::SHUT_WR) } < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    };
+    let peer_fin = || netlock::send_as_peer(conn, recv_end, una, TCP_FIN | TCP_ACK, window);
+    match t.state {
+        St::Established => {}
+        St::FinWait1 => shutdown()?,
+        St::FinWait2 => {
+            shutdown()?;
+            // The peer had acknowledged the FIN: acknowledge it again.
+            netlock::send_as_peer(conn, recv_end, t.send_seq, TCP_ACK, window)?;
+        }
+        St::CloseWait => peer_fin()?,
+        // The peer's FIN came first, then this end's.
+        St::LastAck => {
+            peer_fin()?;
+            shutdown()?;
+        }
+        // This end's FIN went first, the peer's crossed it.
+        St::Closing => {
+            shutdown()?;
+            peer_fin()?;
+        }
+    }
+    // The segments went through the loopback device; check they were taken.
+    let want = t.state.kernel();
+    let mut got = 0;
+    for _ in 0..100 {
+        got = sock::sockopt_raw(s, libc::IPPROTO_TCP, libc::TCP_INFO)
+            .map_err(io::Error::other)?
+            .first()
+            .copied()
+            .unwrap_or(0);
+        if got == want {
+            return Ok(());
+        }
+        std::thread::sleep(std::time::Duration::from_millis(2));
+    }
+    Err(io::Error::other(format!(
+        "the rebuilt connection is in TCP state {got}, not {want} ({:?})",
+        t.state
+    )))
 }
 
 /// Sets a saved socket option where it differs from what the socket has: some options
