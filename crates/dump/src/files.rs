@@ -163,6 +163,7 @@ pub(crate) struct FdContext {
     /// Unix sockets of the tree by inode, with their peer and a (pid, fd) holding them.
     sockets: HashMap<u64, (u64, (i32, i32))>,
     unix: Option<HashMap<u64, sock::UnixInfo>>,
+    tcp_listeners: Option<HashMap<u64, sock::TcpListenInfo>>,
     /// Save established TCP connections (`--tcp-established`).
     pub tcp_established: bool,
     /// Terminals on descriptors 0 to 2 are the restoring shell's (`--shell-job`).
@@ -228,6 +229,18 @@ impl FdContext {
             self.unix = Some(all);
         }
         Ok(self.unix.as_ref().unwrap())
+    }
+
+    fn tcp_listener(&mut self, pid: i32, ino: u64) -> Result<Option<sock::TcpListenInfo>> {
+        if self.tcp_listeners.is_none() {
+            let all = sock::tcp_listeners().map_err(|source| DumpError::Collect {
+                pid,
+                what: "the listening TCP sockets of this system".into(),
+                source,
+            })?;
+            self.tcp_listeners = Some(all);
+        }
+        Ok(self.tcp_listeners.as_ref().unwrap().get(&ino).copied())
     }
 
     /// Refuses pipes and sockets connected to a process outside the tree, or, with
@@ -701,6 +714,7 @@ fn unix_pair(
         queue,
         name: info.name.clone(),
         options: unix_options(&sock),
+        buffers: buffers(&sock),
     })
 }
 
@@ -778,7 +792,7 @@ fn unix_bound(
             what: format!("the socket on fd {fd}"),
             source,
         })?;
-        let q = sock::socket_queue(&s, false).map_err(|source| DumpError::Collect {
+        let q = sock::datagram_queue(&s).map_err(|source| DumpError::Collect {
             pid,
             what: format!("the queue of the socket on fd {fd}"),
             source,
@@ -787,13 +801,16 @@ fn unix_bound(
             None
         } else {
             let file = format!("sock-{}.img", info.ino);
-            writer.write_file(&file, &records::encode(q.iter().map(Vec::as_slice)))?;
+            // Two records per datagram: the sender's address, then the datagram.
+            let pairs = q.iter().flat_map(|(from, data)| [from.as_slice(), data.as_slice()]);
+            writer.write_file(&file, &records::encode(pairs))?;
             Some(file)
         }
     } else {
         None
     };
-    let options = sock::take_fd(pid, fd).map(|s| unix_options(&s)).unwrap_or_default();
+    let copy = sock::take_fd(pid, fd).ok();
+    let options = copy.as_ref().map(unix_options).unwrap_or_default();
     Ok(OpenFileKind::UnixBound {
         sock_type,
         name,
@@ -803,6 +820,16 @@ fn unix_bound(
         file_gid,
         queue,
         options,
+        buffers: copy.as_ref().and_then(buffers),
+        queue_senders: true,
+    })
+}
+
+/// A socket's buffer sizes.
+fn buffers(sock: &std::os::fd::OwnedFd) -> Option<model::SockBuffers> {
+    Some(model::SockBuffers {
+        rcvbuf: sock::sockopt(sock, libc::SO_RCVBUF).ok()? as u32,
+        sndbuf: sock::sockopt(sock, libc::SO_SNDBUF).ok()? as u32,
     })
 }
 
@@ -949,22 +976,38 @@ fn inet_socket(
     } else {
         None
     };
-    // The backlog is not visible to getsockopt; the system's maximum serves any program
-    // that asked for less.
-    let backlog = fs::read_to_string("/proc/sys/net/core/somaxconn")
-        .ok()
-        .and_then(|s| s.trim().parse().ok())
-        .unwrap_or(4096);
+    let backlog = if listening {
+        let ino = fs::metadata(format!("/proc/{pid}/fd/{fd}")).map(|m| m.ino()).unwrap_or(0);
+        let info = ctx.tcp_listener(pid, ino)?.ok_or_else(|| DumpError::Collect {
+            pid,
+            what: format!("the backlog of the socket on fd {fd}"),
+            source: torpor_sys::Error::Syscall {
+                call: "sock_diag",
+                source: std::io::Error::other(format!("socket:[{ino}] is not listed")),
+            },
+        })?;
+        if info.pending > 0 {
+            return Err(unsupported(format!(
+                "a TCP socket listening on {} with {} connections not yet accepted ({link})",
+                sock::describe_addr(&local),
+                info.pending
+            )));
+        }
+        Some(info.backlog as i32)
+    } else {
+        None
+    };
     Ok(OpenFileKind::Inet {
         family,
         sock_type,
         protocol,
         local: hex::encode(&local),
         peer: if udp || tcp_state.is_some() { peer.map(hex::encode) } else { None },
-        listen_backlog: listening.then_some(backlog),
+        listen_backlog: backlog,
         options,
         queue,
         tcp: tcp_state,
+        buffers: buffers(&sock),
     })
 }
 

@@ -417,6 +417,9 @@ pub enum OpenFileKind {
         /// An established TCP connection's state, saved with `TCP_REPAIR`.
         #[serde(default)]
         tcp: Option<TcpState>,
+        /// Buffer sizes.
+        #[serde(default)]
+        buffers: Option<SockBuffers>,
     },
     /// An eventfd.
     EventFd {
@@ -473,6 +476,14 @@ pub enum OpenFileKind {
         /// Socket options to set again (credentials passing).
         #[serde(default)]
         options: Vec<SockOpt>,
+        /// Buffer sizes.
+        #[serde(default)]
+        buffers: Option<SockBuffers>,
+        /// `queue` holds two records per datagram: the sender's address (a raw
+        /// `sockaddr_un`, empty for an unbound sender), then the datagram. Else one, the
+        /// datagram.
+        #[serde(default)]
+        queue_senders: bool,
     },
     /// One end of a pair of connected unix sockets, both inside the tree.
     UnixPair {
@@ -490,7 +501,21 @@ pub enum OpenFileKind {
         /// Socket options to set again (credentials passing).
         #[serde(default)]
         options: Vec<SockOpt>,
+        /// Buffer sizes.
+        #[serde(default)]
+        buffers: Option<SockBuffers>,
     },
+}
+
+/// A socket's buffer sizes as `getsockopt(SO_RCVBUF)` and `getsockopt(SO_SNDBUF)` give
+/// them: twice what a program passes to `setsockopt`, the kernel's allowance for its own
+/// bookkeeping.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+pub struct SockBuffers {
+    /// Receive buffer, bytes.
+    pub rcvbuf: u32,
+    /// Send buffer, bytes.
+    pub sndbuf: u32,
 }
 
 /// What an established TCP connection needs to carry on without its peer noticing.

@@ -5,6 +5,7 @@ use std::fs::{self, File, OpenOptions};
 use std::io::Write;
 use std::io::{self, Seek, SeekFrom};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::Path;
 
@@ -358,12 +359,13 @@ fn open_objects(
                 _ => open_file(reader, tree, o, ghosts)?,
             };
             set_status_flags(&fd, o.flags)?;
-            if let OpenFileKind::UnixPair { options, .. }
-            | OpenFileKind::UnixBound { options, .. } = &o.kind
+            if let OpenFileKind::UnixPair { options, buffers, .. }
+            | OpenFileKind::UnixBound { options, buffers, .. } = &o.kind
             {
                 for opt in options {
                     set_option(&fd, opt, "a unix socket")?;
                 }
+                set_buffers(&fd, buffers.as_ref(), None, "a unix socket")?;
             }
             objects.push(fd);
             let obj = objects.len() - 1;
@@ -402,7 +404,127 @@ fn open_objects(
         }
     }
     refill_datagrams(reader, tree, &objects, &fd_objects)?;
+    refill_unix_datagrams(reader, tree, &objects, &fd_objects)?;
     Ok((objects, fd_objects))
+}
+
+/// Puts queued datagrams back into bound unix sockets, once every socket exists, each
+/// sent from the address it came from, so that `recvfrom` names the same sender: through
+/// the tree's own datagram socket on that address when there is one, else from a socket
+/// bound to the address for the moment (a path's socket file is removed again), else,
+/// when the address is taken, from an unbound socket (with a warning).
+fn refill_unix_datagrams(
+    reader: &ImageReader,
+    tree: &model::Tree,
+    objects: &[OwnedFd],
+    fd_objects: &FdObjects,
+) -> Result<()> {
+    use torpor_sys::sock;
+    let mut by_addr: HashMap<Vec<u8>, usize> = HashMap::new();
+    let mut queues = Vec::new();
+    for p in &tree.processes {
+        for (i, o) in p.open_files.iter().enumerate() {
+            let obj = fd_objects[&(p.pid, i)];
+            match &o.kind {
+                OpenFileKind::UnixPair { sock_type: libc::SOCK_DGRAM, .. }
+                | OpenFileKind::UnixBound { sock_type: libc::SOCK_DGRAM, .. } => {
+                    if let Some(a) = sock::sock_addr(&objects[obj], false).filter(|a| a.len() > 2) {
+                        by_addr.insert(a, obj);
+                    }
+                }
+                _ => {}
+            }
+            if let OpenFileKind::UnixBound { name, queue: Some(q), queue_senders, .. } = &o.kind {
+                queues.push((obj, name.clone(), q.clone(), *queue_senders));
+            }
+        }
+    }
+    queues.sort();
+    queues.dedup();
+    for (obj, name, file, senders) in queues {
+        let err = |source| RestoreError::Prepare {
+            what: format!("the queued datagrams of the unix socket on {name:?}"),
+            source,
+        };
+        // Where the socket is bound now: its name as restored.
+        let to = sock::sock_addr(&objects[obj], false).unwrap_or_else(|| unix_addr(&name));
+        let bytes = reader.read_file(&file)?;
+        let recs = records::decode(&bytes)
+            .ok_or_else(|| err(io::Error::other("the saved queue is cut short")))?;
+        let pairs: Vec<(&[u8], &[u8])> = if senders {
+            recs.chunks_exact(2).map(|p| (p[0], p[1])).collect()
+        } else {
+            recs.iter().map(|d| (&[][..], *d)).collect()
+        };
+        for (from, data) in pairs {
+            let own;
+            let sender = match by_addr.get(from) {
+                Some(&o) => &objects[o],
+                None => {
+                    own = unix_sender(from).map_err(err)?;
+                    &own
+                }
+            };
+            // SAFETY: sends `data` to the address in `to`, both of the lengths passed.
+            let n = unsafe {
+                libc::sendto(
+                    sender.as_raw_fd(),
+                    data.as_ptr() as *const _,
+                    data.len(),
+                    libc::MSG_DONTWAIT,
+                    to.as_ptr() as *const _,
+                    to.len() as _,
+                )
+            };
+            if n < 0 {
+                return Err(err(io::Error::last_os_error()));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// A unix datagram socket to resend a datagram from `from` (a raw `sockaddr_un`, empty
+/// for none) with: bound to it when it is free, else unbound.
+fn unix_sender(from: &[u8]) -> io::Result<OwnedFd> {
+    // SAFETY: socket takes integers and returns a new descriptor or -1.
+    let fd = unsafe { libc::socket(libc::AF_UNIX, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: just created, owned by nobody else.
+    let s = unsafe { OwnedFd::from_raw_fd(fd) };
+    if from.len() <= 2 {
+        return Ok(s);
+    }
+    // SAFETY: `from` holds a socket address of the length passed.
+    if unsafe { libc::bind(s.as_raw_fd(), from.as_ptr() as *const _, from.len() as _) } < 0 {
+        tracing::warn!(
+            "a queued datagram from {} goes back from an unnamed sender: {}",
+            describe_unix(from),
+            io::Error::last_os_error()
+        );
+        // A fresh socket, since a failed bind may leave one half-named.
+        return unix_sender(&[]);
+    }
+    // A path's socket file: the socket keeps its name once bound, and the datagrams it
+    // sends carry it, so the file that bind made can go at once.
+    if from[2] != 0 {
+        let p = from[2..].split(|&b| b == 0).next().unwrap_or_default();
+        let _ = fs::remove_file(std::ffi::OsStr::from_bytes(p));
+    }
+    Ok(s)
+}
+
+/// A raw `sockaddr_un` as a path or `@name`, for messages.
+fn describe_unix(addr: &[u8]) -> String {
+    match addr.get(2..) {
+        Some([0, abs @ ..]) => format!("@{}", String::from_utf8_lossy(abs)),
+        Some(path) => {
+            String::from_utf8_lossy(path.split(|&b| b == 0).next().unwrap_or_default()).into()
+        }
+        None => "an unnamed socket".into(),
+    }
 }
 
 /// Puts queued datagrams back into their UDP sockets, once every socket exists, each sent
@@ -828,7 +950,11 @@ fn shmem_objects(tree: &model::Tree) -> Result<HashMap<u64, OwnedFd>> {
 
 /// A TCP or UDP socket bound where it was, listening or connected as it was, with its
 /// options and (UDP) the datagrams it had queued.
-fn make_inet_socket(reader: &ImageReader, kind: &OpenFileKind) -> Result<OwnedFd> {
+fn make_inet_socket(
+    reader: &ImageReader,
+    tree: &model::Tree,
+    kind: &OpenFileKind,
+) -> Result<OwnedFd> {
     use torpor_sys::sock;
     let OpenFileKind::Inet {
         family,
@@ -839,6 +965,7 @@ fn make_inet_socket(reader: &ImageReader, kind: &OpenFileKind) -> Result<OwnedFd
         listen_backlog,
         options,
         tcp,
+        buffers,
         ..
     } = kind
     else {
@@ -866,6 +993,8 @@ fn make_inet_socket(reader: &ImageReader, kind: &OpenFileKind) -> Result<OwnedFd
         )
     };
     let set = |o: &model::SockOpt| set_option(&sock, o, &where_);
+    let auto = tcp.is_some().then(|| listener_buffers(tree, *family, &local));
+    set_buffers(&sock, buffers.as_ref(), auto, &where_)?;
     if let Some(state) = tcp {
         let peer = hex::decode(peer.as_deref().unwrap_or_default()).unwrap_or_default();
         repair_connection(reader, &sock, &local, &peer, state).map_err(|source| {
@@ -1090,6 +1219,88 @@ fn close_half(
     )))
 }
 
+/// The buffer sizes of a TCP listener of the tree on the port of `local` (a raw address),
+/// which connections accepted from it inherited.
+fn listener_buffers(tree: &model::Tree, family: i32, local: &[u8]) -> Option<model::SockBuffers> {
+    let port = local.get(2..4)?;
+    tree.processes.iter().flat_map(|p| &p.open_files).find_map(|o| match &o.kind {
+        OpenFileKind::Inet { family: f, listen_backlog: Some(_), local: l, buffers, .. }
+            if *f == family && hex::decode(l).ok()?.get(2..4) == Some(port) =>
+        {
+            *buffers
+        }
+        _ => None,
+    })
+}
+
+/// Gives a socket its saved buffer sizes where they differ from a new socket's.
+///
+/// The saved sizes are what `getsockopt` reported, twice what was asked for; asking for
+/// half gives them back. Beyond `net.core.rmem_max` / `wmem_max` only `SO_RCVBUFFORCE` /
+/// `SO_SNDBUFFORCE` (`CAP_NET_ADMIN`) reach them; without it the socket gets the maximum,
+/// with a warning.
+///
+/// A TCP connection's buffers grow by themselves as it carries data (unless the program
+/// set them, which stops that), and no interface tells which. On a connection (`auto` is
+/// `Some`, holding the sizes of the listener it may come from) a size is taken for the
+/// program's only when automatic sizing cannot have made it: below a new socket's (it
+/// only grows them), or equal to its listener's (accepted connections inherit those, and
+/// listeners never size themselves). Other sizes are left for the kernel to grow again.
+fn set_buffers(
+    sock: &OwnedFd,
+    saved: Option<&model::SockBuffers>,
+    auto: Option<Option<model::SockBuffers>>,
+    where_: &str,
+) -> Result<()> {
+    use torpor_sys::sock::{set_sockopt, sockopt};
+    let Some(saved) = saved else { return Ok(()) };
+    let listener = auto.flatten();
+    for (opt, force, want, inherited, limit, what) in [
+        (
+            libc::SO_RCVBUF,
+            libc::SO_RCVBUFFORCE,
+            saved.rcvbuf,
+            listener.map(|l| l.rcvbuf),
+            "rmem_max",
+            "receive",
+        ),
+        (
+            libc::SO_SNDBUF,
+            libc::SO_SNDBUFFORCE,
+            saved.sndbuf,
+            listener.map(|l| l.sndbuf),
+            "wmem_max",
+            "send",
+        ),
+    ] {
+        let err = |source: torpor_sys::Error| RestoreError::Prepare {
+            what: format!("the socket on {where_} (its {what} buffer size)"),
+            source: io::Error::other(source),
+        };
+        let now = sockopt(sock, opt).map_err(err)? as u32;
+        if want == now || (auto.is_some() && want > now && inherited != Some(want)) {
+            continue;
+        }
+        let ask = (want / 2).min(i32::MAX as u32) as i32;
+        let max = fs::read_to_string(format!("/proc/sys/net/core/{limit}"))
+            .ok()
+            .and_then(|s| s.trim().parse::<i32>().ok())
+            .unwrap_or(i32::MAX);
+        if ask > max && set_sockopt(sock, force, ask).is_ok() {
+            continue;
+        }
+        set_sockopt(sock, opt, ask).map_err(err)?;
+        let got = sockopt(sock, opt).map_err(err)? as u32;
+        if got != want {
+            tracing::warn!(
+                "the socket on {where_} gets a {what} buffer of {got} bytes instead of {want}: \
+                 net.core.{limit} is {max} and torpor may not exceed it (no CAP_NET_ADMIN)"
+            );
+        }
+    }
+    Ok(())
+}
+
 /// Sets a saved socket option where it differs from what the socket has: some options
 /// can only be set in some states (TCP_FASTOPEN before connecting), and leaving a default
 /// alone changes nothing.
@@ -1152,11 +1363,12 @@ fn unix_addr(name: &str) -> Vec<u8> {
     a
 }
 
-/// A unix socket bound where it was, listening if it was, with its queued datagrams.
+/// A unix socket bound where it was, listening if it was (its queued datagrams come
+/// later, see `refill_unix_datagrams`).
 ///
 /// The socket file a path leaves behind outlives its process. One nobody answers on is
 /// stale and removed before binding; one a live process still answers on is refused.
-fn make_unix_bound(reader: &ImageReader, kind: &OpenFileKind) -> Result<OwnedFd> {
+fn make_unix_bound(kind: &OpenFileKind) -> Result<OwnedFd> {
     let OpenFileKind::UnixBound {
         sock_type,
         name,
@@ -1164,7 +1376,6 @@ fn make_unix_bound(reader: &ImageReader, kind: &OpenFileKind) -> Result<OwnedFd>
         file_mode,
         file_uid,
         file_gid,
-        queue,
         ..
     } = kind
     else {
@@ -1215,31 +1426,6 @@ fn make_unix_bound(reader: &ImageReader, kind: &OpenFileKind) -> Result<OwnedFd>
         // SAFETY: listen takes integers.
         if unsafe { libc::listen(sock.as_raw_fd(), *backlog) } < 0 {
             return Err(err("listen")(io::Error::last_os_error()));
-        }
-    }
-    if let Some(q) = queue {
-        let bytes = reader.read_file(q)?;
-        let recs = records::decode(&bytes)
-            .ok_or_else(|| err("refill")(io::Error::other("the saved queue is cut short")))?;
-        for msg in recs {
-            // An unbound sender, one for each datagram.
-            // SAFETY: socket takes integers; sendto sends `msg` to `addr`.
-            let n = unsafe {
-                let s = libc::socket(libc::AF_UNIX, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0);
-                let n = libc::sendto(
-                    s,
-                    msg.as_ptr() as *const _,
-                    msg.len(),
-                    0,
-                    addr.as_ptr() as *const _,
-                    addr.len() as _,
-                );
-                libc::close(s);
-                n
-            };
-            if n < 0 {
-                return Err(err("refill")(io::Error::last_os_error()));
-            }
         }
     }
     Ok(sock)
@@ -1421,8 +1607,8 @@ fn open_file(
         }
         // A stand-in until the processes exist: see `late_open`.
         OpenFileKind::ProcFile { .. } => open_ro("/dev/null")?,
-        OpenFileKind::Inet { .. } => make_inet_socket(reader, &o.kind)?,
-        OpenFileKind::UnixBound { .. } => make_unix_bound(reader, &o.kind)?,
+        OpenFileKind::Inet { .. } => make_inet_socket(reader, tree, &o.kind)?,
+        OpenFileKind::UnixBound { .. } => make_unix_bound(&o.kind)?,
         OpenFileKind::EventFd { count, semaphore } => make_eventfd(*count, *semaphore)?,
         OpenFileKind::Inotify { watches } => make_inotify(watches)?,
         OpenFileKind::SignalFd { mask } => {
