@@ -10,7 +10,7 @@ use std::net::{Shutdown, TcpStream};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::{free_port, Fixture, Restore, FINISH_TIMEOUT};
+use common::{assert_running_untraced, free_port, Fixture, Restore, FINISH_TIMEOUT};
 use tempfile::TempDir;
 
 /// A firewall rule of the test's own, dropping the segments one end sends the other, so
@@ -137,6 +137,51 @@ fn halfclosed(mode: &str, server_sends: &str) {
     assert!(status.success(), "restored server: {status:?}; stderr:\n{}", restore.stderr());
     f.assert_log_passed();
     assert!(lock_rules().is_empty(), "rules left after the restore:\n{}", lock_rules());
+}
+
+/// Runs the fixture in `mode`, in which dump must refuse the connection saying
+/// `refusal`; the server must run on untouched, and the peer read `server_sends`.
+fn refused(mode: &str, refusal: &str, server_sends: &str) {
+    let port = free_port();
+    let mut f = Fixture::start_with_env(
+        "tcp_halfclosed.py",
+        &[&port.to_string(), mode],
+        &[("PEER_DATA", "peer-data")],
+    );
+    let mut s = TcpStream::connect(("127.0.0.1", port)).expect("connect to the server");
+    s.set_read_timeout(Some(Duration::from_secs(20))).expect("read timeout");
+    // Left in the listener's queue.
+    let _pending = (mode == "pending").then(|| TcpStream::connect(("127.0.0.1", port)).unwrap());
+    s.write_all(b"peer-data").expect("send");
+    s.shutdown(Shutdown::Write).expect("shut down the peer's side");
+    std::fs::File::create(f.path("shut")).expect("create the shut file");
+    wait_line(&f, "SETTLED");
+
+    let images = TempDir::new().expect("image dir");
+    let out = f.dump(images.path(), &["--tcp-established"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "dump of a {mode} connection succeeded");
+    assert!(err.contains(refusal), "dump's refusal does not say {refusal:?}:\n{err}");
+    assert_running_untraced(f.pid);
+    assert!(lock_rules().is_empty(), "rules left after a failed dump:\n{}", lock_rules());
+
+    f.go();
+    let mut got = Vec::new();
+    s.read_to_end(&mut got).expect("the peer's reading");
+    assert_eq!(String::from_utf8_lossy(&got), server_sends, "what the peer read");
+    let status = f.wait_exit(FINISH_TIMEOUT);
+    assert!(status.success(), "server: {status:?}; log:\n{}", f.log_text());
+    f.assert_log_passed();
+}
+
+#[test]
+fn a_connection_that_has_ended_is_refused_and_runs_on() {
+    refused("closed", "whose connection has ended (state CLOSE", "server-datalate-data");
+}
+
+#[test]
+fn a_listener_with_connections_not_yet_accepted_is_refused() {
+    refused("pending", "with 1 connections not yet accepted", "server-datareply");
 }
 
 #[test]
