@@ -163,7 +163,7 @@ pub(crate) struct FdContext {
     /// Unix sockets of the tree by inode, with their peer and a (pid, fd) holding them.
     sockets: HashMap<u64, (u64, (i32, i32))>,
     unix: Option<HashMap<u64, sock::UnixInfo>>,
-    tcp_listeners: Option<HashMap<u64, sock::TcpListenInfo>>,
+    tcp: Option<HashMap<u64, sock::TcpDiag>>,
     /// Save established TCP connections (`--tcp-established`).
     pub tcp_established: bool,
     /// Terminals on descriptors 0 to 2 are the restoring shell's (`--shell-job`).
@@ -231,16 +231,19 @@ impl FdContext {
         Ok(self.unix.as_ref().unwrap())
     }
 
-    fn tcp_listener(&mut self, pid: i32, ino: u64) -> Result<Option<sock::TcpListenInfo>> {
-        if self.tcp_listeners.is_none() {
-            let all = sock::tcp_listeners().map_err(|source| DumpError::Collect {
+    /// What sock_diag says of TCP socket `ino`. Read once: it serves for listeners,
+    /// whose state torpor does not change, and for the shut-down flags of connections,
+    /// which only the process sets.
+    fn tcp_diag(&mut self, pid: i32, ino: u64) -> Result<Option<sock::TcpDiag>> {
+        if self.tcp.is_none() {
+            let all = sock::tcp_sockets().map_err(|source| DumpError::Collect {
                 pid,
-                what: "the listening TCP sockets of this system".into(),
+                what: "the TCP sockets of this system".into(),
                 source,
             })?;
-            self.tcp_listeners = Some(all);
+            self.tcp = Some(all);
         }
-        Ok(self.tcp_listeners.as_ref().unwrap().get(&ino).copied())
+        Ok(self.tcp.as_ref().unwrap().get(&ino).copied())
     }
 
     /// Refuses pipes and sockets connected to a process outside the tree, or, with
@@ -945,7 +948,12 @@ fn inet_socket(
         // In repair mode from here: it stays so until the process is gone, which closes
         // it without a word to the peer, or until torpor lets the process run on.
         ctx.repaired.push(copy);
-        tcp_state = Some(state?);
+        let mut state = state?;
+        // Reading shut down by the program (shutdown(SHUT_RD)), not by the peer's FIN.
+        const RCV_SHUTDOWN: u8 = 1;
+        let shut = ctx.tcp_diag(pid, ino)?.map_or(0, |d| d.shutdown);
+        state.read_shut = shut & RCV_SHUTDOWN != 0 && !state.state.fin_received();
+        tcp_state = Some(state);
     }
     let mut options = Vec::new();
     for &(level, name, _) in SOCKET_OPTIONS {
@@ -978,7 +986,7 @@ fn inet_socket(
     };
     let backlog = if listening {
         let ino = fs::metadata(format!("/proc/{pid}/fd/{fd}")).map(|m| m.ino()).unwrap_or(0);
-        let info = ctx.tcp_listener(pid, ino)?.ok_or_else(|| DumpError::Collect {
+        let info = ctx.tcp_diag(pid, ino)?.ok_or_else(|| DumpError::Collect {
             pid,
             what: format!("the backlog of the socket on fd {fd}"),
             source: torpor_sys::Error::Syscall {
@@ -986,14 +994,14 @@ fn inet_socket(
                 source: std::io::Error::other(format!("socket:[{ino}] is not listed")),
             },
         })?;
-        if info.pending > 0 {
+        if info.rqueue > 0 {
             return Err(unsupported(format!(
                 "a TCP socket listening on {} with {} connections not yet accepted ({link})",
                 sock::describe_addr(&local),
-                info.pending
+                info.rqueue
             )));
         }
-        Some(info.backlog as i32)
+        Some(info.wqueue as i32)
     } else {
         None
     };
@@ -1115,5 +1123,6 @@ fn tcp_connection(
         window,
         timestamp,
         state,
+        read_shut: false,
     })
 }

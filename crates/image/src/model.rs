@@ -554,6 +554,10 @@ pub struct TcpState {
     /// bytes of data only.
     #[serde(default)]
     pub state: TcpConnState,
+    /// The program shut down reading (`shutdown(SHUT_RD)`) without the peer's FIN:
+    /// reading ends with end-of-file once the queued bytes are read.
+    #[serde(default)]
+    pub read_shut: bool,
 }
 
 /// The state of a TCP connection torpor can save: established, or closing on one side or

@@ -1136,6 +1136,10 @@ fn repair_connection(
     if t.state != model::TcpConnState::Established {
         close_half(s, local, peer, t, send_end, recv_end)?;
     }
+    // Shutting down reading only marks the socket: nothing goes to the peer.
+    if t.read_shut {
+        nix::sys::socket::shutdown(s.as_raw_fd(), nix::sys::socket::Shutdown::Read)?;
+    }
     Ok(())
 }
 
@@ -1172,10 +1176,7 @@ fn close_half(
     let shutdown = || -> io::Result<()> {
         // Only with the send queue selected does repair mode keep the FIN from the wire.
         sock::set_tcp_opt(s, TCP_REPAIR_QUEUE, TCP_SEND_QUEUE)?;
-        // SAFETY: shutdown takes a descriptor we own and a constant.
-        if unsafe { libc::shutdown(s.as_raw_fd(), libc::SHUT_WR) } < 0 {
-            return Err(io::Error::last_os_error());
-        }
+        nix::sys::socket::shutdown(s.as_raw_fd(), nix::sys::socket::Shutdown::Write)?;
         Ok(())
     };
     let peer_fin = || netlock::send_as_peer(conn, recv_end, una, TCP_FIN | TCP_ACK, window);

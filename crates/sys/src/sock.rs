@@ -294,36 +294,51 @@ pub fn unix_sockets() -> Result<HashMap<u64, UnixInfo>> {
     Ok(out)
 }
 
-/// What sock_diag tells about one listening TCP socket.
+/// What sock_diag tells about one TCP socket.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct TcpListenInfo {
-    /// Connections waiting to be accepted.
-    pub pending: u32,
-    /// The backlog `listen` was given, as the kernel capped it (`net.core.somaxconn`).
-    pub backlog: u32,
+pub struct TcpDiag {
+    /// The kernel's `TCP_*` state.
+    pub state: u8,
+    /// Listening: connections waiting to be accepted. Else bytes not yet read.
+    pub rqueue: u32,
+    /// Listening: the backlog `listen` was given, as the kernel capped it
+    /// (`net.core.somaxconn`). Else bytes not yet acknowledged.
+    pub wqueue: u32,
+    /// `sk_shutdown`: 1 reading is shut down, 2 sending is.
+    pub shutdown: u8,
 }
 
-/// Every listening TCP socket of this network namespace, IPv4 and IPv6, by inode
-/// (`NETLINK_SOCK_DIAG` with `inet_diag`: for a listener, the queue lengths it reports
-/// are the connections waiting and the backlog).
-pub fn tcp_listeners() -> Result<HashMap<u64, TcpListenInfo>> {
-    const TCP_LISTEN: u32 = 10;
+/// Every TCP socket of this network namespace, IPv4 and IPv6, by inode
+/// (`NETLINK_SOCK_DIAG` with `inet_diag`).
+pub fn tcp_sockets() -> Result<HashMap<u64, TcpDiag>> {
+    const INET_DIAG_SHUTDOWN: u16 = 8;
     let mut out = HashMap::new();
     for family in [libc::AF_INET, libc::AF_INET6] {
-        // struct inet_diag_req_v2: family, protocol, ext, pad, states, then a zeroed
-        // struct inet_diag_sockid (any address) with no cookie.
+        // struct inet_diag_req_v2: family, protocol, ext, pad, states (all), then a
+        // zeroed struct inet_diag_sockid (any address) with no cookie.
         let mut req = vec![family as u8, libc::IPPROTO_TCP as u8, 0, 0];
-        req.extend_from_slice(&(1u32 << TCP_LISTEN).to_ne_bytes());
+        req.extend_from_slice(&u32::MAX.to_ne_bytes());
         req.extend_from_slice(&[0; 40]);
         req.extend_from_slice(&[0xff; 8]);
         for body in diag_dump(&req, "TCP")? {
             // struct inet_diag_msg: family, state, timer, retrans, id (48 bytes),
-            // expires, rqueue, wqueue, uid, inode.
-            let word = |at: usize| u32::from_ne_bytes(body[at..at + 4].try_into().unwrap());
+            // expires, rqueue, wqueue, uid, inode; then attributes.
             if body.len() < 72 {
                 continue;
             }
-            out.insert(word(68) as u64, TcpListenInfo { pending: word(56), backlog: word(60) });
+            let word = |at: usize| u32::from_ne_bytes(body[at..at + 4].try_into().unwrap());
+            let mut diag =
+                TcpDiag { state: body[1], rqueue: word(56), wqueue: word(60), shutdown: 0 };
+            for (atype, data) in diag_attrs(&body[72..]) {
+                if atype == INET_DIAG_SHUTDOWN && !data.is_empty() {
+                    diag.shutdown = data[0];
+                }
+            }
+            // Sockets in TIME_WAIT and requests have no inode: they belong to no process.
+            let ino = word(68) as u64;
+            if ino != 0 {
+                out.insert(ino, diag);
+            }
         }
     }
     Ok(out)
@@ -646,7 +661,7 @@ mod tests {
         let mut st: libc::stat = unsafe { std::mem::zeroed() };
         // SAFETY: fstat writes one struct stat.
         unsafe { libc::fstat(l.as_raw_fd(), &mut st) };
-        let info = tcp_listeners().unwrap()[&st.st_ino];
-        assert_eq!(info, TcpListenInfo { pending: 1, backlog: 7 });
+        let info = tcp_sockets().unwrap()[&st.st_ino];
+        assert_eq!(info, TcpDiag { state: 10, rqueue: 1, wqueue: 7, shutdown: 0 });
     }
 }

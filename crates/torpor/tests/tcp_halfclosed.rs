@@ -208,3 +208,8 @@ fn last_ack_keeps_both_ends_shut() {
 fn closing_with_crossed_fins_completes() {
     halfclosed("closing", "server-datalate-data");
 }
+
+#[test]
+fn shut_down_reading_still_ends_with_end_of_file() {
+    halfclosed("shut_rd", "server-datareply");
+}
