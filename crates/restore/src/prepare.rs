@@ -451,6 +451,9 @@ fn refill_unix_datagrams(
         let bytes = reader.read_file(&file)?;
         let recs = records::decode(&bytes)
             .ok_or_else(|| err(io::Error::other("the saved queue is cut short")))?;
+        if senders && recs.len() % 2 != 0 {
+            return Err(err(io::Error::other("the saved queue has a sender without datagram")));
+        }
         let pairs: Vec<(&[u8], &[u8])> = if senders {
             recs.chunks_exact(2).map(|p| (p[0], p[1])).collect()
         } else {

@@ -69,6 +69,11 @@ fn lock_rules() -> String {
 /// Runs the fixture in `mode`, hibernates it in that state, wakes it, and checks both
 /// ends. `server_sends` is what the peer must read before end-of-file.
 fn halfclosed(mode: &str, server_sends: &str) {
+    halfclosed_on("127.0.0.1", mode, server_sends)
+}
+
+/// [`halfclosed`] with the server listening on `host`.
+fn halfclosed_on(host: &str, mode: &str, server_sends: &str) {
     let port = free_port();
     // In these modes the peer goes on sending: before the dump, while the server sleeps
     // (held back by the lock) and once it is back.
@@ -77,9 +82,9 @@ fn halfclosed(mode: &str, server_sends: &str) {
     let mut f = Fixture::start_with_env(
         "tcp_halfclosed.py",
         &[&port.to_string(), mode],
-        &[("PEER_DATA", peer_data)],
+        &[("PEER_DATA", peer_data), ("HOST", host)],
     );
-    let mut s = TcpStream::connect(("127.0.0.1", port)).expect("connect to the server");
+    let mut s = TcpStream::connect((host, port)).expect("connect to the server");
     s.set_read_timeout(Some(Duration::from_secs(20))).expect("read timeout");
     let me = s.local_addr().unwrap().port();
     s.write_all(b"peer-data").expect("send");
@@ -212,4 +217,9 @@ fn closing_with_crossed_fins_completes() {
 #[test]
 fn shut_down_reading_still_ends_with_end_of_file() {
     halfclosed("shut_rd", "server-datareply");
+}
+
+#[test]
+fn crossed_fins_over_ipv6() {
+    halfclosed_on("::1", "closing", "server-datalate-data");
 }
