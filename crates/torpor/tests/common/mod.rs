@@ -750,3 +750,18 @@ pub fn proc_start_time(pid: i32) -> Option<u64> {
     let after_comm = &stat[stat.rfind(')')? + 1..];
     after_comm.split_whitespace().nth(19)?.parse().ok()
 }
+
+/// The firewall rules torpor holds for connections to or from `port` (other tests lock
+/// connections of their own at the same time).
+pub fn lock_rules(port: u16) -> String {
+    let out = Command::new("nft").args(["list", "chain", "inet", "torpor", "lock"]).output();
+    let (sport, dport) = (format!("sport {port} "), format!("dport {port} "));
+    out.map(|o| {
+        String::from_utf8_lossy(&o.stdout)
+            .lines()
+            .filter(|l| l.contains("drop") && (l.contains(&sport) || l.contains(&dport)))
+            .collect::<Vec<_>>()
+            .join("\n")
+    })
+    .unwrap_or_default()
+}
