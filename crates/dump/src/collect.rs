@@ -320,6 +320,7 @@ pub(crate) fn collect(
         mm,
         vmas: Vec::new(),
         pages_file: format!("pages-{pid}.img"),
+        page_frames: None,
         sigactions,
         shared_pending,
         itimers,

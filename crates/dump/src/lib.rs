@@ -43,6 +43,8 @@ pub struct DumpOptions {
     /// A job of an interactive shell: terminals on descriptors 0 to 2 are saved as
     /// inherited, with their modes, so the job wakes in the terminal restore runs in.
     pub shell_job: bool,
+    /// Compress page files with zstd at this level.
+    pub compress: Option<i32>,
 }
 
 /// What a dump did, for the summary line.
@@ -103,7 +105,7 @@ pub fn dump(opts: &DumpOptions) -> Result<DumpSummary> {
         SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos())
     );
     fd_ctx.shell_job = opts.shell_job;
-    let result = write_image(&frozen, &mut writer, &mut fd_ctx, opts.inherit_stdio);
+    let result = write_image(&frozen, &mut writer, &mut fd_ctx, opts);
     let (tree, stats) = match result {
         Ok(v) => v,
         Err(e) => {
@@ -224,8 +226,9 @@ fn write_image(
     frozen: &FrozenTree,
     writer: &mut ImageWriter,
     fd_ctx: &mut files::FdContext,
-    inherit_stdio: bool,
+    opts: &DumpOptions,
 ) -> Result<(model::Tree, Stats)> {
+    let inherit_stdio = opts.inherit_stdio;
     let root = frozen.processes[0].pid;
     let mut files = files::FileTable::default();
     let mut stats = Stats::default();
@@ -233,7 +236,8 @@ fn write_image(
     let mut processes = Vec::new();
     for f in &frozen.processes {
         let mut process = collect::collect(f, &mut files, fd_ctx, writer)?;
-        memory::dump_pages(f, &mut process, writer, &mut files, &mut pages, &mut stats)?;
+        let (index, stats) = (&mut pages, &mut stats);
+        memory::dump_pages(f, &mut process, writer, &mut files, index, stats, opts.compress)?;
         processes.push(process);
     }
     let pids: Vec<i32> = frozen.processes.iter().map(|p| p.pid).collect();

@@ -4,7 +4,8 @@ use std::collections::{HashMap, HashSet};
 use std::fs::File;
 
 use torpor_image::model::{self, PageRun, Vma, VmaKind};
-use torpor_image::{ImageFile, ImageWriter};
+use torpor_image::pages::PageWriter;
+use torpor_image::ImageWriter;
 use torpor_sys::{mem, proc, PAGE};
 
 use crate::collect::UnsupportedReason;
@@ -56,6 +57,7 @@ pub(crate) fn dump_pages(
     files: &mut FileTable,
     index: &mut PageIndex,
     stats: &mut Stats,
+    compress: Option<i32>,
 ) -> Result<()> {
     let pid = frozen.pid;
     let err = |what: &str| {
@@ -69,7 +71,11 @@ pub(crate) fn dump_pages(
         what: "its page map".into(),
         source: torpor_sys::Error::Io { what: pagemap_path.clone(), source },
     })?;
-    let mut out = writer.create_file(&process.pages_file)?;
+    let file = writer.create_file(&process.pages_file)?;
+    let mut out = match compress {
+        Some(level) => PageWriter::zstd(file, level),
+        None => PageWriter::raw(file),
+    };
     let mut buf = vec![0u8; BATCH];
 
     for m in &maps {
@@ -113,8 +119,13 @@ pub(crate) fn dump_pages(
         }
         process.vmas.push(vma);
     }
-    stats.bytes += out.len();
-    writer.finish_file(out)?;
+    let (file, frames) = out.finish()?;
+    if frames.is_some() {
+        writer.needs_version(2);
+    }
+    process.page_frames = frames;
+    stats.bytes += file.len();
+    writer.finish_file(file)?;
     Ok(())
 }
 
@@ -229,7 +240,7 @@ fn sysv_segment(shmid: i32) -> Option<VmaKind> {
 fn dump_vma(
     ctx: &mut VmaCtx,
     vma: &mut Vma,
-    out: &mut ImageFile,
+    out: &mut PageWriter,
     buf: &mut [u8],
     stats: &mut Stats,
 ) -> std::result::Result<(), VmaError> {
@@ -314,7 +325,7 @@ fn flush(
     ctx: &mut VmaCtx,
     batch: Batch,
     vma: &mut Vma,
-    out: &mut ImageFile,
+    out: &mut PageWriter,
     buf: &mut [u8],
     stats: &mut Stats,
 ) -> std::result::Result<(), VmaError> {

@@ -134,6 +134,12 @@ fn check_ptys(tree: &Tree, manifest: &Manifest) -> std::result::Result<(), Strin
 
 fn check_process(p: &Process, tree: &Tree, manifest: &Manifest) -> std::result::Result<(), String> {
     in_range(p.mm.exe_file, tree.files.len(), "file")?;
+    if let Some(frames) = &p.page_frames {
+        let file_len = listed_len(manifest, &p.pages_file)
+            .ok_or_else(|| format!("page file {:?} is not in the manifest", p.pages_file))?;
+        crate::pages::check_frames(frames, file_len)
+            .map_err(|why| format!("page file {:?}: {why}", p.pages_file))?;
+    }
 
     let mut prev_end = 0u64;
     for vma in &p.vmas {
@@ -256,11 +262,17 @@ fn check_vma(
         };
         let file_len = listed_len(manifest, pages_file)
             .ok_or_else(|| format!("page file {pages_file:?} is not in the manifest"))?;
+        // A compressed file's runs count in its data before compression.
+        let owner = run.from_pid.and_then(|o| tree.processes.iter().find(|q| q.pid == o));
+        let data_len = match &owner.unwrap_or(p).page_frames {
+            Some(f) => f.data_len,
+            None => file_len,
+        };
         let data_end = offset.checked_add(end - run.addr);
-        if offset % PAGE_SIZE != 0 || data_end.map_or(true, |e| e > file_len) {
+        if offset % PAGE_SIZE != 0 || data_end.map_or(true, |e| e > data_len) {
             return Err(format!(
                 "page run at {:#x} has its {} pages at offset {offset:#x}, which is misaligned \
-                 or past the end of {pages_file:?} ({file_len} bytes)",
+                 or past the end of {pages_file:?} ({data_len} bytes)",
                 run.addr, run.pages
             ));
         }

@@ -37,6 +37,7 @@
 
 mod check;
 pub mod model;
+pub mod pages;
 
 use std::collections::HashSet;
 use std::fs::{self, File, OpenOptions};
@@ -51,8 +52,12 @@ pub use check::check_tree;
 
 /// The first field of every manifest.
 pub const MAGIC: &str = "torpor-image";
-/// The format this torpor writes and reads.
-pub const FORMAT_VERSION: u32 = 1;
+/// The newest format this torpor writes and reads: version 2 adds compressed page files
+/// ([`model::PageFrames`]).
+pub const FORMAT_VERSION: u32 = 2;
+/// The oldest format this torpor reads. It writes this version unless the image uses
+/// something newer ([`ImageWriter::needs_version`]), so older torpors read plain images.
+pub const OLDEST_FORMAT_VERSION: u32 = 1;
 /// Name of the manifest inside the image directory.
 pub const MANIFEST: &str = "manifest.json";
 /// Name of the record file holding the [`model::Tree`].
@@ -143,7 +148,10 @@ pub enum ImageError {
         actual: String,
     },
     /// The manifest is of another format version.
-    #[error("{path} has format version {found}; this torpor reads version {FORMAT_VERSION} only")]
+    #[error(
+        "{path} has format version {found}; this torpor reads versions \
+         {OLDEST_FORMAT_VERSION} to {FORMAT_VERSION}"
+    )]
     Version {
         /// The manifest.
         path: PathBuf,
@@ -500,6 +508,8 @@ pub struct ImageWriter {
     created: Vec<PathBuf>,
     /// Whether [`ImageWriter::create`] made the directory (so abandoning removes it).
     made_dir: bool,
+    /// The format version the manifest will record.
+    version: u32,
 }
 
 impl ImageWriter {
@@ -523,7 +533,13 @@ impl ImageWriter {
         let manifest = dir.join(MANIFEST);
         remove_if_exists(&manifest)
             .map_err(|source| ImageError::Write { path: manifest, source })?;
-        Ok(Self { dir: dir.to_path_buf(), entries: Vec::new(), created: Vec::new(), made_dir })
+        Ok(Self {
+            dir: dir.to_path_buf(),
+            entries: Vec::new(),
+            created: Vec::new(),
+            made_dir,
+            version: OLDEST_FORMAT_VERSION,
+        })
     }
 
     /// The image directory.
@@ -543,6 +559,12 @@ impl ImageWriter {
             .map_err(|source| ImageError::Write { path: path.clone(), source })?;
         self.created.push(path.clone());
         Ok(ImageFile { name: name.to_string(), path, file, hash: Xxh3::new(), len: 0, pipe: None })
+    }
+
+    /// Records that the image uses something format `version` introduced: the manifest
+    /// will say at least that version.
+    pub fn needs_version(&mut self, version: u32) {
+        self.version = self.version.max(version.min(FORMAT_VERSION));
     }
 
     /// Flushes a file to disk and records it for the manifest. A file written again under
@@ -581,7 +603,7 @@ impl ImageWriter {
     /// [`ImageWriter::abandon`], since the writer is gone and no caller could.
     pub fn commit(mut self, mut manifest: Manifest) -> Result<()> {
         manifest.magic = MAGIC.to_string();
-        manifest.format_version = FORMAT_VERSION;
+        manifest.format_version = self.version;
         manifest.files = std::mem::take(&mut self.entries);
         match self.write_manifest(&manifest) {
             Ok(()) => Ok(()),
@@ -683,7 +705,7 @@ pub fn decode_manifest(bytes: &[u8], path: &Path) -> Result<Manifest> {
     if head.magic != MAGIC {
         return Err(corrupt(format!("magic is {:?}, not {MAGIC:?}", head.magic)));
     }
-    if head.format_version != FORMAT_VERSION {
+    if !(OLDEST_FORMAT_VERSION..=FORMAT_VERSION).contains(&head.format_version) {
         return Err(ImageError::Version { path: path.to_path_buf(), found: head.format_version });
     }
 
@@ -1071,6 +1093,7 @@ pub(crate) mod tests {
                 },
                 vmas: vec![text, data, heap, stack, vvar, vdso, vsyscall],
                 pages_file: PAGES.into(),
+                page_frames: None,
                 sigactions,
                 shared_pending: vec![siginfo(15)],
                 itimers: ITimers {
@@ -1275,7 +1298,7 @@ pub(crate) mod tests {
         let names: Vec<_> = r.manifest().files.iter().map(|f| f.name.as_str()).collect();
         assert_eq!(names, [TREE, PAGES, VDSO, SAVED]);
         assert_eq!(r.manifest().magic, MAGIC);
-        assert_eq!(r.manifest().format_version, FORMAT_VERSION);
+        assert_eq!(r.manifest().format_version, OLDEST_FORMAT_VERSION);
         assert_eq!(r.manifest().cpu, sample_manifest().cpu);
 
         let total: u64 = r.manifest().files.iter().map(|f| f.len).sum();
@@ -1400,13 +1423,14 @@ pub(crate) mod tests {
 
     #[test]
     fn other_format_version_is_a_version_error() {
-        for found in [0, FORMAT_VERSION + 1, u32::MAX] {
+        for found in [OLDEST_FORMAT_VERSION - 1, FORMAT_VERSION + 1, u32::MAX] {
             let (_tmp, dir) = write_sample();
             rewrite_manifest(&dir, |m| m["format_version"] = found.into());
             let e = refused(load(&dir), "Version", MANIFEST);
             assert!(matches!(e, ImageError::Version { found: f, .. } if f == found));
             assert!(e.to_string().contains(&format!("version {found}")), "{e}");
-            assert!(e.to_string().contains(&format!("version {FORMAT_VERSION} only")), "{e}");
+            let reads = format!("versions {OLDEST_FORMAT_VERSION} to {FORMAT_VERSION}");
+            assert!(e.to_string().contains(&reads), "{e}");
         }
 
         // A newer format may reshape everything but the magic and the version.

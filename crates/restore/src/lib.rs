@@ -16,6 +16,7 @@
 
 mod batch;
 mod child;
+mod fill;
 mod prepare;
 mod ptys;
 mod space;

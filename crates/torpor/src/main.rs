@@ -59,6 +59,11 @@ enum Command {
         /// one to wake in (`torpor restore --shell-job` in any terminal).
         #[arg(long)]
         shell_job: bool,
+        /// Compress the memory with zstd, on every core, at LEVEL (negative levels are
+        /// faster and compress less; default 1).
+        #[arg(long, value_name = "LEVEL", num_args = 0..=1, require_equals = true,
+              value_parser = parse_level)]
+        compress: Option<Option<i32>>,
     },
     /// Wake the process saved in an image, with its original pid, and wait for it.
     Restore {
@@ -121,6 +126,16 @@ fn main() -> ExitCode {
     }
 }
 
+/// A zstd compression level within the range the library supports.
+fn parse_level(s: &str) -> std::result::Result<i32, String> {
+    let level: i32 = s.parse().map_err(|_| format!("{s:?} is not a number"))?;
+    let range = torpor_image::pages::levels();
+    if !range.contains(&level) {
+        return Err(format!("levels go from {} to {}", range.start(), range.end()));
+    }
+    Ok(level)
+}
+
 fn init_logging(verbose: u8, quiet: bool) {
     let level = match (quiet, verbose) {
         (true, _) => "error",
@@ -137,7 +152,15 @@ fn init_logging(verbose: u8, quiet: bool) {
 fn run(cli: Cli) -> Result<u8> {
     let quiet = cli.quiet;
     match cli.command {
-        Command::Dump { pid, dir, leave_running, inherit_stdio, tcp_established, shell_job } => {
+        Command::Dump {
+            pid,
+            dir,
+            leave_running,
+            inherit_stdio,
+            tcp_established,
+            shell_job,
+            compress,
+        } => {
             let opts = torpor_dump::DumpOptions {
                 pid,
                 dir: dir.clone(),
@@ -145,6 +168,7 @@ fn run(cli: Cli) -> Result<u8> {
                 inherit_stdio,
                 tcp_established,
                 shell_job,
+                compress: compress.map(|level| level.unwrap_or(torpor_image::pages::DEFAULT_LEVEL)),
             };
             let s =
                 // An interrupted dump would leave the process stopped halfway through a call
