@@ -37,6 +37,7 @@ fn manifest() -> &'static Manifest {
                 entry("vdso-4242.img", 8192),
                 entry("file-0.img", 100),
             ],
+            parent: None,
         }
     })
 }

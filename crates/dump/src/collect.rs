@@ -321,6 +321,7 @@ pub(crate) fn collect(
         vmas: Vec::new(),
         pages_file: format!("pages-{pid}.img"),
         page_frames: None,
+        page_hashes: None,
         sigactions,
         shared_pending,
         itimers,

@@ -134,6 +134,11 @@ fn check_ptys(tree: &Tree, manifest: &Manifest) -> std::result::Result<(), Strin
 
 fn check_process(p: &Process, tree: &Tree, manifest: &Manifest) -> std::result::Result<(), String> {
     in_range(p.mm.exe_file, tree.files.len(), "file")?;
+    if let Some(name) = &p.page_hashes {
+        if listed_len(manifest, name).is_none() {
+            return Err(format!("page hash file {name:?} is not in the manifest"));
+        }
+    }
     if let Some(frames) = &p.page_frames {
         let file_len = listed_len(manifest, &p.pages_file)
             .ok_or_else(|| format!("page file {:?} is not in the manifest", p.pages_file))?;
@@ -243,6 +248,16 @@ fn check_vma(
         prev_end = end;
 
         let Some(offset) = run.offset else { continue };
+        // Data in a parent image is checked against it when the chain is opened.
+        if run.image > 0 {
+            if manifest.parent.is_none() {
+                return Err(format!(
+                    "page run at {:#x} refers to parent image {}, but there is none",
+                    run.addr, run.image
+                ));
+            }
+            continue;
+        }
         // Pages shared copy-on-write with another process are stored in its page file.
         let pages_file = match run.from_pid {
             None => &p.pages_file,
@@ -433,8 +448,13 @@ mod tests {
         // Runs may share the end of one and the start of the next.
         let (mut tree, manifest) = sample();
         let heap = &mut tree.processes[0].vmas[2];
-        heap.pages[1] =
-            PageRun { addr: heap.start + 30 * 4096, pages: 31, offset: None, from_pid: None };
+        heap.pages[1] = PageRun {
+            addr: heap.start + 30 * 4096,
+            pages: 31,
+            offset: None,
+            from_pid: None,
+            image: 0,
+        };
         check_tree(&tree, &manifest, Path::new(TREE)).unwrap();
     }
 }

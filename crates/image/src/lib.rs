@@ -158,6 +158,31 @@ pub enum ImageError {
         /// The version it records.
         found: u32,
     },
+    /// The parent of an incremental image cannot be read.
+    #[error("{dir} was dumped over the image {parent}, which cannot be read")]
+    Parent {
+        /// The incremental image.
+        dir: PathBuf,
+        /// Where its parent should be.
+        parent: PathBuf,
+        /// What went wrong reading it.
+        source: Box<ImageError>,
+    },
+    /// The parent of an incremental image is not the image it was dumped over.
+    #[error(
+        "{dir} was dumped over the image {parent}, which has changed since (its manifest's \
+         checksum is {actual}, {dir} recorded {expected})"
+    )]
+    ParentChanged {
+        /// The incremental image.
+        dir: PathBuf,
+        /// Its parent.
+        parent: PathBuf,
+        /// Checksum recorded in the incremental image.
+        expected: String,
+        /// Checksum of the parent's manifest now.
+        actual: String,
+    },
     /// A file the manifest lists is not in the directory.
     #[error("{path} is listed in the manifest but missing")]
     Missing {
@@ -202,6 +227,19 @@ pub struct Manifest {
     pub root_pid: i32,
     /// Every file of the image except the manifest, in the order they were written.
     pub files: Vec<FileEntry>,
+    /// For an incremental image: the image it refers to for pages that did not change.
+    #[serde(default)]
+    pub parent: Option<ParentImage>,
+}
+
+/// The image an incremental image was dumped over.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ParentImage {
+    /// Its directory: relative to this image's directory, or absolute.
+    pub path: String,
+    /// xxh3-128 of its `manifest.json` when this image was written, in hex; a parent
+    /// whose manifest differs is not the one this image was made over.
+    pub manifest_xxh3: String,
 }
 
 /// CPU state the image's register contents need.
@@ -737,6 +775,8 @@ pub fn decode_manifest(bytes: &[u8], path: &Path) -> Result<Manifest> {
 pub struct ImageReader {
     dir: PathBuf,
     manifest: Manifest,
+    /// xxh3-128 of the manifest file, in hex: what an incremental image records of it.
+    manifest_xxh3: String,
 }
 
 impl ImageReader {
@@ -759,6 +799,7 @@ impl ImageReader {
             Err(e) => return Err(e),
         };
         let manifest = decode_manifest(&bytes, &path)?;
+        let manifest_xxh3 = hash_bytes(&bytes);
 
         for f in &manifest.files {
             let p = dir.join(&f.name);
@@ -776,12 +817,17 @@ impl ImageReader {
                 return Err(ImageError::Length { path: p, expected: f.len, actual: meta.len() });
             }
         }
-        Ok(Self { dir: dir.to_path_buf(), manifest })
+        Ok(Self { dir: dir.to_path_buf(), manifest, manifest_xxh3 })
     }
 
     /// The image's manifest.
     pub fn manifest(&self) -> &Manifest {
         &self.manifest
+    }
+
+    /// xxh3-128 of the manifest file, in hex.
+    pub fn manifest_xxh3(&self) -> &str {
+        &self.manifest_xxh3
     }
 
     /// The image directory.
@@ -1006,18 +1052,19 @@ pub(crate) mod tests {
             VmaKind::File { file: 0, offset: 3 * PAGE },
         );
         data.pages = vec![
-            PageRun { addr: data.start, pages: 1, offset: Some(0), from_pid: None },
-            PageRun { addr: data.start + PAGE, pages: 1, offset: None, from_pid: None },
+            PageRun { addr: data.start, pages: 1, offset: Some(0), from_pid: None, image: 0 },
+            PageRun { addr: data.start + PAGE, pages: 1, offset: None, from_pid: None, image: 0 },
         ];
         let mut heap =
             vma(exe + 5 * PAGE, 64, prot::READ | prot::WRITE, VmaKind::Anon { heap: true });
         heap.pages = vec![
-            PageRun { addr: heap.start, pages: 30, offset: Some(PAGE), from_pid: None },
+            PageRun { addr: heap.start, pages: 30, offset: Some(PAGE), from_pid: None, image: 0 },
             PageRun {
                 addr: heap.start + 33 * PAGE,
                 pages: 31,
                 offset: Some(31 * PAGE),
                 from_pid: None,
+                image: 0,
             },
         ];
         let mut stack = vma(0x7ffc_d000_0000, 32, prot::READ | prot::WRITE, VmaKind::Stack);
@@ -1026,6 +1073,7 @@ pub(crate) mod tests {
             pages: 8,
             offset: Some(62 * PAGE),
             from_pid: None,
+            image: 0,
         }];
         let vvar = vma(0x7ffc_d010_0000, 4, prot::READ, VmaKind::Vvar { name: "[vvar]".into() });
         let vdso = vma(
@@ -1094,6 +1142,7 @@ pub(crate) mod tests {
                 vmas: vec![text, data, heap, stack, vvar, vdso, vsyscall],
                 pages_file: PAGES.into(),
                 page_frames: None,
+                page_hashes: None,
                 sigactions,
                 shared_pending: vec![siginfo(15)],
                 itimers: ITimers {
@@ -1206,6 +1255,7 @@ pub(crate) mod tests {
             cpu: CpuState { xfeatures_used: 0x7, xcr0: 0x2e7, xsave_size: 2696 },
             root_pid: PID,
             files: Vec::new(),
+            parent: None,
         }
     }
 
@@ -1252,6 +1302,8 @@ pub(crate) mod tests {
             ImageError::Missing { .. } => "Missing",
             ImageError::BadName { .. } => "BadName",
             ImageError::NotListed { .. } => "NotListed",
+            ImageError::Parent { .. } => "Parent",
+            ImageError::ParentChanged { .. } => "ParentChanged",
         }
     }
 

@@ -155,6 +155,11 @@ pub struct Process {
     /// raw page file, whose bytes are the page data themselves.
     #[serde(default)]
     pub page_frames: Option<PageFrames>,
+    /// Image file with the xxh3-64 of every page of the process's page runs with data,
+    /// in address order (8 bytes little-endian each), so that a later dump over this
+    /// image can tell which pages changed. `None` in images written before it existed.
+    #[serde(default)]
+    pub page_hashes: Option<String>,
     /// Signal actions, indexed by signal number minus one (1..=64).
     pub sigactions: Vec<SigAction>,
     /// Signals queued to the whole process, oldest first.
@@ -382,6 +387,14 @@ pub struct PageRun {
     /// shared copy-on-write after fork is stored once. `None` for the process's own.
     #[serde(default)]
     pub from_pid: Option<i32>,
+    /// Which image of an incremental chain holds the data: 0 this one, 1 its parent, 2
+    /// the parent's parent, and so on. `offset` and `from_pid` are then that image's.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub image: u32,
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
 }
 
 /// A file referred to by the image, with what identifies its content.

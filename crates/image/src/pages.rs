@@ -33,7 +33,7 @@ use std::sync::mpsc::{self, Receiver, SyncSender};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
-use crate::model::{PageFrames, Process};
+use crate::model::{PageFrames, Process, Tree};
 use crate::{ImageError, ImageFile, ImageReader, Result};
 
 /// Page data per compressed frame. Small enough that reading one page costs little (a
@@ -431,6 +431,181 @@ impl PageSource {
     fn corrupt(&self, why: String) -> ImageError {
         ImageError::Corrupt { path: self.path.clone(), why }
     }
+}
+
+/// xxh3-64 of one page, as page hash files record it.
+pub fn page_hash(page: &[u8]) -> u64 {
+    xxhash_rust::xxh3::xxh3_64(page)
+}
+
+/// The bytes of a page hash file.
+pub fn encode_hashes(hashes: &[u64]) -> Vec<u8> {
+    hashes.iter().flat_map(|h| h.to_le_bytes()).collect()
+}
+
+/// Number of pages with data in the runs of `p` (what its page hash file covers).
+fn data_pages(p: &Process) -> u64 {
+    p.vmas
+        .iter()
+        .flat_map(|v| &v.pages)
+        .filter(|r| r.offset.is_some())
+        .fold(0u64, |n, r| n.saturating_add(r.pages))
+}
+
+/// Reads the page hash file of `p`: one hash per page of its runs with data, in address
+/// order. `None` when the image has none.
+pub fn read_hashes(reader: &ImageReader, p: &Process) -> Result<Option<Vec<u64>>> {
+    let Some(name) = &p.page_hashes else { return Ok(None) };
+    let bytes = reader.read_file(name)?;
+    let want = data_pages(p);
+    if bytes.len() % 8 != 0 || (bytes.len() / 8) as u64 != want {
+        return Err(ImageError::Corrupt {
+            path: reader.dir().join(name),
+            why: format!("{} bytes, not 8 for each of the {want} pages with data", bytes.len()),
+        });
+    }
+    let hashes = bytes.chunks_exact(8).map(|c| u64::from_le_bytes(c.try_into().unwrap()));
+    Ok(Some(hashes.collect()))
+}
+
+/// Where the data of a page is in a chain of images: as a page run records it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PageRef {
+    /// Image of the chain, counted from the one this refers from (0).
+    pub image: u32,
+    /// The process whose page data holds it, if not the one at the same pid.
+    pub from_pid: Option<i32>,
+    /// Offset in that page data.
+    pub offset: u64,
+}
+
+/// A run of pages with data in the parent image, and where its hashes start.
+struct ParentRun {
+    addr: u64,
+    pages: u64,
+    at: PageRef,
+    first_hash: usize,
+}
+
+/// The pages of an image that an incremental dump may refer to instead of storing them.
+pub struct ParentPages {
+    /// The parent's directory.
+    pub dir: PathBuf,
+    /// Its manifest's checksum, to record.
+    pub manifest_xxh3: String,
+    processes: std::collections::HashMap<i32, (Vec<ParentRun>, Vec<u64>)>,
+}
+
+impl ParentPages {
+    /// Reads the image in `dir` (checking it whole) and indexes its pages by process and
+    /// address.
+    pub fn load(dir: &Path) -> Result<Self> {
+        let reader = ImageReader::open(dir)?;
+        reader.verify_all(|_| {})?;
+        let tree = reader.read_tree()?;
+        let mut processes = std::collections::HashMap::new();
+        for p in &tree.processes {
+            let Some(hashes) = read_hashes(&reader, p)? else {
+                return Err(ImageError::Corrupt {
+                    path: reader.dir().join(crate::TREE),
+                    why: format!(
+                        "process {} has no page hashes (an image of an older torpor cannot \
+                         be a parent)",
+                        p.pid
+                    ),
+                });
+            };
+            let mut runs = Vec::new();
+            let mut first_hash = 0usize;
+            for r in p.vmas.iter().flat_map(|v| &v.pages) {
+                let Some(offset) = r.offset else { continue };
+                let at = PageRef { image: r.image, from_pid: r.from_pid, offset };
+                runs.push(ParentRun { addr: r.addr, pages: r.pages, at, first_hash });
+                first_hash += r.pages as usize;
+            }
+            processes.insert(p.pid, (runs, hashes));
+        }
+        Ok(Self {
+            dir: dir.to_path_buf(),
+            manifest_xxh3: reader.manifest_xxh3().to_string(),
+            processes,
+        })
+    }
+
+    /// Where the parent holds the page at `addr` of process `pid`, as seen from an image
+    /// made over it, with the page's hash.
+    pub fn lookup(&self, pid: i32, addr: u64) -> Option<(PageRef, u64)> {
+        let (runs, hashes) = self.processes.get(&pid)?;
+        // Runs are in increasing address order (checked with the tree).
+        let i = runs.partition_point(|r| r.addr + r.pages * PAGE <= addr);
+        let r = runs.get(i).filter(|r| r.addr <= addr)?;
+        let page = (addr - r.addr) / PAGE;
+        let at = PageRef {
+            image: r.at.image + 1,
+            from_pid: r.at.from_pid,
+            offset: r.at.offset + page * PAGE,
+        };
+        Some((at, hashes[r.first_hash + page as usize]))
+    }
+}
+
+/// Most images in a chain, parents included: a bound on following parent references.
+pub const MAX_CHAIN: usize = 64;
+
+/// Opens the parents of the image `reader` reads, nearest first, checking that each is
+/// the image its child was made over; `verify` also checks every file of each.
+pub fn open_parents(reader: &ImageReader, verify: bool) -> Result<Vec<(ImageReader, Tree)>> {
+    let mut chain: Vec<(ImageReader, Tree)> = Vec::new();
+    let mut child = (reader.dir().to_path_buf(), reader.manifest().parent.clone());
+    while let (dir, Some(parent)) = child {
+        if chain.len() + 1 >= MAX_CHAIN {
+            return Err(ImageError::Corrupt {
+                path: dir.join(crate::MANIFEST),
+                why: format!("its chain of parent images is longer than {MAX_CHAIN}"),
+            });
+        }
+        let path = dir.join(&parent.path);
+        let wrap =
+            |e| ImageError::Parent { dir: dir.clone(), parent: path.clone(), source: Box::new(e) };
+        let r = ImageReader::open(&path).map_err(wrap)?;
+        if r.manifest_xxh3() != parent.manifest_xxh3 {
+            return Err(ImageError::ParentChanged {
+                dir,
+                parent: path,
+                expected: parent.manifest_xxh3,
+                actual: r.manifest_xxh3().to_string(),
+            });
+        }
+        if verify {
+            r.verify_all(|_| {}).map_err(wrap)?;
+        }
+        let tree = r.read_tree().map_err(wrap)?;
+        child = (path.clone(), r.manifest().parent.clone());
+        chain.push((r, tree));
+    }
+    Ok(chain)
+}
+
+/// The path of `parent` as seen from the directory `child`: relative when both are
+/// under one directory, else absolute. Both must exist.
+pub fn parent_path(child: &Path, parent: &Path) -> io::Result<String> {
+    let child = std::fs::canonicalize(child)?;
+    let parent = std::fs::canonicalize(parent)?;
+    let common = child.components().zip(parent.components()).take_while(|(a, b)| a == b).count();
+    let mut rel = PathBuf::new();
+    // Relative only below a common directory other than the root.
+    if common > 1 {
+        for _ in child.components().skip(common) {
+            rel.push("..");
+        }
+        rel.extend(parent.components().skip(common));
+        if rel.as_os_str().is_empty() {
+            rel.push(".");
+        }
+    } else {
+        rel = parent;
+    }
+    rel.into_os_string().into_string().map_err(|_| io::Error::other("a path that is not UTF-8"))
 }
 
 #[cfg(test)]

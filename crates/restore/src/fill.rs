@@ -1,8 +1,9 @@
 //! Filling mappings from page files the restored process cannot read itself.
 //!
-//! A raw page file is read by the process, straight into its mappings (see `space`). A
-//! compressed one is decompressed by torpor, a frame per worker thread, and written into
-//! the process with `process_vm_writev` while the mapping is still writable. Frames are
+//! A raw page file of the image is read by the process, straight into its mappings (see
+//! `space`). A compressed one, or pages an incremental image leaves in its parents, are
+//! read by torpor, a frame per worker thread, and written into the process with
+//! `process_vm_writev` while the mapping is still writable. Frames are
 //! independent, so the workers need no order; the frame a mapping ends in is kept for the
 //! next mapping, whose data usually starts in it.
 
@@ -20,13 +21,18 @@ use crate::{RestoreError, Result};
 /// Zeros written per piece for runs recorded as all zero.
 const ZEROS: usize = 1 << 20;
 
-/// A frame: the pid whose page file holds it, and its number.
-type FrameKey = (i32, u64);
+/// Page data: the image of the chain (0 the one restored, 1 its parent...) and the pid
+/// whose page file it is.
+type SourceKey = (u32, i32);
+/// A frame: the page data holding it, and its number.
+type FrameKey = (SourceKey, u64);
 
 /// The page files of an image that torpor reads for the processes.
 pub(crate) struct Unpacker {
-    /// Every process's page data, by pid as the image records it.
-    sources: HashMap<i32, PageSource>,
+    /// Every process's page data in every image of the chain.
+    sources: HashMap<SourceKey, PageSource>,
+    /// The restored image's tree, for messages.
+    tree_path: std::path::PathBuf,
     /// Frames of the previous mapping kept for the next one.
     kept: Mutex<HashMap<FrameKey, Arc<Vec<u8>>>>,
 }
@@ -39,23 +45,35 @@ struct Piece {
 }
 
 impl Unpacker {
-    /// Opens the page files, or returns `None` when every one is raw (the processes
-    /// read them themselves).
+    /// Opens the page files of the image and of its parents, or returns `None` when the
+    /// image has no parent and every page file is raw (the processes read them).
     pub fn open(reader: &ImageReader, tree: &model::Tree) -> Result<Option<Self>> {
-        if tree.processes.iter().all(|p| p.page_frames.is_none()) {
+        let parents = torpor_image::pages::open_parents(reader, false)?;
+        if parents.is_empty() && tree.processes.iter().all(|p| p.page_frames.is_none()) {
             return Ok(None);
         }
         let mut sources = HashMap::new();
         for p in &tree.processes {
-            sources.insert(p.pid, PageSource::open(reader, p)?);
+            sources.insert((0, p.pid), PageSource::open(reader, p)?);
         }
-        Ok(Some(Self { sources, kept: Mutex::default() }))
+        for (i, (r, t)) in parents.iter().enumerate() {
+            for p in &t.processes {
+                sources.insert((i as u32 + 1, p.pid), PageSource::open(r, p)?);
+            }
+        }
+        let tree_path = reader.dir().join(torpor_image::TREE);
+        Ok(Some(Self { sources, tree_path, kept: Mutex::default() }))
     }
 
-    /// Whether torpor must fill mapping `v` of process `owner` (its data is compressed).
+    /// Whether torpor must fill mapping `v` of process `owner`: some of its data is
+    /// compressed or in a parent image.
     pub fn needed(&self, owner: i32, v: &model::Vma) -> bool {
         v.pages.iter().filter(|r| r.offset.is_some()).any(|r| {
-            self.sources.get(&r.from_pid.unwrap_or(owner)).is_some_and(|s| s.is_compressed())
+            r.image > 0
+                || self
+                    .sources
+                    .get(&(0, r.from_pid.unwrap_or(owner)))
+                    .is_some_and(|s| s.is_compressed())
         })
     }
 
@@ -68,7 +86,7 @@ impl Unpacker {
         v: &model::Vma,
         map_err: &(dyn Fn(torpor_sys::Error) -> RestoreError + Sync),
     ) -> Result<()> {
-        let (groups, zeros) = self.plan(owner, &v.pages);
+        let (groups, zeros) = self.plan(owner, &v.pages)?;
 
         let zero = vec![0u8; ZEROS];
         let zero_pieces: Vec<(u64, &[u8])> = zeros
@@ -81,7 +99,7 @@ impl Unpacker {
         mem::write_pieces(pid, &zero_pieces).map_err(map_err)?;
 
         // The last frame of each page file used here is kept for the next mapping.
-        let mut last: HashMap<i32, u64> = HashMap::new();
+        let mut last: HashMap<SourceKey, u64> = HashMap::new();
         for ((src, frame), _) in &groups {
             let l = last.entry(*src).or_insert(*frame);
             *l = (*l).max(*frame);
@@ -119,7 +137,11 @@ impl Unpacker {
     /// Splits the runs into pieces grouped by frame, in order of first use, and the
     /// ranges of the runs recorded as all zero.
     #[allow(clippy::type_complexity)]
-    fn plan(&self, owner: i32, runs: &[PageRun]) -> (Vec<(FrameKey, Vec<Piece>)>, Vec<(u64, u64)>) {
+    fn plan(
+        &self,
+        owner: i32,
+        runs: &[PageRun],
+    ) -> Result<(Vec<(FrameKey, Vec<Piece>)>, Vec<(u64, u64)>)> {
         let mut groups: Vec<(FrameKey, Vec<Piece>)> = Vec::new();
         let mut index: HashMap<FrameKey, usize> = HashMap::new();
         let mut zeros = Vec::new();
@@ -129,9 +151,22 @@ impl Unpacker {
                 zeros.push((run.addr, len));
                 continue;
             };
-            let src = run.from_pid.unwrap_or(owner);
-            // Checked when the tree was read: every source exists and holds the run.
-            let frame_len = self.sources[&src].frame_len();
+            let src = (run.image, run.from_pid.unwrap_or(owner));
+            // Runs of this image were checked with its tree; those of parents are here.
+            let source = self.sources.get(&src).filter(|s| {
+                offset % PAGE == 0 && offset.checked_add(len).is_some_and(|e| e <= s.data_len())
+            });
+            let Some(source) = source else {
+                return Err(RestoreError::Image(torpor_image::ImageError::Corrupt {
+                    path: self.tree_path.clone(),
+                    why: format!(
+                        "the page run at {:#x} of pid {owner} refers to data that is not in \
+                         image {} of the chain (pid {}, offset {offset:#x})",
+                        run.addr, src.0, src.1
+                    ),
+                }));
+            };
+            let frame_len = source.frame_len();
             let mut done = 0u64;
             while done < len {
                 let at = offset + done;
@@ -151,7 +186,7 @@ impl Unpacker {
                 done += n;
             }
         }
-        (groups, zeros)
+        Ok((groups, zeros))
     }
 
     /// Decompresses one frame (or takes it from those kept) and writes its pieces.

@@ -76,6 +76,7 @@ pub fn run() -> Result<u8> {
         tcp_established: false,
         shell_job: false,
         compress: None,
+        parent: None,
     })
     .context("dump failed")?;
     // As its tracer, dump may already have reaped it.

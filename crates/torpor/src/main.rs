@@ -64,6 +64,10 @@ enum Command {
         #[arg(long, value_name = "LEVEL", num_args = 0..=1, require_equals = true,
               value_parser = parse_level)]
         compress: Option<Option<i32>>,
+        /// Make an incremental image over the image in this directory: only pages that
+        /// changed since are stored; restore reads the rest from it (it must stay).
+        #[arg(long, value_name = "DIR")]
+        parent: Option<PathBuf>,
     },
     /// Wake the process saved in an image, with its original pid, and wait for it.
     Restore {
@@ -160,6 +164,7 @@ fn run(cli: Cli) -> Result<u8> {
             tcp_established,
             shell_job,
             compress,
+            parent,
         } => {
             let opts = torpor_dump::DumpOptions {
                 pid,
@@ -169,6 +174,7 @@ fn run(cli: Cli) -> Result<u8> {
                 tcp_established,
                 shell_job,
                 compress: compress.map(|level| level.unwrap_or(torpor_image::pages::DEFAULT_LEVEL)),
+                parent,
             };
             let s =
                 // An interrupted dump would leave the process stopped halfway through a call
