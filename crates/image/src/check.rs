@@ -378,6 +378,9 @@ mod tests {
             ("misaligned or past the end", |t, _| {
                 t.processes[0].vmas[HEAP].pages[1].offset = Some(u64::MAX - 4095)
             }),
+            ("refers to parent image 1, but there is none", |t, _| {
+                t.processes[0].vmas[HEAP].pages[1].image = 1
+            }),
             ("page file \"pages-4242.img\" is not in the manifest", |_, m| {
                 m.files.retain(|f| f.name != PAGES)
             }),

@@ -697,6 +697,21 @@ mod tests {
     }
 
     #[test]
+    fn parent_paths_are_relative_under_one_directory() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (a, b) = (tmp.path().join("a"), tmp.path().join("x/b"));
+        std::fs::create_dir_all(&a).unwrap();
+        std::fs::create_dir_all(&b).unwrap();
+        assert_eq!(parent_path(&b, &a).unwrap(), "../../a");
+        assert_eq!(parent_path(&a, &b).unwrap(), "../x/b");
+        assert_eq!(
+            Path::new(&b).join(parent_path(&b, &a).unwrap()).canonicalize().unwrap(),
+            a.canonicalize().unwrap()
+        );
+        assert!(parent_path(&a, &tmp.path().join("missing")).is_err());
+    }
+
+    #[test]
     fn damaged_frame_is_refused_naming_the_file() {
         let bytes = data(2 * FRAME_LEN as usize);
         let tmp = tempfile::tempdir().unwrap();
