@@ -39,6 +39,8 @@ use crate::{ImageError, ImageFile, ImageReader, Result};
 /// Page data per compressed frame. Small enough that reading one page costs little (a
 /// lazy restore decompresses one frame per fault), large enough for zstd to find repeats.
 pub const FRAME_LEN: u64 = 1 << 20;
+/// Page data waiting for a compression worker, at most.
+const QUEUE_BYTES: usize = 8 << 20;
 /// Largest frame a reader accepts: what it decompresses into memory at once.
 pub const MAX_FRAME_LEN: u64 = 64 << 20;
 /// The compression level `--compress` uses when none is given; see BENCHMARKS.md.
@@ -126,8 +128,10 @@ impl PageWriter {
     pub fn zstd(file: ImageFile, level: i32) -> Self {
         let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
         let path = file.path.clone();
-        // Two frames per worker waiting: the caller never waits while a worker is idle.
-        let (to_workers, jobs) = mpsc::sync_channel::<(usize, Vec<u8>)>(threads * 2);
+        // Room for a whole read batch of the dumper (8 MiB) besides the frames being
+        // compressed, so that it reads the next batch while the workers compress this one.
+        let depth = (QUEUE_BYTES / FRAME_LEN as usize).max(threads * 2);
+        let (to_workers, jobs) = mpsc::sync_channel::<(usize, Vec<u8>)>(depth);
         let jobs = Arc::new(Mutex::new(jobs));
         let (done_tx, done_rx) = mpsc::sync_channel::<Compressed>(threads * 2);
         let workers = (0..threads)

@@ -74,6 +74,16 @@ fn a_damaged_frame_is_refused_naming_its_file() {
     assert!(stderr_of(&out).contains(&name), "verify does not name {name}: {}", stderr_of(&out));
     assert_restore_refused(images.path(), &[&name]);
     common::assert_pid_gone(f.pid);
+
+    // The same damage with the manifest's checksum made to match: the frame itself is
+    // refused when restore reads it, and nothing is left running.
+    let manifest = images.path().join("manifest.json");
+    let mut m = torpor_image::decode_manifest(&fs::read(&manifest).unwrap(), &manifest).unwrap();
+    let entry = m.files.iter_mut().find(|e| e.name == name).expect("page file listed");
+    entry.xxh3 = torpor_image::hash_file(&path).unwrap();
+    fs::write(&manifest, torpor_image::encode_manifest(&m)).unwrap();
+    assert_restore_refused(images.path(), &[&name, "frame"]);
+    common::assert_pid_gone(f.pid);
 }
 
 #[test]

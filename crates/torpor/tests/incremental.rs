@@ -71,10 +71,17 @@ fn a_chain_of_three_dumps_restores_from_the_last() {
     assert!(second < full / 8, "second image stores {second} bytes of pages, the first {full}");
     assert!(third < full / 8, "third image stores {third} bytes of pages, the first {full}");
 
+    let verify = |dir: &Path| common::torpor(["verify".as_ref(), "-D".as_ref(), dir.as_os_str()]);
+    let out = verify(&d3);
+    assert!(out.status.success(), "verify of the chain: {}", stderr_of(&out));
+
     // A missing ancestor, named.
     let moved = images.path().join("moved");
     fs::rename(&d1, &moved).expect("move the first image");
     assert_restore_refused(&d3, &["full"]);
+    let out = verify(&d3);
+    assert_eq!(out.status.code(), Some(1), "verify without the first image: {}", stderr_of(&out));
+    assert!(stderr_of(&out).contains("full"), "{}", stderr_of(&out));
     fs::rename(&moved, &d1).expect("move it back");
 
     // A changed parent, named: the same image with another manifest.
