@@ -183,11 +183,16 @@ fn run(cli: Cli) -> Result<u8> {
                     .with_context(|| format!("dump of pid {pid} failed"))?;
             if !quiet {
                 eprintln!(
-                    "torpor: pid {pid} saved to {}: {} pages ({}), {} zero pages skipped, frozen {:.1} ms, total {:.1} ms{}",
+                    "torpor: pid {pid} saved to {}: {} pages ({}), {} zero pages skipped{}, frozen {:.1} ms, total {:.1} ms{}",
                     dir.display(),
                     s.pages_stored,
                     human(s.image_bytes),
                     s.zero_pages_skipped,
+                    if s.pages_from_parent > 0 {
+                        format!(", {} unchanged pages left in the parent", s.pages_from_parent)
+                    } else {
+                        String::new()
+                    },
                     s.frozen.as_secs_f64() * 1e3,
                     s.total.as_secs_f64() * 1e3,
                     if leave_running { ", left running" } else { "" }
