@@ -109,23 +109,29 @@ impl Unpacker {
         let next = AtomicUsize::new(0);
         let failed = AtomicBool::new(false);
         let first_error: Mutex<Option<RestoreError>> = Mutex::new(None);
-        std::thread::scope(|s| {
-            for _ in 0..workers.min(groups.len()) {
-                s.spawn(|| {
-                    let mut buf = Vec::new();
-                    while !failed.load(Ordering::Relaxed) {
-                        let i = next.fetch_add(1, Ordering::Relaxed);
-                        let Some((key, pieces)) = groups.get(i) else { return };
-                        let keep = last.get(&key.0) == Some(&key.1);
-                        let r = self.write_frame(pid, *key, pieces, &mut buf, keep, map_err);
-                        if let Err(e) = r {
-                            failed.store(true, Ordering::Relaxed);
-                            first_error.lock().unwrap().get_or_insert(e);
-                        }
-                    }
-                });
+        let work = || {
+            let mut buf = Vec::new();
+            while !failed.load(Ordering::Relaxed) {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                let Some((key, pieces)) = groups.get(i) else { return };
+                let keep = last.get(&key.0) == Some(&key.1);
+                let r = self.write_frame(pid, *key, pieces, &mut buf, keep, map_err);
+                if let Err(e) = r {
+                    failed.store(true, Ordering::Relaxed);
+                    first_error.lock().unwrap().get_or_insert(e);
+                }
             }
-        });
+        };
+        // Most mappings are small and need one frame: no thread for them.
+        if groups.len() <= 1 {
+            work();
+        } else {
+            std::thread::scope(|s| {
+                for _ in 0..workers.min(groups.len()) {
+                    s.spawn(work);
+                }
+            });
+        }
         if let Some(e) = first_error.into_inner().unwrap() {
             return Err(e);
         }
