@@ -31,6 +31,7 @@ usage: bash bench/run.sh [options]
   --criu PATH        also run CRIU from PATH (default: criu on PATH, if any)
   --no-criu          do not run CRIU even if it is on PATH
   --torpor PATH      the torpor binary (default: cargo build --release, then its binary)
+  --dump-args ARGS   more arguments for torpor dump, split on spaces (e.g. --compress=1)
   --dir DIR          where images and scratch files go (default: $TMPDIR or /tmp)
   --reps N           runs of each workload and tool, alternating tools (default: 1)
   --cold             drop the image from the page cache before each restore
@@ -47,7 +48,7 @@ die() {
 # --- options -------------------------------------------------------------------------
 
 QUICK=0 SIZES="" WORKLOADS="mem,python,redis,scale" CRIU="" NO_CRIU=0 TORPOR="${TORPOR:-}"
-BASE="${TMPDIR:-/tmp}" REPS=1 COLD=0 OUT="" KEEP=0
+BASE="${TMPDIR:-/tmp}" REPS=1 COLD=0 OUT="" KEEP=0 DUMP_ARGS=""
 ARGS=("$@")
 while [ $# -gt 0 ]; do
 	case "$1" in
@@ -57,6 +58,7 @@ while [ $# -gt 0 ]; do
 	--criu) CRIU="${2:?--criu needs a path}"; shift ;;
 	--no-criu) NO_CRIU=1 ;;
 	--torpor) TORPOR="${2:?--torpor needs a path}"; shift ;;
+	--dump-args) DUMP_ARGS="${2?--dump-args needs arguments}"; shift ;;
 	--dir) BASE="${2:?--dir needs a directory}"; shift ;;
 	--reps) REPS="${2:?--reps needs a number}"; shift ;;
 	--cold) COLD=1 ;;
@@ -285,6 +287,7 @@ fi
 	echo "kernel: $(uname -r)"
 	echo "images in: $WORK ($(df -P -T "$WORK" | awk 'NR == 2 { print $2 " on " $1 }'))"
 	echo "torpor: $TORPOR ($TORPOR_FROM)"
+	[ -n "$DUMP_ARGS" ] && echo "torpor dump arguments: $DUMP_ARGS"
 	if [ -n "$CRIU" ]; then
 		echo "criu: $CRIU ($("$CRIU" --version 2>&1 | head -1))"
 	elif [ -n "$CRIU_NOTE" ]; then
@@ -479,7 +482,7 @@ run_one() {
 		if [ "$tool" = torpor ]; then
 			rmdir "$img"
 			timeout -k 10 "$tmo" /usr/bin/time -v -o "$WORK/time.dump" \
-				"$TORPOR" dump "$PID" -D "$img" >"$WORK/dump.out" 2>"$WORK/dump.err"
+				"$TORPOR" dump "$PID" -D "$img" $DUMP_ARGS >"$WORK/dump.out" 2>"$WORK/dump.err"
 		else
 			timeout -k 10 "$tmo" /usr/bin/time -v -o "$WORK/time.dump" \
 				"$CRIU" dump -t "$PID" -D "$img" --shell-job -o dump.log \

@@ -320,6 +320,8 @@ pub(crate) fn collect(
         mm,
         vmas: Vec::new(),
         pages_file: format!("pages-{pid}.img"),
+        page_frames: None,
+        page_hashes: None,
         sigactions,
         shared_pending,
         itimers,

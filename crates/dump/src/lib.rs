@@ -23,7 +23,7 @@ mod ptys;
 use std::path::PathBuf;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use torpor_image::{model, CpuState, ImageWriter, Manifest, FORMAT_VERSION, MAGIC};
+use torpor_image::{model, CpuState, ImageWriter, Manifest, ParentImage, FORMAT_VERSION, MAGIC};
 use torpor_sys::{proc, ptrace, Remote};
 
 pub use collect::UnsupportedReason;
@@ -46,6 +46,11 @@ pub struct DumpOptions {
     /// Leave the image to the kernel's writeback instead of syncing it before the
     /// process is ended: faster, but a crash soon after the dump can lose both.
     pub no_sync: bool,
+    /// Compress page files with zstd at this level.
+    pub compress: Option<i32>,
+    /// Make an incremental image over the image in this directory: pages unchanged
+    /// since it are referred to, not stored.
+    pub parent: Option<PathBuf>,
 }
 
 /// What a dump did, for the summary line.
@@ -54,6 +59,8 @@ pub struct DumpSummary {
     pub pid: i32,
     pub pages_stored: u64,
     pub zero_pages_skipped: u64,
+    /// Pages left in the parent image, unchanged since.
+    pub pages_from_parent: u64,
     pub image_bytes: u64,
     pub frozen: Duration,
     pub total: Duration,
@@ -83,6 +90,8 @@ pub enum DumpError {
     SaveFile { pid: i32, what: String, source: std::io::Error },
     #[error(transparent)]
     Image(#[from] torpor_image::ImageError),
+    #[error("{dir} is the parent image itself; an incremental image needs a directory of its own")]
+    ParentIsTarget { dir: PathBuf },
     #[error("pid {pid}: cannot kill it after the dump")]
     Kill { pid: i32, source: std::io::Error },
 }
@@ -95,8 +104,33 @@ pub fn dump(opts: &DumpOptions) -> Result<DumpSummary> {
     let pid = opts.pid;
     precheck(pid)?;
 
+    // Read before anything is written: the new image may not replace its own parent.
+    let parent = match &opts.parent {
+        Some(p) => {
+            let same = std::fs::canonicalize(p).ok().zip(std::fs::canonicalize(&opts.dir).ok());
+            if same.is_some_and(|(a, b)| a == b) {
+                return Err(DumpError::ParentIsTarget { dir: opts.dir.clone() });
+            }
+            Some(torpor_image::pages::ParentPages::load(p)?)
+        }
+        None => None,
+    };
+
     let mut writer = ImageWriter::create(&opts.dir)?;
     writer.set_durable(!opts.no_sync);
+    let parent_ref = match (&opts.parent, &parent) {
+        (Some(dir), Some(pages)) => match torpor_image::pages::parent_path(&opts.dir, dir) {
+            Ok(path) => {
+                writer.needs_version(2);
+                Some(ParentImage { path, manifest_xxh3: pages.manifest_xxh3.clone() })
+            }
+            Err(source) => {
+                writer.abandon();
+                return Err(torpor_image::ImageError::Read { path: dir.clone(), source }.into());
+            }
+        },
+        _ => None,
+    };
     let frozen = FrozenTree::freeze(pid)?;
     let t_frozen = Instant::now();
 
@@ -107,7 +141,7 @@ pub fn dump(opts: &DumpOptions) -> Result<DumpSummary> {
         SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos())
     );
     fd_ctx.shell_job = opts.shell_job;
-    let result = write_image(&frozen, &mut writer, &mut fd_ctx, opts.inherit_stdio);
+    let result = write_image(&frozen, &mut writer, &mut fd_ctx, opts, parent.as_ref());
     let (tree, stats) = match result {
         Ok(v) => v,
         Err(e) => {
@@ -129,6 +163,7 @@ pub fn dump(opts: &DumpOptions) -> Result<DumpSummary> {
         cpu: cpu_state(&tree),
         root_pid: tree.root_pid,
         files: Vec::new(),
+        parent: parent_ref,
     };
     if let Err(e) = writer.commit(manifest) {
         fd_ctx.end_repair();
@@ -150,6 +185,7 @@ pub fn dump(opts: &DumpOptions) -> Result<DumpSummary> {
         pid,
         pages_stored: stats.pages_stored,
         zero_pages_skipped: stats.zero_pages,
+        pages_from_parent: stats.parent_pages,
         image_bytes: stats.bytes,
         frozen: frozen_for,
         total: t0.elapsed(),
@@ -220,6 +256,8 @@ struct Stats {
     pages_stored: u64,
     /// Pages shared copy-on-write with a process dumped before, stored once.
     shared_pages: u64,
+    /// Pages unchanged since the parent image, not stored again.
+    parent_pages: u64,
     zero_pages: u64,
     bytes: u64,
 }
@@ -228,8 +266,11 @@ fn write_image(
     frozen: &FrozenTree,
     writer: &mut ImageWriter,
     fd_ctx: &mut files::FdContext,
-    inherit_stdio: bool,
+    opts: &DumpOptions,
+    parent: Option<&torpor_image::pages::ParentPages>,
 ) -> Result<(model::Tree, Stats)> {
+    let page_opts = memory::PageOptions { compress: opts.compress, parent };
+    let inherit_stdio = opts.inherit_stdio;
     let root = frozen.processes[0].pid;
     let mut files = files::FileTable::default();
     let mut stats = Stats::default();
@@ -237,7 +278,8 @@ fn write_image(
     let mut processes = Vec::new();
     for f in &frozen.processes {
         let mut process = collect::collect(f, &mut files, fd_ctx, writer)?;
-        memory::dump_pages(f, &mut process, writer, &mut files, &mut pages, &mut stats)?;
+        let (index, stats) = (&mut pages, &mut stats);
+        memory::dump_pages(f, &mut process, writer, &mut files, index, stats, &page_opts)?;
         processes.push(process);
     }
     let pids: Vec<i32> = frozen.processes.iter().map(|p| p.pid).collect();

@@ -4,7 +4,8 @@ use std::collections::{HashMap, HashSet};
 use std::fs::File;
 
 use torpor_image::model::{self, PageRun, Vma, VmaKind};
-use torpor_image::{ImageFile, ImageWriter};
+use torpor_image::pages::{self, PageRef, PageWriter, ParentPages};
+use torpor_image::ImageWriter;
 use torpor_sys::{mem, proc, PAGE};
 
 use crate::collect::UnsupportedReason;
@@ -56,6 +57,7 @@ pub(crate) fn dump_pages(
     files: &mut FileTable,
     index: &mut PageIndex,
     stats: &mut Stats,
+    opts: &PageOptions,
 ) -> Result<()> {
     let pid = frozen.pid;
     let err = |what: &str| {
@@ -69,8 +71,13 @@ pub(crate) fn dump_pages(
         what: "its page map".into(),
         source: torpor_sys::Error::Io { what: pagemap_path.clone(), source },
     })?;
-    let mut out = writer.create_file(&process.pages_file)?;
+    let file = writer.create_file(&process.pages_file)?;
+    let mut out = match opts.compress {
+        Some(level) => PageWriter::zstd(file, level),
+        None => PageWriter::raw(file),
+    };
     let mut buf = vec![0u8; BATCH];
+    let mut hashes = Vec::new();
 
     for m in &maps {
         let (kind, policy) = classify(pid, m, writer, files)?;
@@ -107,14 +114,29 @@ pub(crate) fn dump_pages(
             });
         }
         if policy != Policy::None {
-            let mut ctx = VmaCtx { pid, pagemap: &pagemap, policy, index };
+            let mut ctx = VmaCtx {
+                pid,
+                pagemap: &pagemap,
+                policy,
+                index,
+                parent: opts.parent,
+                hashes: &mut hashes,
+            };
             dump_vma(&mut ctx, &mut vma, &mut out, &mut buf, stats)
                 .map_err(|e| e.into_dump_error(pid, m))?;
         }
         process.vmas.push(vma);
     }
-    stats.bytes += out.len();
-    writer.finish_file(out)?;
+    let (file, frames) = out.finish()?;
+    if frames.is_some() {
+        writer.needs_version(2);
+    }
+    process.page_frames = frames;
+    let hash_file = format!("hashes-{pid}.img");
+    writer.write_file(&hash_file, &pages::encode_hashes(&hashes))?;
+    process.page_hashes = Some(hash_file);
+    stats.bytes += file.len();
+    writer.finish_file(file)?;
     Ok(())
 }
 
@@ -193,12 +215,23 @@ impl VmaError {
     }
 }
 
+/// How page data is written.
+pub(crate) struct PageOptions<'a> {
+    /// zstd level, when compressing.
+    pub compress: Option<i32>,
+    /// The image this one is made over: pages unchanged since are not stored again.
+    pub parent: Option<&'a ParentPages>,
+}
+
 /// What saving one mapping's pages needs besides the mapping.
 struct VmaCtx<'a> {
     pid: i32,
     pagemap: &'a File,
     policy: Policy,
     index: &'a mut PageIndex,
+    parent: Option<&'a ParentPages>,
+    /// Hash of every page with data so far, in address order.
+    hashes: &'a mut Vec<u64>,
 }
 
 /// A SysV shared memory segment by id, from `/proc/sysvipc/shm`.
@@ -229,7 +262,7 @@ fn sysv_segment(shmid: i32) -> Option<VmaKind> {
 fn dump_vma(
     ctx: &mut VmaCtx,
     vma: &mut Vma,
-    out: &mut ImageFile,
+    out: &mut PageWriter,
     buf: &mut [u8],
     stats: &mut Stats,
 ) -> std::result::Result<(), VmaError> {
@@ -314,7 +347,7 @@ fn flush(
     ctx: &mut VmaCtx,
     batch: Batch,
     vma: &mut Vma,
-    out: &mut ImageFile,
+    out: &mut PageWriter,
     buf: &mut [u8],
     stats: &mut Stats,
 ) -> std::result::Result<(), VmaError> {
@@ -362,6 +395,18 @@ fn flush(
                 }
                 continue;
             }
+            let hash = pages::page_hash(&buf[page.clone()]);
+            ctx.hashes.push(hash);
+            // Unchanged since the parent image: refer to its copy.
+            // (Shared memory is filled apart from the mappings at restore: always stored.)
+            let parent = ctx.parent.filter(|_| vma.shmem.is_none());
+            if let Some((at, _)) = parent.and_then(|p| p.lookup(pid, addr)).filter(|l| l.1 == hash)
+            {
+                let from_pid = at.from_pid.filter(|&o| o != pid);
+                push_ref(&mut vma.pages, addr, PageRef { from_pid, ..at });
+                stats.parent_pages += 1;
+                continue;
+            }
             // Still shared with a process dumped before: the same frame holds the same
             // bytes, stored once.
             let shared_frame = ctx.policy == Policy::Anon
@@ -393,11 +438,27 @@ fn flush(
     out.write_all(&buf[..kept]).map_err(VmaError::Write)
 }
 
-/// Appends a page to the runs, extending the last run when it continues it.
+/// Appends a page of this image to the runs, extending the last run when it continues it.
 fn push_run(runs: &mut Vec<PageRun>, addr: u64, offset: Option<u64>, from_pid: Option<i32>) {
+    push_page(runs, addr, offset, from_pid, 0)
+}
+
+/// Appends a page whose data another image of the chain holds.
+fn push_ref(runs: &mut Vec<PageRun>, addr: u64, at: PageRef) {
+    push_page(runs, addr, Some(at.offset), at.from_pid, at.image)
+}
+
+fn push_page(
+    runs: &mut Vec<PageRun>,
+    addr: u64,
+    offset: Option<u64>,
+    from_pid: Option<i32>,
+    image: u32,
+) {
     if let Some(last) = runs.last_mut() {
         let next_addr = last.addr + last.pages * PAGE;
         let continues = last.from_pid == from_pid
+            && last.image == image
             && match (last.offset, offset) {
                 (Some(lo), Some(o)) => lo + last.pages * PAGE == o,
                 (None, None) => true,
@@ -408,5 +469,5 @@ fn push_run(runs: &mut Vec<PageRun>, addr: u64, offset: Option<u64>, from_pid: O
             return;
         }
     }
-    runs.push(PageRun { addr, pages: 1, offset, from_pid });
+    runs.push(PageRun { addr, pages: 1, offset, from_pid, image });
 }

@@ -151,6 +151,15 @@ pub struct Process {
     pub vmas: Vec<Vma>,
     /// Name of the page data file inside the image directory.
     pub pages_file: String,
+    /// How the page file is stored when it is compressed: the frame index. `None` for a
+    /// raw page file, whose bytes are the page data themselves.
+    #[serde(default)]
+    pub page_frames: Option<PageFrames>,
+    /// Image file with the xxh3-64 of every page of the process's page runs with data,
+    /// in address order (8 bytes little-endian each), so that a later dump over this
+    /// image can tell which pages changed. `None` in images written before it existed.
+    #[serde(default)]
+    pub page_hashes: Option<String>,
     /// Signal actions, indexed by signal number minus one (1..=64).
     pub sigactions: Vec<SigAction>,
     /// Signals queued to the whole process, oldest first.
@@ -346,6 +355,22 @@ pub struct ShmemRef {
     pub offset: u64,
 }
 
+/// The frame index of a compressed page file.
+///
+/// The page data (what a raw page file would hold, and what [`PageRun::offset`] counts
+/// in) is cut into pieces of `frame_len` bytes, the last one possibly shorter; each piece
+/// is one independent zstd frame, and the frames lie back to back in the page file. So
+/// any byte range of the page data is found and decompressed without reading the rest.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct PageFrames {
+    /// Bytes of page data per frame, a multiple of 4096.
+    pub frame_len: u64,
+    /// Total bytes of page data (a multiple of 4096).
+    pub data_len: u64,
+    /// Size in bytes of each frame in the file, in order.
+    pub frames: Vec<u32>,
+}
+
 /// A run of consecutive pages of a mapping.
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
 pub struct PageRun {
@@ -353,14 +378,23 @@ pub struct PageRun {
     pub addr: u64,
     /// Number of 4 KiB pages.
     pub pages: u64,
-    /// Offset of the data in the process's page file, or `None` for pages that are all
+    /// Offset of the data in the process's page data, or `None` for pages that are all
     /// zero but must still be written (private file mappings, where the file would
-    /// otherwise show through).
+    /// otherwise show through). For a raw page file this is a byte offset in the file;
+    /// for a compressed one, in its data before compression (see [`PageFrames`]).
     pub offset: Option<u64>,
     /// The process whose page file holds the data, when it is not this one's: memory
     /// shared copy-on-write after fork is stored once. `None` for the process's own.
     #[serde(default)]
     pub from_pid: Option<i32>,
+    /// Which image of an incremental chain holds the data: 0 this one, 1 its parent, 2
+    /// the parent's parent, and so on. `offset` and `from_pid` are then that image's.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub image: u32,
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
 }
 
 /// A file referred to by the image, with what identifies its content.

@@ -16,6 +16,7 @@
 
 mod batch;
 mod child;
+mod fill;
 mod prepare;
 mod ptys;
 mod space;
@@ -117,6 +118,8 @@ pub fn check_image(dir: &std::path::Path) -> Result<(ImageReader, model::Tree)> 
     let reader = ImageReader::open(dir)?;
     reader.verify_all(|_| {})?;
     let tree = reader.read_tree()?;
+    // An incremental image needs every image it was made over, unchanged.
+    torpor_image::pages::open_parents(&reader, true)?;
     prepare::validate(&reader, &tree)?;
     Ok((reader, tree))
 }

@@ -10,6 +10,7 @@ use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::Path;
 
 use torpor_image::model::{self, OpenFileKind, VmaKind};
+use torpor_image::pages::PageSource;
 use torpor_image::{records, ImageReader};
 
 use crate::child::Plan;
@@ -135,6 +136,8 @@ pub(crate) struct Prepared {
     pub shmem_fds: HashMap<u64, i32>,
     /// Pseudo-terminal pairs of the tree.
     pub ptys: crate::ptys::Pairs,
+    /// Compressed page files, which torpor reads for the processes.
+    pub unpacker: Option<crate::fill::Unpacker>,
 }
 
 /// Opens a `/proc` file for a process now that the processes exist, at its saved offset;
@@ -156,6 +159,8 @@ pub(crate) fn prepare(reader: &ImageReader, tree: &model::Tree) -> Result<Prepar
     ptys.finish()?;
     let shmem = shmem_objects(tree)?;
     let sysv = make_sysv_segments(reader, tree)?;
+    // Opened before `base` is chosen below, which must be above every torpor descriptor.
+    let unpacker = crate::fill::Unpacker::open(reader, tree)?;
 
     let mut aux: Vec<OwnedFd> = Vec::new();
     let mut add_aux = |f: OwnedFd| {
@@ -218,6 +223,7 @@ pub(crate) fn prepare(reader: &ImageReader, tree: &model::Tree) -> Result<Prepar
         shmem_fds: shmem_i.into_iter().map(|(k, i)| (k, plan.aux_fd(i))).collect(),
         sysv,
         ptys,
+        unpacker,
         plan,
     })
 }
@@ -902,15 +908,15 @@ fn fill_sysv(
         for run in &v.pages {
             let Some(off) = run.offset else { continue };
             let owner = run.from_pid.unwrap_or(p.pid);
-            let file = tree.processes.iter().find(|q| q.pid == owner).map(|q| &q.pages_file);
-            let file = File::open(reader.path(file.expect("checked"))?).map_err(err)?;
+            let q = tree.processes.iter().find(|q| q.pid == owner).expect("checked");
+            let source = PageSource::open(reader, q)?;
             let len = (run.pages * torpor_sys::PAGE) as usize;
             let at = offset + (run.addr - v.start);
             // SAFETY: the segment is mapped at `base` for its whole size, which the
             // checked page runs stay within.
             let dst =
                 unsafe { std::slice::from_raw_parts_mut((base as *mut u8).add(at as usize), len) };
-            std::os::unix::fs::FileExt::read_exact_at(&file, dst, off).map_err(err)?;
+            source.read_at(dst, off)?;
         }
         Ok(())
     })();

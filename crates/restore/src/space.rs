@@ -325,6 +325,22 @@ impl Space {
             )
         })?;
 
+        // Compressed pages, or pages left in parent images, are written by torpor into
+        // the mapping once it exists; the process has nothing left to read.
+        let mut runs = &v.pages[..];
+        if let Some(unpacker) = prep.unpacker.as_ref().filter(|u| u.needed(self.inner, v)) {
+            self.run(&self.remote, batch)?;
+            let map_err = |source| RestoreError::Map {
+                pid,
+                start: v.start,
+                end: v.end,
+                what: what.clone(),
+                source,
+            };
+            unpacker.fill(pid, self.inner, v, &map_err)?;
+            runs = &[];
+        }
+
         // The process reads its own pages from the image. Runs stored back to back (zero
         // pages skipped between them leave many short ones) go in one preadv each.
         let source = |run: &model::PageRun| match run.offset {
@@ -333,12 +349,12 @@ impl Space {
         };
         let fill_what = format!("fill {range} from the image");
         let mut i = 0;
-        while i < v.pages.len() {
-            let (src, start_off) = source(&v.pages[i]);
+        while i < runs.len() {
+            let (src, start_off) = source(&runs[i]);
             let mut j = i;
             let (mut total, mut next_off) = (0u64, start_off);
-            while j < v.pages.len() && j - i < MAX_IOVECS {
-                let run = &v.pages[j];
+            while j < runs.len() && j - i < MAX_IOVECS {
+                let run = &runs[j];
                 let (s, o) = source(run);
                 let len = run.pages * PAGE;
                 let follows = s == src && (run.offset.is_none() || o == next_off);
@@ -349,7 +365,7 @@ impl Space {
                 next_off = o + len;
                 j += 1;
             }
-            let runs = &v.pages[i..j];
+            let runs = &runs[i..j];
             if runs.len() > 1 {
                 let iov: Vec<u8> = runs
                     .iter()

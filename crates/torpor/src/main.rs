@@ -63,6 +63,15 @@ enum Command {
         /// but a machine crash in the next half minute or so can lose the process.
         #[arg(long)]
         no_sync: bool,
+        /// Compress the memory with zstd, on every core, at LEVEL (negative levels are
+        /// faster and compress less; default 1).
+        #[arg(long, value_name = "LEVEL", num_args = 0..=1, require_equals = true,
+              value_parser = parse_level)]
+        compress: Option<Option<i32>>,
+        /// Make an incremental image over the image in this directory: only pages that
+        /// changed since are stored; restore reads the rest from it (it must stay).
+        #[arg(long, value_name = "DIR")]
+        parent: Option<PathBuf>,
     },
     /// Wake the process saved in an image, with its original pid, and wait for it.
     Restore {
@@ -125,6 +134,16 @@ fn main() -> ExitCode {
     }
 }
 
+/// A zstd compression level within the range the library supports.
+fn parse_level(s: &str) -> std::result::Result<i32, String> {
+    let level: i32 = s.parse().map_err(|_| format!("{s:?} is not a number"))?;
+    let range = torpor_image::pages::levels();
+    if !range.contains(&level) {
+        return Err(format!("levels go from {} to {}", range.start(), range.end()));
+    }
+    Ok(level)
+}
+
 fn init_logging(verbose: u8, quiet: bool) {
     let level = match (quiet, verbose) {
         (true, _) => "error",
@@ -149,6 +168,8 @@ fn run(cli: Cli) -> Result<u8> {
             tcp_established,
             shell_job,
             no_sync,
+            compress,
+            parent,
         } => {
             let opts = torpor_dump::DumpOptions {
                 pid,
@@ -158,6 +179,8 @@ fn run(cli: Cli) -> Result<u8> {
                 tcp_established,
                 shell_job,
                 no_sync,
+                compress: compress.map(|level| level.unwrap_or(torpor_image::pages::DEFAULT_LEVEL)),
+                parent,
             };
             let s =
                 // An interrupted dump would leave the process stopped halfway through a call
@@ -166,11 +189,16 @@ fn run(cli: Cli) -> Result<u8> {
                     .with_context(|| format!("dump of pid {pid} failed"))?;
             if !quiet {
                 eprintln!(
-                    "torpor: pid {pid} saved to {}: {} pages ({}), {} zero pages skipped, frozen {:.1} ms, total {:.1} ms{}",
+                    "torpor: pid {pid} saved to {}: {} pages ({}), {} zero pages skipped{}, frozen {:.1} ms, total {:.1} ms{}",
                     dir.display(),
                     s.pages_stored,
                     human(s.image_bytes),
                     s.zero_pages_skipped,
+                    if s.pages_from_parent > 0 {
+                        format!(", {} unchanged pages left in the parent", s.pages_from_parent)
+                    } else {
+                        String::new()
+                    },
                     s.frozen.as_secs_f64() * 1e3,
                     s.total.as_secs_f64() * 1e3,
                     if leave_running { ", left running" } else { "" }
