@@ -266,7 +266,7 @@ pub(crate) fn collect(
         dumpable,
         mm,
         vmas: Vec::new(),
-        pages_file: format!("pages-{pid}.img"),
+        pages_file: crate::precopy::pages_file(pid),
         sigactions,
         shared_pending,
         itimers,

@@ -18,6 +18,7 @@
 mod collect;
 mod files;
 mod memory;
+mod precopy;
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -26,6 +27,7 @@ use torpor_image::{model, CpuState, ImageWriter, Manifest, FORMAT_VERSION, MAGIC
 use torpor_sys::{proc, ptrace, Remote};
 
 pub use collect::UnsupportedReason;
+pub use precopy::{PreCopyReport, Round};
 
 /// What to dump and how.
 #[derive(Debug, Clone)]
@@ -42,6 +44,9 @@ pub struct DumpOptions {
     /// A job of an interactive shell: terminals on descriptors 0 to 2 are saved as
     /// inherited, with their modes, so the job wakes in the terminal restore runs in.
     pub shell_job: bool,
+    /// Copy memory in rounds while the process runs, so that it is frozen only while
+    /// the pages written since the last round are copied.
+    pub pre_copy: bool,
 }
 
 /// What a dump did, for the summary line.
@@ -51,8 +56,10 @@ pub struct DumpSummary {
     pub pages_stored: u64,
     pub zero_pages_skipped: u64,
     pub image_bytes: u64,
+    /// How long the tree was frozen for the dump itself (after pre-copy, if any).
     pub frozen: Duration,
     pub total: Duration,
+    pub pre_copy: Option<PreCopyReport>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -79,6 +86,8 @@ pub enum DumpError {
     SaveFile { pid: i32, what: String, source: std::io::Error },
     #[error(transparent)]
     Image(#[from] torpor_image::ImageError),
+    #[error("interrupted during pre-copy; pid {pid} runs on as before")]
+    Interrupted { pid: i32 },
     #[error("pid {pid}: cannot kill it after the dump")]
     Kill { pid: i32, source: std::io::Error },
 }
@@ -92,8 +101,28 @@ pub fn dump(opts: &DumpOptions) -> Result<DumpSummary> {
     precheck(pid)?;
 
     let mut writer = ImageWriter::create(&opts.dir)?;
-    let frozen = FrozenTree::freeze(pid)?;
+    let mut pre = None;
+    if opts.pre_copy {
+        match precopy::PreCopy::run(pid, &mut writer) {
+            Ok(p) => pre = Some(p),
+            Err(e) => {
+                writer.abandon();
+                return Err(e);
+            }
+        }
+    }
+    let frozen = match FrozenTree::freeze(pid) {
+        Ok(f) => f,
+        Err(e) => {
+            drop(pre);
+            writer.abandon();
+            return Err(e);
+        }
+    };
     let t_frozen = Instant::now();
+    if let Some(p) = &mut pre {
+        p.finish(&frozen, &writer);
+    }
 
     let mut fd_ctx = files::FdContext::default();
     fd_ctx.tcp_established = opts.tcp_established;
@@ -102,7 +131,10 @@ pub fn dump(opts: &DumpOptions) -> Result<DumpSummary> {
         SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos())
     );
     fd_ctx.shell_job = opts.shell_job;
-    let result = write_image(&frozen, &mut writer, &mut fd_ctx, opts.inherit_stdio);
+    let result = write_image(&frozen, &mut writer, &mut fd_ctx, opts.inherit_stdio, pre.as_mut());
+    // The tracking is no longer needed: closing the userfaultfds removes every
+    // write protection before the processes run again (or die).
+    let pre_copy = pre.map(|p| p.report);
     let (tree, stats) = match result {
         Ok(v) => v,
         Err(e) => {
@@ -148,6 +180,7 @@ pub fn dump(opts: &DumpOptions) -> Result<DumpSummary> {
         image_bytes: stats.bytes,
         frozen: frozen_for,
         total: t0.elapsed(),
+        pre_copy,
     })
 }
 
@@ -224,6 +257,7 @@ fn write_image(
     writer: &mut ImageWriter,
     fd_ctx: &mut files::FdContext,
     inherit_stdio: bool,
+    mut pre: Option<&mut precopy::PreCopy>,
 ) -> Result<(model::Tree, Stats)> {
     let root = frozen.processes[0].pid;
     let mut files = files::FileTable::default();
@@ -232,7 +266,8 @@ fn write_image(
     let mut processes = Vec::new();
     for f in &frozen.processes {
         let mut process = collect::collect(f, &mut files, fd_ctx, writer)?;
-        memory::dump_pages(f, &mut process, writer, &mut files, &mut pages, &mut stats)?;
+        let tracked = pre.as_deref_mut().and_then(|p| p.get_mut(f.pid));
+        memory::dump_pages(f, &mut process, writer, &mut files, &mut pages, &mut stats, tracked)?;
         processes.push(process);
     }
     let pids: Vec<i32> = frozen.processes.iter().map(|p| p.pid).collect();

@@ -9,15 +9,16 @@ use torpor_sys::{mem, proc, PAGE};
 
 use crate::collect::UnsupportedReason;
 use crate::files::FileTable;
+use crate::precopy::{self, Copy, Tracked, VmaCopies};
 use crate::{DumpError, Frozen, Result, Stats};
 
 /// pagemap entry bits, see Documentation/admin-guide/mm/pagemap.rst.
-const PM_PRESENT: u64 = 1 << 63;
-const PM_SWAPPED: u64 = 1 << 62;
-const PM_FILE_OR_SHARED: u64 = 1 << 61;
+pub(crate) const PM_PRESENT: u64 = 1 << 63;
+pub(crate) const PM_SWAPPED: u64 = 1 << 62;
+pub(crate) const PM_FILE_OR_SHARED: u64 = 1 << 61;
 
 /// Bytes of memory read from the process per batch.
-const BATCH: usize = 8 << 20;
+pub(crate) const BATCH: usize = 8 << 20;
 /// pagemap entries read per call.
 const PAGEMAP_CHUNK: usize = 64 << 10;
 
@@ -36,11 +37,17 @@ pub(crate) struct PageIndex {
 
 /// pagemap: page frame number bits and "mapped by this process only".
 const PM_PFN: u64 = (1 << 55) - 1;
-const PM_EXCLUSIVE: u64 = 1 << 56;
+pub(crate) const PM_EXCLUSIVE: u64 = 1 << 56;
+/// Swap type bits of a swapped entry, and the type the kernel gives to page-table
+/// markers, which hold no page: the last one, 31, since swap types have 5 bits and real
+/// swap files take the low numbers. pagemap shows markers as swapped; userfaultfd write
+/// protection (pre-copy) leaves them in pages never populated.
+const PM_SWAP_TYPE: u64 = 0x1f;
+const SWP_PTE_MARKER: u64 = 0x1f;
 
 /// How the pages of a mapping are saved.
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Policy {
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub(crate) enum Policy {
     /// Nothing: the kernel or a shared file provides the content.
     None,
     /// Anonymous memory: present pages, zero pages skipped (a new mapping is zero).
@@ -56,6 +63,7 @@ pub(crate) fn dump_pages(
     files: &mut FileTable,
     index: &mut PageIndex,
     stats: &mut Stats,
+    mut pre: Option<&mut Tracked>,
 ) -> Result<()> {
     let pid = frozen.pid;
     let err = |what: &str| {
@@ -69,7 +77,11 @@ pub(crate) fn dump_pages(
         what: "its page map".into(),
         source: torpor_sys::Error::Io { what: pagemap_path.clone(), source },
     })?;
-    let mut out = writer.create_file(&process.pages_file)?;
+    // After pre-copy the page file already holds the copies made while the process ran.
+    let mut out = match pre.as_mut().and_then(|t| t.take_file()) {
+        Some(f) => f,
+        None => writer.create_file(&process.pages_file)?,
+    };
     let mut buf = vec![0u8; BATCH];
 
     for m in &maps {
@@ -107,9 +119,12 @@ pub(crate) fn dump_pages(
             });
         }
         if policy != Policy::None {
-            let mut ctx = VmaCtx { pid, pagemap: &pagemap, policy, index };
+            let copies = pre.as_deref().and_then(|t| t.copies_for(m));
+            let mut ctx =
+                VmaCtx { pid, pagemap: &pagemap, policy, index, copies, reused: Vec::new() };
             dump_vma(&mut ctx, &mut vma, &mut out, &mut buf, stats)
                 .map_err(|e| e.into_dump_error(pid, m))?;
+            precopy::add_reused(&mut vma.pages, &ctx.reused, policy, stats);
         }
         process.vmas.push(vma);
     }
@@ -199,6 +214,10 @@ struct VmaCtx<'a> {
     pagemap: &'a File,
     policy: Policy,
     index: &'a mut PageIndex,
+    /// Copies made before the freeze that are still current, after pre-copy.
+    copies: Option<VmaCopies<'a>>,
+    /// Pages whose pre-copied data is used as it is.
+    reused: Vec<(u64, Copy)>,
 }
 
 /// A SysV shared memory segment by id, from `/proc/sysvipc/shm`.
@@ -252,19 +271,14 @@ fn dump_vma(
         })?;
         for i in 0..n / 8 {
             let e = u64::from_ne_bytes(bytes[i * 8..i * 8 + 8].try_into().unwrap());
-            let wanted = match ctx.policy {
-                Policy::Anon => e & (PM_PRESENT | PM_SWAPPED) != 0,
-                // A present page-cache page is the file's own; the process's copies are
-                // anonymous (or swapped out).
-                Policy::PrivateFile => {
-                    e & PM_SWAPPED != 0 || (e & PM_PRESENT != 0 && e & PM_FILE_OR_SHARED == 0)
-                }
-                Policy::None => false,
-            };
-            if !wanted {
+            if !wanted(ctx.policy, e) {
                 continue;
             }
             let a = addr + i as u64 * PAGE;
+            if let Some(c) = ctx.copies.as_ref().and_then(|c| c.current(a)) {
+                ctx.reused.push((a, c));
+                continue;
+            }
             // A page of a shared memory object that another mapping already saved.
             if let Some(shm) = vma.shmem {
                 let page_index = shm.offset / PAGE + (a - vma.start) / PAGE;
@@ -297,6 +311,22 @@ fn dump_vma(
     let batch =
         Batch { ranges: &mut pending, shared: &mut pending_shared, entries: &mut pending_entries };
     flush(ctx, batch, vma, out, buf, stats)
+}
+
+/// Whether a page with pagemap entry `e` is saved under `policy`.
+pub(crate) fn wanted(policy: Policy, e: u64) -> bool {
+    if e & PM_SWAPPED != 0 && e & PM_SWAP_TYPE == SWP_PTE_MARKER {
+        return false;
+    }
+    match policy {
+        Policy::Anon => e & (PM_PRESENT | PM_SWAPPED) != 0,
+        // A present page-cache page is the file's own; the process's copies are
+        // anonymous (or swapped out).
+        Policy::PrivateFile => {
+            e & PM_SWAPPED != 0 || (e & PM_PRESENT != 0 && e & PM_FILE_OR_SHARED == 0)
+        }
+        Policy::None => false,
+    }
 }
 
 /// Pages waiting to be read: address ranges, whether each range is shared with other
@@ -394,7 +424,12 @@ fn flush(
 }
 
 /// Appends a page to the runs, extending the last run when it continues it.
-fn push_run(runs: &mut Vec<PageRun>, addr: u64, offset: Option<u64>, from_pid: Option<i32>) {
+pub(crate) fn push_run(
+    runs: &mut Vec<PageRun>,
+    addr: u64,
+    offset: Option<u64>,
+    from_pid: Option<i32>,
+) {
     if let Some(last) = runs.last_mut() {
         let next_addr = last.addr + last.pages * PAGE;
         let continues = last.from_pid == from_pid

@@ -75,6 +75,7 @@ pub fn run() -> Result<u8> {
         inherit_stdio: false,
         tcp_established: false,
         shell_job: false,
+        pre_copy: false,
     })
     .context("dump failed")?;
     // As its tracer, dump may already have reaped it.
