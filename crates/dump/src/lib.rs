@@ -132,9 +132,7 @@ pub fn dump(opts: &DumpOptions) -> Result<DumpSummary> {
     );
     fd_ctx.shell_job = opts.shell_job;
     let result = write_image(&frozen, &mut writer, &mut fd_ctx, opts.inherit_stdio, pre.as_mut());
-    // The tracking is no longer needed: closing the userfaultfds removes every
-    // write protection before the processes run again (or die).
-    let pre_copy = pre.map(|p| p.report);
+    let pre_copy = pre.as_ref().map(|p| p.report.clone());
     let (tree, stats) = match result {
         Ok(v) => v,
         Err(e) => {
@@ -157,6 +155,7 @@ pub fn dump(opts: &DumpOptions) -> Result<DumpSummary> {
         root_pid: tree.root_pid,
         files: Vec::new(),
     };
+    let t_commit = Instant::now();
     if let Err(e) = writer.commit(manifest) {
         fd_ctx.end_repair();
         frozen.release();
@@ -164,6 +163,12 @@ pub fn dump(opts: &DumpOptions) -> Result<DumpSummary> {
     }
 
     let frozen_for = t_frozen.elapsed();
+    tracing::debug!(
+        "pid {pid} frozen {:.1} ms: {:.1} ms to save its state and memory, {:.1} ms to commit",
+        frozen_for.as_secs_f64() * 1e3,
+        (t_commit - t_frozen).as_secs_f64() * 1e3,
+        t_commit.elapsed().as_secs_f64() * 1e3
+    );
     if opts.leave_running {
         fd_ctx.end_repair();
         frozen.release();
@@ -173,6 +178,10 @@ pub fn dump(opts: &DumpOptions) -> Result<DumpSummary> {
         // copies now ends them without a FIN or RST reaching the peer.
         drop(fd_ctx);
     }
+    // Closing the userfaultfds ends the write tracking. Only now: removing the
+    // protection from every page of a large process takes a while, and a dead one has
+    // nothing left to unprotect.
+    drop(pre);
     Ok(DumpSummary {
         pid,
         pages_stored: stats.pages_stored,

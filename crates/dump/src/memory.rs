@@ -120,16 +120,24 @@ pub(crate) fn dump_pages(
         }
         if policy != Policy::None {
             let copies = pre.as_deref().and_then(|t| t.copies_for(m));
-            let mut ctx =
-                VmaCtx { pid, pagemap: &pagemap, policy, index, copies, reused: Vec::new() };
-            dump_vma(&mut ctx, &mut vma, &mut out, &mut buf, stats)
-                .map_err(|e| e.into_dump_error(pid, m))?;
+            // After pre-copy, only pages without a current copy need their page map entry.
+            let (reused, spans) = match &copies {
+                Some(c) => c.plan(m.start, m.end, policy),
+                None => (Vec::new(), vec![(m.start, m.end)]),
+            };
+            let mut ctx = VmaCtx { pid, pagemap: &pagemap, policy, index, copies, reused };
+            for &span in &spans {
+                dump_vma(&mut ctx, &mut vma, span, &mut out, &mut buf, stats)
+                    .map_err(|e| e.into_dump_error(pid, m))?;
+            }
             precopy::add_reused(&mut vma.pages, &ctx.reused, policy, stats);
         }
         process.vmas.push(vma);
     }
     stats.bytes += out.len();
+    let t = std::time::Instant::now();
     writer.finish_file(out)?;
+    tracing::debug!("pid {pid}: page file synced in {:.1} ms", t.elapsed().as_secs_f64() * 1e3);
     Ok(())
 }
 
@@ -244,16 +252,18 @@ fn sysv_segment(shmid: i32) -> Option<VmaKind> {
     None
 }
 
-/// Saves the pages of one mapping that the process has (present or swapped out).
+/// Saves the pages in `span` of one mapping that the process has (present or swapped
+/// out). The span is the whole mapping, unless pre-copy knows better.
 fn dump_vma(
     ctx: &mut VmaCtx,
     vma: &mut Vma,
+    span: (u64, u64),
     out: &mut ImageFile,
     buf: &mut [u8],
     stats: &mut Stats,
 ) -> std::result::Result<(), VmaError> {
     let pid = ctx.pid;
-    let npages = ((vma.end - vma.start) / PAGE) as usize;
+    let npages = ((span.1 - span.0) / PAGE) as usize;
     let mut entries = vec![0u8; PAGEMAP_CHUNK.min(npages) * 8];
     // Pages waiting to be read, with their pagemap entries, and ranges to read, split
     // where a page is not mapped by this process alone (read without pinning).
@@ -264,7 +274,7 @@ fn dump_vma(
     let mut first = 0usize;
     while first < npages {
         let count = PAGEMAP_CHUNK.min(npages - first);
-        let addr = vma.start + first as u64 * PAGE;
+        let addr = span.0 + first as u64 * PAGE;
         let bytes = &mut entries[..count * 8];
         let n = mem::pread_full(ctx.pagemap, bytes, addr / PAGE * 8).map_err(|source| {
             VmaError::Read(torpor_sys::Error::Io { what: format!("/proc/{pid}/pagemap"), source })

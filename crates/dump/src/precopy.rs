@@ -35,7 +35,8 @@ use std::time::{Duration, Instant};
 
 use torpor_image::model::PageRun;
 use torpor_image::{ImageFile, ImageWriter};
-use torpor_sys::{args, mem, proc, sock, uffd, PAGE};
+use torpor_sys::uffd::{self, PageRegion, ScanRequest};
+use torpor_sys::{args, mem, proc, sock, PAGE};
 
 use crate::memory::{self, Policy, PM_EXCLUSIVE, PM_PRESENT};
 use crate::{DumpError, Frozen, FrozenTree, Result, Stats};
@@ -61,6 +62,10 @@ const ZERO: u64 = u64::MAX - 1;
 pub(crate) fn pages_file(pid: i32) -> String {
     format!("pages-{pid}.img")
 }
+
+/// What the dump does with a mapping's pages after pre-copy: pages whose current copy
+/// is used, and runs of pages whose page map entries it must read.
+pub(crate) type Plan = (Vec<(u64, Copy)>, Vec<(u64, u64)>);
 
 /// The latest copy of a page, still current.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -140,11 +145,15 @@ pub(crate) struct Tracked {
     /// Where the page file is, to flush it to disk between rounds.
     path: PathBuf,
     ranges: Vec<Range>,
+    /// After the last scan: the runs of pages present or swapped out (or page-table
+    /// markers, which look swapped), with their `PAGE_IS_*` categories, in address order.
+    resident: Vec<PageRegion>,
 }
 
 /// The copies of one final mapping's pages.
 pub(crate) struct VmaCopies<'a> {
     ranges: &'a [Range],
+    resident: &'a [PageRegion],
 }
 
 impl VmaCopies<'_> {
@@ -156,6 +165,56 @@ impl VmaCopies<'_> {
             ZERO => Some(Copy::Zero),
             off => Some(Copy::Data(off)),
         }
+    }
+
+    /// Sorts the pages of `[start, end)` saved under `policy` into those whose current
+    /// copy is used as it is, and runs of pages whose page map entries must be read
+    /// (copied now, or only possibly saved: swapped ones may be page-table markers).
+    /// Pages neither present nor swapped out are not saved, and need neither. Parts of
+    /// the mapping that were never registered (it grew) are read whole.
+    pub fn plan(&self, start: u64, end: u64, policy: Policy) -> Plan {
+        let mut reused = Vec::new();
+        let mut spans: Vec<(u64, u64)> = Vec::new();
+        let mut at = start;
+        for r in self.ranges {
+            if r.start > at {
+                spans.push((at, r.start.min(end)));
+            }
+            at = at.max(r.end);
+        }
+        if at < end {
+            spans.push((at, end));
+        }
+        let mut read = |a: u64, b: u64| spans.push((a, b));
+        let first = self.resident.partition_point(|g| g.end <= start);
+        for g in self.resident[first..].iter().take_while(|g| g.start < end) {
+            let (a, b) = (g.start.max(start), g.end.min(end));
+            let present = g.categories & uffd::PAGE_IS_PRESENT != 0;
+            // A page-cache page of a private file mapping is the file's own.
+            let file = g.categories & uffd::PAGE_IS_FILE != 0 && policy == Policy::PrivateFile;
+            if !present {
+                read(a, b);
+                continue;
+            }
+            if file {
+                continue;
+            }
+            for p in (a..b).step_by(PAGE as usize) {
+                match self.current(p) {
+                    Some(c) => reused.push((p, c)),
+                    None => read(p, p + PAGE),
+                }
+            }
+        }
+        spans.sort_unstable();
+        let mut merged: Vec<(u64, u64)> = Vec::with_capacity(spans.len());
+        for (a, b) in spans {
+            match merged.last_mut() {
+                Some(last) if last.1 >= a => last.1 = last.1.max(b),
+                _ => merged.push((a, b)),
+            }
+        }
+        (reused, merged)
     }
 }
 
@@ -173,7 +232,8 @@ impl Tracked {
         }
         let first = self.ranges.partition_point(|r| r.end <= m.start);
         let last = self.ranges.partition_point(|r| r.start < m.end);
-        (first < last).then(|| VmaCopies { ranges: &self.ranges[first..last] })
+        let resident = &self.resident;
+        (first < last).then(|| VmaCopies { ranges: &self.ranges[first..last], resident })
     }
 
     /// Sets tracking up in a running process whose userfaultfd torpor holds. `None` when
@@ -211,46 +271,74 @@ impl Tracked {
         }
         let out = writer.create_file(&pages_file(pid))?;
         let path = writer.dir().join(out.name());
-        Ok(Some(Self { pid, _uffd: uffd, pagemap, out: Some(out), path, ranges }))
+        Ok(Some(Self {
+            pid,
+            _uffd: uffd,
+            pagemap,
+            out: Some(out),
+            path,
+            ranges,
+            resident: Vec::new(),
+        }))
     }
 
-    /// The runs of pages written since the last scan, protecting them again when
-    /// `protect`. Mappings that lost their registration (unmapped and mapped again
-    /// meanwhile) are left out by requiring `PAGE_IS_WPALLOWED`, rather than aborting
-    /// the scan as `PM_SCAN_CHECK_WPASYNC` would: they are copied once frozen.
-    fn scan(&self, protect: bool) -> std::io::Result<Vec<(u64, u64)>> {
-        let flags = if protect { uffd::PM_SCAN_WP_MATCHING } else { 0 };
-        let required = uffd::PAGE_IS_WRITTEN | uffd::PAGE_IS_WPALLOWED;
+    /// Runs `PAGEMAP_SCAN` over every tracked range with `flags`, for pages that have
+    /// every category of `required`, reporting those of `report`. Mappings that lost
+    /// their registration (unmapped and mapped again meanwhile) are left out by requiring
+    /// `PAGE_IS_WPALLOWED`, rather than aborting the scan as `PM_SCAN_CHECK_WPASYNC`
+    /// would: they are copied once frozen.
+    /// `report` may depend on the range's policy.
+    fn scan(
+        &self,
+        flags: u64,
+        required: u64,
+        report: impl Fn(Policy) -> u64,
+    ) -> std::io::Result<Vec<PageRegion>> {
         let mut regions = Vec::new();
-        let mut written = Vec::new();
         for r in &self.ranges {
+            let report = report(r.policy);
             let mut at = r.start;
             while at < r.end {
-                regions.clear();
-                let req = uffd::ScanRequest {
+                let req = ScanRequest {
                     start: at,
                     end: r.end,
                     flags,
-                    required,
-                    report: uffd::PAGE_IS_WRITTEN,
+                    required: required | uffd::PAGE_IS_WPALLOWED,
+                    report,
                 };
+                let from = regions.len();
                 let walk_end = uffd::pagemap_scan(&self.pagemap, &req, &mut regions, REGIONS)?;
-                written.extend(regions.iter().map(|g| (g.start, g.end)));
+                // A call that ran out of room may report again, in the next call, part of
+                // the run it ended with: keep each page once.
+                let mut kept_end = regions[..from].last().map_or(0, |g| g.end);
+                let mut i = from;
+                while i < regions.len() {
+                    regions[i].start = regions[i].start.max(kept_end);
+                    if regions[i].start >= regions[i].end {
+                        regions.remove(i);
+                        continue;
+                    }
+                    kept_end = regions[i].end;
+                    i += 1;
+                }
                 if walk_end <= at {
                     break;
                 }
                 at = walk_end;
             }
         }
-        Ok(written)
+        Ok(regions)
     }
 
     /// One round while the process runs: protects again and copies the pages written
     /// since the round before. Returns false when the process cannot be tracked any more
     /// (it exited or its page map went away); its pages are then copied once frozen.
     fn round(&mut self, buf: &mut [u8], round: &mut Round) -> Result<bool> {
-        let written = match self.scan(true) {
-            Ok(w) => w,
+        // The pages written since the round before, protected again in the same walk.
+        let scan =
+            self.scan(uffd::PM_SCAN_WP_MATCHING, uffd::PAGE_IS_WRITTEN, |_| uffd::PAGE_IS_WRITTEN);
+        let written: Vec<(u64, u64)> = match scan {
+            Ok(w) => w.iter().map(|g| (g.start, g.end)).collect(),
             Err(e) => {
                 tracing::debug!("pid {}: pre-copy stops, scanning its pages failed: {e}", self.pid);
                 return Ok(false);
@@ -362,15 +450,28 @@ impl Tracked {
         Ok(())
     }
 
-    /// The last scan, frozen: pages written since their copy lose it.
+    /// The last scan, frozen: pages written since their copy lose it, and the pages
+    /// the process has are noted, so that the dump reads page map entries only for
+    /// pages it must copy now.
     fn finish(&mut self) {
-        match self.scan(false) {
-            Ok(written) => {
-                for (start, end) in written {
-                    for a in (start..end).step_by(PAGE as usize) {
-                        if let Some(ri) = find(&self.ranges, a) {
-                            self.ranges[ri].set(a, NO_COPY);
+        // Whether a page is the file's is only asked where it matters: finding out means
+        // looking at each page's descriptor.
+        let report = |policy| {
+            let file = if policy == Policy::PrivateFile { uffd::PAGE_IS_FILE } else { 0 };
+            uffd::PAGE_IS_WRITTEN | uffd::PAGE_IS_PRESENT | uffd::PAGE_IS_SWAPPED | file
+        };
+        match self.scan(0, 0, report) {
+            Ok(regions) => {
+                for g in regions {
+                    if g.categories & uffd::PAGE_IS_WRITTEN != 0 {
+                        for a in (g.start..g.end).step_by(PAGE as usize) {
+                            if let Some(ri) = find(&self.ranges, a) {
+                                self.ranges[ri].set(a, NO_COPY);
+                            }
                         }
+                    }
+                    if g.categories & (uffd::PAGE_IS_PRESENT | uffd::PAGE_IS_SWAPPED) != 0 {
+                        self.resident.push(g);
                     }
                 }
             }
@@ -468,7 +569,10 @@ fn open_uffd(f: &Frozen) -> Result<Option<OwnedFd>> {
             return Ok(None);
         }
     };
-    if let Err(e) = uffd::api(&uffd, uffd::FEATURE_WP_ASYNC | uffd::FEATURE_WP_UNPOPULATED) {
+    // Not UFFD_FEATURE_WP_UNPOPULATED: it would fill every page table of a tracked
+    // mapping with markers (allocating page tables for sparse ones), and a page never
+    // populated is listed as written once a fault brings it in anyway.
+    if let Err(e) = uffd::api(&uffd, uffd::FEATURE_WP_ASYNC) {
         tracing::debug!("pid {pid}: no pre-copy, asynchronous write protection: {e}");
         return Ok(None);
     }
@@ -662,6 +766,32 @@ mod tests {
         let mut runs = vec![run(0x3000, 1, None)];
         add_reused(&mut runs, &[(0x2000, Copy::Zero)], Policy::PrivateFile, &mut stats);
         assert_eq!(runs, vec![run(0x2000, 2, None)]);
+    }
+
+    #[test]
+    fn plan_reads_only_pages_without_a_current_copy() {
+        let mut r = Range::new(0x10000, 0x20000, Policy::Anon);
+        r.set(0x10000, 0x3000);
+        r.set(0x16000, ZERO);
+        let ranges = [r];
+        let region = |start, end, categories| PageRegion { start, end, categories };
+        let resident = [
+            region(0x10000, 0x12000, uffd::PAGE_IS_PRESENT),
+            region(0x14000, 0x15000, uffd::PAGE_IS_SWAPPED),
+            region(0x16000, 0x17000, uffd::PAGE_IS_PRESENT),
+        ];
+        let copies = VmaCopies { ranges: &ranges, resident: &resident };
+        // The mapping grew on both sides since it was registered.
+        let (reused, spans) = copies.plan(0x8000, 0x28000, Policy::Anon);
+        assert_eq!(reused, vec![(0x10000, Copy::Data(0x3000)), (0x16000, Copy::Zero)]);
+        assert_eq!(
+            spans,
+            vec![(0x8000, 0x10000), (0x11000, 0x12000), (0x14000, 0x15000), (0x20000, 0x28000)]
+        );
+        // Page-cache pages of a private file mapping are the file's: neither.
+        let resident = [region(0x10000, 0x12000, uffd::PAGE_IS_PRESENT | uffd::PAGE_IS_FILE)];
+        let copies = VmaCopies { ranges: &ranges, resident: &resident };
+        assert_eq!(copies.plan(0x10000, 0x20000, Policy::PrivateFile), (vec![], vec![]));
     }
 
     #[test]

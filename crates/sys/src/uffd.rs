@@ -36,6 +36,10 @@ pub const PM_SCAN_WP_MATCHING: u64 = 1 << 0;
 pub const PM_SCAN_CHECK_WPASYNC: u64 = 1 << 1;
 pub const PAGE_IS_WPALLOWED: u64 = 1 << 0;
 pub const PAGE_IS_WRITTEN: u64 = 1 << 1;
+pub const PAGE_IS_FILE: u64 = 1 << 2;
+pub const PAGE_IS_PRESENT: u64 = 1 << 3;
+/// Also page-table markers, which hold no page (see `pagemap` in the dump).
+pub const PAGE_IS_SWAPPED: u64 = 1 << 4;
 
 /// `_IOWR(type, nr, size)` on x86_64.
 const fn iowr(ty: u64, nr: u64, size: usize) -> u64 {
