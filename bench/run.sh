@@ -12,6 +12,8 @@
 #   redis-1M              redis-server with 1,000,000 keys loaded by redis-cli --pipe
 #   maps-10k, threads-1k  bench/scale.c with 10,000 mappings, or with 1,000 threads: costs
 #                         that grow with the number of mappings or threads
+#   mem-dirty-1G          bench/mem.c holding 1 GiB and rewriting 4 MiB of it per second,
+#                         dumped as usual, then (mem-dirty-1G-precopy) with --pre-copy
 #
 # For each: dump wall time, frozen time (from the tool's own report), image bytes, restore
 # wall time, time from the start of restore until the process answers (Redis: PING; the
@@ -27,7 +29,7 @@ usage() {
 usage: bash bench/run.sh [options]
   --quick            memory workloads of 256 MiB only (default: 256 MiB, 1 GiB, 4 GiB)
   --sizes LIST       memory workload sizes in MiB, comma-separated (overrides --quick)
-  --workloads LIST   any of mem,python,redis,scale, comma-separated (default: all four)
+  --workloads LIST   any of mem,python,redis,scale,precopy, comma-separated (default: all)
   --criu PATH        also run CRIU from PATH (default: criu on PATH, if any)
   --no-criu          do not run CRIU even if it is on PATH
   --torpor PATH      the torpor binary (default: cargo build --release, then its binary)
@@ -47,7 +49,7 @@ die() {
 
 # --- options -------------------------------------------------------------------------
 
-QUICK=0 SIZES="" WORKLOADS="mem,python,redis,scale" CRIU="" NO_CRIU=0 TORPOR="${TORPOR:-}"
+QUICK=0 SIZES="" WORKLOADS="mem,python,redis,scale,precopy" CRIU="" NO_CRIU=0 TORPOR="${TORPOR:-}"
 BASE="${TMPDIR:-/tmp}" REPS=1 COLD=0 OUT="" KEEP=0 DUMP_ARGS=""
 ARGS=("$@")
 while [ $# -gt 0 ]; do
@@ -102,6 +104,8 @@ want() { [[ ",$WORKLOADS," == *",$1,"* ]]; }
 DICT_ENTRIES=2000000
 REDIS_KEYS=1000000
 FLAVOURS=(random halfzero text)
+# Extra arguments of torpor dump, for the workload being run.
+DUMP_EXTRA=()
 
 # --- scratch space and cleanup -------------------------------------------------------
 
@@ -482,7 +486,7 @@ run_one() {
 		if [ "$tool" = torpor ]; then
 			rmdir "$img"
 			timeout -k 10 "$tmo" /usr/bin/time -v -o "$WORK/time.dump" \
-				"$TORPOR" dump "$PID" -D "$img" $DUMP_ARGS >"$WORK/dump.out" 2>"$WORK/dump.err"
+				"$TORPOR" dump "$PID" -D "$img" $DUMP_ARGS "${DUMP_EXTRA[@]}" >"$WORK/dump.out" 2>"$WORK/dump.err"
 		else
 			timeout -k 10 "$tmo" /usr/bin/time -v -o "$WORK/time.dump" \
 				"$CRIU" dump -t "$PID" -D "$img" --shell-job -o dump.log \
@@ -499,6 +503,7 @@ run_one() {
 				frozen_s=$(sed -n 's/.*frozen \([0-9.]*\) ms.*/\1/p' <<<"$line" |
 					awk '{ printf "%.3f", $1 / 1000 }')
 				log "  $line"
+				grep -m1 ' pre-copy: ' "$WORK/dump.err" | sed 's/^/  /' >&2
 			else
 				frozen_s=$(criu_frozen "$img")
 				log "  criu dump: ${dump_s} s, frozen ${frozen_s:-?} s"
@@ -635,6 +640,16 @@ if want mem; then
 			fits "$size" "$name" && run_workload mem "$name" "$size" "$flavour"
 		done
 	done
+fi
+# A process that keeps writing, dumped as usual and with pre-copy (torpor only: CRIU's
+# pre-dump is a different procedure).
+if want precopy && fits 1024 mem-dirty-1G; then
+	run_workload mem mem-dirty-1G 1024 dirty
+	DUMP_EXTRA=(--pre-copy)
+	for ((rep = 1; rep <= REPS; rep++)); do
+		run_one mem mem-dirty-1G-precopy 1024 dirty torpor "$rep"
+	done
+	DUMP_EXTRA=()
 fi
 want python && fits 512 python-dict-2M && run_workload python python-dict-2M 0 -
 want redis && [ "$HAVE_REDIS" = 1 ] && fits 512 redis-1M && run_workload redis redis-1M 0 -

@@ -319,7 +319,7 @@ pub(crate) fn collect(
         dumpable,
         mm,
         vmas: Vec::new(),
-        pages_file: format!("pages-{pid}.img"),
+        pages_file: crate::precopy::pages_file(pid),
         page_frames: None,
         page_hashes: None,
         sigactions,

@@ -610,6 +610,11 @@ impl ImageWriter {
         self.durable = durable;
     }
 
+    /// Whether the image goes to disk before [`ImageWriter::commit`] returns.
+    pub fn is_durable(&self) -> bool {
+        self.durable
+    }
+
     /// The image directory.
     pub fn dir(&self) -> &Path {
         &self.dir

@@ -513,8 +513,8 @@ impl ParentPages {
                 return Err(ImageError::Corrupt {
                     path: reader.dir().join(crate::TREE),
                     why: format!(
-                        "process {} has no page hashes (an image of an older torpor cannot \
-                         be a parent)",
+                        "process {} has no page hashes (an image made with --pre-copy, or by \
+                         an older torpor, cannot be a parent)",
                         p.pid
                     ),
                 });

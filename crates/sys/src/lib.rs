@@ -11,6 +11,7 @@ pub mod ptrace;
 pub mod pty;
 pub mod remote;
 pub mod sock;
+pub mod uffd;
 
 use std::io;
 
@@ -163,6 +164,21 @@ pub unsafe fn clone3_with_pid(pid: i32, new_ns: bool) -> io::Result<i32> {
         return Err(io::Error::last_os_error());
     }
     Ok(r as i32)
+}
+
+/// Whether a signal asking torpor to stop (SIGINT, SIGTERM, SIGHUP, SIGQUIT) is pending,
+/// held back by the signal mask. See sigpending(2).
+pub fn termination_pending() -> bool {
+    // SAFETY: sigpending writes one sigset_t into the local; sigismember only reads it.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        if libc::sigpending(&mut set) < 0 {
+            return false;
+        }
+        [libc::SIGINT, libc::SIGTERM, libc::SIGHUP, libc::SIGQUIT]
+            .iter()
+            .any(|&s| libc::sigismember(&set, s) == 1)
+    }
 }
 
 /// Reads this machine's kernel release (`uname -r`).

@@ -72,6 +72,11 @@ enum Command {
         /// changed since are stored; restore reads the rest from it (it must stay).
         #[arg(long, value_name = "DIR")]
         parent: Option<PathBuf>,
+        /// Copy the memory in rounds while the process runs, then freeze it only to copy
+        /// what it wrote since the last round (needs userfaultfd write protection and
+        /// PAGEMAP_SCAN, Linux 6.7 or later).
+        #[arg(long)]
+        pre_copy: bool,
     },
     /// Wake the process saved in an image, with its original pid, and wait for it.
     Restore {
@@ -170,6 +175,7 @@ fn run(cli: Cli) -> Result<u8> {
             no_sync,
             compress,
             parent,
+            pre_copy,
         } => {
             let opts = torpor_dump::DumpOptions {
                 pid,
@@ -181,6 +187,7 @@ fn run(cli: Cli) -> Result<u8> {
                 no_sync,
                 compress: compress.map(|level| level.unwrap_or(torpor_image::pages::DEFAULT_LEVEL)),
                 parent,
+                pre_copy,
             };
             let s =
                 // An interrupted dump would leave the process stopped halfway through a call
@@ -203,6 +210,9 @@ fn run(cli: Cli) -> Result<u8> {
                     s.total.as_secs_f64() * 1e3,
                     if leave_running { ", left running" } else { "" }
                 );
+                if let Some(p) = &s.pre_copy {
+                    eprintln!("torpor: {}", pre_copy_line(p));
+                }
             }
             Ok(0)
         }
@@ -262,6 +272,25 @@ fn run(cli: Cli) -> Result<u8> {
         Command::Demo => demo::run(),
         Command::Count { log } => demo::count(&log),
     }
+}
+
+/// The pre-copy part of the dump summary: rounds, what each stored, the setup stop.
+fn pre_copy_line(p: &torpor_dump::PreCopyReport) -> String {
+    if p.processes == 0 {
+        return "pre-copy: nothing could be tracked, all memory was copied frozen".into();
+    }
+    let rounds: Vec<String> = p
+        .rounds
+        .iter()
+        .map(|r| format!("{} in {:.1} ms", human(r.bytes), r.took.as_secs_f64() * 1e3))
+        .collect();
+    format!(
+        "pre-copy: {} round{} while running ({}), stopped {:.1} ms to set up",
+        p.rounds.len(),
+        if p.rounds.len() == 1 { "" } else { "s" },
+        rounds.join(", "),
+        p.setup_frozen.as_secs_f64() * 1e3
+    )
 }
 
 /// Runs `f` with SIGINT, SIGTERM, SIGHUP and SIGQUIT held back; one that arrived meanwhile

@@ -93,3 +93,26 @@ fn bad_levels_are_usage_errors() {
         assert_eq!(out.status.code(), Some(2), "{arg}: {}", stderr_of(&out));
     }
 }
+
+/// Pre-copy writes raw pages without hashes, so it is refused with compression or a
+/// parent, before the process is touched.
+#[test]
+fn pre_copy_with_compress_or_parent_is_refused_and_the_process_runs_on() {
+    let f = Fixture::start("memory", &[]);
+    let parent = TempDir::new().expect("parent dir");
+    for extra in [["--compress", ""], ["--parent", parent.path().to_str().unwrap()]] {
+        let images = TempDir::new().expect("image dir");
+        let dir = images.path().join("img");
+        let mut args = vec!["--pre-copy", extra[0]];
+        if !extra[1].is_empty() {
+            args.push(extra[1]);
+        }
+        let out = f.dump(&dir, &args);
+        let err = stderr_of(&out);
+        assert!(!out.status.success(), "dump {args:?} succeeded");
+        assert!(err.contains("--pre-copy cannot be combined with"), "{args:?}: {err}");
+        assert!(!dir.exists(), "dump {args:?} left {}", dir.display());
+        common::assert_running_untraced(f.pid);
+    }
+    f.go();
+}
