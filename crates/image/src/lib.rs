@@ -604,6 +604,7 @@ pub fn decode_manifest(bytes: &[u8], path: &Path) -> Result<Manifest> {
 }
 
 /// A complete image, opened for reading.
+#[derive(Debug, Clone)]
 pub struct ImageReader {
     dir: PathBuf,
     manifest: Manifest,
@@ -674,10 +675,20 @@ impl ImageReader {
 
     /// Reads every file of the image and compares its checksum and length with the
     /// manifest. `progress` is called with the bytes read so far.
-    pub fn verify_all(&self, mut progress: impl FnMut(u64)) -> Result<()> {
+    pub fn verify_all(&self, progress: impl FnMut(u64)) -> Result<()> {
+        self.verify_where(|_| true, progress)
+    }
+
+    /// Like [`ImageReader::verify_all`], for the files whose names `want` accepts only
+    /// (a lazy restore checks the page files while it loads them).
+    pub fn verify_where(
+        &self,
+        want: impl Fn(&str) -> bool,
+        mut progress: impl FnMut(u64),
+    ) -> Result<()> {
         let mut buf = vec![0u8; 4 << 20];
         let mut total = 0u64;
-        for f in &self.manifest.files {
+        for f in self.manifest.files.iter().filter(|f| want(&f.name)) {
             let path = self.dir.join(&f.name);
             let mut file = open_regular(&path)?;
             let mut h = Xxh3::new();

@@ -15,6 +15,7 @@
 //! it is handed over, so a failed or interrupted restore leaves nothing running.
 
 mod child;
+pub mod lazy;
 mod prepare;
 mod space;
 mod state;
@@ -40,10 +41,14 @@ pub struct RestoreOptions {
     /// Wake a shell job in the terminal this torpor runs in: its inherited terminal
     /// descriptors get this terminal, with the job's modes, and its group the foreground.
     pub shell_job: bool,
+    /// Let the processes run before their memory is loaded: private anonymous memory
+    /// comes in on first touch and in the background (see `lazy`); the caller then
+    /// serves it with [`Restored::pages`].
+    pub lazy: bool,
 }
 
 /// A restored, running process.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct Restored {
     pub pid: i32,
     /// With `shell_job`: the job's process group, the terminal, and the terminal's modes
@@ -52,6 +57,8 @@ pub struct Restored {
     pub verify_time: Duration,
     pub total: Duration,
     pub image_bytes: u64,
+    /// With `lazy`: the page server, which must run until every page is loaded.
+    pub pages: Option<lazy::PageServer>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -86,6 +93,8 @@ pub enum RestoreError {
     Map { pid: i32, start: u64, end: u64, what: String, source: torpor_sys::Error },
     #[error("pid {pid}: {what}")]
     Vdso { pid: i32, what: String },
+    #[error("lazy loading of the memory failed")]
+    Lazy(#[source] lazy::LazyError),
 }
 
 pub type Result<T> = std::result::Result<T, RestoreError>;
@@ -105,9 +114,19 @@ pub(crate) fn describe_pid(pid: i32) -> String {
 
 /// Checks an image completely, creating nothing.
 pub fn check_image(dir: &std::path::Path) -> Result<(ImageReader, model::Tree)> {
+    check_image_but_pages(dir, false)
+}
+
+/// Checks an image like [`check_image`]; with `skip_pages`, the page files' contents are
+/// left for a lazy restore to check while it loads them (their lengths are checked).
+fn check_image_but_pages(
+    dir: &std::path::Path,
+    skip_pages: bool,
+) -> Result<(ImageReader, model::Tree)> {
     let reader = ImageReader::open(dir)?;
-    reader.verify_all(|_| {})?;
     let tree = reader.read_tree()?;
+    let pages: Vec<&str> = tree.processes.iter().map(|p| p.pages_file.as_str()).collect();
+    reader.verify_where(|name| !(skip_pages && pages.contains(&name)), |_| {})?;
     prepare::validate(&reader, &tree)?;
     Ok((reader, tree))
 }
@@ -115,7 +134,7 @@ pub fn check_image(dir: &std::path::Path) -> Result<(ImageReader, model::Tree)> 
 /// Restores the image in `opts.dir` and lets its processes run.
 pub fn restore(opts: &RestoreOptions) -> Result<Restored> {
     let t0 = Instant::now();
-    let (reader, tree) = check_image(&opts.dir)?;
+    let (reader, tree) = check_image_but_pages(&opts.dir, opts.lazy)?;
     let verify_time = t0.elapsed();
     let ids = tree
         .processes
@@ -136,7 +155,19 @@ pub fn restore(opts: &RestoreOptions) -> Result<Restored> {
     // From here on, any failure kills the half-made tree: the root, and with it (by the
     // parent-death signal and ptrace's exit-kill) every process it made.
     let mut built = Built::default();
-    let result = build(opts, &reader, &tree, &prepared, child, &mut built);
+    let mut lazy = if opts.lazy { Some(lazy::Lazy::start(&reader, &tree)?) } else { None };
+    let mut result = build(opts, &reader, &tree, &prepared, child, &mut built, lazy.as_mut());
+    let mut pages = None;
+    if let Some(l) = lazy {
+        match &result {
+            // The server failed first (and killed the tree): that is the cause.
+            Err(_) => result = l.abandon().map_or(result, |e| Err(RestoreError::Lazy(e))),
+            Ok(()) => match l.into_server(built.pids.clone()) {
+                Ok(server) => pages = Some(server),
+                Err(e) => result = Err(e),
+            },
+        }
+    }
     // The objects were handed to the processes; torpor's copies go. SysV segments stay
     // only if the restore succeeded.
     let sysv = std::mem::take(&mut prepared.sysv);
@@ -152,7 +183,7 @@ pub fn restore(opts: &RestoreOptions) -> Result<Restored> {
     sysv.finish();
     let image_bytes = reader.manifest().files.iter().map(|f| f.len).sum();
     let job = built.job.take();
-    Ok(Restored { pid: child, job, verify_time, total: t0.elapsed(), image_bytes })
+    Ok(Restored { pid: child, job, verify_time, total: t0.elapsed(), image_bytes, pages })
 }
 
 /// The processes made so far, to kill on failure.
@@ -182,6 +213,7 @@ fn build(
     prep: &prepare::Prepared,
     root_outer: i32,
     built: &mut Built,
+    mut lazy: Option<&mut lazy::Lazy>,
 ) -> Result<()> {
     let root = tree.root_pid;
     let step = |pid: i32, what: &str| {
@@ -223,7 +255,7 @@ fn build(
         // Before the saved mappings exist: the kernel refuses to change the executable
         // while the old one (torpor, which the image may also be) is still mapped.
         state::set_mm(&pr.space, p, prep)?;
-        pr.space.rebuild(opts, reader, tree, p, prep)?;
+        pr.space.rebuild(opts, reader, tree, p, prep, lazy.as_deref_mut())?;
         state::install_fds(&pr.space, p, prep)?;
         state::register_epolls(&pr.space, p, prep, &mut epolls)?;
         pr.threads = state::restore_state(&pr.space, p)?;

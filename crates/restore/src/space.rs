@@ -12,6 +12,7 @@ use torpor_image::model::{self, VmaKind};
 use torpor_image::ImageReader;
 use torpor_sys::{args, mem, proc, ptrace, Remote, PAGE};
 
+use crate::lazy::Lazy;
 use crate::prepare::Prepared;
 use crate::{RestoreError, RestoreOptions, Result};
 
@@ -209,17 +210,24 @@ impl Space {
         tree: &model::Tree,
         p: &model::Process,
         prep: &Prepared,
+        mut lazy: Option<&mut Lazy>,
     ) -> Result<()> {
         for v in &p.vmas {
             match &v.kind {
                 VmaKind::Vdso { .. } | VmaKind::Vvar { .. } | VmaKind::Vsyscall => continue,
-                _ => self.map_vma(tree, v, prep)?,
+                _ => self.map_vma(tree, v, prep, lazy.as_deref_mut())?,
             }
         }
         self.place_vdso(opts, reader, p)
     }
 
-    fn map_vma(&self, tree: &model::Tree, v: &model::Vma, prep: &Prepared) -> Result<()> {
+    fn map_vma(
+        &self,
+        tree: &model::Tree,
+        v: &model::Vma,
+        prep: &Prepared,
+        lazy: Option<&mut Lazy>,
+    ) -> Result<()> {
         let pid = self.pid;
         if let VmaKind::SysvShm { shmid, .. } = v.kind {
             return self.attach_sysv(v, shmid);
@@ -274,7 +282,12 @@ impl Space {
             Some(o) => (prep.pages_fds[&run.from_pid.unwrap_or(self.inner)], o),
             None => (prep.zero_fd, 0),
         };
-        let mut i = 0;
+        // The pages of a lazy mapping come when first touched (see `lazy`), not now.
+        let registered = match lazy {
+            Some(l) => l.register(self, v)?,
+            None => false,
+        };
+        let mut i = if registered { v.pages.len() } else { 0 };
         while i < v.pages.len() {
             let (src, start_off) = source(&v.pages[i]);
             let mut j = i;
