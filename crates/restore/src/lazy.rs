@@ -62,7 +62,7 @@ const PREFETCH_PAGES: u64 = 256;
 #[derive(Debug, thiserror::Error)]
 pub enum LazyError {
     #[error(
-        "cannot read {file} at offset {offset} (a page {label} needs); the restored \
+        "cannot read {file} at offset {offset} for {label}; the restored \
          processes were killed, since their memory cannot be completed"
     )]
     Unreadable { file: String, offset: u64, label: String, source: io::Error },
@@ -184,7 +184,12 @@ impl PageFiles {
         let (_, f) = self.files.get(&owner).ok_or_else(|| {
             io::Error::new(io::ErrorKind::NotFound, format!("no page file for pid {owner}"))
         })?;
-        f.read_exact_at(buf, offset)
+        f.read_exact_at(buf, offset).map_err(|e| match e.kind() {
+            io::ErrorKind::UnexpectedEof => {
+                io::Error::new(e.kind(), "the file ends before the pages asked for")
+            }
+            _ => e,
+        })
     }
 }
 
@@ -227,6 +232,9 @@ struct Server {
     /// Faults to answer again once pending events are read.
     retry: Vec<(usize, u64)>,
     released: Option<Instant>,
+    /// How long after the release background loading starts (faults are served at
+    /// once); zero but for tests that must act before the pages arrive.
+    prefetch_after: Duration,
     check: Option<JoinHandle<std::result::Result<(), ImageError>>>,
     rx: mpsc::Receiver<Cmd>,
     commands_open: bool,
@@ -257,7 +265,8 @@ impl Server {
             if self.commands()? {
                 return Ok(End::Stopped);
             }
-            let work = self.released.is_some() && self.targets.iter().any(|t| !t.pending.is_empty());
+            let loading = self.released.is_some_and(|r| r.elapsed() >= self.prefetch_after);
+            let work = loading && self.targets.iter().any(|t| !t.pending.is_empty());
             let timeout = if work {
                 PollTimeout::ZERO
             } else if self.released.is_some() {
@@ -276,10 +285,12 @@ impl Server {
             if self.released.is_none() {
                 continue;
             }
+            // Damage found by the check ends the restore at once, loaded or not.
+            let checked = self.checked()?;
             if work {
                 self.prefetch()?;
-            } else if let Some(stats) = self.finish()? {
-                return Ok(End::Done(stats));
+            } else if loading && checked {
+                return Ok(End::Done(self.finish()));
             }
         }
     }
@@ -342,12 +353,8 @@ impl Server {
         let ready = |f: &PollFd| f.revents().is_some_and(|r| !r.is_empty());
         let woken = ready(&fds[0]);
         let signalled = ready(&fds[1]);
-        let readable: Vec<usize> = fds[2..]
-            .iter()
-            .enumerate()
-            .filter(|(_, f)| ready(f))
-            .map(|(i, _)| i)
-            .collect();
+        let readable: Vec<usize> =
+            fds[2..].iter().enumerate().filter(|(_, f)| ready(f)).map(|(i, _)| i).collect();
         drop(fds);
         if woken {
             let mut b = [0u8; 64];
@@ -427,7 +434,8 @@ impl Server {
             Some((start, run)) => {
                 let skip = (page - start) / PAGE;
                 let n = (run.pages - skip).min(FAULT_PAGES);
-                if let Placed::Again = self.place(t, page, run.owner, run.offset + skip * PAGE, n)?
+                if let Placed::Again =
+                    self.place(t, page, run.owner, run.offset + skip * PAGE, n)?
                 {
                     self.retry.push((t, addr));
                 }
@@ -524,29 +532,32 @@ impl Server {
         self.place(t, start, owner, offset, n).map(drop)
     }
 
-    /// Every page is in: once the page files are known good, let the processes go.
-    fn finish(&mut self) -> std::result::Result<Option<LoadStats>, LazyError> {
-        if !self.check.as_ref().is_some_and(|h| h.is_finished()) {
-            return Ok(None);
-        }
-        let checked = self.check.take().expect("checked above").join();
-        match checked {
-            Ok(Ok(())) => {}
-            Ok(Err(source)) => return Err(LazyError::Damaged { source }),
-            Err(_) => {
-                return Err(LazyError::Server {
-                    what: "check the page files",
-                    source: io::Error::other("the checking thread panicked"),
-                })
+    /// Whether the page files are known to match the manifest; an error if one does not.
+    fn checked(&mut self) -> std::result::Result<bool, LazyError> {
+        if self.check.as_ref().is_some_and(|h| h.is_finished()) {
+            match self.check.take().expect("checked above").join() {
+                Ok(Ok(())) => {}
+                Ok(Err(source)) => return Err(LazyError::Damaged { source }),
+                Err(_) => {
+                    return Err(LazyError::Server {
+                        what: "check the page files",
+                        source: io::Error::other("the checking thread panicked"),
+                    })
+                }
             }
         }
+        Ok(self.check.is_none())
+    }
+
+    /// Every page is in and the page files are good: let the processes go.
+    fn finish(&mut self) -> LoadStats {
         // Closing the userfaultfds unregisters every range; what is still absent is
         // zero in the image too, and the kernel fills it as for any anonymous memory.
         self.targets.clear();
         self.by_pid.clear();
         let mut stats = self.stats.clone();
         stats.took = self.released.map(|r| r.elapsed()).unwrap_or_default();
-        Ok(Some(stats))
+        stats
     }
 
     /// Kills the restored processes and every descendant, parents first so that none
@@ -588,7 +599,11 @@ pub(crate) struct Lazy {
 
 impl Lazy {
     /// Opens the page files and starts the server, which answers faults from now on.
-    pub fn start(reader: &ImageReader, tree: &model::Tree) -> Result<Self> {
+    pub fn start(
+        reader: &ImageReader,
+        tree: &model::Tree,
+        prefetch_after: Duration,
+    ) -> Result<Self> {
         let prepare = |what: &str| {
             let what = what.to_string();
             move |source| RestoreError::Prepare { what, source }
@@ -619,6 +634,7 @@ impl Lazy {
             targets: Vec::new(),
             retry: Vec::new(),
             released: None,
+            prefetch_after,
             check: None,
             rx,
             commands_open: true,
@@ -763,24 +779,22 @@ impl PageServer {
     pub fn start(&mut self) -> io::Result<()> {
         let mut server = self.server.take().expect("started once");
         server.release();
-        self.thread = Some(std::thread::Builder::new().name("page-server".into()).spawn(
-            move || {
+        self.thread =
+            Some(std::thread::Builder::new().name("page-server".into()).spawn(move || {
                 let r = server.serve();
                 (server, r)
-            },
-        )?);
+            })?);
         Ok(())
     }
 
     /// Waits until every page is loaded and checked (or loading failed and the tree was
     /// killed).
     pub fn finish(mut self) -> std::result::Result<LoadStats, LazyError> {
-        let (_server, ended) = self.thread.take().expect("started").join().map_err(|_| {
-            LazyError::Server {
+        let (_server, ended) =
+            self.thread.take().expect("started").join().map_err(|_| LazyError::Server {
                 what: "serve pages",
                 source: io::Error::other("the page server thread panicked"),
-            }
-        })?;
+            })?;
         match ended? {
             End::Done(stats) => Ok(stats),
             End::Stopped => unreachable!("nothing stops a released server"),

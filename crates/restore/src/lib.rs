@@ -45,6 +45,9 @@ pub struct RestoreOptions {
     /// comes in on first touch and in the background (see `lazy`); the caller then
     /// serves it with [`Restored::pages`].
     pub lazy: bool,
+    /// With `lazy`: wait this long after the release before loading pages nobody asked
+    /// for (for tests that must act while pages are still missing).
+    pub lazy_prefetch_after: Duration,
 }
 
 /// A restored, running process.
@@ -155,7 +158,11 @@ pub fn restore(opts: &RestoreOptions) -> Result<Restored> {
     // From here on, any failure kills the half-made tree: the root, and with it (by the
     // parent-death signal and ptrace's exit-kill) every process it made.
     let mut built = Built::default();
-    let mut lazy = if opts.lazy { Some(lazy::Lazy::start(&reader, &tree)?) } else { None };
+    let mut lazy = if opts.lazy {
+        Some(lazy::Lazy::start(&reader, &tree, opts.lazy_prefetch_after)?)
+    } else {
+        None
+    };
     let mut result = build(opts, &reader, &tree, &prepared, child, &mut built, lazy.as_mut());
     let mut pages = None;
     if let Some(l) = lazy {

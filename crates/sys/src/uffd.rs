@@ -141,13 +141,8 @@ pub struct Filled {
 /// waiting for them. Stops at the first page already there (`EEXIST`), when events are
 /// pending (`EAGAIN`), or when the mapping or the process is gone (`ENOENT`, `ESRCH`).
 pub fn copy(fd: BorrowedFd, dst: u64, data: &[u8]) -> Filled {
-    let mut c = UffdioCopy {
-        dst,
-        src: data.as_ptr() as u64,
-        len: data.len() as u64,
-        mode: 0,
-        copy: 0,
-    };
+    let mut c =
+        UffdioCopy { dst, src: data.as_ptr() as u64, len: data.len() as u64, mode: 0, copy: 0 };
     let error = ioctl(fd, UFFDIO_COPY, &mut c).err();
     Filled { done: c.copy.max(0) as u64, error }
 }

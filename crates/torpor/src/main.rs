@@ -83,6 +83,10 @@ enum Command {
         /// loaded" (with --detach, from a process of its own).
         #[arg(long)]
         lazy: bool,
+        /// With --lazy, start loading pages nobody asked for only after this many
+        /// milliseconds (lets tests act while pages are missing).
+        #[arg(long, hide = true, default_value_t = 0)]
+        lazy_prefetch_after_ms: u64,
     },
     /// Check an image completely (checksums, format, CPU, files) without restoring it.
     Verify {
@@ -170,13 +174,22 @@ fn run(cli: Cli) -> Result<u8> {
             }
             Ok(0)
         }
-        Command::Restore { dir, detach, pidfile, force_vdso_jumps, shell_job, lazy } => {
+        Command::Restore {
+            dir,
+            detach,
+            pidfile,
+            force_vdso_jumps,
+            shell_job,
+            lazy,
+            lazy_prefetch_after_ms,
+        } => {
             let opts = torpor_restore::RestoreOptions {
                 dir: dir.clone(),
                 detach,
                 force_vdso_jumps,
                 shell_job,
                 lazy,
+                lazy_prefetch_after: std::time::Duration::from_millis(lazy_prefetch_after_ms),
             };
             // A lazy restore keeps the signals held until every page is loaded: the page
             // server takes them and kills the tree, which cannot run without its memory.
