@@ -56,6 +56,14 @@ use crate::{RestoreError, Result};
 const FAULT_PAGES: u64 = 16;
 /// Pages copied per background step; faults wait at most one step.
 const PREFETCH_PAGES: u64 = 256;
+/// Mappings up to this size are loaded before the processes run: small ones (the data of
+/// libraries, TLS, a small heap) are what a program touches first, and a fault costs a
+/// round trip through torpor.
+const HOT_MAPPING: u64 = 256 << 10;
+/// Around each thread's stack pointer, loaded before the processes run too: the pages
+/// below it (red zone, the next calls) and above it (the frames it returns to).
+const HOT_BELOW_SP: u64 = 4 * PAGE;
+const HOT_ABOVE_SP: u64 = 16 * PAGE;
 
 /// Why a lazy restore could not finish. Every variant means the restored processes were
 /// killed: none of them runs with memory that is not its own.
@@ -208,6 +216,8 @@ enum Cmd {
     Target { pid: i32, uffd: OwnedFd },
     /// A mapping of process `pid` about to be registered, with its stored runs.
     Pages { pid: i32, runs: Vec<(u64, Run)>, not_inherited: Option<(u64, u64)> },
+    /// Ranges of process `pid`, registered, to load now, before the process runs.
+    Load { pid: i32, ranges: Vec<(u64, u64)> },
     /// Stop serving and hand the state back.
     Stop,
 }
@@ -322,6 +332,12 @@ impl Server {
                     let t = &mut self.targets[self.by_pid[&pid]];
                     t.pending.extend(runs);
                     t.not_inherited.extend(not_inherited);
+                }
+                Cmd::Load { pid, ranges } => {
+                    let t = self.by_pid[&pid];
+                    for (start, end) in ranges {
+                        self.load(t, start, end)?;
+                    }
                 }
                 Cmd::Stop => return Ok(true),
             }
@@ -521,6 +537,16 @@ impl Server {
         }
     }
 
+    /// Copies what is still to load in `start..end` of target `t`.
+    fn load(&mut self, t: usize, start: u64, end: u64) -> std::result::Result<(), LazyError> {
+        let runs = cut(&mut self.targets[t].pending.clone(), start, end);
+        for (addr, run) in runs {
+            // No event can be pending: the process has not run since it was registered.
+            self.place(t, addr, run.owner, run.offset, run.pages)?;
+        }
+        Ok(())
+    }
+
     /// Copies the next chunk nobody asked for, lowest address first.
     fn prefetch(&mut self) -> std::result::Result<(), LazyError> {
         let Some(t) = self.targets.iter().position(|t| !t.pending.is_empty()) else {
@@ -594,6 +620,8 @@ pub(crate) struct Lazy {
     /// torpor's copy of each process's userfaultfd, for registering; by pid as torpor
     /// sees it.
     uffds: HashMap<i32, OwnedFd>,
+    /// Each process's threads' stack pointers, by pid as the image names it.
+    stack_pointers: HashMap<i32, Vec<u64>>,
     thread: Option<JoinHandle<(Server, std::result::Result<End, LazyError>)>>,
 }
 
@@ -650,7 +678,12 @@ impl Lazy {
                 (server, r)
             })
             .map_err(prepare("the page server thread"))?;
-        Ok(Self { tx, wake: wake_wr, uffds: HashMap::new(), thread: Some(thread) })
+        let stack_pointers = tree
+            .processes
+            .iter()
+            .map(|p| (p.pid, p.threads.iter().map(|t| t.regs.rsp).collect()))
+            .collect();
+        Ok(Self { tx, wake: wake_wr, uffds: HashMap::new(), stack_pointers, thread: Some(thread) })
     }
 
     fn send(&self, cmd: Cmd) {
@@ -693,6 +726,24 @@ impl Lazy {
         self.send(Cmd::Pages { pid, runs, not_inherited });
         uffd::register_missing(self.uffds[&pid].as_fd(), v.start, v.len())
             .map_err(step(&format!("register {:#x}-{:#x} for lazy loading", v.start, v.end)))?;
+
+        // What the processes will touch first comes in now, without faults.
+        let ranges: Vec<(u64, u64)> = if v.len() <= HOT_MAPPING {
+            vec![(v.start, v.end)]
+        } else {
+            let sps = self.stack_pointers.get(&space.inner()).map(Vec::as_slice).unwrap_or(&[]);
+            sps.iter()
+                .filter(|&&sp| v.start <= sp && sp < v.end)
+                .map(|&sp| {
+                    let page = sp & !(PAGE - 1);
+                    let start = page.saturating_sub(HOT_BELOW_SP).max(v.start);
+                    (start, (page + HOT_ABOVE_SP).min(v.end))
+                })
+                .collect()
+        };
+        if !ranges.is_empty() {
+            self.send(Cmd::Load { pid, ranges });
+        }
         Ok(true)
     }
 

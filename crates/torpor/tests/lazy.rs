@@ -83,7 +83,7 @@ fn lazy_fixture_passes_without_torpor() {
 
 #[test]
 fn lazy_fixture_catches_damage() {
-    assert_catches_damage("lazy", &[], &["fork", "remap", "dontneed", "unmap"]);
+    assert_catches_damage("lazy", &[], &["read", "fork", "remap", "dontneed", "unmap"]);
 }
 
 /// Every kind of mapping of the memory fixture (heap, brk, anonymous, shared, read-only,
@@ -102,8 +102,9 @@ fn memory_survives_lazy_restore() {
     assert!(faults > 0, "no fault was served lazily; stderr:\n{stderr}");
 }
 
-/// The process forks (the child reads pages the parent never loaded), mremaps, drops
-/// memory with MADV_DONTNEED and unmaps, all before background loading starts.
+/// The process has the kernel write into a page not loaded yet (read() from a pipe),
+/// forks (the child reads pages the parent never loaded), mremaps, drops memory with
+/// MADV_DONTNEED and unmaps, all before background loading starts.
 #[test]
 fn fork_mremap_and_dontneed_before_the_pages_arrive() {
     let (f, images) = dumped("lazy");
@@ -172,4 +173,18 @@ fn page_file_unreadable_midway_kills_the_tree() {
     fs::remove_file(&pages).expect("remove the page file");
     f.go();
     assert_tree_killed(&f, restore);
+}
+
+/// Eleven threads fault at once, one blocked in FUTEX_WAIT, one in nanosleep.
+#[test]
+fn threads_survive_lazy_restore() {
+    let (f, images) = dumped("threads");
+    lazy_restore_passes(&f, images.path(), &[]);
+}
+
+/// A tree (a child, a grandchild and a zombie): each process has its own userfaultfd.
+#[test]
+fn tree_survives_lazy_restore() {
+    let (f, images) = dumped("tree");
+    lazy_restore_passes(&f, images.path(), &[]);
 }
