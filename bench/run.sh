@@ -15,6 +15,10 @@
 #   mem-dirty-1G          bench/mem.c holding 1 GiB and rewriting 4 MiB of it per second,
 #                         dumped as usual, then (mem-dirty-1G-precopy) with --pre-copy
 #
+# With --lazy, each torpor image is also restored with `--lazy --detach` (tool
+# "torpor-lazy"): the process runs before its memory is loaded, it "answers" when it
+# replies to a ping (SIGUSR2; Redis: PING), and the full check follows.
+#
 # For each: dump wall time, frozen time (from the tool's own report), image bytes, restore
 # wall time, time from the start of restore until the process answers (Redis: PING; the
 # others: the reply to a full check of their memory), peak RSS of the tool, and whether the
@@ -39,6 +43,8 @@ usage: bash bench/run.sh [options]
   --cold             drop the image from the page cache before each restore
   --out FILE         the results file (default: bench/results-<date>.md)
   --keep             keep the scratch directory (images of the last run of each workload)
+  --lazy             also restore torpor's images lazily (torpor restore --lazy --detach)
+  --flavours LIST    memory flavours, comma-separated (default: random,halfzero,text)
 EOF
 }
 
@@ -50,7 +56,7 @@ die() {
 # --- options -------------------------------------------------------------------------
 
 QUICK=0 SIZES="" WORKLOADS="mem,python,redis,scale,precopy" CRIU="" NO_CRIU=0 TORPOR="${TORPOR:-}"
-BASE="${TMPDIR:-/tmp}" REPS=1 COLD=0 OUT="" KEEP=0 DUMP_ARGS=""
+BASE="${TMPDIR:-/tmp}" REPS=1 COLD=0 OUT="" KEEP=0 DUMP_ARGS="" LAZY=0 FLAVOUR_LIST=random,halfzero,text
 ARGS=("$@")
 while [ $# -gt 0 ]; do
 	case "$1" in
@@ -66,6 +72,8 @@ while [ $# -gt 0 ]; do
 	--cold) COLD=1 ;;
 	--out) OUT="${2:?--out needs a file}"; shift ;;
 	--keep) KEEP=1 ;;
+	--lazy) LAZY=1 ;;
+	--flavours) FLAVOUR_LIST="${2:?--flavours needs a list}"; shift ;;
 	-h | --help) usage; exit 0 ;;
 	*) usage >&2; exit 2 ;;
 	esac
@@ -103,7 +111,10 @@ want() { [[ ",$WORKLOADS," == *",$1,"* ]]; }
 
 DICT_ENTRIES=2000000
 REDIS_KEYS=1000000
-FLAVOURS=(random halfzero text)
+IFS=, read -r -a FLAVOURS <<<"$FLAVOUR_LIST"
+for f in "${FLAVOURS[@]}"; do
+	[[ "$f" =~ ^(random|halfzero|text)$ ]] || { echo "run.sh: bad flavour '$f'" >&2; exit 2; }
+done
 # Extra arguments of torpor dump, for the workload being run.
 DUMP_EXTRA=()
 
@@ -271,6 +282,7 @@ if [ -n "$CRIU" ]; then
 fi
 TOOLS=(torpor)
 [ -n "$CRIU" ] && TOOLS+=(criu)
+[ "$LAZY" = 1 ] && TOOLS+=(torpor-lazy)
 
 gcc -O2 -o "$WORK/mem" "$BENCH/mem.c" || die "cannot build bench/mem.c"
 gcc -O2 -pthread -o "$WORK/scale" "$BENCH/scale.c" || die "cannot build bench/scale.c"
@@ -305,7 +317,7 @@ fi
 } >"$META"
 sed 's/^/  /' "$META" >&2
 
-printf 'workload\ttool\trep\trss_mib\tstatus\tdump_s\tfrozen_s\timage_bytes\tdump_rss_kib\trestore_s\tanswer_s\tcheck_before_s\tcheck_after_s\trestore_rss_kib\tintact\tnote\n' >"$RESULTS"
+printf 'workload\ttool\trep\trss_mib\tstatus\tdump_s\tfrozen_s\timage_bytes\tdump_rss_kib\trestore_s\tanswer_s\tcheck_before_s\tcheck_after_s\trestore_rss_kib\tintact\tnote\tloaded_s\n' >"$RESULTS"
 printf 'workload\tbytes\twrite_cache_s\twrite_fsync_s\twrite_direct_s\tread_cache_s\tread_direct_s\n' >"$LIMITS"
 
 # --- the machine's limits ------------------------------------------------------------
@@ -429,6 +441,31 @@ ask_check() {
 	echo "$word $(elapsed "$start" "$t") $(awk -v ms="${ms:-0}" 'BEGIN { printf "%.3f", ms / 1000 }')"
 }
 
+# Asks the process for a pong, which needs none of its memory but what it runs on;
+# prints the seconds from START, or NONE.
+ask_pong() {
+	local start=$1 limit=$2 word t
+	rm -f "$STATE/reply"
+	kill -USR2 "$PID" 2>/dev/null || { echo NONE; return; }
+	wait_file "$STATE/reply" "$limit" || { echo NONE; return; }
+	t=$EPOCHREALTIME
+	read -r word _ <"$STATE/reply"
+	[ "$word" = pong ] || { echo NONE; return; }
+	elapsed "$start" "$t"
+}
+
+# Seconds torpor's lazy page server reports for loading every page (it runs on after
+# `restore --detach` returns, writing to the same stderr), or "-".
+lazy_loaded() {
+	local i line
+	for ((i = 0; i < $1 * 100; i++)); do
+		line=$(grep -m1 'all pages loaded' "$WORK/restore.err") && break
+		grep -q 'lazy restore of pid .* failed' "$WORK/restore.err" && break
+		sleep 0.01
+	done
+	sed -n 's/.* in \([0-9.]*\) ms.*/\1/p' <<<"${line:-}" | awk '{ printf "%.3f", $1 / 1000 }'
+}
+
 # Waits for Redis to answer PING; prints the seconds from START, or NONE.
 ask_ping() {
 	local start=$1 i
@@ -450,7 +487,7 @@ run_one() {
 	local kind=$1 name=$2 size=$3 flavour=$4 tool=$5 rep=$6
 	local img="$WORK/img-$name-$tool" tmo rss status=failed note="" t0 t1 rc line
 	local dump_s=- frozen_s=- image=- dump_rss=- restore_s=- answer_s=- intact=-
-	local check_before=- check_after=- restore_rss=- r word t_ans t_check
+	local check_before=- check_after=- restore_rss=- r word t_ans t_check loaded_s=-
 	PID="" PORT=""
 	log "$name, $tool, run $rep"
 	case "$kind" in
@@ -460,7 +497,7 @@ run_one() {
 	redis) start_redis ;;
 	esac || {
 		[ -n "$PID" ] && stop_pid "$PID"
-		printf '%s\t%s\t%s\t-\tfailed\t-\t-\t-\t-\t-\t-\t-\t-\t-\t-\tworkload did not start\n' \
+		printf '%s\t%s\t%s\t-\tfailed\t-\t-\t-\t-\t-\t-\t-\t-\t-\t-\tworkload did not start\t-\n' \
 			"$name" "$tool" "$rep" >>"$RESULTS"
 		return
 	}
@@ -483,7 +520,7 @@ run_one() {
 	mkdir -p "$img"
 	if [ -z "$note" ]; then
 		t0=$EPOCHREALTIME
-		if [ "$tool" = torpor ]; then
+		if [ "$tool" != criu ]; then
 			rmdir "$img"
 			timeout -k 10 "$tmo" /usr/bin/time -v -o "$WORK/time.dump" \
 				"$TORPOR" dump "$PID" -D "$img" $DUMP_ARGS "${DUMP_EXTRA[@]}" >"$WORK/dump.out" 2>"$WORK/dump.err"
@@ -498,7 +535,7 @@ run_one() {
 			dump_s=$(elapsed "$t0" "$t1")
 			dump_rss=$(maxrss "$WORK/time.dump")
 			image=$(disk_bytes "$img")
-			if [ "$tool" = torpor ]; then
+			if [ "$tool" != criu ]; then
 				line=$(grep -m1 ' saved to ' "$WORK/dump.err")
 				frozen_s=$(sed -n 's/.*frozen \([0-9.]*\) ms.*/\1/p' <<<"$line" |
 					awk '{ printf "%.3f", $1 / 1000 }')
@@ -531,6 +568,10 @@ run_one() {
 			timeout -k 10 "$tmo" /usr/bin/time -v -o "$WORK/time.restore" \
 				"$TORPOR" restore -D "$img" --detach --pidfile "$WORK/pidfile" \
 				>"$WORK/restore.out" 2>"$WORK/restore.err"
+		elif [ "$tool" = torpor-lazy ]; then
+			timeout -k 10 "$tmo" /usr/bin/time -v -o "$WORK/time.restore" \
+				"$TORPOR" restore -D "$img" --lazy --detach --pidfile "$WORK/pidfile" \
+				>"$WORK/restore.out" 2>"$WORK/restore.err"
 		else
 			timeout -k 10 "$tmo" /usr/bin/time -v -o "$WORK/time.restore" \
 				"$CRIU" restore -D "$img" --shell-job -d -o restore.log \
@@ -541,7 +582,13 @@ run_one() {
 		if [ "$rc" = 0 ]; then
 			restore_s=$(elapsed "$t0" "$t1")
 			restore_rss=$(maxrss "$WORK/time.restore")
-			[ "$tool" = torpor ] && log "  $(grep -m1 ' woken from ' "$WORK/restore.err")"
+			[ "$tool" != criu ] && log "  $(grep -m1 ' woken from ' "$WORK/restore.err")"
+			# A lazily restored process answers before its memory is all there: ask
+			# for a pong first, then check everything.
+			if [ "$tool" = torpor-lazy ] && [ "$kind" != redis ]; then
+				answer_s=$(ask_pong "$t0" "$tmo")
+				[ "$answer_s" = NONE ] && answer_s=-
+			fi
 			if [ "$kind" = redis ]; then
 				answer_s=$(ask_ping "$t0")
 				if [ "$answer_s" = NONE ]; then
@@ -555,11 +602,20 @@ run_one() {
 			else
 				r=$(ask_check "$t0" "$tmo")
 				read -r word t_ans t_check <<<"$r"
+				[ "$tool" = torpor-lazy ] && t_ans=$answer_s
 				case "$word" in
 				OK) intact=yes answer_s=$t_ans check_after=$t_check ;;
 				BAD) intact=no answer_s=$t_ans check_after=$t_check note="memory differs" ;;
 				*) intact=no note="no answer to the check" ;;
 				esac
+			fi
+			if [ "$tool" = torpor-lazy ]; then
+				loaded_s=$(lazy_loaded "$tmo")
+				[ -n "$loaded_s" ] || {
+					loaded_s=- intact=no
+					note="lazy loading did not finish: $(grep -m1 'failed' "$WORK/restore.err")"
+				}
+				log "  $(grep -m1 'all pages loaded' "$WORK/restore.err")"
 			fi
 			log "  restore ${restore_s} s, answers after ${answer_s} s, intact: $intact"
 			[ "$intact" = yes ] && status=ok
@@ -572,10 +628,10 @@ run_one() {
 		[ -n "$PID" ] && stop_pid "$PID"
 	fi
 
-	printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' \
+	printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' \
 		"$name" "$tool" "$rep" "$rss" "$status" "$dump_s" "$frozen_s" "$image" "$dump_rss" \
 		"$restore_s" "$answer_s" "$check_before" "$check_after" "$restore_rss" "$intact" \
-		"${note:--}" >>"$RESULTS"
+		"${note:--}" "$loaded_s" >>"$RESULTS"
 	[ "$KEEP" = 1 ] || rm -rf "$img"
 
 	# The machine's limits, once per workload, for as many bytes as the first image.

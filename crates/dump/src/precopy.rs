@@ -29,7 +29,7 @@
 //! torpor closes it (or dies) the kernel removes the registration and every protection.
 
 use std::fs::File;
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsFd, OwnedFd};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
@@ -258,7 +258,7 @@ impl Tracked {
         let mut ranges = Vec::new();
         for m in &maps {
             let Some(policy) = track_policy(m) else { continue };
-            match uffd::register_wp(&uffd, m.start, m.end - m.start) {
+            match uffd::register_wp(uffd.as_fd(), m.start, m.end - m.start) {
                 Ok(()) => ranges.push(Range::new(m.start, m.end, policy)),
                 Err(e) => tracing::debug!(
                     "pid {pid}: mapping {:#x}-{:#x} ({}) not tracked, copied once frozen: {e}",
@@ -581,7 +581,7 @@ fn open_uffd(f: &Frozen) -> Result<Option<OwnedFd>> {
     // Not UFFD_FEATURE_WP_UNPOPULATED: it would fill every page table of a tracked
     // mapping with markers (allocating page tables for sparse ones), and a page never
     // populated is listed as written once a fault brings it in anyway.
-    if let Err(e) = uffd::api(&uffd, uffd::FEATURE_WP_ASYNC) {
+    if let Err(e) = uffd::api(uffd.as_fd(), uffd::FEATURE_WP_ASYNC) {
         tracing::debug!("pid {pid}: no pre-copy, asynchronous write protection: {e}");
         return Ok(None);
     }

@@ -823,7 +823,7 @@ pub fn decode_manifest(bytes: &[u8], path: &Path) -> Result<Manifest> {
 }
 
 /// A complete image, opened for reading.
-#[derive(Clone)]
+#[derive(Debug, Clone)]
 pub struct ImageReader {
     dir: PathBuf,
     manifest: Manifest,

@@ -14,6 +14,7 @@ use torpor_sys::remote::Expect;
 use torpor_sys::{args, mem, proc, ptrace, Remote, PAGE};
 
 use crate::batch::Batch;
+use crate::lazy::Lazy;
 use crate::prepare::Prepared;
 use crate::{RestoreError, RestoreOptions, Result};
 
@@ -245,6 +246,7 @@ impl Space {
         tree: &model::Tree,
         p: &model::Process,
         prep: &Prepared,
+        mut lazy: Option<&mut Lazy>,
     ) -> Result<()> {
         // Mappings are made and filled by batches of calls the process runs itself; what
         // must happen between them (SysV attach, advice) flushes the batch first.
@@ -252,7 +254,7 @@ impl Space {
         for v in &p.vmas {
             match &v.kind {
                 VmaKind::Vdso { .. } | VmaKind::Vvar { .. } | VmaKind::Vsyscall => continue,
-                _ => self.map_vma(tree, v, prep, &mut batch)?,
+                _ => self.map_vma(tree, v, prep, &mut batch, lazy.as_deref_mut())?,
             }
         }
         self.run(&self.remote, &mut batch)?;
@@ -281,6 +283,7 @@ impl Space {
         v: &model::Vma,
         prep: &Prepared,
         batch: &mut Batch,
+        lazy: Option<&mut Lazy>,
     ) -> Result<()> {
         let pid = self.pid;
         if let VmaKind::SysvShm { shmid, .. } = v.kind {
@@ -347,6 +350,14 @@ impl Space {
             Some(o) => (prep.pages_fds[&run.from_pid.unwrap_or(self.inner)], o),
             None => (prep.zero_fd, 0),
         };
+        // The pages of a lazy mapping come when first touched (see `lazy`), not now. Its
+        // registration needs the mapping made: the batch runs first.
+        if let Some(l) = lazy.filter(|_| !runs.is_empty() && crate::lazy::is_lazy(v)) {
+            self.run(&self.remote, batch)?;
+            if l.register(self, v)? {
+                runs = &[];
+            }
+        }
         let fill_what = format!("fill {range} from the image");
         let mut i = 0;
         while i < runs.len() {

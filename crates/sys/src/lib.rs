@@ -225,3 +225,20 @@ pub fn set_sched(tid: i32, nice: i32, policy: i32, priority: i32) -> Result<()> 
     }
     Ok(())
 }
+
+/// `fork()` for a process that has one thread; returns 0 in the child and the child's
+/// pid in the parent. Refuses (without forking) when other threads exist, since their
+/// locks would be copied held.
+pub fn fork_single_threaded() -> io::Result<i32> {
+    let threads = std::fs::read_dir("/proc/self/task")?.count();
+    if threads != 1 {
+        return Err(io::Error::other(format!("cannot fork: {threads} threads run")));
+    }
+    // SAFETY: only this thread exists (checked just above, and torpor starts none
+    // between), so the child's copy of every lock is in the state this thread left it.
+    let r = unsafe { libc::fork() };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(r)
+}

@@ -96,6 +96,15 @@ enum Command {
         /// Wake a job dumped with --shell-job in this terminal, in the foreground.
         #[arg(long)]
         shell_job: bool,
+        /// Let the process run before its memory is loaded: torpor serves its pages as
+        /// it touches them and loads the rest in the background, then reports "all pages
+        /// loaded" (with --detach, from a process of its own).
+        #[arg(long)]
+        lazy: bool,
+        /// With --lazy, start loading pages nobody asked for only after this many
+        /// milliseconds (lets tests act while pages are missing).
+        #[arg(long, hide = true, default_value_t = 0)]
+        lazy_prefetch_after_ms: u64,
     },
     /// Check an image completely (checksums, format, CPU, files) without restoring it.
     Verify {
@@ -216,27 +225,46 @@ fn run(cli: Cli) -> Result<u8> {
             }
             Ok(0)
         }
-        Command::Restore { dir, detach, pidfile, force_vdso_jumps, shell_job } => {
+        Command::Restore {
+            dir,
+            detach,
+            pidfile,
+            force_vdso_jumps,
+            shell_job,
+            lazy,
+            lazy_prefetch_after_ms,
+        } => {
             let opts = torpor_restore::RestoreOptions {
                 dir: dir.clone(),
                 detach,
                 force_vdso_jumps,
                 shell_job,
+                lazy,
+                lazy_prefetch_after: std::time::Duration::from_millis(lazy_prefetch_after_ms),
             };
-            let r = with_signals_deferred(|| torpor_restore::restore(&opts))
-                .with_context(|| format!("restore from {} failed", dir.display()))?;
-            if let Some(p) = &pidfile {
-                write_pidfile(p, r.pid)?;
-            }
-            if !quiet {
-                eprintln!(
-                    "torpor: pid {} woken from {} ({}) in {:.1} ms",
-                    r.pid,
-                    dir.display(),
-                    human(r.image_bytes),
-                    r.total.as_secs_f64() * 1e3
-                );
-            }
+            // A lazy restore keeps the signals held until every page is loaded: the page
+            // server takes them and kills the tree, which cannot run without its memory.
+            let r = with_signals_deferred(|| -> Result<_> {
+                let mut r = torpor_restore::restore(&opts)
+                    .with_context(|| format!("restore from {} failed", dir.display()))?;
+                if let Some(p) = &pidfile {
+                    write_pidfile(p, r.pid)?;
+                }
+                if !quiet {
+                    eprintln!(
+                        "torpor: pid {} woken from {} ({}) in {:.1} ms{}",
+                        r.pid,
+                        dir.display(),
+                        human(r.image_bytes),
+                        r.total.as_secs_f64() * 1e3,
+                        if lazy { "; loading its memory" } else { "" }
+                    );
+                }
+                if let Some(server) = r.pages.take() {
+                    serve_pages(server, r.pid, detach, quiet)?;
+                }
+                Ok(r)
+            })?;
             if detach {
                 return Ok(0);
             }
@@ -291,6 +319,49 @@ fn pre_copy_line(p: &torpor_dump::PreCopyReport) -> String {
         rounds.join(", "),
         p.setup_frozen.as_secs_f64() * 1e3
     )
+}
+
+/// Serves a lazy restore's pages until all are loaded (with `detach`, from a child
+/// process, which reports on its own), and reports.
+fn serve_pages(
+    mut server: torpor_restore::lazy::PageServer,
+    pid: i32,
+    detach: bool,
+    quiet: bool,
+) -> Result<()> {
+    let report = move |loaded: Result<torpor_restore::lazy::LoadStats, _>| match loaded {
+        Ok(s) => {
+            if !quiet {
+                eprintln!(
+                    "torpor: pid {pid}: all pages loaded ({}) in {:.1} ms, {} faults answered",
+                    human(s.bytes),
+                    s.took.as_secs_f64() * 1e3,
+                    s.faults
+                );
+            }
+            Ok(())
+        }
+        Err(e) => Err(anyhow::Error::new(e).context(format!("lazy restore of pid {pid} failed"))),
+    };
+    if detach {
+        server
+            .detach(move |loaded| match report(loaded) {
+                Ok(()) => 0,
+                Err(e) => {
+                    eprintln!("torpor: {e:#}");
+                    1
+                }
+            })
+            .context("cannot start the page server")?;
+        return Ok(());
+    }
+    server.start().context("cannot start the page server")?;
+    let loaded = server.finish();
+    if loaded.is_err() {
+        // The server killed the tree; the root is this process's child.
+        let _ = torpor_restore::wait(pid);
+    }
+    report(loaded)
 }
 
 /// Runs `f` with SIGINT, SIGTERM, SIGHUP and SIGQUIT held back; one that arrived meanwhile
