@@ -275,11 +275,6 @@ if [ -n "$CRIU" ] && ! timeout 60 "$CRIU" check >"$WORK/criu-check.log" 2>&1; th
 		grep -v '^$' "$WORK/criu-check.log" | tail -1)"
 	CRIU=""
 fi
-CRIT=""
-if [ -n "$CRIU" ]; then
-	CRIT="$(dirname "$CRIU")/crit"
-	[ -x "$CRIT" ] || CRIT="$(command -v crit 2>/dev/null || true)"
-fi
 TOOLS=(torpor)
 [ -n "$CRIU" ] && TOOLS+=(criu)
 [ "$LAZY" = 1 ] && TOOLS+=(torpor-lazy)
@@ -642,15 +637,46 @@ run_one() {
 
 # CRIU's frozen time in seconds, from its stats-dump file (needs crit), or "".
 criu_frozen() {
-	[ -n "$CRIT" ] && [ -f "$1/stats-dump" ] || return 0
-	"$CRIT" show "$1/stats-dump" 2>/dev/null | "$PY" -c '
-import json, sys
+	[ -f "$1/stats-dump" ] || return 0
+	# stats-dump is two 32-bit magics, a 32-bit length and one protobuf StatsEntry, whose
+	# field 1 (DumpStatsEntry) holds frozen_time (field 2, microseconds). Read it directly
+	# so that no crit (a Python tool built apart from criu) is needed.
+	"$PY" - "$1/stats-dump" <<'PYEOF'
+import struct, sys
+
+def varint(b, i):
+    v = s = 0
+    while True:
+        c = b[i]; i += 1
+        v |= (c & 0x7f) << s; s += 7
+        if c < 0x80:
+            return v, i
+
+def fields(b):
+    i = 0
+    while i < len(b):
+        key, i = varint(b, i)
+        num, wt = key >> 3, key & 7
+        if wt == 0:
+            v, i = varint(b, i)
+        elif wt == 2:
+            n, i = varint(b, i); v = b[i:i + n]; i += n
+        elif wt == 5:
+            v = b[i:i + 4]; i += 4
+        elif wt == 1:
+            v = b[i:i + 8]; i += 8
+        else:
+            return
+        yield num, v
+
 try:
-    e = json.load(sys.stdin)["entries"][0]["dump"]
-    print("%.3f" % (int(e["frozen_time"]) / 1e6))
+    data = open(sys.argv[1], "rb").read()
+    (n,) = struct.unpack_from("<I", data, 8)
+    dump = dict(fields(data[12:12 + n])).get(1)
+    print("%.3f" % (dict(fields(dump))[2] / 1e6))
 except Exception:
     pass
-'
+PYEOF
 }
 
 # Runs a workload (KIND NAME SIZE FLAVOUR) REPS times with each tool, alternating which
