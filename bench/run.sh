@@ -278,6 +278,7 @@ fi
 TOOLS=(torpor)
 [ -n "$CRIU" ] && TOOLS+=(criu)
 [ "$LAZY" = 1 ] && TOOLS+=(torpor-lazy)
+[ "$LAZY" = 1 ] && [ -n "$CRIU" ] && TOOLS+=(criu-lazy)
 
 gcc -O2 -o "$WORK/mem" "$BENCH/mem.c" || die "cannot build bench/mem.c"
 gcc -O2 -pthread -o "$WORK/scale" "$BENCH/scale.c" || die "cannot build bench/scale.c"
@@ -515,7 +516,7 @@ run_one() {
 	mkdir -p "$img"
 	if [ -z "$note" ]; then
 		t0=$EPOCHREALTIME
-		if [ "$tool" != criu ]; then
+		if [ "${tool%-lazy}" != criu ]; then
 			rmdir "$img"
 			timeout -k 10 "$tmo" /usr/bin/time -v -o "$WORK/time.dump" \
 				"$TORPOR" dump "$PID" -D "$img" $DUMP_ARGS "${DUMP_EXTRA[@]}" >"$WORK/dump.out" 2>"$WORK/dump.err"
@@ -530,7 +531,7 @@ run_one() {
 			dump_s=$(elapsed "$t0" "$t1")
 			dump_rss=$(maxrss "$WORK/time.dump")
 			image=$(disk_bytes "$img")
-			if [ "$tool" != criu ]; then
+			if [ "${tool%-lazy}" != criu ]; then
 				line=$(grep -m1 ' saved to ' "$WORK/dump.err")
 				frozen_s=$(sed -n 's/.*frozen \([0-9.]*\) ms.*/\1/p' <<<"$line" |
 					awk '{ printf "%.3f", $1 / 1000 }')
@@ -550,7 +551,7 @@ run_one() {
 			note="dump failed (exit $rc)"
 			log "  $tool dump failed, exit $rc:"
 			tail -5 "$WORK/dump.err" | sed 's/^/    /' >&2
-			[ "$tool" = criu ] && tail -15 "$img/dump.log" 2>/dev/null | sed 's/^/    /' >&2
+			[ "${tool%-lazy}" = criu ] && tail -15 "$img/dump.log" 2>/dev/null | sed 's/^/    /' >&2
 			stop_pid "$PID"
 		fi
 	fi
@@ -567,6 +568,17 @@ run_one() {
 			timeout -k 10 "$tmo" /usr/bin/time -v -o "$WORK/time.restore" \
 				"$TORPOR" restore -D "$img" --lazy --detach --pidfile "$WORK/pidfile" \
 				>"$WORK/restore.out" 2>"$WORK/restore.err"
+		elif [ "$tool" = criu-lazy ]; then
+			# CRIU's lazy mode: its page server daemon, then a restore that asks it.
+			"$CRIU" lazy-pages -D "$img" -o lazy.log </dev/null >/dev/null 2>&1 &
+			LAZYD=$!
+			for ((i = 0; i < 500; i++)); do
+				[ -S "$img/lazy-pages.socket" ] && break
+				sleep 0.01
+			done
+			timeout -k 10 "$tmo" /usr/bin/time -v -o "$WORK/time.restore" \
+				"$CRIU" restore -D "$img" --lazy-pages --shell-job -d -o restore.log \
+				>"$WORK/restore.out" 2>"$WORK/restore.err"
 		else
 			timeout -k 10 "$tmo" /usr/bin/time -v -o "$WORK/time.restore" \
 				"$CRIU" restore -D "$img" --shell-job -d -o restore.log \
@@ -577,10 +589,10 @@ run_one() {
 		if [ "$rc" = 0 ]; then
 			restore_s=$(elapsed "$t0" "$t1")
 			restore_rss=$(maxrss "$WORK/time.restore")
-			[ "$tool" != criu ] && log "  $(grep -m1 ' woken from ' "$WORK/restore.err")"
+			[ "${tool%-lazy}" != criu ] && log "  $(grep -m1 ' woken from ' "$WORK/restore.err")"
 			# A lazily restored process answers before its memory is all there: ask
 			# for a pong first, then check everything.
-			if [ "$tool" = torpor-lazy ] && [ "$kind" != redis ]; then
+			if [ "${tool#*-}" = lazy ] && [ "$kind" != redis ]; then
 				answer_s=$(ask_pong "$t0" "$tmo")
 				[ "$answer_s" = NONE ] && answer_s=-
 			fi
@@ -597,7 +609,7 @@ run_one() {
 			else
 				r=$(ask_check "$t0" "$tmo")
 				read -r word t_ans t_check <<<"$r"
-				[ "$tool" = torpor-lazy ] && t_ans=$answer_s
+				[ "${tool#*-}" = lazy ] && t_ans=$answer_s
 				case "$word" in
 				OK) intact=yes answer_s=$t_ans check_after=$t_check ;;
 				BAD) intact=no answer_s=$t_ans check_after=$t_check note="memory differs" ;;
@@ -611,6 +623,20 @@ run_one() {
 					note="lazy loading did not finish: $(grep -m1 'failed' "$WORK/restore.err")"
 				}
 				log "  $(grep -m1 'all pages loaded' "$WORK/restore.err")"
+			elif [ "$tool" = criu-lazy ]; then
+				# Loaded when the daemon, having sent every page, exits.
+				for ((i = 0; i < tmo * 100; i++)); do
+					kill -0 "$LAZYD" 2>/dev/null || break
+					sleep 0.01
+				done
+				if kill -0 "$LAZYD" 2>/dev/null; then
+					kill -9 "$LAZYD" 2>/dev/null
+					loaded_s=- intact=no note="criu lazy-pages did not finish"
+				else
+					loaded_s=$(elapsed "$t1" "$EPOCHREALTIME")
+				fi
+				wait "$LAZYD" 2>/dev/null
+				log "  criu lazy-pages done ${loaded_s} s after the restore returned"
 			fi
 			log "  restore ${restore_s} s, answers after ${answer_s} s, intact: $intact"
 			[ "$intact" = yes ] && status=ok
@@ -618,7 +644,8 @@ run_one() {
 			note="restore failed (exit $rc)"
 			log "  $tool restore failed, exit $rc:"
 			tail -5 "$WORK/restore.err" | sed 's/^/    /' >&2
-			[ "$tool" = criu ] && tail -15 "$img/restore.log" 2>/dev/null | sed 's/^/    /' >&2
+			[ "${tool%-lazy}" = criu ] && tail -15 "$img/restore.log" 2>/dev/null | sed 's/^/    /' >&2
+			[ "$tool" = criu-lazy ] && kill -9 "$LAZYD" 2>/dev/null && wait "$LAZYD" 2>/dev/null
 		fi
 		[ -n "$PID" ] && stop_pid "$PID"
 	fi
