@@ -139,6 +139,11 @@ pub fn dump(opts: &DumpOptions) -> Result<DumpSummary> {
 
     let mut writer = ImageWriter::create(&opts.dir)?;
     writer.set_durable(!opts.no_sync);
+    if opts.leave_running {
+        // A process that runs on loses nothing if the image is not on disk yet: it is let
+        // go before the syncs, which the commit does.
+        writer.sync_at_commit();
+    }
     let parent_ref = match (&opts.parent, &parent) {
         (Some(dir), Some(pages)) => match torpor_image::pages::parent_path(&opts.dir, dir) {
             Ok(path) => {
@@ -209,28 +214,31 @@ pub fn dump(opts: &DumpOptions) -> Result<DumpSummary> {
         parent: parent_ref,
     };
     let t_commit = Instant::now();
-    if let Err(e) = writer.commit(manifest) {
+    let frozen_for;
+    if opts.leave_running {
         fd_ctx.end_repair();
         frozen.release();
-        return Err(e.into());
+        frozen_for = t_frozen.elapsed();
+        // A failed commit removes the image; the process runs on as before.
+        writer.commit(manifest)?;
+    } else {
+        if let Err(e) = writer.commit(manifest) {
+            fd_ctx.end_repair();
+            frozen.release();
+            return Err(e.into());
+        }
+        frozen_for = t_frozen.elapsed();
+        frozen.kill()?;
+        // The connections were in repair mode when their process died: closing torpor's
+        // copies now ends them without a FIN or RST reaching the peer.
+        drop(fd_ctx);
     }
-
-    let frozen_for = t_frozen.elapsed();
     tracing::debug!(
         "pid {pid} frozen {:.1} ms: {:.1} ms to save its state and memory, {:.1} ms to commit",
         frozen_for.as_secs_f64() * 1e3,
         (t_commit - t_frozen).as_secs_f64() * 1e3,
         t_commit.elapsed().as_secs_f64() * 1e3
     );
-    if opts.leave_running {
-        fd_ctx.end_repair();
-        frozen.release();
-    } else {
-        frozen.kill()?;
-        // The connections were in repair mode when their process died: closing torpor's
-        // copies now ends them without a FIN or RST reaching the peer.
-        drop(fd_ctx);
-    }
     // Closing the userfaultfds ends the write tracking. Only now: removing the
     // protection from every page of a large process takes a while, and a dead one has
     // nothing left to unprotect.

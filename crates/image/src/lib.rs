@@ -568,6 +568,9 @@ pub struct ImageWriter {
     made_dir: bool,
     /// Whether files, directory entries and the manifest are synced to disk.
     durable: bool,
+    /// Whether files are synced all at once by [`ImageWriter::commit`] rather than each
+    /// as it is finished.
+    sync_at_commit: bool,
     /// The format version the manifest will record.
     version: u32,
 }
@@ -599,6 +602,7 @@ impl ImageWriter {
             created: Vec::new(),
             made_dir,
             durable: true,
+            sync_at_commit: false,
             version: OLDEST_FORMAT_VERSION,
         })
     }
@@ -613,6 +617,13 @@ impl ImageWriter {
     /// Whether the image goes to disk before [`ImageWriter::commit`] returns.
     pub fn is_durable(&self) -> bool {
         self.durable
+    }
+
+    /// Leaves syncing the files to [`ImageWriter::commit`], which syncs them all before it
+    /// writes the manifest: for a caller with something to do between the last file and
+    /// the commit that must not wait for the disk (letting a process run on).
+    pub fn sync_at_commit(&mut self) {
+        self.sync_at_commit = true;
     }
 
     /// The image directory.
@@ -638,7 +649,7 @@ impl ImageWriter {
             hash: Xxh3::new(),
             len: 0,
             pipe: None,
-            durable: self.durable,
+            durable: self.durable && !self.sync_at_commit,
         })
     }
 
@@ -686,7 +697,11 @@ impl ImageWriter {
         manifest.magic = MAGIC.to_string();
         manifest.format_version = self.version;
         manifest.files = std::mem::take(&mut self.entries);
-        match self.write_manifest(&manifest) {
+        let synced = match self.durable && self.sync_at_commit {
+            true => self.sync_files(&manifest.files),
+            false => Ok(()),
+        };
+        match synced.and_then(|()| self.write_manifest(&manifest)) {
             Ok(()) => Ok(()),
             Err(e) => {
                 self.abandon();
@@ -726,6 +741,17 @@ impl ImageWriter {
             if let Some(parent) = self.dir.parent().filter(|p| !p.as_os_str().is_empty()) {
                 sync_dir(parent)?;
             }
+        }
+        Ok(())
+    }
+
+    /// Syncs the files of the image, for [`ImageWriter::sync_at_commit`].
+    fn sync_files(&self, files: &[FileEntry]) -> Result<()> {
+        for f in files {
+            let path = self.dir.join(&f.name);
+            File::open(&path)
+                .and_then(|f| f.sync_all())
+                .map_err(|source| ImageError::Write { path: path.clone(), source })?;
         }
         Ok(())
     }
@@ -1401,6 +1427,35 @@ pub(crate) mod tests {
 
     fn mode(path: &Path) -> u32 {
         fs::metadata(path).unwrap().permissions().mode() & 0o777
+    }
+
+    /// Files synced by the commit rather than one by one make the same image, and a file
+    /// that went missing before the commit fails it, removing the image.
+    #[test]
+    fn sync_at_commit_writes_the_same_image_or_fails_whole() {
+        let tmp = TempDir::new().unwrap();
+        let dir = tmp.path().join("img");
+        let mut w = ImageWriter::create(&dir).unwrap();
+        w.sync_at_commit();
+        w.write_json(TREE, &sample_tree()).unwrap();
+        let mut f = w.create_file(PAGES).unwrap();
+        for i in 0..DATA_PAGES {
+            f.write_all(&page(i)).unwrap();
+        }
+        w.finish_file(f).unwrap();
+        w.write_file(VDSO, &vdso_bytes()).unwrap();
+        w.write_file(SAVED, &[b'x'; 100]).unwrap();
+        w.commit(sample_manifest()).unwrap();
+        load(&dir).unwrap();
+
+        let dir = tmp.path().join("img2");
+        let mut w = ImageWriter::create(&dir).unwrap();
+        w.sync_at_commit();
+        w.write_json(TREE, &sample_tree()).unwrap();
+        fs::remove_file(dir.join(TREE)).unwrap();
+        let e = w.commit(sample_manifest()).unwrap_err();
+        assert!(e.to_string().contains(TREE), "{e}");
+        assert!(!dir.exists(), "a failed commit left {}", dir.display());
     }
 
     #[test]
