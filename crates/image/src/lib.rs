@@ -37,6 +37,7 @@
 
 mod check;
 pub mod model;
+mod partial;
 
 use std::collections::HashSet;
 use std::fs::{self, File, OpenOptions};
@@ -48,6 +49,7 @@ use serde::{Deserialize, Serialize};
 use xxhash_rust::xxh3::Xxh3;
 
 pub use check::check_tree;
+pub use partial::{read_partial, PartialImage};
 
 /// The first field of every manifest.
 pub const MAGIC: &str = "torpor-image";
