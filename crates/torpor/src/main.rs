@@ -6,6 +6,7 @@
 
 mod check;
 mod demo;
+mod inspect;
 mod run;
 
 use std::io::Write;
@@ -97,6 +98,21 @@ enum Command {
         /// The program and its arguments.
         #[arg(trailing_var_arg = true, required = true)]
         cmd: Vec<String>,
+    },
+    /// Show what an image holds: processes, threads, memory, descriptors, and any damage.
+    #[command(after_help = "Examples:\n  torpor inspect /var/tmp/app.img\n  \
+                  torpor inspect --json /var/tmp/app.img | jq '.processes[].pid'\n\n\
+                  Exit status: 0 for an intact image, 1 when faults were found (what could be \
+                  read is still shown).")]
+    Inspect {
+        /// Directory holding the image (also accepted as -D DIR).
+        #[arg(required_unless_present = "dir_flag")]
+        dir: Option<PathBuf>,
+        #[arg(short = 'D', long = "dir", id = "dir_flag", conflicts_with = "dir")]
+        dir_flag: Option<PathBuf>,
+        /// Print JSON for scripts (schema in docs/inspect-json.md).
+        #[arg(long)]
+        json: bool,
     },
     /// Report which kernel features torpor relies on are present here.
     Check,
@@ -230,6 +246,10 @@ fn run(cli: Cli) -> Result<u8> {
             Ok(0)
         }
         Command::Run { pidfile, cmd } => run::run(&cmd, pidfile.as_deref(), quiet),
+        Command::Inspect { dir, dir_flag, json } => {
+            let dir = dir.or(dir_flag).expect("clap requires one of them");
+            inspect::run(&dir, json)
+        }
         Command::Check => check::run(quiet),
         Command::Demo => demo::run(),
         Command::Count { log } => demo::count(&log),
