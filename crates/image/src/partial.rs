@@ -103,7 +103,10 @@ pub fn read_partial(dir: &Path) -> PartialImage {
     let bytes = match read_limited(&tree_path, MAX_RECORD_BYTES) {
         Ok(b) => b,
         Err(ImageError::Read { source, .. }) if source.kind() == io::ErrorKind::NotFound => {
-            note(&mut out.problems, ImageError::Missing { path: tree_path });
+            // Without a manifest, its absence already says the image is incomplete.
+            if out.manifest.is_some() {
+                note(&mut out.problems, ImageError::Missing { path: tree_path });
+            }
             return out;
         }
         Err(e) => {

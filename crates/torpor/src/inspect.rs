@@ -206,6 +206,13 @@ pub struct ZombieInfo {
 pub fn run(dir: &Path, json: bool) -> Result<u8> {
     let partial = torpor_image::read_partial(dir);
     let report = build(&partial);
+    if !json && report.image.is_none() && report.processes.is_empty() {
+        anyhow::bail!(
+            "{} holds nothing torpor can read: {}",
+            dir.display(),
+            report.problems.join("; ")
+        );
+    }
     let mut out = String::new();
     if json {
         out = serde_json::to_string_pretty(&report)?;
@@ -226,16 +233,14 @@ fn print_out(s: &str) {
 
 /// Builds the report from what could be read.
 pub fn build(p: &PartialImage) -> Report {
-    let problems: Vec<String> = p.problems.iter().map(|e| e.to_string()).collect();
+    let problems: Vec<String> = p.problems.iter().map(|e| chain(e)).collect();
     let image = p.manifest.as_ref().map(image_info);
     let root_pid =
         p.manifest.as_ref().map(|m| m.root_pid).or_else(|| p.tree.as_ref().map(|t| t.root_pid));
     let (processes, zombies, pid_namespace) = match &p.tree {
-        Some(t) => (
-            processes(t, p.manifest.as_ref()),
-            t.zombies.iter().map(zombie).collect(),
-            t.pid_ns,
-        ),
+        Some(t) => {
+            (processes(t, p.manifest.as_ref()), t.zombies.iter().map(zombie).collect(), t.pid_ns)
+        }
         None => (Vec::new(), Vec::new(), false),
     };
     Report {
@@ -249,6 +254,17 @@ pub fn build(p: &PartialImage) -> Report {
         processes,
         zombies,
     }
+}
+
+/// An error and its causes, "outer: inner: innermost".
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        let _ = write!(s, ": {c}");
+        cause = c.source();
+    }
+    s
 }
 
 fn image_info(m: &Manifest) -> ImageInfo {
@@ -319,7 +335,11 @@ fn process(
         cwd: p.cwd.clone(),
         uid: p.creds.uids[1],
         gid: p.creds.gids[1],
-        threads: p.threads.iter().map(|t| ThreadInfo { tid: t.tid, name: t.comm.clone() }).collect(),
+        threads: p
+            .threads
+            .iter()
+            .map(|t| ThreadInfo { tid: t.tid, name: t.comm.clone() })
+            .collect(),
         memory: memory(p, t),
         descriptors: p.fds.iter().map(|fd| descriptor(fd, p, t, m, sockets)).collect(),
     }
@@ -513,7 +533,16 @@ fn descriptor(
             d.kind = "inherited";
             d.summary = format!("connected on restore to torpor's own descriptor {fd}");
         }
-        OpenFileKind::Inet { family, sock_type: st, local, peer, listen_backlog, tcp, queue, .. } => {
+        OpenFileKind::Inet {
+            family,
+            sock_type: st,
+            local,
+            peer,
+            listen_backlog,
+            tcp,
+            queue,
+            ..
+        } => {
             let is_tcp = *st == libc::SOCK_STREAM;
             d.kind = if is_tcp { "tcp" } else { "udp" };
             d.family = Some(if *family == libc::AF_INET6 { "ipv6" } else { "ipv4" });
@@ -537,20 +566,17 @@ fn descriptor(
             d.summary = match (d.state, &d.peer) {
                 (Some("listening"), _) => format!("{proto} listening on {local}"),
                 (Some("unbound"), _) => format!("{proto} socket, unbound"),
-                (_, Some(peer)) => format!(
-                    "{proto} {local} -> {peer} ({})",
-                    d.state.unwrap_or_default()
-                ),
+                (_, Some(peer)) => {
+                    format!("{proto} {local} -> {peer} ({})", d.state.unwrap_or_default())
+                }
                 _ => format!("{proto} bound to {local}"),
             };
         }
         OpenFileKind::EventFd { count, semaphore } => {
             d.kind = "eventfd";
             d.count = Some(*count);
-            d.summary = format!(
-                "eventfd, count {count}{}",
-                if *semaphore { ", semaphore" } else { "" }
-            );
+            d.summary =
+                format!("eventfd, count {count}{}", if *semaphore { ", semaphore" } else { "" });
         }
         OpenFileKind::SignalFd { mask } => {
             d.kind = "signalfd";
@@ -758,8 +784,8 @@ fn render_tree(r: &Report, out: &mut String) {
             Node::Live(p) => {
                 let _ = writeln!(
                     out,
-                    "  {lead}{branch}{:<7} {:<40} {:>11}  {:>9} stored / {} mapped",
-                    p.pid,
+                    "  {} {:<40} {:>11}  {:>9} stored / {} mapped",
+                    pad(&format!("{lead}{branch}{}", p.pid), 16),
                     truncate(&command_line(p), 40),
                     plural(p.threads.len(), "thread", "threads"),
                     human(p.memory.stored_bytes),
@@ -774,8 +800,9 @@ fn render_tree(r: &Report, out: &mut String) {
                 };
                 let _ = writeln!(
                     out,
-                    "  {lead}{branch}{:<7} [{}] zombie: {how}, not yet reaped",
-                    z.pid, z.name
+                    "  {} [{}] zombie: {how}, not yet reaped",
+                    pad(&format!("{lead}{branch}{}", z.pid), 16),
+                    z.name
                 );
             }
         }
@@ -807,6 +834,12 @@ fn render_tree(r: &Report, out: &mut String) {
     for n in &roots {
         walk(n, &children, &mut seen, out, "", "", "");
     }
+}
+
+/// `s` padded with spaces to `width` characters (box characters count as one).
+fn pad(s: &str, width: usize) -> String {
+    let n = s.chars().count();
+    format!("{s}{}", " ".repeat(width.saturating_sub(n)))
 }
 
 fn truncate(s: &str, max: usize) -> String {
