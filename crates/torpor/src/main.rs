@@ -7,6 +7,7 @@
 mod check;
 mod demo;
 mod inspect;
+mod man;
 mod run;
 
 use std::io::Write;
@@ -14,7 +15,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::{Context, Result};
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 
 #[derive(Parser)]
 #[command(
@@ -39,6 +40,11 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Freeze a process, write its image into a directory, then end it.
+    #[command(after_help = "Examples:\n  \
+        torpor dump 4242 -D /var/tmp/app.img                  hibernate pid 4242 and its children\n  \
+        torpor dump 4242 -D snap.img --leave-running          a snapshot; the process runs on\n  \
+        torpor dump 4242 -D app.img --tcp-established         keep its open TCP connections\n  \
+        torpor dump 4242 -D job.img --shell-job               a job of an interactive shell")]
     Dump {
         /// The process to hibernate.
         pid: i32,
@@ -66,6 +72,10 @@ enum Command {
         no_sync: bool,
     },
     /// Wake the process saved in an image, with its original pid, and wait for it.
+    #[command(after_help = "Examples:\n  \
+        torpor restore -D /var/tmp/app.img                    wake it, wait, exit with its status\n  \
+        torpor restore -D app.img --detach --pidfile app.pid  wake it in the background\n  \
+        torpor restore -D job.img --shell-job                 wake a shell job in this terminal")]
     Restore {
         /// Directory holding the image.
         #[arg(short = 'D', long = "dir")]
@@ -85,12 +95,18 @@ enum Command {
         shell_job: bool,
     },
     /// Check an image completely (checksums, format, CPU, files) without restoring it.
+    #[command(
+        after_help = "Example:\n  torpor verify -D /var/tmp/app.img && torpor restore -D /var/tmp/app.img"
+    )]
     Verify {
         #[arg(short = 'D', long = "dir")]
         dir: PathBuf,
     },
     /// Start a program as the first process of its own pid namespace, so that its tree
     /// can be woken even where its pids are taken; waits for it.
+    #[command(after_help = "Examples:\n  \
+        torpor run -- python3 server.py         start it; `torpor ps` lists it with its pid\n  \
+        torpor run --pidfile s.pid -- ./server  the pid to give `torpor dump`, in a file")]
     Run {
         /// Write the program's pid (as seen from outside) into this file.
         #[arg(long)]
@@ -100,19 +116,48 @@ enum Command {
         cmd: Vec<String>,
     },
     /// Show what an image holds: processes, threads, memory, descriptors, and any damage.
-    #[command(after_help = "Examples:\n  torpor inspect /var/tmp/app.img\n  \
-                  torpor inspect --json /var/tmp/app.img | jq '.processes[].pid'\n\n\
-                  Exit status: 0 for an intact image, 1 when faults were found (what could be \
-                  read is still shown).")]
+    #[command(after_help = "Examples:\n  \
+        torpor inspect /var/tmp/app.img                         at a glance\n  \
+        torpor inspect --json app.img | jq '.processes[].pid'   for scripts\n\n\
+        Exit status: 0 for an intact image, 1 when faults were found;\n\
+        what could be read is shown all the same.")]
     Inspect {
         /// Directory holding the image (also accepted as -D DIR).
         #[arg(required_unless_present = "dir_flag")]
         dir: Option<PathBuf>,
-        #[arg(short = 'D', long = "dir", id = "dir_flag", conflicts_with = "dir")]
+        /// The same as DIR.
+        #[arg(
+            short = 'D',
+            long = "dir",
+            id = "dir_flag",
+            value_name = "DIR",
+            conflicts_with = "dir"
+        )]
         dir_flag: Option<PathBuf>,
         /// Print JSON for scripts (schema in docs/inspect-json.md).
         #[arg(long)]
         json: bool,
+    },
+    /// Print a shell completion script for bash, zsh, fish, elvish or PowerShell.
+    #[command(after_help = "Examples:\n  \
+        torpor completions bash > /etc/bash_completion.d/torpor\n  \
+        torpor completions zsh > \"${fpath[1]}/_torpor\"\n  \
+        torpor completions fish > ~/.config/fish/completions/torpor.fish")]
+    Completions {
+        /// The shell to complete in.
+        shell: clap_complete::Shell,
+    },
+    /// Print the manual page (roff), of torpor or of one of its commands.
+    #[command(after_help = "Examples:\n  \
+        torpor man | man -l -                 read it now\n  \
+        torpor man dump | man -l -            the page of `torpor dump`\n  \
+        torpor man --dir /usr/local/share/man/man1   install every page")]
+    Man {
+        /// The command whose page to print, instead of torpor's own.
+        command: Option<String>,
+        /// Write every page (torpor.1, torpor-dump.1...) into this directory instead.
+        #[arg(long, conflicts_with = "command")]
+        dir: Option<PathBuf>,
     },
     /// Report which kernel features torpor relies on are present here.
     Check,
@@ -250,6 +295,16 @@ fn run(cli: Cli) -> Result<u8> {
             let dir = dir.or(dir_flag).expect("clap requires one of them");
             inspect::run(&dir, json)
         }
+        Command::Completions { shell } => {
+            // Some generators offer hidden commands too: leave them out of the definition.
+            let full = Cli::command();
+            let mut cmd = clap::Command::new("torpor")
+                .args(full.get_arguments().cloned())
+                .subcommands(full.get_subcommands().filter(|s| !s.is_hide_set()).cloned());
+            clap_complete::generate(shell, &mut cmd, "torpor", &mut std::io::stdout());
+            Ok(0)
+        }
+        Command::Man { command, dir } => man::run(command.as_deref(), dir.as_deref()),
         Command::Check => check::run(quiet),
         Command::Demo => demo::run(),
         Command::Count { log } => demo::count(&log),
