@@ -8,6 +8,7 @@ mod check;
 mod demo;
 mod inspect;
 mod man;
+mod progress;
 mod run;
 
 use std::io::Write;
@@ -33,6 +34,9 @@ struct Cli {
     /// Print nothing but errors.
     #[arg(short, long, global = true)]
     quiet: bool,
+    /// Write logs to this file (appended) instead of stderr, at least at the -v level.
+    #[arg(long, global = true, value_name = "PATH")]
+    log_file: Option<PathBuf>,
     #[command(subcommand)]
     command: Command,
 }
@@ -176,8 +180,15 @@ fn main() -> ExitCode {
             return if e.use_stderr() { ExitCode::from(2) } else { ExitCode::SUCCESS };
         }
     };
-    init_logging(cli.verbose, cli.quiet);
-    match run(cli) {
+    let logs_on_stderr = match init_logging(cli.verbose, cli.quiet, cli.log_file.as_deref()) {
+        Ok(on_stderr) => on_stderr,
+        Err(e) => {
+            eprintln!("torpor: {e:#}");
+            return ExitCode::from(1);
+        }
+    };
+    let show_progress = progress::wanted(cli.quiet, logs_on_stderr);
+    match run(cli, show_progress) {
         Ok(code) => ExitCode::from(code),
         Err(e) => {
             eprintln!("torpor: {e:#}");
@@ -186,20 +197,46 @@ fn main() -> ExitCode {
     }
 }
 
-fn init_logging(verbose: u8, quiet: bool) {
-    let level = match (quiet, verbose) {
-        (true, _) => "error",
-        (_, 0) => "warn",
-        (_, 1) => "info",
-        (_, 2) => "debug",
+/// Sets up logging: to `log_file` when given (at least at info level), else to stderr.
+/// Returns whether logs other than warnings may appear on stderr.
+fn init_logging(verbose: u8, quiet: bool, log_file: Option<&std::path::Path>) -> Result<bool> {
+    let level = match (quiet, verbose, log_file.is_some()) {
+        (true, _, false) => "error",
+        (_, 0, false) => "warn",
+        (_, 0 | 1, _) => "info",
+        (_, 2, _) => "debug",
         _ => "trace",
     };
+    let from_env = std::env::var_os("TORPOR_LOG").is_some();
     let filter = tracing_subscriber::EnvFilter::try_from_env("TORPOR_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    match log_file {
+        Some(path) => {
+            let file =
+                std::fs::OpenOptions::new().create(true).append(true).open(path).with_context(
+                    || {
+                        format!(
+                            "cannot open the log file {} (does its directory exist and can \
+                         torpor write there?)",
+                            path.display()
+                        )
+                    },
+                )?;
+            tracing_subscriber::fmt()
+                .with_env_filter(filter)
+                .with_ansi(false)
+                .with_writer(std::sync::Mutex::new(file))
+                .init();
+            Ok(false)
+        }
+        None => {
+            tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+            Ok(from_env || verbose > 0)
+        }
+    }
 }
 
-fn run(cli: Cli) -> Result<u8> {
+fn run(cli: Cli, show_progress: bool) -> Result<u8> {
     let quiet = cli.quiet;
     match cli.command {
         Command::Dump {
@@ -220,11 +257,20 @@ fn run(cli: Cli) -> Result<u8> {
                 shell_job,
                 no_sync,
             };
-            let s =
-                // An interrupted dump would leave the process stopped halfway through a call
-                // torpor runs in it: an interruption waits until it is itself again.
-                with_signals_deferred(|| torpor_dump::dump(&opts))
-                    .with_context(|| format!("dump of pid {pid} failed"))?;
+            let bar = if show_progress {
+                let estimate = progress::dump_estimate(pid);
+                let measure = progress::Measure::DirSize { dir: dir.clone(), estimate };
+                progress::Progress::start(format!("saving pid {pid}"), measure)
+            } else {
+                progress::Progress::none()
+            };
+            // An interrupted dump would leave the process stopped halfway through a call
+            // torpor runs in it: an interruption waits until it is itself again.
+            tracing::info!("dump of pid {pid} into {} begins", dir.display());
+            let s = with_signals_deferred(|| torpor_dump::dump(&opts));
+            bar.finish();
+            let s = s.with_context(|| format!("dump of pid {pid} failed"))?;
+            tracing::info!("dump of pid {pid} done: {s:?}");
             if !quiet {
                 eprintln!(
                     "torpor: pid {pid} saved to {}: {} pages ({}), {} zero pages skipped, frozen {:.1} ms, total {:.1} ms{}",
@@ -246,8 +292,17 @@ fn run(cli: Cli) -> Result<u8> {
                 force_vdso_jumps,
                 shell_job,
             };
-            let r = with_signals_deferred(|| torpor_restore::restore(&opts))
-                .with_context(|| format!("restore from {} failed", dir.display()))?;
+            let bar = if show_progress {
+                let measure = progress::Measure::ReadBytes { total: progress::image_size(&dir) };
+                progress::Progress::start(format!("waking {}", dir.display()), measure)
+            } else {
+                progress::Progress::none()
+            };
+            tracing::info!("restore from {} begins", dir.display());
+            let r = with_signals_deferred(|| torpor_restore::restore(&opts));
+            bar.finish();
+            let r = r.with_context(|| format!("restore from {} failed", dir.display()))?;
+            tracing::info!("restore from {} done: pid {} runs", dir.display(), r.pid);
             if let Some(p) = &pidfile {
                 write_pidfile(p, r.pid)?;
             }
