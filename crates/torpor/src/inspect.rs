@@ -280,7 +280,7 @@ fn image_info(m: &Manifest) -> ImageInfo {
     }
 }
 
-fn rfc3339(secs: u64) -> String {
+pub(crate) fn rfc3339(secs: u64) -> String {
     UNIX_EPOCH
         .checked_add(Duration::from_secs(secs))
         .map(|t| humantime::format_rfc3339_seconds(t).to_string())

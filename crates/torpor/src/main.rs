@@ -7,8 +7,10 @@
 mod check;
 mod demo;
 mod inspect;
+mod list;
 mod man;
 mod progress;
+mod registry;
 mod run;
 
 use std::io::Write;
@@ -162,6 +164,28 @@ enum Command {
         /// Write every page (torpor.1, torpor-dump.1...) into this directory instead.
         #[arg(long, conflicts_with = "command")]
         dir: Option<PathBuf>,
+    },
+    /// List the images in a directory: root pid, processes, size, age, command.
+    #[command(after_help = "Examples:\n  \
+        torpor list /var/tmp             every image directory in /var/tmp\n  \
+        torpor list --json /var/tmp      the same for scripts")]
+    List {
+        /// The directory holding image directories (or an image directory itself).
+        dir: PathBuf,
+        /// Print JSON for scripts: an array of {path, root_pid, processes, command, bytes,
+        /// created_unix, complete, problem}.
+        #[arg(long)]
+        json: bool,
+    },
+    /// List the programs started with `torpor run` that are still running.
+    #[command(after_help = "Example:\n  \
+        torpor ps                      PID, processes in its tree, memory, age, command\n  \
+        torpor dump \"$(torpor ps --json | jq '.[0].pid')\" -D app.img")]
+    Ps {
+        /// Print JSON for scripts: an array of {pid, processes, rss_bytes, started_unix,
+        /// command, cwd}.
+        #[arg(long)]
+        json: bool,
     },
     /// Report which kernel features torpor relies on are present here.
     Check,
@@ -360,6 +384,8 @@ fn run(cli: Cli, show_progress: bool) -> Result<u8> {
             Ok(0)
         }
         Command::Man { command, dir } => man::run(command.as_deref(), dir.as_deref()),
+        Command::Ps { json } => registry::ps(json),
+        Command::List { dir, json } => list::run(&dir, json),
         Command::Check => check::run(quiet),
         Command::Demo => demo::run(),
         Command::Count { log } => demo::count(&log),
