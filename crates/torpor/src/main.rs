@@ -330,6 +330,7 @@ fn run(cli: Cli, show_progress: bool) -> Result<u8> {
             if let Some(p) = &pidfile {
                 write_pidfile(p, r.pid)?;
             }
+            let registered = register_woken(&dir, r.pid);
             if !quiet {
                 eprintln!(
                     "torpor: pid {} woken from {} ({}) in {:.1} ms",
@@ -348,8 +349,11 @@ fn run(cli: Cli, show_progress: bool) -> Result<u8> {
                 }
                 None => torpor_restore::wait(r.pid),
             }
-            .with_context(|| format!("waiting for pid {} failed", r.pid))?;
-            Ok(code.clamp(0, 255) as u8)
+            .with_context(|| format!("waiting for pid {} failed", r.pid));
+            if registered {
+                registry::remove(r.pid);
+            }
+            Ok(code?.clamp(0, 255) as u8)
         }
         Command::Verify { dir } => {
             let (reader, tree) = torpor_restore::check_image(&dir)
@@ -389,6 +393,23 @@ fn run(cli: Cli, show_progress: bool) -> Result<u8> {
         Command::Check => check::run(quiet),
         Command::Demo => demo::run(),
         Command::Count { log } => demo::count(&log),
+    }
+}
+
+/// Lists a tree woken from an image made under `torpor run` in `torpor ps`, as its first
+/// start was; returns whether it did.
+fn register_woken(dir: &std::path::Path, pid: i32) -> bool {
+    let Some(tree) = torpor_image::read_partial(dir).tree.filter(|t| t.pid_ns) else {
+        return false;
+    };
+    let Some(ticks) = registry::start_ticks(pid) else { return false };
+    let cmd = tree.processes.first().map(|p| p.cmdline.clone()).unwrap_or_default();
+    match registry::add(pid, ticks, &cmd) {
+        Ok(_) => true,
+        Err(e) => {
+            tracing::warn!("`torpor ps` will not list pid {pid}: {e:#}");
+            false
+        }
     }
 }
 

@@ -153,3 +153,59 @@ fn list_of_a_missing_directory_says_what_to_give() {
     let out = torpor(["list".as_ref(), tmp.path().as_os_str()]);
     assert!(String::from_utf8_lossy(&out.stdout).contains("no image in"));
 }
+
+#[test]
+fn ps_lists_a_tree_woken_from_an_image_of_torpor_run() {
+    become_subreaper();
+    let tmp = TempDir::new().unwrap();
+    let registry = tmp.path().join("registry");
+    let pidfile = tmp.path().join("pid");
+    let images = tmp.path().join("img");
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_torpor"));
+    cmd.args(["run", "--pidfile"])
+        .arg(&pidfile)
+        .args(["--", "sleep", "600"])
+        .env("TORPOR_RUN_DIR", &registry)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    close_inherited_fds(&mut cmd);
+    let mut run = cmd.spawn().expect("spawn torpor run");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let pid: i32 = loop {
+        if let Some(pid) = fs::read_to_string(&pidfile).ok().and_then(|s| s.trim().parse().ok()) {
+            if registry.join(format!("{pid}.json")).exists() {
+                break pid;
+            }
+        }
+        assert!(Instant::now() < deadline, "torpor run never registered its program");
+        sleep(Duration::from_millis(10));
+    };
+
+    let pid_s = pid.to_string();
+    torpor_with_registry(&registry, &["dump", &pid_s, "-D", images.to_str().unwrap()]);
+    wait_child(&mut run, FINISH_TIMEOUT).expect("torpor run ends when its program is dumped");
+    assert!(ps_json(&registry).is_empty(), "a dumped program is not running");
+
+    let woken_file = tmp.path().join("woken");
+    torpor_with_registry(
+        &registry,
+        &[
+            "restore",
+            "-D",
+            images.to_str().unwrap(),
+            "--detach",
+            "--pidfile",
+            woken_file.to_str().unwrap(),
+        ],
+    );
+    let woken: i32 = fs::read_to_string(&woken_file).unwrap().trim().parse().unwrap();
+    let rows = ps_json(&registry);
+    // SAFETY: kill(2) on the pid this test's restore woke; it is reaped below.
+    unsafe { libc::kill(woken, libc::SIGKILL) };
+    common::wait_pid_gone(woken, FINISH_TIMEOUT);
+    assert_eq!(rows.len(), 1, "{rows:?}");
+    assert_eq!(rows[0]["pid"], woken);
+    assert_eq!(rows[0]["command"], serde_json::json!(["sleep", "600"]));
+    assert!(ps_json(&registry).is_empty(), "the woken program's entry outlived it");
+}
