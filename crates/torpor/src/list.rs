@@ -14,6 +14,8 @@ struct Row {
     /// The image directory.
     path: String,
     root_pid: Option<i32>,
+    /// The tree ran in its own pid namespace (`torpor run`); `root_pid` is its pid there.
+    pid_namespace: bool,
     processes: usize,
     /// The root process's command line.
     command: Vec<String>,
@@ -54,6 +56,7 @@ fn row(dir: PathBuf) -> Row {
     };
     Row {
         root_pid: p.manifest.as_ref().map(|m| m.root_pid).or(p.tree.as_ref().map(|t| t.root_pid)),
+        pid_namespace: p.tree.as_ref().is_some_and(|t| t.pid_ns),
         processes: p.tree.as_ref().map_or(0, |t| t.processes.len()),
         command,
         bytes: dir_bytes(&dir),
@@ -114,7 +117,11 @@ pub fn run(dir: &Path, json: bool) -> Result<u8> {
         println!(
             "{:<width$} {:>8} {:>5} {:>10}  {:<25}  {what}",
             r.path,
-            r.root_pid.map_or("?".into(), |p| p.to_string()),
+            match (r.root_pid, r.pid_namespace) {
+                (Some(p), true) => format!("ns:{p}"),
+                (Some(p), false) => p.to_string(),
+                (None, _) => "?".into(),
+            },
             r.processes,
             human(r.bytes),
             created

@@ -172,8 +172,8 @@ enum Command {
     List {
         /// The directory holding image directories (or an image directory itself).
         dir: PathBuf,
-        /// Print JSON for scripts: an array of {path, root_pid, processes, command, bytes,
-        /// created_unix, complete, problem}.
+        /// Print JSON for scripts: an array of {path, root_pid, pid_namespace, processes,
+        /// command, bytes, created_unix, complete, problem}.
         #[arg(long)]
         json: bool,
     },
