@@ -834,6 +834,12 @@ fn render_tree(r: &Report, out: &mut String) {
     for n in &roots {
         walk(n, &children, &mut seen, out, "", "", "");
     }
+    // Processes whose parents form a cycle (a damaged image) are reached from no root.
+    for p in &r.processes {
+        if !seen.contains(&p.pid) {
+            walk(&Node::Live(p), &children, &mut seen, out, "", "", "");
+        }
+    }
 }
 
 /// `s` padded with spaces to `width` characters (box characters count as one).

@@ -356,8 +356,21 @@ fn run(cli: Cli, show_progress: bool) -> Result<u8> {
             Ok(code?.clamp(0, 255) as u8)
         }
         Command::Verify { dir } => {
-            let (reader, tree) = torpor_restore::check_image(&dir)
-                .with_context(|| format!("image {} is not usable", dir.display()))?;
+            let bar = if show_progress {
+                let measure = progress::Measure::ReadBytes { total: progress::image_size(&dir) };
+                progress::Progress::start(format!("checking {}", dir.display()), measure)
+            } else {
+                progress::Progress::none()
+            };
+            let checked = torpor_restore::check_image(&dir);
+            bar.finish();
+            let (reader, tree) = checked.with_context(|| {
+                format!(
+                    "image {} is not usable (`torpor inspect {}` shows what it holds)",
+                    dir.display(),
+                    dir.display()
+                )
+            })?;
             if !quiet {
                 let p = &tree.processes[0];
                 println!(

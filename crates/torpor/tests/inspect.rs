@@ -261,3 +261,48 @@ fn inspect_of_a_missing_directory_says_so() {
     assert_eq!(r["complete"], false);
     assert!(r["problems"][0].as_str().unwrap().contains("no-such-image"), "{r}");
 }
+
+#[test]
+fn inspect_of_records_pointing_nowhere_names_them_without_panicking() {
+    let f = Fixture::start("tree", &[]);
+    let images = dump(&f);
+    let root = f.pid;
+    finish(f);
+
+    // Indices out of range, a parent cycle, a thread-less process: what a damaged or
+    // hand-edited tree.json may hold.
+    let path = images.path().join("tree.json");
+    let mut tree: Value = serde_json::from_slice(&fs::read(&path).unwrap()).unwrap();
+    let last = tree["processes"][2]["pid"].clone();
+    let p0 = &mut tree["processes"][0];
+    p0["fds"][0]["open_file"] = 9999.into();
+    p0["ppid"] = last;
+    let p1 = &mut tree["processes"][1];
+    p1["threads"] = serde_json::json!([]);
+    for v in p1["vmas"].as_array_mut().unwrap() {
+        if v["kind"]["type"] == "file" {
+            v["kind"]["file"] = 9999.into();
+        }
+    }
+    fs::write(&path, serde_json::to_vec(&tree).unwrap()).unwrap();
+
+    let out = inspect(images.path(), true);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr_of(&out));
+    let r: Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    assert!(r["problems"].to_string().contains("tree.json"), "{}", r["problems"]);
+    let fd = &process(&r, root)["descriptors"][0];
+    assert_eq!(fd["kind"], "invalid", "{fd}");
+    let child = tree["processes"][1]["pid"].as_i64().unwrap() as i32;
+    let maps = process(&r, child)["memory"]["mappings"].to_string();
+    assert!(maps.contains("<invalid file index 9999>"), "{maps}");
+    let out = inspect(images.path(), false);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr_of(&out));
+    assert!(text.contains("open file index 9999 out of range"), "{text}");
+    // Every process is still drawn in the tree, though none is a root any more.
+    let section = text.split("Processes (").nth(1).expect("a process section");
+    let tree_lines = section.split("\n\n").next().unwrap();
+    for p in tree["processes"].as_array().unwrap() {
+        assert!(tree_lines.contains(&p["pid"].to_string()), "{tree_lines}");
+    }
+}

@@ -1,4 +1,4 @@
-//! The progress bar appears while a dump or a restore runs on a terminal, never when
+//! The progress bar appears while a dump, a verify or a restore runs on a terminal, never when
 //! stderr is a pipe or a file; `--log-file` takes the logs off stderr.
 
 mod common;
@@ -60,6 +60,10 @@ fn dump_and_restore_show_progress_on_a_terminal() {
     assert!(out.contains("MiB"), "the bar counts bytes: {out:?}");
     assert!(out.contains(&format!("torpor: pid {pid} saved to")), "{out:?}");
     f.assert_killed_by_dump();
+
+    let (code, out) = torpor_on_a_terminal(&["verify", "-D", dir]);
+    assert_eq!(code, Some(0), "{out}");
+    assert!(out.contains("checking ") && out.contains(BAR_MARK), "{out:?}");
 
     let (code, out) = torpor_on_a_terminal(&["restore", "-D", dir, "--detach"]);
     assert_eq!(code, Some(0), "{out}");
