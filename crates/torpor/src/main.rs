@@ -26,8 +26,11 @@ use clap::{CommandFactory, Parser, Subcommand};
     version,
     about = "Hibernate a running Linux process to disk and wake it later",
     after_help = "Examples:\n  torpor dump 4242 -D /var/tmp/app.img       hibernate pid 4242\n  \
+                  torpor inspect /var/tmp/app.img            see what the image holds\n  \
                   torpor restore -D /var/tmp/app.img         wake it, wait for it to end\n  \
-                  torpor demo                                see it happen to a counter"
+                  torpor list /var/tmp                       the images saved there\n  \
+                  torpor demo                                see it happen to a counter\n\n\
+                  `torpor COMMAND --help` shows the options and examples of each command."
 )]
 struct Cli {
     /// Log what torpor does (-v info, -vv debug, -vvv trace).
@@ -108,19 +111,6 @@ enum Command {
         #[arg(short = 'D', long = "dir")]
         dir: PathBuf,
     },
-    /// Start a program as the first process of its own pid namespace, so that its tree
-    /// can be woken even where its pids are taken; waits for it.
-    #[command(after_help = "Examples:\n  \
-        torpor run -- python3 server.py         start it; `torpor ps` lists it with its pid\n  \
-        torpor run --pidfile s.pid -- ./server  the pid to give `torpor dump`, in a file")]
-    Run {
-        /// Write the program's pid (as seen from outside) into this file.
-        #[arg(long)]
-        pidfile: Option<PathBuf>,
-        /// The program and its arguments.
-        #[arg(trailing_var_arg = true, required = true)]
-        cmd: Vec<String>,
-    },
     /// Show what an image holds: processes, threads, memory, descriptors, and any damage.
     #[command(after_help = "Examples:\n  \
         torpor inspect /var/tmp/app.img                         at a glance\n  \
@@ -144,6 +134,45 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// List the images in a directory: root pid, processes, size, age, command.
+    #[command(after_help = "Examples:\n  \
+        torpor list /var/tmp             every image directory in /var/tmp\n  \
+        torpor list --json /var/tmp      the same for scripts")]
+    List {
+        /// The directory holding image directories (or an image directory itself).
+        dir: PathBuf,
+        /// Print JSON for scripts: an array of {path, root_pid, pid_namespace, processes,
+        /// command, bytes, created_unix, complete, problem}.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Start a program as the first process of its own pid namespace, so that its tree
+    /// can be woken even where its pids are taken; waits for it.
+    #[command(after_help = "Examples:\n  \
+        torpor run -- python3 server.py         start it; `torpor ps` lists it with its pid\n  \
+        torpor run --pidfile s.pid -- ./server  the pid to give `torpor dump`, in a file")]
+    Run {
+        /// Write the program's pid (as seen from outside) into this file.
+        #[arg(long)]
+        pidfile: Option<PathBuf>,
+        /// The program and its arguments.
+        #[arg(trailing_var_arg = true, required = true)]
+        cmd: Vec<String>,
+    },
+    /// List the programs started with `torpor run` that are still running.
+    #[command(after_help = "Example:\n  \
+        torpor ps                      PID, processes in its tree, memory, age, command\n  \
+        torpor dump \"$(torpor ps --json | jq '.[0].pid')\" -D app.img")]
+    Ps {
+        /// Print JSON for scripts: an array of {pid, processes, rss_bytes, started_unix,
+        /// command, cwd}.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Report which kernel features torpor relies on are present here.
+    Check,
+    /// Start a small counting program, hibernate it, wake it, show the count carry on.
+    Demo,
     /// Print a shell completion script for bash, zsh, fish, elvish or PowerShell.
     #[command(after_help = "Examples:\n  \
         torpor completions bash > /etc/bash_completion.d/torpor\n  \
@@ -165,32 +194,6 @@ enum Command {
         #[arg(long, conflicts_with = "command")]
         dir: Option<PathBuf>,
     },
-    /// List the images in a directory: root pid, processes, size, age, command.
-    #[command(after_help = "Examples:\n  \
-        torpor list /var/tmp             every image directory in /var/tmp\n  \
-        torpor list --json /var/tmp      the same for scripts")]
-    List {
-        /// The directory holding image directories (or an image directory itself).
-        dir: PathBuf,
-        /// Print JSON for scripts: an array of {path, root_pid, pid_namespace, processes,
-        /// command, bytes, created_unix, complete, problem}.
-        #[arg(long)]
-        json: bool,
-    },
-    /// List the programs started with `torpor run` that are still running.
-    #[command(after_help = "Example:\n  \
-        torpor ps                      PID, processes in its tree, memory, age, command\n  \
-        torpor dump \"$(torpor ps --json | jq '.[0].pid')\" -D app.img")]
-    Ps {
-        /// Print JSON for scripts: an array of {pid, processes, rss_bytes, started_unix,
-        /// command, cwd}.
-        #[arg(long)]
-        json: bool,
-    },
-    /// Report which kernel features torpor relies on are present here.
-    Check,
-    /// Start a small counting program, hibernate it, wake it, show the count carry on.
-    Demo,
     /// The demo's counting program (internal).
     #[command(name = "__count", hide = true)]
     Count { log: PathBuf },
@@ -215,10 +218,65 @@ fn main() -> ExitCode {
     match run(cli, show_progress) {
         Ok(code) => ExitCode::from(code),
         Err(e) => {
-            eprintln!("torpor: {e:#}");
+            match hint(&e) {
+                Some(h) => eprintln!("torpor: {e:#}; {h}"),
+                None => eprintln!("torpor: {e:#}"),
+            }
             ExitCode::from(1)
         }
     }
+}
+
+/// What to do next about a failure, when the message itself does not say it.
+fn hint(e: &anyhow::Error) -> Option<&'static str> {
+    use torpor_dump::DumpError;
+    use torpor_image::ImageError;
+    use torpor_restore::RestoreError;
+
+    let permission = e.chain().any(|c| {
+        c.downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::PermissionDenied)
+            || c.to_string().contains("Operation not permitted")
+    });
+    // SAFETY: geteuid has no arguments and cannot fail.
+    if permission && unsafe { libc::geteuid() } != 0 {
+        return Some(
+            "torpor needs root (or CAP_CHECKPOINT_RESTORE with CAP_SYS_PTRACE); \
+             `torpor check` shows what is missing here",
+        );
+    }
+    for c in e.chain() {
+        if let Some(d) = c.downcast_ref::<DumpError>() {
+            return match d {
+                DumpError::NoSuchProcess { .. } => Some(
+                    "check the pid (`ps -p PID`; `torpor ps` lists the programs \
+                     `torpor run` started)",
+                ),
+                DumpError::Traced { .. } => Some("detach the debugger, then dump again"),
+                DumpError::Zombie { .. } => {
+                    Some("it has nothing left to save; its parent reaps it with wait()")
+                }
+                DumpError::Image(i) => image_hint(i),
+                _ => None,
+            };
+        }
+        if let Some(r) = c.downcast_ref::<RestoreError>() {
+            return match r {
+                RestoreError::FileChanged { .. } => {
+                    Some("put the file back as it was at the dump, or dump the process again")
+                }
+                RestoreError::Image(i) => image_hint(i),
+                RestoreError::Unsupported { .. } => {
+                    Some("use the torpor that made the image (`torpor inspect DIR` names it)")
+                }
+                _ => None,
+            };
+        }
+        if let Some(i) = c.downcast_ref::<ImageError>() {
+            return image_hint(i);
+        }
+    }
+    None
 }
 
 /// Sets up logging: to `log_file` when given (at least at info level), else to stderr.
@@ -406,6 +464,25 @@ fn run(cli: Cli, show_progress: bool) -> Result<u8> {
         Command::Check => check::run(quiet),
         Command::Demo => demo::run(),
         Command::Count { log } => demo::count(&log),
+    }
+}
+
+fn image_hint(e: &torpor_image::ImageError) -> Option<&'static str> {
+    use torpor_image::ImageError;
+    match e {
+        ImageError::Read { source, .. } if source.kind() == std::io::ErrorKind::NotFound => {
+            Some("check the path; `torpor list DIR` lists the images in a directory")
+        }
+        ImageError::Checksum { .. } | ImageError::Length { .. } | ImageError::Missing { .. } => {
+            Some("the image is damaged; `torpor inspect DIR` shows what it still holds")
+        }
+        ImageError::Version { .. } => {
+            Some("restore it with the torpor version that made it (`torpor inspect DIR`)")
+        }
+        ImageError::CreateDir { .. } | ImageError::Write { .. } => {
+            Some("choose a directory torpor can write, with room for the image")
+        }
+        _ => None,
     }
 }
 
