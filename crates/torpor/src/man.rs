@@ -27,7 +27,13 @@ fn page(cmd: &clap::Command) -> Result<Vec<u8>> {
     }
     if let Some(after) = cmd.get_after_long_help().or_else(|| cmd.get_after_help()) {
         writeln!(w, ".SH EXAMPLES\n.nf")?;
-        for line in after.to_string().lines() {
+        let after = after.to_string();
+        // The section heading says it already.
+        let mut lines = after.lines().peekable();
+        if lines.peek().is_some_and(|l| l.starts_with("Example")) {
+            lines.next();
+        }
+        for line in lines {
             writeln!(w, "{}", roff_escape(line))?;
         }
         writeln!(w, ".fi")?;

@@ -133,7 +133,7 @@ pub fn live() -> Result<Vec<Entry>> {
     let mut live = Vec::new();
     for e in entries.flatten() {
         let path = e.path();
-        if path.extension().is_none_or(|x| x != "json") {
+        if path.extension() != Some(std::ffi::OsStr::new("json")) {
             continue;
         }
         let entry: Option<Entry> =
