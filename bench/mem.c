@@ -8,6 +8,9 @@
  *   random    every byte from a PRNG: nothing to compress, no zero page
  *   halfzero  every other 4 KiB page written with zeros, the rest random
  *   text      words from a small vocabulary, in lines: compresses like prose
+ *   dirty     like random, and it keeps writing: every 10 ms it rewrites DIRTY_PAGES
+ *             pages picked at random (4 MiB/s), each with the next version of its
+ *             content, for dumps made while it runs (--pre-copy)
  *
  * Once the memory is filled it writes "ready PID FILL_MS" to STATEDIR/ready. Then it waits
  * for signals:
@@ -29,6 +32,8 @@
 #include <unistd.h>
 
 #define PAGE 4096
+/* Pages rewritten per 10 ms by the dirty flavour: 4 MiB/s. */
+#define DIRTY_PAGES 10
 
 static const char *statedir;
 
@@ -108,6 +113,27 @@ static uint64_t checksum(const uint64_t *p, size_t words)
 	return h[0] ^ (h[1] << 1) ^ (h[2] << 2) ^ (h[3] << 3);
 }
 
+/* Content of page `page`, version `v`, for the dirty flavour. */
+static void fill_version(uint64_t *p, size_t page, uint32_t v)
+{
+	uint64_t seed = ((uint64_t)page << 32) ^ v ^ 0x6469727479ULL;
+
+	fill_random(p, PAGE / 8, &seed);
+}
+
+/* Whether every page holds the content of its version. */
+static int check_versions(const char *mem, const uint32_t *versions, size_t pages)
+{
+	uint64_t want[PAGE / 8];
+
+	for (size_t i = 0; i < pages; i++) {
+		fill_version(want, i, versions[i]);
+		if (memcmp(want, mem + i * PAGE, PAGE) != 0)
+			return 0;
+	}
+	return 1;
+}
+
 static void reply(const char *name, const char *text)
 {
 	char tmp[4096], path[4096];
@@ -135,9 +161,12 @@ int main(int argc, char **argv)
 	sigset_t set;
 	double t0;
 	char *mem;
+	uint32_t *versions = NULL;
+	uint64_t pick = 0x9e3779b97f4a7c15ULL;
+	int dirty = 0;
 
 	if (argc != 4) {
-		fprintf(stderr, "usage: %s SIZE_MIB random|halfzero|text STATEDIR\n", argv[0]);
+		fprintf(stderr, "usage: %s SIZE_MIB random|halfzero|text|dirty STATEDIR\n", argv[0]);
 		return 2;
 	}
 	size = (size_t)strtoull(argv[1], NULL, 10) << 20;
@@ -174,6 +203,15 @@ int main(int argc, char **argv)
 		}
 	} else if (strcmp(argv[2], "text") == 0) {
 		fill_text(mem, size, &seed);
+	} else if (strcmp(argv[2], "dirty") == 0) {
+		dirty = 1;
+		versions = calloc(size / PAGE, sizeof(*versions));
+		if (!versions) {
+			perror("calloc");
+			return 1;
+		}
+		for (size_t i = 0; i < size / PAGE; i++)
+			fill_version((uint64_t *)(mem + i * PAGE), i, 0);
 	} else {
 		fprintf(stderr, "mem: unknown flavour %s\n", argv[2]);
 		return 2;
@@ -183,12 +221,26 @@ int main(int argc, char **argv)
 	reply("ready", line);
 
 	for (;;) {
-		int sig = sigwaitinfo(&set, NULL);
+		/* The dirty flavour writes between signals, every 10 ms. */
+		struct timespec tick = { 0, 10 * 1000 * 1000 };
+		int sig = dirty ? sigtimedwait(&set, NULL, &tick) : sigwaitinfo(&set, NULL);
 
+		if (sig < 0 && dirty && errno == EAGAIN) {
+			for (int k = 0; k < DIRTY_PAGES; k++) {
+				size_t i;
+
+				pick ^= pick << 13;
+				pick ^= pick >> 7;
+				pick ^= pick << 17;
+				i = pick % (size / PAGE);
+				fill_version((uint64_t *)(mem + i * PAGE), i, ++versions[i]);
+			}
+			continue;
+		}
 		if (sig < 0) {
 			if (errno == EINTR)
 				continue;
-			perror("sigwaitinfo");
+			perror("sigwait");
 			return 1;
 		}
 		if (sig == SIGTERM)
@@ -198,7 +250,8 @@ int main(int argc, char **argv)
 			continue;
 		}
 		t0 = now_ms();
-		int ok = checksum((const uint64_t *)mem, words) == expected;
+		int ok = dirty ? check_versions(mem, versions, size / PAGE)
+			       : checksum((const uint64_t *)mem, words) == expected;
 		snprintf(line, sizeof(line), "%s %.0f\n", ok ? "OK" : "BAD", now_ms() - t0);
 		reply("reply", line);
 	}

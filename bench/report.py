@@ -26,7 +26,7 @@ def num(v):
 
 
 def median(rows, key):
-    vals = [num(r[key]) for r in rows if num(r[key]) is not None]
+    vals = [num(r.get(key)) for r in rows if num(r.get(key)) is not None]
     return statistics.median(vals) if vals else None
 
 
@@ -155,6 +155,31 @@ def main():
             p("| %s | %s | %s | %s | %s | %s | %s |" % (
                 w, pct(wf, dump), pct(wd, dump), pct(wf, frozen), pct(rc, restore),
                 pct(rd, restore), pct(rd, answer)))
+        p("")
+
+    if "torpor-lazy" in tools:
+        p("## Lazy restore")
+        p("")
+        p("`torpor restore --lazy --detach`: the process runs before its memory is loaded. "
+          "*answers after s*: from the start of restore to the process's reply to a ping "
+          "(Redis: `PING`), which touches almost none of its memory; *all loaded s*: what "
+          "torpor's page server reports for loading every page, counted from the release "
+          "of the process; *check after s*: the process's full check of its memory, which "
+          "faults in what is not there yet.")
+        p("")
+        p("| workload | restore s (eager) | answers after s (eager) | restore s (lazy) "
+          "| answers after s (lazy) | all loaded s | check after s (lazy) | intact |")
+        p("|---|---:|---:|---:|---:|---:|---:|---|")
+        for w in workloads:
+            e, z = groups.get((w, "torpor"), []), groups.get((w, "torpor-lazy"), [])
+            if not z:
+                continue
+            ok = sum(r["intact"] == "yes" for r in z)
+            p("| %s | %s | %s | %s | %s | %s | %s | %s |" % (
+                w, secs(median(e, "restore_s")), secs(median(e, "answer_s")),
+                secs(median(z, "restore_s")), secs(median(z, "answer_s")),
+                secs(median(z, "loaded_s")), secs(median(z, "check_after_s")),
+                "yes" if ok == len(z) else "%d of %d" % (ok, len(z))))
         p("")
 
     if "criu" in tools:

@@ -12,6 +12,12 @@
 #   redis-1M              redis-server with 1,000,000 keys loaded by redis-cli --pipe
 #   maps-10k, threads-1k  bench/scale.c with 10,000 mappings, or with 1,000 threads: costs
 #                         that grow with the number of mappings or threads
+#   mem-dirty-1G          bench/mem.c holding 1 GiB and rewriting 4 MiB of it per second,
+#                         dumped as usual, then (mem-dirty-1G-precopy) with --pre-copy
+#
+# With --lazy, each torpor image is also restored with `--lazy --detach` (tool
+# "torpor-lazy"): the process runs before its memory is loaded, it "answers" when it
+# replies to a ping (SIGUSR2; Redis: PING), and the full check follows.
 #
 # For each: dump wall time, frozen time (from the tool's own report), image bytes, restore
 # wall time, time from the start of restore until the process answers (Redis: PING; the
@@ -27,15 +33,18 @@ usage() {
 usage: bash bench/run.sh [options]
   --quick            memory workloads of 256 MiB only (default: 256 MiB, 1 GiB, 4 GiB)
   --sizes LIST       memory workload sizes in MiB, comma-separated (overrides --quick)
-  --workloads LIST   any of mem,python,redis,scale, comma-separated (default: all four)
+  --workloads LIST   any of mem,python,redis,scale,precopy, comma-separated (default: all)
   --criu PATH        also run CRIU from PATH (default: criu on PATH, if any)
   --no-criu          do not run CRIU even if it is on PATH
   --torpor PATH      the torpor binary (default: cargo build --release, then its binary)
+  --dump-args ARGS   more arguments for torpor dump, split on spaces (e.g. --compress=1)
   --dir DIR          where images and scratch files go (default: $TMPDIR or /tmp)
   --reps N           runs of each workload and tool, alternating tools (default: 1)
   --cold             drop the image from the page cache before each restore
   --out FILE         the results file (default: bench/results-<date>.md)
   --keep             keep the scratch directory (images of the last run of each workload)
+  --lazy             also restore torpor's images lazily (torpor restore --lazy --detach)
+  --flavours LIST    memory flavours, comma-separated (default: random,halfzero,text)
 EOF
 }
 
@@ -46,8 +55,8 @@ die() {
 
 # --- options -------------------------------------------------------------------------
 
-QUICK=0 SIZES="" WORKLOADS="mem,python,redis,scale" CRIU="" NO_CRIU=0 TORPOR="${TORPOR:-}"
-BASE="${TMPDIR:-/tmp}" REPS=1 COLD=0 OUT="" KEEP=0
+QUICK=0 SIZES="" WORKLOADS="mem,python,redis,scale,precopy" CRIU="" NO_CRIU=0 TORPOR="${TORPOR:-}"
+BASE="${TMPDIR:-/tmp}" REPS=1 COLD=0 OUT="" KEEP=0 DUMP_ARGS="" LAZY=0 FLAVOUR_LIST=random,halfzero,text
 ARGS=("$@")
 while [ $# -gt 0 ]; do
 	case "$1" in
@@ -57,11 +66,14 @@ while [ $# -gt 0 ]; do
 	--criu) CRIU="${2:?--criu needs a path}"; shift ;;
 	--no-criu) NO_CRIU=1 ;;
 	--torpor) TORPOR="${2:?--torpor needs a path}"; shift ;;
+	--dump-args) DUMP_ARGS="${2?--dump-args needs arguments}"; shift ;;
 	--dir) BASE="${2:?--dir needs a directory}"; shift ;;
 	--reps) REPS="${2:?--reps needs a number}"; shift ;;
 	--cold) COLD=1 ;;
 	--out) OUT="${2:?--out needs a file}"; shift ;;
 	--keep) KEEP=1 ;;
+	--lazy) LAZY=1 ;;
+	--flavours) FLAVOUR_LIST="${2:?--flavours needs a list}"; shift ;;
 	-h | --help) usage; exit 0 ;;
 	*) usage >&2; exit 2 ;;
 	esac
@@ -99,7 +111,12 @@ want() { [[ ",$WORKLOADS," == *",$1,"* ]]; }
 
 DICT_ENTRIES=2000000
 REDIS_KEYS=1000000
-FLAVOURS=(random halfzero text)
+IFS=, read -r -a FLAVOURS <<<"$FLAVOUR_LIST"
+for f in "${FLAVOURS[@]}"; do
+	[[ "$f" =~ ^(random|halfzero|text)$ ]] || { echo "run.sh: bad flavour '$f'" >&2; exit 2; }
+done
+# Extra arguments of torpor dump, for the workload being run.
+DUMP_EXTRA=()
 
 # --- scratch space and cleanup -------------------------------------------------------
 
@@ -258,13 +275,9 @@ if [ -n "$CRIU" ] && ! timeout 60 "$CRIU" check >"$WORK/criu-check.log" 2>&1; th
 		grep -v '^$' "$WORK/criu-check.log" | tail -1)"
 	CRIU=""
 fi
-CRIT=""
-if [ -n "$CRIU" ]; then
-	CRIT="$(dirname "$CRIU")/crit"
-	[ -x "$CRIT" ] || CRIT="$(command -v crit 2>/dev/null || true)"
-fi
 TOOLS=(torpor)
 [ -n "$CRIU" ] && TOOLS+=(criu)
+[ "$LAZY" = 1 ] && TOOLS+=(torpor-lazy)
 
 gcc -O2 -o "$WORK/mem" "$BENCH/mem.c" || die "cannot build bench/mem.c"
 gcc -O2 -pthread -o "$WORK/scale" "$BENCH/scale.c" || die "cannot build bench/scale.c"
@@ -285,6 +298,7 @@ fi
 	echo "kernel: $(uname -r)"
 	echo "images in: $WORK ($(df -P -T "$WORK" | awk 'NR == 2 { print $2 " on " $1 }'))"
 	echo "torpor: $TORPOR ($TORPOR_FROM)"
+	[ -n "$DUMP_ARGS" ] && echo "torpor dump arguments: $DUMP_ARGS"
 	if [ -n "$CRIU" ]; then
 		echo "criu: $CRIU ($("$CRIU" --version 2>&1 | head -1))"
 	elif [ -n "$CRIU_NOTE" ]; then
@@ -298,7 +312,7 @@ fi
 } >"$META"
 sed 's/^/  /' "$META" >&2
 
-printf 'workload\ttool\trep\trss_mib\tstatus\tdump_s\tfrozen_s\timage_bytes\tdump_rss_kib\trestore_s\tanswer_s\tcheck_before_s\tcheck_after_s\trestore_rss_kib\tintact\tnote\n' >"$RESULTS"
+printf 'workload\ttool\trep\trss_mib\tstatus\tdump_s\tfrozen_s\timage_bytes\tdump_rss_kib\trestore_s\tanswer_s\tcheck_before_s\tcheck_after_s\trestore_rss_kib\tintact\tnote\tloaded_s\n' >"$RESULTS"
 printf 'workload\tbytes\twrite_cache_s\twrite_fsync_s\twrite_direct_s\tread_cache_s\tread_direct_s\n' >"$LIMITS"
 
 # --- the machine's limits ------------------------------------------------------------
@@ -422,6 +436,31 @@ ask_check() {
 	echo "$word $(elapsed "$start" "$t") $(awk -v ms="${ms:-0}" 'BEGIN { printf "%.3f", ms / 1000 }')"
 }
 
+# Asks the process for a pong, which needs none of its memory but what it runs on;
+# prints the seconds from START, or NONE.
+ask_pong() {
+	local start=$1 limit=$2 word t
+	rm -f "$STATE/reply"
+	kill -USR2 "$PID" 2>/dev/null || { echo NONE; return; }
+	wait_file "$STATE/reply" "$limit" || { echo NONE; return; }
+	t=$EPOCHREALTIME
+	read -r word _ <"$STATE/reply"
+	[ "$word" = pong ] || { echo NONE; return; }
+	elapsed "$start" "$t"
+}
+
+# Seconds torpor's lazy page server reports for loading every page (it runs on after
+# `restore --detach` returns, writing to the same stderr), or "-".
+lazy_loaded() {
+	local i line
+	for ((i = 0; i < $1 * 100; i++)); do
+		line=$(grep -m1 'all pages loaded' "$WORK/restore.err") && break
+		grep -q 'lazy restore of pid .* failed' "$WORK/restore.err" && break
+		sleep 0.01
+	done
+	sed -n 's/.* in \([0-9.]*\) ms.*/\1/p' <<<"${line:-}" | awk '{ printf "%.3f", $1 / 1000 }'
+}
+
 # Waits for Redis to answer PING; prints the seconds from START, or NONE.
 ask_ping() {
 	local start=$1 i
@@ -443,7 +482,7 @@ run_one() {
 	local kind=$1 name=$2 size=$3 flavour=$4 tool=$5 rep=$6
 	local img="$WORK/img-$name-$tool" tmo rss status=failed note="" t0 t1 rc line
 	local dump_s=- frozen_s=- image=- dump_rss=- restore_s=- answer_s=- intact=-
-	local check_before=- check_after=- restore_rss=- r word t_ans t_check
+	local check_before=- check_after=- restore_rss=- r word t_ans t_check loaded_s=-
 	PID="" PORT=""
 	log "$name, $tool, run $rep"
 	case "$kind" in
@@ -453,7 +492,7 @@ run_one() {
 	redis) start_redis ;;
 	esac || {
 		[ -n "$PID" ] && stop_pid "$PID"
-		printf '%s\t%s\t%s\t-\tfailed\t-\t-\t-\t-\t-\t-\t-\t-\t-\t-\tworkload did not start\n' \
+		printf '%s\t%s\t%s\t-\tfailed\t-\t-\t-\t-\t-\t-\t-\t-\t-\t-\tworkload did not start\t-\n' \
 			"$name" "$tool" "$rep" >>"$RESULTS"
 		return
 	}
@@ -476,10 +515,10 @@ run_one() {
 	mkdir -p "$img"
 	if [ -z "$note" ]; then
 		t0=$EPOCHREALTIME
-		if [ "$tool" = torpor ]; then
+		if [ "$tool" != criu ]; then
 			rmdir "$img"
 			timeout -k 10 "$tmo" /usr/bin/time -v -o "$WORK/time.dump" \
-				"$TORPOR" dump "$PID" -D "$img" >"$WORK/dump.out" 2>"$WORK/dump.err"
+				"$TORPOR" dump "$PID" -D "$img" $DUMP_ARGS "${DUMP_EXTRA[@]}" >"$WORK/dump.out" 2>"$WORK/dump.err"
 		else
 			timeout -k 10 "$tmo" /usr/bin/time -v -o "$WORK/time.dump" \
 				"$CRIU" dump -t "$PID" -D "$img" --shell-job -o dump.log \
@@ -491,11 +530,12 @@ run_one() {
 			dump_s=$(elapsed "$t0" "$t1")
 			dump_rss=$(maxrss "$WORK/time.dump")
 			image=$(disk_bytes "$img")
-			if [ "$tool" = torpor ]; then
+			if [ "$tool" != criu ]; then
 				line=$(grep -m1 ' saved to ' "$WORK/dump.err")
 				frozen_s=$(sed -n 's/.*frozen \([0-9.]*\) ms.*/\1/p' <<<"$line" |
 					awk '{ printf "%.3f", $1 / 1000 }')
 				log "  $line"
+				grep -m1 ' pre-copy: ' "$WORK/dump.err" | sed 's/^/  /' >&2
 			else
 				frozen_s=$(criu_frozen "$img")
 				log "  criu dump: ${dump_s} s, frozen ${frozen_s:-?} s"
@@ -523,6 +563,10 @@ run_one() {
 			timeout -k 10 "$tmo" /usr/bin/time -v -o "$WORK/time.restore" \
 				"$TORPOR" restore -D "$img" --detach --pidfile "$WORK/pidfile" \
 				>"$WORK/restore.out" 2>"$WORK/restore.err"
+		elif [ "$tool" = torpor-lazy ]; then
+			timeout -k 10 "$tmo" /usr/bin/time -v -o "$WORK/time.restore" \
+				"$TORPOR" restore -D "$img" --lazy --detach --pidfile "$WORK/pidfile" \
+				>"$WORK/restore.out" 2>"$WORK/restore.err"
 		else
 			timeout -k 10 "$tmo" /usr/bin/time -v -o "$WORK/time.restore" \
 				"$CRIU" restore -D "$img" --shell-job -d -o restore.log \
@@ -533,7 +577,13 @@ run_one() {
 		if [ "$rc" = 0 ]; then
 			restore_s=$(elapsed "$t0" "$t1")
 			restore_rss=$(maxrss "$WORK/time.restore")
-			[ "$tool" = torpor ] && log "  $(grep -m1 ' woken from ' "$WORK/restore.err")"
+			[ "$tool" != criu ] && log "  $(grep -m1 ' woken from ' "$WORK/restore.err")"
+			# A lazily restored process answers before its memory is all there: ask
+			# for a pong first, then check everything.
+			if [ "$tool" = torpor-lazy ] && [ "$kind" != redis ]; then
+				answer_s=$(ask_pong "$t0" "$tmo")
+				[ "$answer_s" = NONE ] && answer_s=-
+			fi
 			if [ "$kind" = redis ]; then
 				answer_s=$(ask_ping "$t0")
 				if [ "$answer_s" = NONE ]; then
@@ -547,11 +597,20 @@ run_one() {
 			else
 				r=$(ask_check "$t0" "$tmo")
 				read -r word t_ans t_check <<<"$r"
+				[ "$tool" = torpor-lazy ] && t_ans=$answer_s
 				case "$word" in
 				OK) intact=yes answer_s=$t_ans check_after=$t_check ;;
 				BAD) intact=no answer_s=$t_ans check_after=$t_check note="memory differs" ;;
 				*) intact=no note="no answer to the check" ;;
 				esac
+			fi
+			if [ "$tool" = torpor-lazy ]; then
+				loaded_s=$(lazy_loaded "$tmo")
+				[ -n "$loaded_s" ] || {
+					loaded_s=- intact=no
+					note="lazy loading did not finish: $(grep -m1 'failed' "$WORK/restore.err")"
+				}
+				log "  $(grep -m1 'all pages loaded' "$WORK/restore.err")"
 			fi
 			log "  restore ${restore_s} s, answers after ${answer_s} s, intact: $intact"
 			[ "$intact" = yes ] && status=ok
@@ -564,10 +623,10 @@ run_one() {
 		[ -n "$PID" ] && stop_pid "$PID"
 	fi
 
-	printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' \
+	printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' \
 		"$name" "$tool" "$rep" "$rss" "$status" "$dump_s" "$frozen_s" "$image" "$dump_rss" \
 		"$restore_s" "$answer_s" "$check_before" "$check_after" "$restore_rss" "$intact" \
-		"${note:--}" >>"$RESULTS"
+		"${note:--}" "$loaded_s" >>"$RESULTS"
 	[ "$KEEP" = 1 ] || rm -rf "$img"
 
 	# The machine's limits, once per workload, for as many bytes as the first image.
@@ -578,15 +637,46 @@ run_one() {
 
 # CRIU's frozen time in seconds, from its stats-dump file (needs crit), or "".
 criu_frozen() {
-	[ -n "$CRIT" ] && [ -f "$1/stats-dump" ] || return 0
-	"$CRIT" show "$1/stats-dump" 2>/dev/null | "$PY" -c '
-import json, sys
+	[ -f "$1/stats-dump" ] || return 0
+	# stats-dump is two 32-bit magics, a 32-bit length and one protobuf StatsEntry, whose
+	# field 1 (DumpStatsEntry) holds frozen_time (field 2, microseconds). Read it directly
+	# so that no crit (a Python tool built apart from criu) is needed.
+	"$PY" - "$1/stats-dump" <<'PYEOF'
+import struct, sys
+
+def varint(b, i):
+    v = s = 0
+    while True:
+        c = b[i]; i += 1
+        v |= (c & 0x7f) << s; s += 7
+        if c < 0x80:
+            return v, i
+
+def fields(b):
+    i = 0
+    while i < len(b):
+        key, i = varint(b, i)
+        num, wt = key >> 3, key & 7
+        if wt == 0:
+            v, i = varint(b, i)
+        elif wt == 2:
+            n, i = varint(b, i); v = b[i:i + n]; i += n
+        elif wt == 5:
+            v = b[i:i + 4]; i += 4
+        elif wt == 1:
+            v = b[i:i + 8]; i += 8
+        else:
+            return
+        yield num, v
+
 try:
-    e = json.load(sys.stdin)["entries"][0]["dump"]
-    print("%.3f" % (int(e["frozen_time"]) / 1e6))
+    data = open(sys.argv[1], "rb").read()
+    (n,) = struct.unpack_from("<I", data, 8)
+    dump = dict(fields(data[12:12 + n])).get(1)
+    print("%.3f" % (dict(fields(dump))[2] / 1e6))
 except Exception:
     pass
-'
+PYEOF
 }
 
 # Runs a workload (KIND NAME SIZE FLAVOUR) REPS times with each tool, alternating which
@@ -632,6 +722,16 @@ if want mem; then
 			fits "$size" "$name" && run_workload mem "$name" "$size" "$flavour"
 		done
 	done
+fi
+# A process that keeps writing, dumped as usual and with pre-copy (torpor only: CRIU's
+# pre-dump is a different procedure).
+if want precopy && fits 1024 mem-dirty-1G; then
+	run_workload mem mem-dirty-1G 1024 dirty
+	DUMP_EXTRA=(--pre-copy)
+	for ((rep = 1; rep <= REPS; rep++)); do
+		run_one mem mem-dirty-1G-precopy 1024 dirty torpor "$rep"
+	done
+	DUMP_EXTRA=()
 fi
 want python && fits 512 python-dict-2M && run_workload python python-dict-2M 0 -
 want redis && [ "$HAVE_REDIS" = 1 ] && fits 512 redis-1M && run_workload redis redis-1M 0 -

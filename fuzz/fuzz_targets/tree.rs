@@ -1,5 +1,6 @@
 //! Feeds arbitrary bytes to the decoder of `tree.json`, and any tree it accepts to the
-//! consistency checks, none of which may panic (on overflow, an index, or anything else).
+//! consistency checks (page runs, the frame index of compressed page files, ...), none of
+//! which may panic (on overflow, an index, or anything else).
 
 #![no_main]
 
@@ -36,6 +37,7 @@ fn manifest() -> &'static Manifest {
                 entry("vdso-4242.img", 8192),
                 entry("file-0.img", 100),
             ],
+            parent: None,
         }
     })
 }

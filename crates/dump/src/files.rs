@@ -172,6 +172,7 @@ pub(crate) struct FdContext {
     /// Unix sockets of the tree by inode, with their peer and a (pid, fd) holding them.
     sockets: HashMap<u64, (u64, (i32, i32))>,
     unix: Option<HashMap<u64, sock::UnixInfo>>,
+    tcp: Option<HashMap<u64, sock::TcpDiag>>,
     /// Save established TCP connections (`--tcp-established`).
     pub tcp_established: bool,
     /// Terminals on descriptors 0 to 2 are the restoring shell's (`--shell-job`).
@@ -242,6 +243,21 @@ impl FdContext {
             self.unix = Some(all);
         }
         Ok(self.unix.as_ref().unwrap())
+    }
+
+    /// What sock_diag says of TCP socket `ino`. Read once: it serves for listeners,
+    /// whose state torpor does not change, and for the shut-down flags of connections,
+    /// which only the process sets.
+    fn tcp_diag(&mut self, pid: i32, ino: u64) -> Result<Option<sock::TcpDiag>> {
+        if self.tcp.is_none() {
+            let all = sock::tcp_sockets().map_err(|source| DumpError::Collect {
+                pid,
+                what: "the TCP sockets of this system".into(),
+                source,
+            })?;
+            self.tcp = Some(all);
+        }
+        Ok(self.tcp.as_ref().unwrap().get(&ino).copied())
     }
 
     /// Refuses pipes and sockets connected to a process outside the tree, or, with
@@ -719,6 +735,7 @@ fn unix_pair(
         queue,
         name: info.name.clone(),
         options: unix_options(&sock),
+        buffers: buffers(&sock),
     })
 }
 
@@ -796,7 +813,7 @@ fn unix_bound(
             what: format!("the socket on fd {fd}"),
             source,
         })?;
-        let q = sock::socket_queue(&s, false).map_err(|source| DumpError::Collect {
+        let q = sock::datagram_queue(&s).map_err(|source| DumpError::Collect {
             pid,
             what: format!("the queue of the socket on fd {fd}"),
             source,
@@ -805,13 +822,16 @@ fn unix_bound(
             None
         } else {
             let file = format!("sock-{}.img", info.ino);
-            writer.write_file(&file, &records::encode(q.iter().map(Vec::as_slice)))?;
+            // Two records per datagram: the sender's address, then the datagram.
+            let pairs = q.iter().flat_map(|(from, data)| [from.as_slice(), data.as_slice()]);
+            writer.write_file(&file, &records::encode(pairs))?;
             Some(file)
         }
     } else {
         None
     };
-    let options = sock::take_fd(pid, fd).map(|s| unix_options(&s)).unwrap_or_default();
+    let copy = sock::take_fd(pid, fd).ok();
+    let options = copy.as_ref().map(unix_options).unwrap_or_default();
     Ok(OpenFileKind::UnixBound {
         sock_type,
         name,
@@ -821,6 +841,16 @@ fn unix_bound(
         file_gid,
         queue,
         options,
+        buffers: copy.as_ref().and_then(buffers),
+        queue_senders: true,
+    })
+}
+
+/// A socket's buffer sizes.
+fn buffers(sock: &std::os::fd::OwnedFd) -> Option<model::SockBuffers> {
+    Some(model::SockBuffers {
+        rcvbuf: sock::sockopt(sock, libc::SO_RCVBUF).ok()? as u32,
+        sndbuf: sock::sockopt(sock, libc::SO_SNDBUF).ok()? as u32,
     })
 }
 
@@ -866,6 +896,30 @@ fn inet_socket(
     let peer = sock::sock_addr(&sock, true);
     let listening =
         tcp && sock::sockopt(&sock, libc::SO_ACCEPTCONN).map_err(err("the state"))? != 0;
+    // struct tcp_info starts with the state.
+    let info =
+        if tcp { sock::sockopt_raw(&sock, libc::IPPROTO_TCP, libc::TCP_INFO).ok() } else { None };
+    let state = info.as_ref().and_then(|i| i.first().copied()).unwrap_or(0);
+    if tcp && !listening && peer.is_none() && state != TCP_CLOSE {
+        // Connecting (SYN_SENT) or a connection ended while the socket stays open: the
+        // kernel tells neither its peer nor how it ended.
+        return Err(unsupported(format!(
+            "a TCP socket in state {} ({link}), whose connection torpor cannot rebuild",
+            tcp_state_name(state)
+        )));
+    }
+    // tcpi_segs_out, at byte 136: a closed socket that sent anything had a connection.
+    let segs_out = info
+        .as_ref()
+        .and_then(|i| i.get(136..140))
+        .map_or(0, |b| u32::from_ne_bytes(b.try_into().unwrap()));
+    if tcp && !listening && peer.is_none() && segs_out > 0 {
+        return Err(unsupported(format!(
+            "a TCP socket whose connection has ended (state CLOSE, {}, {link}); torpor \
+             cannot rebuild it",
+            sock::describe_addr(&local)
+        )));
+    }
     let mut tcp_state = None;
     if tcp && !listening && peer.is_some() {
         let conn = format!(
@@ -878,35 +932,24 @@ fn inet_socket(
                 pid,
                 reason: UnsupportedReason::NeedsFlag {
                     fd,
-                    what: format!("an established TCP connection {conn} ({link})"),
+                    what: if state == 1 {
+                        format!("an established TCP connection {conn} ({link})")
+                    } else {
+                        format!(
+                            "a TCP connection {conn} in state {} ({link})",
+                            tcp_state_name(state)
+                        )
+                    },
                     flag: "--tcp-established",
                 },
             });
         }
-        // struct tcp_info starts with the state; TCP_ESTABLISHED is 1.
-        let state = sock::sockopt_raw(&sock, libc::IPPROTO_TCP, libc::TCP_INFO)
-            .ok()
-            .and_then(|i| i.first().copied())
-            .unwrap_or(0);
-        if state != 1 {
-            const NAMES: [&str; 12] = [
-                "?",
-                "ESTABLISHED",
-                "SYN_SENT",
-                "SYN_RECV",
-                "FIN_WAIT1",
-                "FIN_WAIT2",
-                "TIME_WAIT",
-                "CLOSE",
-                "CLOSE_WAIT",
-                "LAST_ACK",
-                "LISTEN",
-                "CLOSING",
-            ];
+        if model::TcpConnState::from_kernel(state).is_none() {
             return Err(unsupported(format!(
-                "a TCP connection {conn} in state {} ({link}); only established connections \
-                 can be saved yet",
-                NAMES.get(state as usize).unwrap_or(&"?")
+                "a TCP connection {conn} in state {} ({link}); only connections that are \
+                 established or closing (FIN_WAIT1, FIN_WAIT2, CLOSE_WAIT, LAST_ACK, CLOSING) \
+                 can be saved",
+                tcp_state_name(state)
             )));
         }
         let ino = fs::metadata(format!("/proc/{pid}/fd/{fd}")).map(|m| m.ino()).unwrap_or(0);
@@ -923,7 +966,12 @@ fn inet_socket(
         // In repair mode from here: it stays so until the process is gone, which closes
         // it without a word to the peer, or until torpor lets the process run on.
         ctx.repaired.push(copy);
-        tcp_state = Some(state?);
+        let mut state = state?;
+        // Reading shut down by the program (shutdown(SHUT_RD)), not by the peer's FIN.
+        const RCV_SHUTDOWN: u8 = 1;
+        let shut = ctx.tcp_diag(pid, ino)?.map_or(0, |d| d.shutdown);
+        state.read_shut = shut & RCV_SHUTDOWN != 0 && !state.state.fin_received();
+        tcp_state = Some(state);
     }
     let mut options = Vec::new();
     for &(level, name, _) in SOCKET_OPTIONS {
@@ -954,27 +1002,66 @@ fn inet_socket(
     } else {
         None
     };
-    // The backlog is not visible to getsockopt; the system's maximum serves any program
-    // that asked for less.
-    let backlog = fs::read_to_string("/proc/sys/net/core/somaxconn")
-        .ok()
-        .and_then(|s| s.trim().parse().ok())
-        .unwrap_or(4096);
+    let backlog = if listening {
+        let ino = fs::metadata(format!("/proc/{pid}/fd/{fd}")).map(|m| m.ino()).unwrap_or(0);
+        let info = ctx.tcp_diag(pid, ino)?.ok_or_else(|| DumpError::Collect {
+            pid,
+            what: format!("the backlog of the socket on fd {fd}"),
+            source: torpor_sys::Error::Syscall {
+                call: "sock_diag",
+                source: std::io::Error::other(format!("socket:[{ino}] is not listed")),
+            },
+        })?;
+        if info.rqueue > 0 {
+            return Err(unsupported(format!(
+                "a TCP socket listening on {} with {} connections not yet accepted ({link})",
+                sock::describe_addr(&local),
+                info.rqueue
+            )));
+        }
+        Some(info.wqueue as i32)
+    } else {
+        None
+    };
     Ok(OpenFileKind::Inet {
         family,
         sock_type,
         protocol,
         local: hex::encode(&local),
         peer: if udp || tcp_state.is_some() { peer.map(hex::encode) } else { None },
-        listen_backlog: listening.then_some(backlog),
+        listen_backlog: backlog,
         options,
         queue,
         tcp: tcp_state,
+        buffers: buffers(&sock),
     })
 }
 
-/// Saves an established TCP connection with `TCP_REPAIR`: its sequence numbers, the bytes
-/// in flight each way, the negotiated options, window and timestamp. The socket is left in
+/// The kernel's `TCP_CLOSE` state number.
+const TCP_CLOSE: u8 = 7;
+
+/// The kernel's name of TCP state number `state`, for messages.
+fn tcp_state_name(state: u8) -> &'static str {
+    const NAMES: [&str; 13] = [
+        "?",
+        "ESTABLISHED",
+        "SYN_SENT",
+        "SYN_RECV",
+        "FIN_WAIT1",
+        "FIN_WAIT2",
+        "TIME_WAIT",
+        "CLOSE",
+        "CLOSE_WAIT",
+        "LAST_ACK",
+        "LISTEN",
+        "CLOSING",
+        "NEW_SYN_RECV",
+    ];
+    NAMES.get(state as usize).unwrap_or(&"?")
+}
+
+/// Saves an established or closing TCP connection with `TCP_REPAIR`: its state, sequence
+/// numbers, the bytes in flight each way, the negotiated options, window and timestamp. The socket is left in
 /// repair mode. The error is a system error or an image write error.
 fn tcp_connection(
     s: &std::os::fd::OwnedFd,
@@ -987,6 +1074,19 @@ fn tcp_connection(
     };
     sock::set_tcp_opt(s, TCP_REPAIR, 1).map_err(sys("TCP_REPAIR"))?;
 
+    // Read again now that the peer is held back: a FIN may have arrived since.
+    let info = sock::sockopt_raw(s, libc::IPPROTO_TCP, libc::TCP_INFO).map_err(Ok)?;
+    let kernel_state = info.first().copied().unwrap_or(0);
+    let state = model::TcpConnState::from_kernel(kernel_state).ok_or_else(|| {
+        Ok(torpor_sys::Error::Syscall {
+            call: "getsockopt(TCP_INFO)",
+            source: std::io::Error::other(format!(
+                "the connection went to state {} while being saved",
+                tcp_state_name(kernel_state)
+            )),
+        })
+    })?;
+
     let mut queue = |q: i32,
                      out: bool,
                      tag: &str|
@@ -996,7 +1096,11 @@ fn tcp_connection(
     > {
         sock::set_tcp_opt(s, TCP_REPAIR_QUEUE, q).map_err(sys("TCP_REPAIR_QUEUE"))?;
         let seq = sock::tcp_opt(s, TCP_QUEUE_SEQ).map_err(Ok)?;
-        let len = sock::queued_bytes(s, out).map_err(Ok)?;
+        // The send queue's count includes this end's FIN while it is not acknowledged;
+        // the receive queue's never includes the peer's.
+        let len = sock::queued_bytes(s, out)
+            .map_err(Ok)?
+            .saturating_sub(u32::from(out && state.fin_unacked()));
         let file = if len > 0 {
             let bytes = sock::peek_exact(s, len as usize).map_err(Ok)?;
             let name = format!("tcp-{ino}-{tag}.img");
@@ -1012,7 +1116,6 @@ fn tcp_connection(
 
     // struct tcp_info: tcpi_options at byte 5, the window scales in byte 6 (send in the
     // low nibble), tcpi_snd_mss at byte 16.
-    let info = sock::sockopt_raw(s, libc::IPPROTO_TCP, libc::TCP_INFO).map_err(Ok)?;
     let options = info.get(5).copied().unwrap_or(0);
     let scales = info.get(6).copied().unwrap_or(0);
     let mss = info.get(16..20).map_or(536, |b| u32::from_ne_bytes(b.try_into().unwrap()));
@@ -1037,5 +1140,7 @@ fn tcp_connection(
         sack: options & TCPI_OPT_SACK != 0,
         window,
         timestamp,
+        state,
+        read_shut: false,
     })
 }

@@ -18,15 +18,17 @@
 mod collect;
 mod files;
 mod memory;
+mod precopy;
 mod ptys;
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use torpor_image::{model, CpuState, ImageWriter, Manifest, FORMAT_VERSION, MAGIC};
+use torpor_image::{model, CpuState, ImageWriter, Manifest, ParentImage, FORMAT_VERSION, MAGIC};
 use torpor_sys::{proc, ptrace, Remote};
 
 pub use collect::UnsupportedReason;
+pub use precopy::{PreCopyReport, Round};
 
 /// What to dump and how.
 #[derive(Debug, Clone, Default)]
@@ -46,6 +48,14 @@ pub struct DumpOptions {
     /// Leave the image to the kernel's writeback instead of syncing it before the
     /// process is ended: faster, but a crash soon after the dump can lose both.
     pub no_sync: bool,
+    /// Compress page files with zstd at this level.
+    pub compress: Option<i32>,
+    /// Make an incremental image over the image in this directory: pages unchanged
+    /// since it are referred to, not stored.
+    pub parent: Option<PathBuf>,
+    /// Copy memory in rounds while the process runs, so that it is frozen only while
+    /// the pages written since the last round are copied.
+    pub pre_copy: bool,
 }
 
 /// What a dump did, for the summary line.
@@ -54,9 +64,13 @@ pub struct DumpSummary {
     pub pid: i32,
     pub pages_stored: u64,
     pub zero_pages_skipped: u64,
+    /// Pages left in the parent image, unchanged since.
+    pub pages_from_parent: u64,
     pub image_bytes: u64,
+    /// How long the tree was frozen for the dump itself (after pre-copy, if any).
     pub frozen: Duration,
     pub total: Duration,
+    pub pre_copy: Option<PreCopyReport>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -83,6 +97,12 @@ pub enum DumpError {
     SaveFile { pid: i32, what: String, source: std::io::Error },
     #[error(transparent)]
     Image(#[from] torpor_image::ImageError),
+    #[error("{dir} is the parent image itself; an incremental image needs a directory of its own")]
+    ParentIsTarget { dir: PathBuf },
+    #[error("interrupted during pre-copy; pid {pid} runs on as before")]
+    Interrupted { pid: i32 },
+    #[error("--pre-copy cannot be combined with {what} yet; dump without one of them")]
+    PreCopyWith { what: &'static str },
     #[error("pid {pid}: cannot kill it after the dump")]
     Kill { pid: i32, source: std::io::Error },
 }
@@ -94,11 +114,66 @@ pub fn dump(opts: &DumpOptions) -> Result<DumpSummary> {
     let t0 = Instant::now();
     let pid = opts.pid;
     precheck(pid)?;
+    // The rounds write raw pages without hashes: neither a compressed page file nor one
+    // a later incremental image could be made over.
+    if opts.pre_copy {
+        if opts.compress.is_some() {
+            return Err(DumpError::PreCopyWith { what: "--compress" });
+        }
+        if opts.parent.is_some() {
+            return Err(DumpError::PreCopyWith { what: "--parent" });
+        }
+    }
+
+    // Read before anything is written: the new image may not replace its own parent.
+    let parent = match &opts.parent {
+        Some(p) => {
+            let same = std::fs::canonicalize(p).ok().zip(std::fs::canonicalize(&opts.dir).ok());
+            if same.is_some_and(|(a, b)| a == b) {
+                return Err(DumpError::ParentIsTarget { dir: opts.dir.clone() });
+            }
+            Some(torpor_image::pages::ParentPages::load(p)?)
+        }
+        None => None,
+    };
 
     let mut writer = ImageWriter::create(&opts.dir)?;
     writer.set_durable(!opts.no_sync);
-    let frozen = FrozenTree::freeze(pid)?;
+    let parent_ref = match (&opts.parent, &parent) {
+        (Some(dir), Some(pages)) => match torpor_image::pages::parent_path(&opts.dir, dir) {
+            Ok(path) => {
+                writer.needs_version(2);
+                Some(ParentImage { path, manifest_xxh3: pages.manifest_xxh3.clone() })
+            }
+            Err(source) => {
+                writer.abandon();
+                return Err(torpor_image::ImageError::Read { path: dir.clone(), source }.into());
+            }
+        },
+        _ => None,
+    };
+    let mut pre = None;
+    if opts.pre_copy {
+        match precopy::PreCopy::run(pid, &mut writer) {
+            Ok(p) => pre = Some(p),
+            Err(e) => {
+                writer.abandon();
+                return Err(e);
+            }
+        }
+    }
+    let frozen = match FrozenTree::freeze(pid) {
+        Ok(f) => f,
+        Err(e) => {
+            drop(pre);
+            writer.abandon();
+            return Err(e);
+        }
+    };
     let t_frozen = Instant::now();
+    if let Some(p) = &mut pre {
+        p.finish(&frozen, &writer);
+    }
 
     let mut fd_ctx = files::FdContext::default();
     fd_ctx.tcp_established = opts.tcp_established;
@@ -107,7 +182,9 @@ pub fn dump(opts: &DumpOptions) -> Result<DumpSummary> {
         SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos())
     );
     fd_ctx.shell_job = opts.shell_job;
-    let result = write_image(&frozen, &mut writer, &mut fd_ctx, opts.inherit_stdio);
+    let result =
+        write_image(&frozen, &mut writer, &mut fd_ctx, opts, parent.as_ref(), pre.as_mut());
+    let pre_copy = pre.as_ref().map(|p| p.report.clone());
     let (tree, stats) = match result {
         Ok(v) => v,
         Err(e) => {
@@ -129,7 +206,9 @@ pub fn dump(opts: &DumpOptions) -> Result<DumpSummary> {
         cpu: cpu_state(&tree),
         root_pid: tree.root_pid,
         files: Vec::new(),
+        parent: parent_ref,
     };
+    let t_commit = Instant::now();
     if let Err(e) = writer.commit(manifest) {
         fd_ctx.end_repair();
         frozen.release();
@@ -137,6 +216,12 @@ pub fn dump(opts: &DumpOptions) -> Result<DumpSummary> {
     }
 
     let frozen_for = t_frozen.elapsed();
+    tracing::debug!(
+        "pid {pid} frozen {:.1} ms: {:.1} ms to save its state and memory, {:.1} ms to commit",
+        frozen_for.as_secs_f64() * 1e3,
+        (t_commit - t_frozen).as_secs_f64() * 1e3,
+        t_commit.elapsed().as_secs_f64() * 1e3
+    );
     if opts.leave_running {
         fd_ctx.end_repair();
         frozen.release();
@@ -146,13 +231,19 @@ pub fn dump(opts: &DumpOptions) -> Result<DumpSummary> {
         // copies now ends them without a FIN or RST reaching the peer.
         drop(fd_ctx);
     }
+    // Closing the userfaultfds ends the write tracking. Only now: removing the
+    // protection from every page of a large process takes a while, and a dead one has
+    // nothing left to unprotect.
+    drop(pre);
     Ok(DumpSummary {
         pid,
         pages_stored: stats.pages_stored,
         zero_pages_skipped: stats.zero_pages,
+        pages_from_parent: stats.parent_pages,
         image_bytes: stats.bytes,
         frozen: frozen_for,
         total: t0.elapsed(),
+        pre_copy,
     })
 }
 
@@ -220,6 +311,8 @@ struct Stats {
     pages_stored: u64,
     /// Pages shared copy-on-write with a process dumped before, stored once.
     shared_pages: u64,
+    /// Pages unchanged since the parent image, not stored again.
+    parent_pages: u64,
     zero_pages: u64,
     bytes: u64,
 }
@@ -228,8 +321,11 @@ fn write_image(
     frozen: &FrozenTree,
     writer: &mut ImageWriter,
     fd_ctx: &mut files::FdContext,
-    inherit_stdio: bool,
+    opts: &DumpOptions,
+    parent: Option<&torpor_image::pages::ParentPages>,
+    mut pre: Option<&mut precopy::PreCopy>,
 ) -> Result<(model::Tree, Stats)> {
+    let inherit_stdio = opts.inherit_stdio;
     let root = frozen.processes[0].pid;
     let mut files = files::FileTable::default();
     let mut stats = Stats::default();
@@ -237,7 +333,10 @@ fn write_image(
     let mut processes = Vec::new();
     for f in &frozen.processes {
         let mut process = collect::collect(f, &mut files, fd_ctx, writer)?;
-        memory::dump_pages(f, &mut process, writer, &mut files, &mut pages, &mut stats)?;
+        let (index, stats) = (&mut pages, &mut stats);
+        let tracked = pre.as_deref_mut().and_then(|p| p.get_mut(f.pid));
+        let page_opts = memory::PageOptions { compress: opts.compress, parent, pre: tracked };
+        memory::dump_pages(f, &mut process, writer, &mut files, index, stats, page_opts)?;
         processes.push(process);
     }
     let pids: Vec<i32> = frozen.processes.iter().map(|p| p.pid).collect();

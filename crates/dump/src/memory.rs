@@ -4,20 +4,22 @@ use std::collections::{HashMap, HashSet};
 use std::fs::File;
 
 use torpor_image::model::{self, PageRun, Vma, VmaKind};
-use torpor_image::{ImageFile, ImageWriter};
+use torpor_image::pages::{self, PageRef, PageWriter, ParentPages};
+use torpor_image::ImageWriter;
 use torpor_sys::{mem, proc, PAGE};
 
 use crate::collect::UnsupportedReason;
 use crate::files::FileTable;
+use crate::precopy::{self, Copy, Tracked, VmaCopies};
 use crate::{DumpError, Frozen, Result, Stats};
 
 /// pagemap entry bits, see Documentation/admin-guide/mm/pagemap.rst.
-const PM_PRESENT: u64 = 1 << 63;
-const PM_SWAPPED: u64 = 1 << 62;
-const PM_FILE_OR_SHARED: u64 = 1 << 61;
+pub(crate) const PM_PRESENT: u64 = 1 << 63;
+pub(crate) const PM_SWAPPED: u64 = 1 << 62;
+pub(crate) const PM_FILE_OR_SHARED: u64 = 1 << 61;
 
 /// Bytes of memory read from the process per batch.
-const BATCH: usize = 8 << 20;
+pub(crate) const BATCH: usize = 8 << 20;
 /// pagemap entries read per call.
 const PAGEMAP_CHUNK: usize = 64 << 10;
 
@@ -36,11 +38,17 @@ pub(crate) struct PageIndex {
 
 /// pagemap: page frame number bits and "mapped by this process only".
 const PM_PFN: u64 = (1 << 55) - 1;
-const PM_EXCLUSIVE: u64 = 1 << 56;
+pub(crate) const PM_EXCLUSIVE: u64 = 1 << 56;
+/// Swap type bits of a swapped entry, and the type the kernel gives to page-table
+/// markers, which hold no page: the last one, 31, since swap types have 5 bits and real
+/// swap files take the low numbers. pagemap shows markers as swapped; userfaultfd write
+/// protection (pre-copy) leaves them in pages never populated.
+const PM_SWAP_TYPE: u64 = 0x1f;
+const SWP_PTE_MARKER: u64 = 0x1f;
 
 /// How the pages of a mapping are saved.
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Policy {
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub(crate) enum Policy {
     /// Nothing: the kernel or a shared file provides the content.
     None,
     /// Anonymous memory: present pages, zero pages skipped (a new mapping is zero).
@@ -56,7 +64,9 @@ pub(crate) fn dump_pages(
     files: &mut FileTable,
     index: &mut PageIndex,
     stats: &mut Stats,
+    opts: PageOptions,
 ) -> Result<()> {
+    let mut pre = opts.pre;
     let pid = frozen.pid;
     let err = |what: &str| {
         let what = what.to_string();
@@ -69,8 +79,20 @@ pub(crate) fn dump_pages(
         what: "its page map".into(),
         source: torpor_sys::Error::Io { what: pagemap_path.clone(), source },
     })?;
-    let mut out = writer.create_file(&process.pages_file)?;
+    // After pre-copy the page file already holds the copies made while the process ran
+    // (pre-copy is refused with compression, so that file is raw).
+    let mut out = match pre.as_mut().and_then(|t| t.take_file()) {
+        Some(f) => PageWriter::raw(f),
+        None => {
+            let file = writer.create_file(&process.pages_file)?;
+            match opts.compress {
+                Some(level) => PageWriter::zstd(file, level),
+                None => PageWriter::raw(file),
+            }
+        }
+    };
     let mut buf = vec![0u8; BATCH];
+    let mut hashes = Vec::new();
 
     for m in &maps {
         let (kind, policy) = classify(pid, m, writer, files)?;
@@ -107,14 +129,46 @@ pub(crate) fn dump_pages(
             });
         }
         if policy != Policy::None {
-            let mut ctx = VmaCtx { pid, pagemap: &pagemap, policy, index };
-            dump_vma(&mut ctx, &mut vma, &mut out, &mut buf, stats)
-                .map_err(|e| e.into_dump_error(pid, m))?;
+            let copies = pre.as_deref().and_then(|t| t.copies_for(m));
+            // After pre-copy, only pages without a current copy need their page map entry.
+            let (reused, spans) = match &copies {
+                Some(c) => c.plan(m.start, m.end, policy),
+                None => (Vec::new(), vec![(m.start, m.end)]),
+            };
+            let mut ctx = VmaCtx {
+                pid,
+                pagemap: &pagemap,
+                policy,
+                index,
+                parent: opts.parent,
+                hashes: &mut hashes,
+                copies,
+                reused,
+            };
+            for &span in &spans {
+                dump_vma(&mut ctx, &mut vma, span, &mut out, &mut buf, stats)
+                    .map_err(|e| e.into_dump_error(pid, m))?;
+            }
+            precopy::add_reused(&mut vma.pages, &ctx.reused, policy, stats);
         }
         process.vmas.push(vma);
     }
-    stats.bytes += out.len();
-    writer.finish_file(out)?;
+    let (file, frames) = out.finish()?;
+    if frames.is_some() {
+        writer.needs_version(2);
+    }
+    process.page_frames = frames;
+    // Page hashes let a later dump be made over this image (--parent). After pre-copy
+    // the pages reused from the rounds have no hash, so such an image cannot be a parent.
+    if pre.is_none() {
+        let hash_file = format!("hashes-{pid}.img");
+        writer.write_file(&hash_file, &pages::encode_hashes(&hashes))?;
+        process.page_hashes = Some(hash_file);
+    }
+    stats.bytes += file.len();
+    let t = std::time::Instant::now();
+    writer.finish_file(file)?;
+    tracing::debug!("pid {pid}: page file synced in {:.1} ms", t.elapsed().as_secs_f64() * 1e3);
     Ok(())
 }
 
@@ -193,12 +247,29 @@ impl VmaError {
     }
 }
 
+/// How page data is written.
+pub(crate) struct PageOptions<'a> {
+    /// zstd level, when compressing.
+    pub compress: Option<i32>,
+    /// The image this one is made over: pages unchanged since are not stored again.
+    pub parent: Option<&'a ParentPages>,
+    /// The pages pre-copy copied while the process ran, with what it wrote since.
+    pub pre: Option<&'a mut Tracked>,
+}
+
 /// What saving one mapping's pages needs besides the mapping.
 struct VmaCtx<'a> {
     pid: i32,
     pagemap: &'a File,
     policy: Policy,
     index: &'a mut PageIndex,
+    parent: Option<&'a ParentPages>,
+    /// Hash of every page with data so far, in address order.
+    hashes: &'a mut Vec<u64>,
+    /// Copies made before the freeze that are still current, after pre-copy.
+    copies: Option<VmaCopies<'a>>,
+    /// Pages whose pre-copied data is used as it is.
+    reused: Vec<(u64, Copy)>,
 }
 
 /// A SysV shared memory segment by id, from `/proc/sysvipc/shm`.
@@ -225,16 +296,18 @@ fn sysv_segment(shmid: i32) -> Option<VmaKind> {
     None
 }
 
-/// Saves the pages of one mapping that the process has (present or swapped out).
+/// Saves the pages in `span` of one mapping that the process has (present or swapped
+/// out). The span is the whole mapping, unless pre-copy knows better.
 fn dump_vma(
     ctx: &mut VmaCtx,
     vma: &mut Vma,
-    out: &mut ImageFile,
+    span: (u64, u64),
+    out: &mut PageWriter,
     buf: &mut [u8],
     stats: &mut Stats,
 ) -> std::result::Result<(), VmaError> {
     let pid = ctx.pid;
-    let npages = ((vma.end - vma.start) / PAGE) as usize;
+    let npages = ((span.1 - span.0) / PAGE) as usize;
     let mut entries = vec![0u8; PAGEMAP_CHUNK.min(npages) * 8];
     // Pages waiting to be read, with their pagemap entries, and ranges to read, split
     // where a page is not mapped by this process alone (read without pinning).
@@ -245,26 +318,21 @@ fn dump_vma(
     let mut first = 0usize;
     while first < npages {
         let count = PAGEMAP_CHUNK.min(npages - first);
-        let addr = vma.start + first as u64 * PAGE;
+        let addr = span.0 + first as u64 * PAGE;
         let bytes = &mut entries[..count * 8];
         let n = mem::pread_full(ctx.pagemap, bytes, addr / PAGE * 8).map_err(|source| {
             VmaError::Read(torpor_sys::Error::Io { what: format!("/proc/{pid}/pagemap"), source })
         })?;
         for i in 0..n / 8 {
             let e = u64::from_ne_bytes(bytes[i * 8..i * 8 + 8].try_into().unwrap());
-            let wanted = match ctx.policy {
-                Policy::Anon => e & (PM_PRESENT | PM_SWAPPED) != 0,
-                // A present page-cache page is the file's own; the process's copies are
-                // anonymous (or swapped out).
-                Policy::PrivateFile => {
-                    e & PM_SWAPPED != 0 || (e & PM_PRESENT != 0 && e & PM_FILE_OR_SHARED == 0)
-                }
-                Policy::None => false,
-            };
-            if !wanted {
+            if !wanted(ctx.policy, e) {
                 continue;
             }
             let a = addr + i as u64 * PAGE;
+            if let Some(c) = ctx.copies.as_ref().and_then(|c| c.current(a)) {
+                ctx.reused.push((a, c));
+                continue;
+            }
             // A page of a shared memory object that another mapping already saved.
             if let Some(shm) = vma.shmem {
                 let page_index = shm.offset / PAGE + (a - vma.start) / PAGE;
@@ -299,6 +367,22 @@ fn dump_vma(
     flush(ctx, batch, vma, out, buf, stats)
 }
 
+/// Whether a page with pagemap entry `e` is saved under `policy`.
+pub(crate) fn wanted(policy: Policy, e: u64) -> bool {
+    if e & PM_SWAPPED != 0 && e & PM_SWAP_TYPE == SWP_PTE_MARKER {
+        return false;
+    }
+    match policy {
+        Policy::Anon => e & (PM_PRESENT | PM_SWAPPED) != 0,
+        // A present page-cache page is the file's own; the process's copies are
+        // anonymous (or swapped out).
+        Policy::PrivateFile => {
+            e & PM_SWAPPED != 0 || (e & PM_PRESENT != 0 && e & PM_FILE_OR_SHARED == 0)
+        }
+        Policy::None => false,
+    }
+}
+
 /// Pages waiting to be read: address ranges, whether each range is shared with other
 /// processes, and every page's pagemap entry.
 struct Batch<'a> {
@@ -314,7 +398,7 @@ fn flush(
     ctx: &mut VmaCtx,
     batch: Batch,
     vma: &mut Vma,
-    out: &mut ImageFile,
+    out: &mut PageWriter,
     buf: &mut [u8],
     stats: &mut Stats,
 ) -> std::result::Result<(), VmaError> {
@@ -362,6 +446,18 @@ fn flush(
                 }
                 continue;
             }
+            let hash = pages::page_hash(&buf[page.clone()]);
+            ctx.hashes.push(hash);
+            // Unchanged since the parent image: refer to its copy.
+            // (Shared memory is filled apart from the mappings at restore: always stored.)
+            let parent = ctx.parent.filter(|_| vma.shmem.is_none());
+            if let Some((at, _)) = parent.and_then(|p| p.lookup(pid, addr)).filter(|l| l.1 == hash)
+            {
+                let from_pid = at.from_pid.filter(|&o| o != pid);
+                push_ref(&mut vma.pages, addr, PageRef { from_pid, ..at });
+                stats.parent_pages += 1;
+                continue;
+            }
             // Still shared with a process dumped before: the same frame holds the same
             // bytes, stored once.
             let shared_frame = ctx.policy == Policy::Anon
@@ -393,11 +489,32 @@ fn flush(
     out.write_all(&buf[..kept]).map_err(VmaError::Write)
 }
 
-/// Appends a page to the runs, extending the last run when it continues it.
-fn push_run(runs: &mut Vec<PageRun>, addr: u64, offset: Option<u64>, from_pid: Option<i32>) {
+/// Appends a page of this image to the runs, extending the last run when it continues it.
+pub(crate) fn push_run(
+    runs: &mut Vec<PageRun>,
+    addr: u64,
+    offset: Option<u64>,
+    from_pid: Option<i32>,
+) {
+    push_page(runs, addr, offset, from_pid, 0)
+}
+
+/// Appends a page whose data another image of the chain holds.
+fn push_ref(runs: &mut Vec<PageRun>, addr: u64, at: PageRef) {
+    push_page(runs, addr, Some(at.offset), at.from_pid, at.image)
+}
+
+fn push_page(
+    runs: &mut Vec<PageRun>,
+    addr: u64,
+    offset: Option<u64>,
+    from_pid: Option<i32>,
+    image: u32,
+) {
     if let Some(last) = runs.last_mut() {
         let next_addr = last.addr + last.pages * PAGE;
         let continues = last.from_pid == from_pid
+            && last.image == image
             && match (last.offset, offset) {
                 (Some(lo), Some(o)) => lo + last.pages * PAGE == o,
                 (None, None) => true,
@@ -408,5 +525,5 @@ fn push_run(runs: &mut Vec<PageRun>, addr: u64, offset: Option<u64>, from_pid: O
             return;
         }
     }
-    runs.push(PageRun { addr, pages: 1, offset, from_pid });
+    runs.push(PageRun { addr, pages: 1, offset, from_pid, image });
 }

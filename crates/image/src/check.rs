@@ -134,6 +134,17 @@ fn check_ptys(tree: &Tree, manifest: &Manifest) -> std::result::Result<(), Strin
 
 fn check_process(p: &Process, tree: &Tree, manifest: &Manifest) -> std::result::Result<(), String> {
     in_range(p.mm.exe_file, tree.files.len(), "file")?;
+    if let Some(name) = &p.page_hashes {
+        if listed_len(manifest, name).is_none() {
+            return Err(format!("page hash file {name:?} is not in the manifest"));
+        }
+    }
+    if let Some(frames) = &p.page_frames {
+        let file_len = listed_len(manifest, &p.pages_file)
+            .ok_or_else(|| format!("page file {:?} is not in the manifest", p.pages_file))?;
+        crate::pages::check_frames(frames, file_len)
+            .map_err(|why| format!("page file {:?}: {why}", p.pages_file))?;
+    }
 
     let mut prev_end = 0u64;
     for vma in &p.vmas {
@@ -237,6 +248,16 @@ fn check_vma(
         prev_end = end;
 
         let Some(offset) = run.offset else { continue };
+        // Data in a parent image is checked against it when the chain is opened.
+        if run.image > 0 {
+            if manifest.parent.is_none() {
+                return Err(format!(
+                    "page run at {:#x} refers to parent image {}, but there is none",
+                    run.addr, run.image
+                ));
+            }
+            continue;
+        }
         // Pages shared copy-on-write with another process are stored in its page file.
         let pages_file = match run.from_pid {
             None => &p.pages_file,
@@ -256,11 +277,17 @@ fn check_vma(
         };
         let file_len = listed_len(manifest, pages_file)
             .ok_or_else(|| format!("page file {pages_file:?} is not in the manifest"))?;
+        // A compressed file's runs count in its data before compression.
+        let owner = run.from_pid.and_then(|o| tree.processes.iter().find(|q| q.pid == o));
+        let data_len = match &owner.unwrap_or(p).page_frames {
+            Some(f) => f.data_len,
+            None => file_len,
+        };
         let data_end = offset.checked_add(end - run.addr);
-        if offset % PAGE_SIZE != 0 || data_end.map_or(true, |e| e > file_len) {
+        if offset % PAGE_SIZE != 0 || data_end.map_or(true, |e| e > data_len) {
             return Err(format!(
                 "page run at {:#x} has its {} pages at offset {offset:#x}, which is misaligned \
-                 or past the end of {pages_file:?} ({file_len} bytes)",
+                 or past the end of {pages_file:?} ({data_len} bytes)",
                 run.addr, run.pages
             ));
         }
@@ -351,6 +378,9 @@ mod tests {
             ("misaligned or past the end", |t, _| {
                 t.processes[0].vmas[HEAP].pages[1].offset = Some(u64::MAX - 4095)
             }),
+            ("refers to parent image 1, but there is none", |t, _| {
+                t.processes[0].vmas[HEAP].pages[1].image = 1
+            }),
             ("page file \"pages-4242.img\" is not in the manifest", |_, m| {
                 m.files.retain(|f| f.name != PAGES)
             }),
@@ -421,8 +451,13 @@ mod tests {
         // Runs may share the end of one and the start of the next.
         let (mut tree, manifest) = sample();
         let heap = &mut tree.processes[0].vmas[2];
-        heap.pages[1] =
-            PageRun { addr: heap.start + 30 * 4096, pages: 31, offset: None, from_pid: None };
+        heap.pages[1] = PageRun {
+            addr: heap.start + 30 * 4096,
+            pages: 31,
+            offset: None,
+            from_pid: None,
+            image: 0,
+        };
         check_tree(&tree, &manifest, Path::new(TREE)).unwrap();
     }
 }

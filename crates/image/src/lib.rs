@@ -37,6 +37,7 @@
 
 mod check;
 pub mod model;
+pub mod pages;
 mod partial;
 
 use std::collections::HashSet;
@@ -53,8 +54,12 @@ pub use partial::{read_partial, PartialImage};
 
 /// The first field of every manifest.
 pub const MAGIC: &str = "torpor-image";
-/// The format this torpor writes and reads.
-pub const FORMAT_VERSION: u32 = 1;
+/// The newest format this torpor writes and reads: version 2 adds compressed page files
+/// ([`model::PageFrames`]).
+pub const FORMAT_VERSION: u32 = 2;
+/// The oldest format this torpor reads. It writes this version unless the image uses
+/// something newer ([`ImageWriter::needs_version`]), so older torpors read plain images.
+pub const OLDEST_FORMAT_VERSION: u32 = 1;
 /// Name of the manifest inside the image directory.
 pub const MANIFEST: &str = "manifest.json";
 /// Name of the record file holding the [`model::Tree`].
@@ -145,12 +150,40 @@ pub enum ImageError {
         actual: String,
     },
     /// The manifest is of another format version.
-    #[error("{path} has format version {found}; this torpor reads version {FORMAT_VERSION} only")]
+    #[error(
+        "{path} has format version {found}; this torpor reads versions \
+         {OLDEST_FORMAT_VERSION} to {FORMAT_VERSION}"
+    )]
     Version {
         /// The manifest.
         path: PathBuf,
         /// The version it records.
         found: u32,
+    },
+    /// The parent of an incremental image cannot be read.
+    #[error("{dir} was dumped over the image {parent}, which cannot be read")]
+    Parent {
+        /// The incremental image.
+        dir: PathBuf,
+        /// Where its parent should be.
+        parent: PathBuf,
+        /// What went wrong reading it.
+        source: Box<ImageError>,
+    },
+    /// The parent of an incremental image is not the image it was dumped over.
+    #[error(
+        "{dir} was dumped over the image {parent}, which has changed since (its manifest's \
+         checksum is {actual}, {dir} recorded {expected})"
+    )]
+    ParentChanged {
+        /// The incremental image.
+        dir: PathBuf,
+        /// Its parent.
+        parent: PathBuf,
+        /// Checksum recorded in the incremental image.
+        expected: String,
+        /// Checksum of the parent's manifest now.
+        actual: String,
     },
     /// A file the manifest lists is not in the directory.
     #[error("{path} is listed in the manifest but missing")]
@@ -196,6 +229,19 @@ pub struct Manifest {
     pub root_pid: i32,
     /// Every file of the image except the manifest, in the order they were written.
     pub files: Vec<FileEntry>,
+    /// For an incremental image: the image it refers to for pages that did not change.
+    #[serde(default)]
+    pub parent: Option<ParentImage>,
+}
+
+/// The image an incremental image was dumped over.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ParentImage {
+    /// Its directory: relative to this image's directory, or absolute.
+    pub path: String,
+    /// xxh3-128 of its `manifest.json` when this image was written, in hex; a parent
+    /// whose manifest differs is not the one this image was made over.
+    pub manifest_xxh3: String,
 }
 
 /// CPU state the image's register contents need.
@@ -524,6 +570,8 @@ pub struct ImageWriter {
     made_dir: bool,
     /// Whether files, directory entries and the manifest are synced to disk.
     durable: bool,
+    /// The format version the manifest will record.
+    version: u32,
 }
 
 impl ImageWriter {
@@ -553,6 +601,7 @@ impl ImageWriter {
             created: Vec::new(),
             made_dir,
             durable: true,
+            version: OLDEST_FORMAT_VERSION,
         })
     }
 
@@ -561,6 +610,11 @@ impl ImageWriter {
     /// a crash soon after it may lose the image, and with it a process the dump ended.
     pub fn set_durable(&mut self, durable: bool) {
         self.durable = durable;
+    }
+
+    /// Whether the image goes to disk before [`ImageWriter::commit`] returns.
+    pub fn is_durable(&self) -> bool {
+        self.durable
     }
 
     /// The image directory.
@@ -588,6 +642,12 @@ impl ImageWriter {
             pipe: None,
             durable: self.durable,
         })
+    }
+
+    /// Records that the image uses something format `version` introduced: the manifest
+    /// will say at least that version.
+    pub fn needs_version(&mut self, version: u32) {
+        self.version = self.version.max(version.min(FORMAT_VERSION));
     }
 
     /// Flushes a file to disk and records it for the manifest. A file written again under
@@ -626,7 +686,7 @@ impl ImageWriter {
     /// [`ImageWriter::abandon`], since the writer is gone and no caller could.
     pub fn commit(mut self, mut manifest: Manifest) -> Result<()> {
         manifest.magic = MAGIC.to_string();
-        manifest.format_version = FORMAT_VERSION;
+        manifest.format_version = self.version;
         manifest.files = std::mem::take(&mut self.entries);
         match self.write_manifest(&manifest) {
             Ok(()) => Ok(()),
@@ -736,7 +796,7 @@ pub fn decode_manifest(bytes: &[u8], path: &Path) -> Result<Manifest> {
     if head.magic != MAGIC {
         return Err(corrupt(format!("magic is {:?}, not {MAGIC:?}", head.magic)));
     }
-    if head.format_version != FORMAT_VERSION {
+    if !(OLDEST_FORMAT_VERSION..=FORMAT_VERSION).contains(&head.format_version) {
         return Err(ImageError::Version { path: path.to_path_buf(), found: head.format_version });
     }
 
@@ -765,10 +825,12 @@ pub fn decode_manifest(bytes: &[u8], path: &Path) -> Result<Manifest> {
 }
 
 /// A complete image, opened for reading.
-#[derive(Clone)]
+#[derive(Debug, Clone)]
 pub struct ImageReader {
     dir: PathBuf,
     manifest: Manifest,
+    /// xxh3-128 of the manifest file, in hex: what an incremental image records of it.
+    manifest_xxh3: String,
 }
 
 impl ImageReader {
@@ -791,6 +853,7 @@ impl ImageReader {
             Err(e) => return Err(e),
         };
         let manifest = decode_manifest(&bytes, &path)?;
+        let manifest_xxh3 = hash_bytes(&bytes);
 
         for f in &manifest.files {
             let p = dir.join(&f.name);
@@ -808,12 +871,17 @@ impl ImageReader {
                 return Err(ImageError::Length { path: p, expected: f.len, actual: meta.len() });
             }
         }
-        Ok(Self { dir: dir.to_path_buf(), manifest })
+        Ok(Self { dir: dir.to_path_buf(), manifest, manifest_xxh3 })
     }
 
     /// The image's manifest.
     pub fn manifest(&self) -> &Manifest {
         &self.manifest
+    }
+
+    /// xxh3-128 of the manifest file, in hex.
+    pub fn manifest_xxh3(&self) -> &str {
+        &self.manifest_xxh3
     }
 
     /// The image directory.
@@ -1047,18 +1115,19 @@ pub(crate) mod tests {
             VmaKind::File { file: 0, offset: 3 * PAGE },
         );
         data.pages = vec![
-            PageRun { addr: data.start, pages: 1, offset: Some(0), from_pid: None },
-            PageRun { addr: data.start + PAGE, pages: 1, offset: None, from_pid: None },
+            PageRun { addr: data.start, pages: 1, offset: Some(0), from_pid: None, image: 0 },
+            PageRun { addr: data.start + PAGE, pages: 1, offset: None, from_pid: None, image: 0 },
         ];
         let mut heap =
             vma(exe + 5 * PAGE, 64, prot::READ | prot::WRITE, VmaKind::Anon { heap: true });
         heap.pages = vec![
-            PageRun { addr: heap.start, pages: 30, offset: Some(PAGE), from_pid: None },
+            PageRun { addr: heap.start, pages: 30, offset: Some(PAGE), from_pid: None, image: 0 },
             PageRun {
                 addr: heap.start + 33 * PAGE,
                 pages: 31,
                 offset: Some(31 * PAGE),
                 from_pid: None,
+                image: 0,
             },
         ];
         let mut stack = vma(0x7ffc_d000_0000, 32, prot::READ | prot::WRITE, VmaKind::Stack);
@@ -1067,6 +1136,7 @@ pub(crate) mod tests {
             pages: 8,
             offset: Some(62 * PAGE),
             from_pid: None,
+            image: 0,
         }];
         let vvar = vma(0x7ffc_d010_0000, 4, prot::READ, VmaKind::Vvar { name: "[vvar]".into() });
         let vdso = vma(
@@ -1134,6 +1204,8 @@ pub(crate) mod tests {
                 },
                 vmas: vec![text, data, heap, stack, vvar, vdso, vsyscall],
                 pages_file: PAGES.into(),
+                page_frames: None,
+                page_hashes: None,
                 sigactions,
                 shared_pending: vec![siginfo(15)],
                 itimers: ITimers {
@@ -1246,6 +1318,7 @@ pub(crate) mod tests {
             cpu: CpuState { xfeatures_used: 0x7, xcr0: 0x2e7, xsave_size: 2696 },
             root_pid: PID,
             files: Vec::new(),
+            parent: None,
         }
     }
 
@@ -1292,6 +1365,8 @@ pub(crate) mod tests {
             ImageError::Missing { .. } => "Missing",
             ImageError::BadName { .. } => "BadName",
             ImageError::NotListed { .. } => "NotListed",
+            ImageError::Parent { .. } => "Parent",
+            ImageError::ParentChanged { .. } => "ParentChanged",
         }
     }
 
@@ -1338,7 +1413,7 @@ pub(crate) mod tests {
         let names: Vec<_> = r.manifest().files.iter().map(|f| f.name.as_str()).collect();
         assert_eq!(names, [TREE, PAGES, VDSO, SAVED]);
         assert_eq!(r.manifest().magic, MAGIC);
-        assert_eq!(r.manifest().format_version, FORMAT_VERSION);
+        assert_eq!(r.manifest().format_version, OLDEST_FORMAT_VERSION);
         assert_eq!(r.manifest().cpu, sample_manifest().cpu);
 
         let total: u64 = r.manifest().files.iter().map(|f| f.len).sum();
@@ -1463,13 +1538,14 @@ pub(crate) mod tests {
 
     #[test]
     fn other_format_version_is_a_version_error() {
-        for found in [0, FORMAT_VERSION + 1, u32::MAX] {
+        for found in [OLDEST_FORMAT_VERSION - 1, FORMAT_VERSION + 1, u32::MAX] {
             let (_tmp, dir) = write_sample();
             rewrite_manifest(&dir, |m| m["format_version"] = found.into());
             let e = refused(load(&dir), "Version", MANIFEST);
             assert!(matches!(e, ImageError::Version { found: f, .. } if f == found));
             assert!(e.to_string().contains(&format!("version {found}")), "{e}");
-            assert!(e.to_string().contains(&format!("version {FORMAT_VERSION} only")), "{e}");
+            let reads = format!("versions {OLDEST_FORMAT_VERSION} to {FORMAT_VERSION}");
+            assert!(e.to_string().contains(&reads), "{e}");
         }
 
         // A newer format may reshape everything but the magic and the version.

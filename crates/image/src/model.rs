@@ -151,6 +151,15 @@ pub struct Process {
     pub vmas: Vec<Vma>,
     /// Name of the page data file inside the image directory.
     pub pages_file: String,
+    /// How the page file is stored when it is compressed: the frame index. `None` for a
+    /// raw page file, whose bytes are the page data themselves.
+    #[serde(default)]
+    pub page_frames: Option<PageFrames>,
+    /// Image file with the xxh3-64 of every page of the process's page runs with data,
+    /// in address order (8 bytes little-endian each), so that a later dump over this
+    /// image can tell which pages changed. `None` in images written before it existed.
+    #[serde(default)]
+    pub page_hashes: Option<String>,
     /// Signal actions, indexed by signal number minus one (1..=64).
     pub sigactions: Vec<SigAction>,
     /// Signals queued to the whole process, oldest first.
@@ -346,6 +355,22 @@ pub struct ShmemRef {
     pub offset: u64,
 }
 
+/// The frame index of a compressed page file.
+///
+/// The page data (what a raw page file would hold, and what [`PageRun::offset`] counts
+/// in) is cut into pieces of `frame_len` bytes, the last one possibly shorter; each piece
+/// is one independent zstd frame, and the frames lie back to back in the page file. So
+/// any byte range of the page data is found and decompressed without reading the rest.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct PageFrames {
+    /// Bytes of page data per frame, a multiple of 4096.
+    pub frame_len: u64,
+    /// Total bytes of page data (a multiple of 4096).
+    pub data_len: u64,
+    /// Size in bytes of each frame in the file, in order.
+    pub frames: Vec<u32>,
+}
+
 /// A run of consecutive pages of a mapping.
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
 pub struct PageRun {
@@ -353,14 +378,23 @@ pub struct PageRun {
     pub addr: u64,
     /// Number of 4 KiB pages.
     pub pages: u64,
-    /// Offset of the data in the process's page file, or `None` for pages that are all
+    /// Offset of the data in the process's page data, or `None` for pages that are all
     /// zero but must still be written (private file mappings, where the file would
-    /// otherwise show through).
+    /// otherwise show through). For a raw page file this is a byte offset in the file;
+    /// for a compressed one, in its data before compression (see [`PageFrames`]).
     pub offset: Option<u64>,
     /// The process whose page file holds the data, when it is not this one's: memory
     /// shared copy-on-write after fork is stored once. `None` for the process's own.
     #[serde(default)]
     pub from_pid: Option<i32>,
+    /// Which image of an incremental chain holds the data: 0 this one, 1 its parent, 2
+    /// the parent's parent, and so on. `offset` and `from_pid` are then that image's.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub image: u32,
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
 }
 
 /// A file referred to by the image, with what identifies its content.
@@ -495,6 +529,9 @@ pub enum OpenFileKind {
         /// An established TCP connection's state, saved with `TCP_REPAIR`.
         #[serde(default)]
         tcp: Option<TcpState>,
+        /// Buffer sizes.
+        #[serde(default)]
+        buffers: Option<SockBuffers>,
     },
     /// An eventfd.
     EventFd {
@@ -551,6 +588,14 @@ pub enum OpenFileKind {
         /// Socket options to set again (credentials passing).
         #[serde(default)]
         options: Vec<SockOpt>,
+        /// Buffer sizes.
+        #[serde(default)]
+        buffers: Option<SockBuffers>,
+        /// `queue` holds two records per datagram: the sender's address (a raw
+        /// `sockaddr_un`, empty for an unbound sender), then the datagram. Else one, the
+        /// datagram.
+        #[serde(default)]
+        queue_senders: bool,
     },
     /// One end of a pair of connected unix sockets, both inside the tree.
     UnixPair {
@@ -568,7 +613,21 @@ pub enum OpenFileKind {
         /// Socket options to set again (credentials passing).
         #[serde(default)]
         options: Vec<SockOpt>,
+        /// Buffer sizes.
+        #[serde(default)]
+        buffers: Option<SockBuffers>,
     },
+}
+
+/// A socket's buffer sizes as `getsockopt(SO_RCVBUF)` and `getsockopt(SO_SNDBUF)` give
+/// them: twice what a program passes to `setsockopt`, the kernel's allowance for its own
+/// bookkeeping.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+pub struct SockBuffers {
+    /// Receive buffer, bytes.
+    pub rcvbuf: u32,
+    /// Send buffer, bytes.
+    pub sndbuf: u32,
 }
 
 /// What an established TCP connection needs to carry on without its peer noticing.
@@ -602,6 +661,83 @@ pub struct TcpState {
     pub window: [u32; 5],
     /// The connection's current TCP timestamp.
     pub timestamp: u32,
+    /// Which ends have sent their FIN. `send_seq` counts this end's FIN once it is
+    /// queued, `recv_seq` the peer's once it is received; `send_len` and `recv_len` count
+    /// bytes of data only.
+    #[serde(default)]
+    pub state: TcpConnState,
+    /// The program shut down reading (`shutdown(SHUT_RD)`) without the peer's FIN:
+    /// reading ends with end-of-file once the queued bytes are read.
+    #[serde(default)]
+    pub read_shut: bool,
+}
+
+/// The state of a TCP connection torpor can save: established, or closing on one side or
+/// both, as the kernel names them.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum TcpConnState {
+    /// Both ends may send.
+    #[default]
+    Established,
+    /// This end has shut down its sending side; the peer has not acknowledged the FIN.
+    FinWait1,
+    /// This end has shut down its sending side and the peer has acknowledged the FIN.
+    FinWait2,
+    /// The peer has shut down its sending side.
+    CloseWait,
+    /// The peer shut down first, then this end; its FIN is not acknowledged.
+    LastAck,
+    /// Both ends shut down at once; this end's FIN is not acknowledged.
+    Closing,
+}
+
+impl TcpConnState {
+    /// The state for the kernel's `TCP_*` state number, if it is one torpor saves.
+    pub fn from_kernel(state: u8) -> Option<TcpConnState> {
+        Some(match state {
+            1 => TcpConnState::Established,
+            4 => TcpConnState::FinWait1,
+            5 => TcpConnState::FinWait2,
+            8 => TcpConnState::CloseWait,
+            9 => TcpConnState::LastAck,
+            11 => TcpConnState::Closing,
+            _ => return None,
+        })
+    }
+
+    /// The kernel's `TCP_*` number of the state.
+    pub fn kernel(self) -> u8 {
+        match self {
+            TcpConnState::Established => 1,
+            TcpConnState::FinWait1 => 4,
+            TcpConnState::FinWait2 => 5,
+            TcpConnState::CloseWait => 8,
+            TcpConnState::LastAck => 9,
+            TcpConnState::Closing => 11,
+        }
+    }
+
+    /// This end has queued its FIN (it cannot send any more).
+    pub fn fin_sent(self) -> bool {
+        matches!(
+            self,
+            TcpConnState::FinWait1
+                | TcpConnState::FinWait2
+                | TcpConnState::LastAck
+                | TcpConnState::Closing
+        )
+    }
+
+    /// This end's FIN is queued and not yet acknowledged by the peer.
+    pub fn fin_unacked(self) -> bool {
+        matches!(self, TcpConnState::FinWait1 | TcpConnState::LastAck | TcpConnState::Closing)
+    }
+
+    /// The peer's FIN has been received (reading ends with end-of-file).
+    pub fn fin_received(self) -> bool {
+        matches!(self, TcpConnState::CloseWait | TcpConnState::LastAck | TcpConnState::Closing)
+    }
 }
 
 /// One socket option: `setsockopt(level, name, value)`.

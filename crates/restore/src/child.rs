@@ -54,9 +54,9 @@ const STEPS: &[&str] =
 pub fn spawn(plan: &mut Plan) -> Result<i32> {
     let pid = plan.pid;
     let (rd, wr) = plan.report.take().expect("a plan is spawned once");
-    // SAFETY: the restore path is single-threaded here, and the child runs only
-    // `child_main`, which makes raw system calls on `plan` (prepared beforehand) and never
-    // allocates or takes locks.
+    // SAFETY: the child runs only `child_main`, which makes raw system calls on `plan`
+    // (prepared beforehand) and never allocates or takes locks, so the locks it copies
+    // from torpor's other threads (the image check may run) are never touched.
     let child = unsafe { torpor_sys::clone3_with_pid(pid, plan.new_pid_ns) }.map_err(|source| {
         if source.raw_os_error() == Some(libc::EEXIST) {
             RestoreError::PidTaken { pid, holder: crate::describe_pid(pid) }
@@ -147,11 +147,13 @@ fn child_main(plan: &Plan, report: RawFd) -> ! {
         }
 
         // Move every source above all numbers in use and drop the rest. The report pipe
-        // moves along, after the sources.
+        // moves along, after the sources. dup3 rather than F_DUPFD: another thread of
+        // torpor (the image check) may have opened a file at one of these numbers since
+        // `base` was chosen; this copy of it is not needed here.
         let n = plan.sources.len() as i32;
         for (i, src) in plan.sources.iter().enumerate() {
             let want = plan.base + i as i32;
-            if libc::fcntl(src.as_raw_fd(), libc::F_DUPFD, want) != want {
+            if libc::dup3(src.as_raw_fd(), want, 0) != want {
                 fail(1);
             }
         }

@@ -16,6 +16,8 @@
 
 mod batch;
 mod child;
+mod fill;
+pub mod lazy;
 mod prepare;
 mod ptys;
 mod space;
@@ -42,10 +44,17 @@ pub struct RestoreOptions {
     /// Wake a shell job in the terminal this torpor runs in: its inherited terminal
     /// descriptors get this terminal, with the job's modes, and its group the foreground.
     pub shell_job: bool,
+    /// Let the processes run before their memory is loaded: private anonymous memory
+    /// comes in on first touch and in the background (see `lazy`); the caller then
+    /// serves it with [`Restored::pages`].
+    pub lazy: bool,
+    /// With `lazy`: wait this long after the release before loading pages nobody asked
+    /// for (for tests that must act while pages are still missing).
+    pub lazy_prefetch_after: Duration,
 }
 
 /// A restored, running process.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct Restored {
     pub pid: i32,
     /// With `shell_job`: the job's process group, the terminal, and the terminal's modes
@@ -54,6 +63,8 @@ pub struct Restored {
     pub verify_time: Duration,
     pub total: Duration,
     pub image_bytes: u64,
+    /// With `lazy`: the page server, which must run until every page is loaded.
+    pub pages: Option<lazy::PageServer>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -95,6 +106,8 @@ pub enum RestoreError {
     Map { pid: i32, start: u64, end: u64, what: String, source: torpor_sys::Error },
     #[error("pid {pid}: {what}")]
     Vdso { pid: i32, what: String },
+    #[error("lazy loading of the memory failed")]
+    Lazy(#[source] lazy::LazyError),
 }
 
 pub type Result<T> = std::result::Result<T, RestoreError>;
@@ -117,6 +130,8 @@ pub fn check_image(dir: &std::path::Path) -> Result<(ImageReader, model::Tree)> 
     let reader = ImageReader::open(dir)?;
     reader.verify_all(|_| {})?;
     let tree = reader.read_tree()?;
+    // An incremental image needs every image it was made over, unchanged.
+    torpor_image::pages::open_parents(&reader, true)?;
     prepare::validate(&reader, &tree)?;
     Ok((reader, tree))
 }
@@ -129,15 +144,23 @@ pub fn restore(opts: &RestoreOptions) -> Result<Restored> {
     let t0 = Instant::now();
     // The records and small files are checked before anything is made from them. Page
     // data, most of the image, is checked on another core while the processes are rebuilt
-    // (reading it from the page cache as they do), and they run only if it is intact.
+    // (reading it from the page cache as they do), and they run only if it is intact. A
+    // lazy restore leaves the page files to the page server, which checks each as it
+    // loads it; the parents of an incremental image are checked whole.
     let reader = ImageReader::open(&opts.dir)?;
     reader.verify_files(|f| f.len < VERIFY_LATER, |_| {})?;
     let tree = reader.read_tree()?;
     prepare::validate(&reader, &tree)?;
+    let lazy_pages: Vec<String> = match opts.lazy {
+        true => tree.processes.iter().map(|p| p.pages_file.clone()).collect(),
+        false => Vec::new(),
+    };
     let later = reader.clone();
     let big = std::thread::spawn(move || {
         let t = Instant::now();
-        later.verify_files(|f| f.len >= VERIFY_LATER, |_| {}).map(|()| t.elapsed())
+        later.verify_files(|f| f.len >= VERIFY_LATER && !lazy_pages.contains(&f.name), |_| {})?;
+        torpor_image::pages::open_parents(&later, true)?;
+        Ok::<_, torpor_image::ImageError>(t.elapsed())
     });
     let mut big = Some(big);
     let mut verify_time = t0.elapsed();
@@ -164,10 +187,35 @@ pub fn restore(opts: &RestoreOptions) -> Result<Restored> {
     let mut prepared = prepare::prepare(&reader, &tree)?;
     // The root's pid as torpor sees it (in a new pid namespace it is 1 only inside).
     let child = child::spawn(&mut prepared.plan)?;
+    // The page server, for a lazy restore, exists before anything it must serve. It is
+    // started after the spawn, whose child must not inherit its descriptors.
+    let lazy = match opts.lazy {
+        true => match lazy::Lazy::start(&reader, &tree, opts.lazy_prefetch_after) {
+            Ok(l) => Some(l),
+            Err(e) => {
+                // SAFETY: kill takes only integers.
+                unsafe { libc::kill(child, libc::SIGKILL) };
+                let _ = ptrace::wait_exit(child);
+                return Err(e);
+            }
+        },
+        false => None,
+    };
     // From here on, any failure kills the half-made tree: the root, and with it (by the
     // parent-death signal and ptrace's exit-kill) every process it made.
-    let mut built = Built::default();
-    let result = build(opts, &reader, &tree, &prepared, child, &mut built, &mut verified);
+    let mut built = Built { lazy, ..Default::default() };
+    let mut result = build(opts, &reader, &tree, &prepared, child, &mut built, &mut verified);
+    let mut pages = None;
+    if let Some(l) = built.lazy.take() {
+        match &result {
+            // The server failed first (and killed the tree): that is the cause.
+            Err(_) => result = l.abandon().map_or(result, |e| Err(RestoreError::Lazy(e))),
+            Ok(()) => match l.into_server(built.pids.clone()) {
+                Ok(server) => pages = Some(server),
+                Err(e) => result = Err(e),
+            },
+        }
+    }
     // The objects were handed to the processes; torpor's copies go. SysV segments stay
     // only if the restore succeeded.
     let sysv = std::mem::take(&mut prepared.sysv);
@@ -185,13 +233,15 @@ pub fn restore(opts: &RestoreOptions) -> Result<Restored> {
     sysv.finish();
     let image_bytes = reader.manifest().files.iter().map(|f| f.len).sum();
     let job = built.job.take();
-    Ok(Restored { pid: child, job, verify_time, total: t0.elapsed(), image_bytes })
+    Ok(Restored { pid: child, job, verify_time, total: t0.elapsed(), image_bytes, pages })
 }
 
 /// The processes made so far, to kill on failure.
 #[derive(Default)]
 struct Built {
     pids: Vec<i32>,
+    /// A lazy restore's page server being set up: mappings register with it.
+    lazy: Option<lazy::Lazy>,
     job: Option<(i32, i32, Option<Vec<u8>>)>,
 }
 
@@ -257,7 +307,7 @@ fn build(
         // Before the saved mappings exist: the kernel refuses to change the executable
         // while the old one (torpor, which the image may also be) is still mapped.
         state::set_mm(&pr.space, p, prep)?;
-        pr.space.rebuild(opts, reader, tree, p, prep)?;
+        pr.space.rebuild(opts, reader, tree, p, prep, built.lazy.as_mut())?;
         state::install_fds(&pr.space, p, prep)?;
         state::controlling_ttys(&pr.space, p, tree, prep)?;
         state::register_epolls(&pr.space, p, prep, &mut epolls)?;

@@ -5,10 +5,12 @@ use std::fs::{self, File, OpenOptions};
 use std::io::Write;
 use std::io::{self, Seek, SeekFrom};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::Path;
 
 use torpor_image::model::{self, OpenFileKind, VmaKind};
+use torpor_image::pages::PageSource;
 use torpor_image::{records, ImageReader};
 
 use crate::child::Plan;
@@ -134,6 +136,8 @@ pub(crate) struct Prepared {
     pub shmem_fds: HashMap<u64, i32>,
     /// Pseudo-terminal pairs of the tree.
     pub ptys: crate::ptys::Pairs,
+    /// Compressed page files, which torpor reads for the processes.
+    pub unpacker: Option<crate::fill::Unpacker>,
 }
 
 /// Opens a `/proc` file for a process now that the processes exist, at its saved offset;
@@ -155,6 +159,8 @@ pub(crate) fn prepare(reader: &ImageReader, tree: &model::Tree) -> Result<Prepar
     ptys.finish()?;
     let shmem = shmem_objects(tree)?;
     let sysv = make_sysv_segments(reader, tree)?;
+    // Opened before `base` is chosen below, which must be above every torpor descriptor.
+    let unpacker = crate::fill::Unpacker::open(reader, tree)?;
 
     let mut aux: Vec<OwnedFd> = Vec::new();
     let mut add_aux = |f: OwnedFd| {
@@ -217,6 +223,7 @@ pub(crate) fn prepare(reader: &ImageReader, tree: &model::Tree) -> Result<Prepar
         shmem_fds: shmem_i.into_iter().map(|(k, i)| (k, plan.aux_fd(i))).collect(),
         sysv,
         ptys,
+        unpacker,
         plan,
     })
 }
@@ -366,12 +373,13 @@ fn open_objects(
                 _ => open_file(reader, tree, o, ghosts)?,
             };
             set_status_flags(&fd, o.flags)?;
-            if let OpenFileKind::UnixPair { options, .. }
-            | OpenFileKind::UnixBound { options, .. } = &o.kind
+            if let OpenFileKind::UnixPair { options, buffers, .. }
+            | OpenFileKind::UnixBound { options, buffers, .. } = &o.kind
             {
                 for opt in options {
                     set_option(&fd, opt, "a unix socket")?;
                 }
+                set_buffers(&fd, buffers.as_ref(), None, "a unix socket")?;
             }
             objects.push(fd);
             let obj = objects.len() - 1;
@@ -410,7 +418,130 @@ fn open_objects(
         }
     }
     refill_datagrams(reader, tree, &objects, &fd_objects)?;
+    refill_unix_datagrams(reader, tree, &objects, &fd_objects)?;
     Ok((objects, fd_objects))
+}
+
+/// Puts queued datagrams back into bound unix sockets, once every socket exists, each
+/// sent from the address it came from, so that `recvfrom` names the same sender: through
+/// the tree's own datagram socket on that address when there is one, else from a socket
+/// bound to the address for the moment (a path's socket file is removed again), else,
+/// when the address is taken, from an unbound socket (with a warning).
+fn refill_unix_datagrams(
+    reader: &ImageReader,
+    tree: &model::Tree,
+    objects: &[OwnedFd],
+    fd_objects: &FdObjects,
+) -> Result<()> {
+    use torpor_sys::sock;
+    let mut by_addr: HashMap<Vec<u8>, usize> = HashMap::new();
+    let mut queues = Vec::new();
+    for p in &tree.processes {
+        for (i, o) in p.open_files.iter().enumerate() {
+            let obj = fd_objects[&(p.pid, i)];
+            match &o.kind {
+                OpenFileKind::UnixPair { sock_type: libc::SOCK_DGRAM, .. }
+                | OpenFileKind::UnixBound { sock_type: libc::SOCK_DGRAM, .. } => {
+                    if let Some(a) = sock::sock_addr(&objects[obj], false).filter(|a| a.len() > 2) {
+                        by_addr.insert(a, obj);
+                    }
+                }
+                _ => {}
+            }
+            if let OpenFileKind::UnixBound { name, queue: Some(q), queue_senders, .. } = &o.kind {
+                queues.push((obj, name.clone(), q.clone(), *queue_senders));
+            }
+        }
+    }
+    queues.sort();
+    queues.dedup();
+    for (obj, name, file, senders) in queues {
+        let err = |source| RestoreError::Prepare {
+            what: format!("the queued datagrams of the unix socket on {name:?}"),
+            source,
+        };
+        // Where the socket is bound now: its name as restored.
+        let to = sock::sock_addr(&objects[obj], false).unwrap_or_else(|| unix_addr(&name));
+        let bytes = reader.read_file(&file)?;
+        let recs = records::decode(&bytes)
+            .ok_or_else(|| err(io::Error::other("the saved queue is cut short")))?;
+        if senders && recs.len() % 2 != 0 {
+            return Err(err(io::Error::other("the saved queue has a sender without datagram")));
+        }
+        let pairs: Vec<(&[u8], &[u8])> = if senders {
+            recs.chunks_exact(2).map(|p| (p[0], p[1])).collect()
+        } else {
+            recs.iter().map(|d| (&[][..], *d)).collect()
+        };
+        for (from, data) in pairs {
+            let own;
+            let sender = match by_addr.get(from) {
+                Some(&o) => &objects[o],
+                None => {
+                    own = unix_sender(from).map_err(err)?;
+                    &own
+                }
+            };
+            // SAFETY: sends `data` to the address in `to`, both of the lengths passed.
+            let n = unsafe {
+                libc::sendto(
+                    sender.as_raw_fd(),
+                    data.as_ptr() as *const _,
+                    data.len(),
+                    libc::MSG_DONTWAIT,
+                    to.as_ptr() as *const _,
+                    to.len() as _,
+                )
+            };
+            if n < 0 {
+                return Err(err(io::Error::last_os_error()));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// A unix datagram socket to resend a datagram from `from` (a raw `sockaddr_un`, empty
+/// for none) with: bound to it when it is free, else unbound.
+fn unix_sender(from: &[u8]) -> io::Result<OwnedFd> {
+    // SAFETY: socket takes integers and returns a new descriptor or -1.
+    let fd = unsafe { libc::socket(libc::AF_UNIX, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: just created, owned by nobody else.
+    let s = unsafe { OwnedFd::from_raw_fd(fd) };
+    if from.len() <= 2 {
+        return Ok(s);
+    }
+    // SAFETY: `from` holds a socket address of the length passed.
+    if unsafe { libc::bind(s.as_raw_fd(), from.as_ptr() as *const _, from.len() as _) } < 0 {
+        tracing::warn!(
+            "a queued datagram from {} goes back from an unnamed sender: {}",
+            describe_unix(from),
+            io::Error::last_os_error()
+        );
+        // A fresh socket, since a failed bind may leave one half-named.
+        return unix_sender(&[]);
+    }
+    // A path's socket file: the socket keeps its name once bound, and the datagrams it
+    // sends carry it, so the file that bind made can go at once.
+    if from[2] != 0 {
+        let p = from[2..].split(|&b| b == 0).next().unwrap_or_default();
+        let _ = fs::remove_file(std::ffi::OsStr::from_bytes(p));
+    }
+    Ok(s)
+}
+
+/// A raw `sockaddr_un` as a path or `@name`, for messages.
+fn describe_unix(addr: &[u8]) -> String {
+    match addr.get(2..) {
+        Some([0, abs @ ..]) => format!("@{}", String::from_utf8_lossy(abs)),
+        Some(path) => {
+            String::from_utf8_lossy(path.split(|&b| b == 0).next().unwrap_or_default()).into()
+        }
+        None => "an unnamed socket".into(),
+    }
 }
 
 /// Puts queued datagrams back into their UDP sockets, once every socket exists, each sent
@@ -777,15 +908,15 @@ fn fill_sysv(
         for run in &v.pages {
             let Some(off) = run.offset else { continue };
             let owner = run.from_pid.unwrap_or(p.pid);
-            let file = tree.processes.iter().find(|q| q.pid == owner).map(|q| &q.pages_file);
-            let file = File::open(reader.path(file.expect("checked"))?).map_err(err)?;
+            let q = tree.processes.iter().find(|q| q.pid == owner).expect("checked");
+            let source = PageSource::open(reader, q)?;
             let len = (run.pages * torpor_sys::PAGE) as usize;
             let at = offset + (run.addr - v.start);
             // SAFETY: the segment is mapped at `base` for its whole size, which the
             // checked page runs stay within.
             let dst =
                 unsafe { std::slice::from_raw_parts_mut((base as *mut u8).add(at as usize), len) };
-            std::os::unix::fs::FileExt::read_exact_at(&file, dst, off).map_err(err)?;
+            source.read_at(dst, off)?;
         }
         Ok(())
     })();
@@ -836,7 +967,11 @@ fn shmem_objects(tree: &model::Tree) -> Result<HashMap<u64, OwnedFd>> {
 
 /// A TCP or UDP socket bound where it was, listening or connected as it was, with its
 /// options and (UDP) the datagrams it had queued.
-fn make_inet_socket(reader: &ImageReader, kind: &OpenFileKind) -> Result<OwnedFd> {
+fn make_inet_socket(
+    reader: &ImageReader,
+    tree: &model::Tree,
+    kind: &OpenFileKind,
+) -> Result<OwnedFd> {
     use torpor_sys::sock;
     let OpenFileKind::Inet {
         family,
@@ -847,6 +982,7 @@ fn make_inet_socket(reader: &ImageReader, kind: &OpenFileKind) -> Result<OwnedFd
         listen_backlog,
         options,
         tcp,
+        buffers,
         ..
     } = kind
     else {
@@ -874,6 +1010,8 @@ fn make_inet_socket(reader: &ImageReader, kind: &OpenFileKind) -> Result<OwnedFd
         )
     };
     let set = |o: &model::SockOpt| set_option(&sock, o, &where_);
+    let auto = tcp.is_some().then(|| listener_buffers(tree, *family, &local));
+    set_buffers(&sock, buffers.as_ref(), auto, &where_)?;
     if let Some(state) = tcp {
         let peer = hex::decode(peer.as_deref().unwrap_or_default()).unwrap_or_default();
         repair_connection(reader, &sock, &local, &peer, state).map_err(|source| {
@@ -950,10 +1088,14 @@ fn repair_connection(
     if unsafe { libc::bind(s.as_raw_fd(), local.as_ptr() as *const _, local.len() as _) } < 0 {
         return Err(io::Error::last_os_error());
     }
+    // The saved sequence numbers count the FINs; the socket starts established, before
+    // them, and the FINs are played again below.
+    let send_end = t.send_seq.wrapping_sub(u32::from(t.state.fin_sent()));
+    let recv_end = t.recv_seq.wrapping_sub(u32::from(t.state.fin_received()));
     sock::set_tcp_opt(s, TCP_REPAIR_QUEUE, TCP_SEND_QUEUE)?;
-    sock::set_tcp_opt(s, TCP_QUEUE_SEQ, t.send_seq.wrapping_sub(t.send_len) as i32)?;
+    sock::set_tcp_opt(s, TCP_QUEUE_SEQ, send_end.wrapping_sub(t.send_len) as i32)?;
     sock::set_tcp_opt(s, TCP_REPAIR_QUEUE, TCP_RECV_QUEUE)?;
-    sock::set_tcp_opt(s, TCP_QUEUE_SEQ, t.recv_seq.wrapping_sub(t.recv_len) as i32)?;
+    sock::set_tcp_opt(s, TCP_QUEUE_SEQ, recv_end.wrapping_sub(t.recv_len) as i32)?;
     // SAFETY: `peer` holds a socket address of the length passed; in repair mode this
     // sends nothing and makes the socket established.
     if unsafe { libc::connect(s.as_raw_fd(), peer.as_ptr() as *const _, peer.len() as _) } < 0 {
@@ -997,10 +1139,182 @@ fn repair_connection(
     fill(TCP_SEND_QUEUE, &send)?;
     fill(TCP_RECV_QUEUE, &recv)?;
 
-    let window: Vec<u8> = t.window.iter().flat_map(|w| w.to_ne_bytes()).collect();
+    // The window's rcv_wup may count the peer's FIN, which the socket has not seen yet;
+    // the kernel refuses one past what it has received.
+    let mut window = t.window;
+    if t.state.fin_received() && window[4] == t.recv_seq {
+        window[4] = recv_end;
+    }
+    let window: Vec<u8> = window.iter().flat_map(|w| w.to_ne_bytes()).collect();
     sock::set_sockopt_raw(s, libc::IPPROTO_TCP, TCP_REPAIR_WINDOW, &window)?;
     if t.timestamps {
         sock::set_tcp_opt(s, TCP_TIMESTAMP, t.timestamp as i32)?;
+    }
+    if t.state != model::TcpConnState::Established {
+        close_half(s, local, peer, t, send_end, recv_end)?;
+    }
+    // Shutting down reading only marks the socket: nothing goes to the peer.
+    if t.read_shut {
+        nix::sys::socket::shutdown(s.as_raw_fd(), nix::sys::socket::Shutdown::Read)?;
+    }
+    Ok(())
+}
+
+/// Brings a rebuilt connection, still in repair mode, from established to the closing
+/// state it was saved in, by the same steps the kernel took the first time.
+///
+/// This end's FIN: a `shutdown` in repair mode queues it as sent without sending it, so
+/// it takes its sequence number and writing fails from then on; once out of repair mode
+/// the kernel retransmits it until acknowledged, which a peer that had it already simply
+/// acknowledges again. The peer's FIN: repair mode offers no way to queue one, so it is
+/// delivered as the peer would, a segment sent to the socket through a raw socket (which
+/// the connection's lock lets through). The socket still takes in segments in repair
+/// mode; the acknowledgement it answers with is one the peer has had already.
+fn close_half(
+    s: &OwnedFd,
+    local: &[u8],
+    peer: &[u8],
+    t: &model::TcpState,
+    send_end: u32,
+    recv_end: u32,
+) -> io::Result<()> {
+    use model::TcpConnState as St;
+    use torpor_sys::netlock::{self, TCP_ACK, TCP_FIN};
+    use torpor_sys::sock::{self, tcp_repair::*};
+    let (Some(local), Some(peer)) = (sock::to_socket_addr(local), sock::to_socket_addr(peer))
+    else {
+        return Err(io::Error::other("the saved addresses are not IP addresses"));
+    };
+    let conn = netlock::Conn { local, peer };
+    // The window the peer advertised, as its segments carry it (scaled down).
+    let window = (t.window[1] >> t.snd_wscale).min(u16::MAX as u32) as u16;
+    // What the peer had acknowledged: everything but the unacknowledged data and FIN.
+    let una = send_end.wrapping_sub(t.send_len);
+    let shutdown = || -> io::Result<()> {
+        // Only with the send queue selected does repair mode keep the FIN from the wire.
+        sock::set_tcp_opt(s, TCP_REPAIR_QUEUE, TCP_SEND_QUEUE)?;
+        nix::sys::socket::shutdown(s.as_raw_fd(), nix::sys::socket::Shutdown::Write)?;
+        Ok(())
+    };
+    let peer_fin = || netlock::send_as_peer(conn, recv_end, una, TCP_FIN | TCP_ACK, window);
+    match t.state {
+        St::Established => {}
+        St::FinWait1 => shutdown()?,
+        St::FinWait2 => {
+            shutdown()?;
+            // The peer had acknowledged the FIN: acknowledge it again.
+            netlock::send_as_peer(conn, recv_end, t.send_seq, TCP_ACK, window)?;
+        }
+        St::CloseWait => peer_fin()?,
+        // The peer's FIN came first, then this end's.
+        St::LastAck => {
+            peer_fin()?;
+            shutdown()?;
+        }
+        // This end's FIN went first, the peer's crossed it.
+        St::Closing => {
+            shutdown()?;
+            peer_fin()?;
+        }
+    }
+    // The segments went through the loopback device; check they were taken.
+    let want = t.state.kernel();
+    let mut got = 0;
+    for _ in 0..100 {
+        got = sock::sockopt_raw(s, libc::IPPROTO_TCP, libc::TCP_INFO)
+            .map_err(io::Error::other)?
+            .first()
+            .copied()
+            .unwrap_or(0);
+        if got == want {
+            return Ok(());
+        }
+        std::thread::sleep(std::time::Duration::from_millis(2));
+    }
+    Err(io::Error::other(format!(
+        "the rebuilt connection is in TCP state {got}, not {want} ({:?})",
+        t.state
+    )))
+}
+
+/// The buffer sizes of a TCP listener of the tree on the port of `local` (a raw address),
+/// which connections accepted from it inherited.
+fn listener_buffers(tree: &model::Tree, family: i32, local: &[u8]) -> Option<model::SockBuffers> {
+    let port = local.get(2..4)?;
+    tree.processes.iter().flat_map(|p| &p.open_files).find_map(|o| match &o.kind {
+        OpenFileKind::Inet { family: f, listen_backlog: Some(_), local: l, buffers, .. }
+            if *f == family && hex::decode(l).ok()?.get(2..4) == Some(port) =>
+        {
+            *buffers
+        }
+        _ => None,
+    })
+}
+
+/// Gives a socket its saved buffer sizes where they differ from a new socket's.
+///
+/// The saved sizes are what `getsockopt` reported, twice what was asked for; asking for
+/// half gives them back. Beyond `net.core.rmem_max` / `wmem_max` only `SO_RCVBUFFORCE` /
+/// `SO_SNDBUFFORCE` (`CAP_NET_ADMIN`) reach them; without it the socket gets the maximum,
+/// with a warning.
+///
+/// A TCP connection's buffers grow by themselves as it carries data (unless the program
+/// set them, which stops that), and no interface tells which. On a connection (`auto` is
+/// `Some`, holding the sizes of the listener it may come from) a size is taken for the
+/// program's only when automatic sizing cannot have made it: below a new socket's (it
+/// only grows them), or equal to its listener's (accepted connections inherit those, and
+/// listeners never size themselves). Other sizes are left for the kernel to grow again.
+fn set_buffers(
+    sock: &OwnedFd,
+    saved: Option<&model::SockBuffers>,
+    auto: Option<Option<model::SockBuffers>>,
+    where_: &str,
+) -> Result<()> {
+    use torpor_sys::sock::{set_sockopt, sockopt};
+    let Some(saved) = saved else { return Ok(()) };
+    let listener = auto.flatten();
+    for (opt, force, want, inherited, limit, what) in [
+        (
+            libc::SO_RCVBUF,
+            libc::SO_RCVBUFFORCE,
+            saved.rcvbuf,
+            listener.map(|l| l.rcvbuf),
+            "rmem_max",
+            "receive",
+        ),
+        (
+            libc::SO_SNDBUF,
+            libc::SO_SNDBUFFORCE,
+            saved.sndbuf,
+            listener.map(|l| l.sndbuf),
+            "wmem_max",
+            "send",
+        ),
+    ] {
+        let err = |source: torpor_sys::Error| RestoreError::Prepare {
+            what: format!("the socket on {where_} (its {what} buffer size)"),
+            source: io::Error::other(source),
+        };
+        let now = sockopt(sock, opt).map_err(err)? as u32;
+        if want == now || (auto.is_some() && want > now && inherited != Some(want)) {
+            continue;
+        }
+        let ask = (want / 2).min(i32::MAX as u32) as i32;
+        let max = fs::read_to_string(format!("/proc/sys/net/core/{limit}"))
+            .ok()
+            .and_then(|s| s.trim().parse::<i32>().ok())
+            .unwrap_or(i32::MAX);
+        if ask > max && set_sockopt(sock, force, ask).is_ok() {
+            continue;
+        }
+        set_sockopt(sock, opt, ask).map_err(err)?;
+        let got = sockopt(sock, opt).map_err(err)? as u32;
+        if got != want {
+            tracing::warn!(
+                "the socket on {where_} gets a {what} buffer of {got} bytes instead of {want}: \
+                 net.core.{limit} is {max} and torpor may not exceed it (no CAP_NET_ADMIN)"
+            );
+        }
     }
     Ok(())
 }
@@ -1067,11 +1381,12 @@ fn unix_addr(name: &str) -> Vec<u8> {
     a
 }
 
-/// A unix socket bound where it was, listening if it was, with its queued datagrams.
+/// A unix socket bound where it was, listening if it was (its queued datagrams come
+/// later, see `refill_unix_datagrams`).
 ///
 /// The socket file a path leaves behind outlives its process. One nobody answers on is
 /// stale and removed before binding; one a live process still answers on is refused.
-fn make_unix_bound(reader: &ImageReader, kind: &OpenFileKind) -> Result<OwnedFd> {
+fn make_unix_bound(kind: &OpenFileKind) -> Result<OwnedFd> {
     let OpenFileKind::UnixBound {
         sock_type,
         name,
@@ -1079,7 +1394,6 @@ fn make_unix_bound(reader: &ImageReader, kind: &OpenFileKind) -> Result<OwnedFd>
         file_mode,
         file_uid,
         file_gid,
-        queue,
         ..
     } = kind
     else {
@@ -1130,31 +1444,6 @@ fn make_unix_bound(reader: &ImageReader, kind: &OpenFileKind) -> Result<OwnedFd>
         // SAFETY: listen takes integers.
         if unsafe { libc::listen(sock.as_raw_fd(), *backlog) } < 0 {
             return Err(err("listen")(io::Error::last_os_error()));
-        }
-    }
-    if let Some(q) = queue {
-        let bytes = reader.read_file(q)?;
-        let recs = records::decode(&bytes)
-            .ok_or_else(|| err("refill")(io::Error::other("the saved queue is cut short")))?;
-        for msg in recs {
-            // An unbound sender, one for each datagram.
-            // SAFETY: socket takes integers; sendto sends `msg` to `addr`.
-            let n = unsafe {
-                let s = libc::socket(libc::AF_UNIX, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0);
-                let n = libc::sendto(
-                    s,
-                    msg.as_ptr() as *const _,
-                    msg.len(),
-                    0,
-                    addr.as_ptr() as *const _,
-                    addr.len() as _,
-                );
-                libc::close(s);
-                n
-            };
-            if n < 0 {
-                return Err(err("refill")(io::Error::last_os_error()));
-            }
         }
     }
     Ok(sock)
@@ -1336,8 +1625,8 @@ fn open_file(
         }
         // A stand-in until the processes exist: see `late_open`.
         OpenFileKind::ProcFile { .. } => open_ro("/dev/null")?,
-        OpenFileKind::Inet { .. } => make_inet_socket(reader, &o.kind)?,
-        OpenFileKind::UnixBound { .. } => make_unix_bound(reader, &o.kind)?,
+        OpenFileKind::Inet { .. } => make_inet_socket(reader, tree, &o.kind)?,
+        OpenFileKind::UnixBound { .. } => make_unix_bound(&o.kind)?,
         OpenFileKind::EventFd { count, semaphore } => make_eventfd(*count, *semaphore)?,
         OpenFileKind::Inotify { watches } => make_inotify(watches)?,
         OpenFileKind::SignalFd { mask } => {

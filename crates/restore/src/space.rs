@@ -14,6 +14,7 @@ use torpor_sys::remote::Expect;
 use torpor_sys::{args, mem, proc, ptrace, Remote, PAGE};
 
 use crate::batch::Batch;
+use crate::lazy::Lazy;
 use crate::prepare::Prepared;
 use crate::{RestoreError, RestoreOptions, Result};
 
@@ -245,6 +246,7 @@ impl Space {
         tree: &model::Tree,
         p: &model::Process,
         prep: &Prepared,
+        mut lazy: Option<&mut Lazy>,
     ) -> Result<()> {
         // Mappings are made and filled by batches of calls the process runs itself; what
         // must happen between them (SysV attach, advice) flushes the batch first.
@@ -252,7 +254,7 @@ impl Space {
         for v in &p.vmas {
             match &v.kind {
                 VmaKind::Vdso { .. } | VmaKind::Vvar { .. } | VmaKind::Vsyscall => continue,
-                _ => self.map_vma(tree, v, prep, &mut batch)?,
+                _ => self.map_vma(tree, v, prep, &mut batch, lazy.as_deref_mut())?,
             }
         }
         self.run(&self.remote, &mut batch)?;
@@ -281,6 +283,7 @@ impl Space {
         v: &model::Vma,
         prep: &Prepared,
         batch: &mut Batch,
+        lazy: Option<&mut Lazy>,
     ) -> Result<()> {
         let pid = self.pid;
         if let VmaKind::SysvShm { shmid, .. } = v.kind {
@@ -325,20 +328,44 @@ impl Space {
             )
         })?;
 
+        // Compressed pages, or pages left in parent images, are written by torpor into
+        // the mapping once it exists; the process has nothing left to read.
+        let mut runs = &v.pages[..];
+        if let Some(unpacker) = prep.unpacker.as_ref().filter(|u| u.needed(self.inner, v)) {
+            self.run(&self.remote, batch)?;
+            let map_err = |source| RestoreError::Map {
+                pid,
+                start: v.start,
+                end: v.end,
+                what: what.clone(),
+                source,
+            };
+            unpacker.fill(pid, self.inner, v, &map_err)?;
+            runs = &[];
+        }
+
         // The process reads its own pages from the image. Runs stored back to back (zero
         // pages skipped between them leave many short ones) go in one preadv each.
         let source = |run: &model::PageRun| match run.offset {
             Some(o) => (prep.pages_fds[&run.from_pid.unwrap_or(self.inner)], o),
             None => (prep.zero_fd, 0),
         };
+        // The pages of a lazy mapping come when first touched (see `lazy`), not now. Its
+        // registration needs the mapping made: the batch runs first.
+        if let Some(l) = lazy.filter(|_| !runs.is_empty() && crate::lazy::is_lazy(v)) {
+            self.run(&self.remote, batch)?;
+            if l.register(self, v)? {
+                runs = &[];
+            }
+        }
         let fill_what = format!("fill {range} from the image");
         let mut i = 0;
-        while i < v.pages.len() {
-            let (src, start_off) = source(&v.pages[i]);
+        while i < runs.len() {
+            let (src, start_off) = source(&runs[i]);
             let mut j = i;
             let (mut total, mut next_off) = (0u64, start_off);
-            while j < v.pages.len() && j - i < MAX_IOVECS {
-                let run = &v.pages[j];
+            while j < runs.len() && j - i < MAX_IOVECS {
+                let run = &runs[j];
                 let (s, o) = source(run);
                 let len = run.pages * PAGE;
                 let follows = s == src && (run.offset.is_none() || o == next_off);
@@ -349,7 +376,7 @@ impl Space {
                 next_off = o + len;
                 j += 1;
             }
-            let runs = &v.pages[i..j];
+            let runs = &runs[i..j];
             if runs.len() > 1 {
                 let iov: Vec<u8> = runs
                     .iter()

@@ -11,6 +11,7 @@ pub mod ptrace;
 pub mod pty;
 pub mod remote;
 pub mod sock;
+pub mod uffd;
 
 use std::io;
 
@@ -165,6 +166,21 @@ pub unsafe fn clone3_with_pid(pid: i32, new_ns: bool) -> io::Result<i32> {
     Ok(r as i32)
 }
 
+/// Whether a signal asking torpor to stop (SIGINT, SIGTERM, SIGHUP, SIGQUIT) is pending,
+/// held back by the signal mask. See sigpending(2).
+pub fn termination_pending() -> bool {
+    // SAFETY: sigpending writes one sigset_t into the local; sigismember only reads it.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        if libc::sigpending(&mut set) < 0 {
+            return false;
+        }
+        [libc::SIGINT, libc::SIGTERM, libc::SIGHUP, libc::SIGQUIT]
+            .iter()
+            .any(|&s| libc::sigismember(&set, s) == 1)
+    }
+}
+
 /// Reads this machine's kernel release (`uname -r`).
 pub fn kernel_release() -> String {
     std::fs::read_to_string("/proc/sys/kernel/osrelease")
@@ -208,4 +224,21 @@ pub fn set_sched(tid: i32, nice: i32, policy: i32, priority: i32) -> Result<()> 
         }
     }
     Ok(())
+}
+
+/// `fork()` for a process that has one thread; returns 0 in the child and the child's
+/// pid in the parent. Refuses (without forking) when other threads exist, since their
+/// locks would be copied held.
+pub fn fork_single_threaded() -> io::Result<i32> {
+    let threads = std::fs::read_dir("/proc/self/task")?.count();
+    if threads != 1 {
+        return Err(io::Error::other(format!("cannot fork: {threads} threads run")));
+    }
+    // SAFETY: only this thread exists (checked just above, and torpor starts none
+    // between), so the child's copy of every lock is in the state this thread left it.
+    let r = unsafe { libc::fork() };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(r)
 }

@@ -109,6 +109,47 @@ impl ProcMem {
     }
 }
 
+/// Writes each piece (address, bytes) into process `pid`.
+///
+/// `process_vm_writev` copies straight into the other address space, many pieces per
+/// call; the pages must be writable by the process. What it leaves undone is written
+/// through `/proc/PID/mem`, which reports the address that failed.
+pub fn write_pieces(pid: i32, pieces: &[(u64, &[u8])]) -> Result<()> {
+    for chunk in pieces.chunks(IOV_MAX) {
+        let local: Vec<iovec> = chunk
+            .iter()
+            .map(|(_, b)| iovec { iov_base: b.as_ptr() as *mut c_void, iov_len: b.len() })
+            .collect();
+        let remote: Vec<iovec> = chunk
+            .iter()
+            .map(|&(a, b)| iovec { iov_base: a as *mut c_void, iov_len: b.len() })
+            .collect();
+        // SAFETY: the kernel only reads the local iovecs, each of which is one of the
+        // borrowed slices; the remote ones describe the other process's memory, which the
+        // kernel checks itself.
+        let n = unsafe {
+            libc::process_vm_writev(
+                pid,
+                local.as_ptr(),
+                local.len() as _,
+                remote.as_ptr(),
+                remote.len() as _,
+                0,
+            )
+        };
+        let mut done = if n < 0 { 0 } else { n as usize };
+        for &(addr, bytes) in chunk {
+            if done >= bytes.len() {
+                done -= bytes.len();
+                continue;
+            }
+            write_mem(pid, addr + done as u64, &bytes[done..])?;
+            done = 0;
+        }
+    }
+    Ok(())
+}
+
 /// Writes `data` at `addr` in process `pid` (through `/proc/PID/mem`, which may write
 /// pages the process cannot, such as read-only code).
 pub fn write_mem(pid: i32, addr: u64, data: &[u8]) -> Result<()> {

@@ -167,13 +167,13 @@ pub fn socket_queue(sock: &OwnedFd, stream: bool) -> Result<Vec<Vec<u8>>> {
 }
 
 /// The datagrams queued on a socket for reading, oldest first, each with the address it
-/// came from, without consuming them (`MSG_PEEK` from a moving `SO_PEEK_OFF`, put back
-/// afterwards).
+/// came from (raw bytes, empty when the sender had none), without consuming them
+/// (`MSG_PEEK` from a moving `SO_PEEK_OFF`, put back afterwards).
 pub fn datagram_queue(sock: &OwnedFd) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
     let old_off = sockopt(sock, libc::SO_PEEK_OFF)?;
     set_sockopt(sock, libc::SO_PEEK_OFF, 0)?;
     let mut out = Vec::new();
-    let mut buf = vec![0u8; 1 << 16];
+    let mut buf = vec![0u8; 1 << 20];
     let result = loop {
         let mut addr = [0u8; 128];
         let mut iov = libc::iovec { iov_base: buf.as_mut_ptr() as *mut _, iov_len: buf.len() };
@@ -185,7 +185,11 @@ pub fn datagram_queue(sock: &OwnedFd) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
         msg.msg_iovlen = 1;
         // SAFETY: the kernel writes into `buf` and `addr` within the lengths given.
         let n = unsafe {
-            libc::recvmsg(sock.as_raw_fd(), &mut msg, libc::MSG_PEEK | libc::MSG_DONTWAIT)
+            libc::recvmsg(
+                sock.as_raw_fd(),
+                &mut msg,
+                libc::MSG_PEEK | libc::MSG_DONTWAIT | libc::MSG_TRUNC,
+            )
         };
         if n < 0 {
             let e = io::Error::last_os_error();
@@ -194,10 +198,24 @@ pub fn datagram_queue(sock: &OwnedFd) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
             }
             break Err(crate::Error::Syscall { call: "recvmsg(MSG_PEEK)", source: e });
         }
-        out.push((addr[..msg.msg_namelen as usize].to_vec(), buf[..n as usize].to_vec()));
-        // An empty datagram does not move the peek offset: stop rather than loop.
-        if n == 0 || out.len() > 1 << 16 {
-            break Ok(());
+        let n = n as usize;
+        if n > buf.len() {
+            break Err(crate::Error::Syscall {
+                call: "recvmsg(MSG_PEEK)",
+                source: io::Error::other(format!("a queued datagram of {n} bytes is too large")),
+            });
+        }
+        let namelen = (msg.msg_namelen as usize).min(addr.len());
+        // A sender without an address leaves only the family, or nothing.
+        let from = if namelen > 2 { addr[..namelen].to_vec() } else { Vec::new() };
+        out.push((from, buf[..n].to_vec()));
+        // The kernel marks an empty datagram peeked and skips it next time; this only
+        // guards against a kernel that would not.
+        if out.len() > 1 << 16 {
+            break Err(crate::Error::Syscall {
+                call: "recvmsg(MSG_PEEK)",
+                source: io::Error::other("more than 65536 datagrams queued"),
+            });
         }
     };
     set_sockopt(sock, libc::SO_PEEK_OFF, old_off)?;
@@ -222,7 +240,6 @@ pub struct UnixInfo {
 
 /// Every unix socket of this network namespace, by inode (`NETLINK_SOCK_DIAG`).
 pub fn unix_sockets() -> Result<HashMap<u64, UnixInfo>> {
-    const SOCK_DIAG_BY_FAMILY: u16 = 20;
     const UDIAG_SHOW_NAME: u32 = 1;
     const UDIAG_SHOW_PEER: u32 = 4;
     const UNIX_DIAG_NAME: u16 = 0;
@@ -230,6 +247,108 @@ pub fn unix_sockets() -> Result<HashMap<u64, UnixInfo>> {
     const UDIAG_SHOW_RQLEN: u32 = 16;
     const UNIX_DIAG_RQLEN: u16 = 4;
 
+    // struct unix_diag_req.
+    let mut req = Vec::with_capacity(24);
+    req.push(libc::AF_UNIX as u8);
+    req.push(0);
+    req.extend_from_slice(&0u16.to_ne_bytes());
+    req.extend_from_slice(&u32::MAX.to_ne_bytes()); // all states
+    req.extend_from_slice(&0u32.to_ne_bytes()); // any inode
+    req.extend_from_slice(&(UDIAG_SHOW_NAME | UDIAG_SHOW_PEER | UDIAG_SHOW_RQLEN).to_ne_bytes());
+    req.extend_from_slice(&[0xff; 8]); // no cookie
+
+    let mut out = HashMap::new();
+    for body in diag_dump(&req, "unix")? {
+        // struct unix_diag_msg: family, type, state, pad, ino, cookie[2].
+        if body.len() < 16 {
+            continue;
+        }
+        let mut info = UnixInfo {
+            sock_type: body[1],
+            state: body[2],
+            ino: u32::from_ne_bytes(body[4..8].try_into().unwrap()) as u64,
+            ..Default::default()
+        };
+        for (atype, data) in diag_attrs(&body[16..]) {
+            match atype {
+                UNIX_DIAG_PEER if data.len() >= 4 => {
+                    info.peer = u32::from_ne_bytes(data[0..4].try_into().unwrap()) as u64
+                }
+                UNIX_DIAG_RQLEN if data.len() >= 8 => {
+                    info.pending = u32::from_ne_bytes(data[0..4].try_into().unwrap());
+                    info.backlog = u32::from_ne_bytes(data[4..8].try_into().unwrap());
+                }
+                UNIX_DIAG_NAME if !data.is_empty() => {
+                    info.name = if data[0] == 0 {
+                        format!("@{}", String::from_utf8_lossy(&data[1..]))
+                    } else {
+                        String::from_utf8_lossy(data.split(|&b| b == 0).next().unwrap_or(&[]))
+                            .into_owned()
+                    }
+                }
+                _ => {}
+            }
+        }
+        out.insert(info.ino, info);
+    }
+    Ok(out)
+}
+
+/// What sock_diag tells about one TCP socket.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TcpDiag {
+    /// The kernel's `TCP_*` state.
+    pub state: u8,
+    /// Listening: connections waiting to be accepted. Else bytes not yet read.
+    pub rqueue: u32,
+    /// Listening: the backlog `listen` was given, as the kernel capped it
+    /// (`net.core.somaxconn`). Else bytes not yet acknowledged.
+    pub wqueue: u32,
+    /// `sk_shutdown`: 1 reading is shut down, 2 sending is.
+    pub shutdown: u8,
+}
+
+/// Every TCP socket of this network namespace, IPv4 and IPv6, by inode
+/// (`NETLINK_SOCK_DIAG` with `inet_diag`).
+pub fn tcp_sockets() -> Result<HashMap<u64, TcpDiag>> {
+    const INET_DIAG_SHUTDOWN: u16 = 8;
+    let mut out = HashMap::new();
+    for family in [libc::AF_INET, libc::AF_INET6] {
+        // struct inet_diag_req_v2: family, protocol, ext, pad, states (all), then a
+        // zeroed struct inet_diag_sockid (any address) with no cookie.
+        let mut req = vec![family as u8, libc::IPPROTO_TCP as u8, 0, 0];
+        req.extend_from_slice(&u32::MAX.to_ne_bytes());
+        req.extend_from_slice(&[0; 40]);
+        req.extend_from_slice(&[0xff; 8]);
+        for body in diag_dump(&req, "TCP")? {
+            // struct inet_diag_msg: family, state, timer, retrans, id (48 bytes),
+            // expires, rqueue, wqueue, uid, inode; then attributes.
+            if body.len() < 72 {
+                continue;
+            }
+            let word = |at: usize| u32::from_ne_bytes(body[at..at + 4].try_into().unwrap());
+            let mut diag =
+                TcpDiag { state: body[1], rqueue: word(56), wqueue: word(60), shutdown: 0 };
+            for (atype, data) in diag_attrs(&body[72..]) {
+                if atype == INET_DIAG_SHUTDOWN && !data.is_empty() {
+                    diag.shutdown = data[0];
+                }
+            }
+            // Sockets in TIME_WAIT and requests have no inode: they belong to no process.
+            let ino = word(68) as u64;
+            if ino != 0 {
+                out.insert(ino, diag);
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Sends one `SOCK_DIAG_BY_FAMILY` dump request with the family's request structure
+/// `req`, and returns the body of every answer (the bytes after each `nlmsghdr`).
+/// `what` names the query in errors.
+fn diag_dump(req: &[u8], what: &str) -> Result<Vec<Vec<u8>>> {
+    const SOCK_DIAG_BY_FAMILY: u16 = 20;
     // SAFETY: socket() takes integers and returns a new descriptor or -1.
     let fd = unsafe {
         libc::socket(
@@ -244,26 +363,20 @@ pub fn unix_sockets() -> Result<HashMap<u64, UnixInfo>> {
     // SAFETY: just created, owned by nobody else.
     let sock = unsafe { OwnedFd::from_raw_fd(fd) };
 
-    // struct nlmsghdr (16) + struct unix_diag_req (24).
-    let mut req = Vec::with_capacity(40);
-    req.extend_from_slice(&40u32.to_ne_bytes());
-    req.extend_from_slice(&SOCK_DIAG_BY_FAMILY.to_ne_bytes());
-    req.extend_from_slice(&((libc::NLM_F_REQUEST | libc::NLM_F_DUMP) as u16).to_ne_bytes());
-    req.extend_from_slice(&1u32.to_ne_bytes());
-    req.extend_from_slice(&0u32.to_ne_bytes());
-    req.push(libc::AF_UNIX as u8);
-    req.push(0);
-    req.extend_from_slice(&0u16.to_ne_bytes());
-    req.extend_from_slice(&u32::MAX.to_ne_bytes()); // all states
-    req.extend_from_slice(&0u32.to_ne_bytes()); // any inode
-    req.extend_from_slice(&(UDIAG_SHOW_NAME | UDIAG_SHOW_PEER | UDIAG_SHOW_RQLEN).to_ne_bytes());
-    req.extend_from_slice(&[0xff; 8]); // no cookie
-                                       // SAFETY: sends `req`, which has the length passed.
-    if unsafe { libc::send(sock.as_raw_fd(), req.as_ptr() as *const _, req.len(), 0) } < 0 {
+    // struct nlmsghdr, then the request.
+    let mut msg = Vec::with_capacity(16 + req.len());
+    msg.extend_from_slice(&(16 + req.len() as u32).to_ne_bytes());
+    msg.extend_from_slice(&SOCK_DIAG_BY_FAMILY.to_ne_bytes());
+    msg.extend_from_slice(&((libc::NLM_F_REQUEST | libc::NLM_F_DUMP) as u16).to_ne_bytes());
+    msg.extend_from_slice(&1u32.to_ne_bytes());
+    msg.extend_from_slice(&0u32.to_ne_bytes());
+    msg.extend_from_slice(req);
+    // SAFETY: sends `msg`, which has the length passed.
+    if unsafe { libc::send(sock.as_raw_fd(), msg.as_ptr() as *const _, msg.len(), 0) } < 0 {
         return Err(last("send(sock_diag)"));
     }
 
-    let mut out = HashMap::new();
+    let mut out = Vec::new();
     let mut buf = vec![0u8; 1 << 16];
     loop {
         // SAFETY: receives into `buf`, which has the length passed.
@@ -284,55 +397,30 @@ pub fn unix_sockets() -> Result<HashMap<u64, UnixInfo>> {
             if kind == libc::NLMSG_ERROR as u16 {
                 return Err(crate::Error::Syscall {
                     call: "sock_diag",
-                    source: io::Error::other("the kernel refused the unix socket query"),
+                    source: io::Error::other(format!("the kernel refused the {what} socket query")),
                 });
             }
-            // struct unix_diag_msg: family, type, state, pad, ino, cookie[2].
-            let body = &msgs[16..len];
-            if body.len() >= 16 {
-                let mut info = UnixInfo {
-                    sock_type: body[1],
-                    state: body[2],
-                    ino: u32::from_ne_bytes(body[4..8].try_into().unwrap()) as u64,
-                    ..Default::default()
-                };
-                let mut attrs = &body[16..];
-                while attrs.len() >= 4 {
-                    let alen = u16::from_ne_bytes(attrs[0..2].try_into().unwrap()) as usize;
-                    let atype = u16::from_ne_bytes(attrs[2..4].try_into().unwrap());
-                    if alen < 4 || alen > attrs.len() {
-                        break;
-                    }
-                    let data = &attrs[4..alen];
-                    match atype {
-                        UNIX_DIAG_PEER if data.len() >= 4 => {
-                            info.peer = u32::from_ne_bytes(data[0..4].try_into().unwrap()) as u64
-                        }
-                        UNIX_DIAG_RQLEN if data.len() >= 8 => {
-                            info.pending = u32::from_ne_bytes(data[0..4].try_into().unwrap());
-                            info.backlog = u32::from_ne_bytes(data[4..8].try_into().unwrap());
-                        }
-                        UNIX_DIAG_NAME if !data.is_empty() => {
-                            info.name = if data[0] == 0 {
-                                format!("@{}", String::from_utf8_lossy(&data[1..]))
-                            } else {
-                                String::from_utf8_lossy(
-                                    data.split(|&b| b == 0).next().unwrap_or(&[]),
-                                )
-                                .into_owned()
-                            }
-                        }
-                        _ => {}
-                    }
-                    let step = (alen + 3) & !3;
-                    attrs = &attrs[step.min(attrs.len())..];
-                }
-                out.insert(info.ino, info);
-            }
+            out.push(msgs[16..len].to_vec());
             let step = (len + 3) & !3;
             msgs = &msgs[step.min(msgs.len())..];
         }
     }
+}
+
+/// The netlink attributes in `attrs`, as (type, payload), up to the first malformed one.
+fn diag_attrs(mut attrs: &[u8]) -> Vec<(u16, &[u8])> {
+    let mut out = Vec::new();
+    while attrs.len() >= 4 {
+        let alen = u16::from_ne_bytes(attrs[0..2].try_into().unwrap()) as usize;
+        let atype = u16::from_ne_bytes(attrs[2..4].try_into().unwrap());
+        if alen < 4 || alen > attrs.len() {
+            break;
+        }
+        out.push((atype, &attrs[4..alen]));
+        let step = (alen + 3) & !3;
+        attrs = &attrs[step.min(attrs.len())..];
+    }
+    out
 }
 
 /// `getsockopt` of any option, as raw bytes (at most 256).
@@ -534,5 +622,46 @@ mod tests {
         assert_eq!(socket_queue(&a, true).unwrap(), vec![b"hello".to_vec()]);
         // Still there after peeking.
         assert_eq!(socket_queue(&a, true).unwrap(), vec![b"hello".to_vec()]);
+    }
+
+    #[test]
+    fn datagram_queue_keeps_senders_and_empty_datagrams() {
+        use std::os::unix::net::UnixDatagram;
+        let dir = std::env::temp_dir().join(format!("torpor-dgq-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir(&dir).unwrap();
+        let rx = UnixDatagram::bind(dir.join("rx")).unwrap();
+        let named = UnixDatagram::bind(dir.join("tx")).unwrap();
+        let unnamed = UnixDatagram::unbound().unwrap();
+        named.send_to(b"one", dir.join("rx")).unwrap();
+        unnamed.send_to(b"", dir.join("rx")).unwrap();
+        named.send_to(b"three", dir.join("rx")).unwrap();
+        let q = datagram_queue(&OwnedFd::from(rx.try_clone().unwrap())).unwrap();
+        let tx = dir.join("tx");
+        let from: Vec<u8> =
+            [&(libc::AF_UNIX as u16).to_ne_bytes()[..], tx.as_os_str().as_encoded_bytes(), &[0]]
+                .concat();
+        assert_eq!(
+            q,
+            vec![(from.clone(), b"one".to_vec()), (vec![], vec![]), (from, b"three".to_vec())]
+        );
+        // Nothing consumed.
+        let mut buf = [0u8; 8];
+        assert_eq!(rx.recv(&mut buf).unwrap(), 3);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn tcp_listener_backlog() {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        // SAFETY: listen on a socket we own; a second listen changes the backlog.
+        assert_eq!(unsafe { libc::listen(l.as_raw_fd(), 7) }, 0);
+        let _c = std::net::TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        // SAFETY: all zeroes is a valid struct stat.
+        let mut st: libc::stat = unsafe { std::mem::zeroed() };
+        // SAFETY: fstat writes one struct stat.
+        unsafe { libc::fstat(l.as_raw_fd(), &mut st) };
+        let info = tcp_sockets().unwrap()[&st.st_ino];
+        assert_eq!(info, TcpDiag { state: 10, rqueue: 1, wqueue: 7, shutdown: 0 });
     }
 }

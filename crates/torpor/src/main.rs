@@ -79,6 +79,20 @@ enum Command {
         /// but a machine crash in the next half minute or so can lose the process.
         #[arg(long)]
         no_sync: bool,
+        /// Compress the memory with zstd, on every core, at LEVEL (negative levels are
+        /// faster and compress less; default 1).
+        #[arg(long, value_name = "LEVEL", num_args = 0..=1, require_equals = true,
+              value_parser = parse_level)]
+        compress: Option<Option<i32>>,
+        /// Make an incremental image over the image in this directory: only pages that
+        /// changed since are stored; restore reads the rest from it (it must stay).
+        #[arg(long, value_name = "DIR")]
+        parent: Option<PathBuf>,
+        /// Copy the memory in rounds while the process runs, then freeze it only to copy
+        /// what it wrote since the last round (needs userfaultfd write protection and
+        /// PAGEMAP_SCAN, Linux 6.7 or later).
+        #[arg(long)]
+        pre_copy: bool,
     },
     /// Wake the process saved in an image, with its original pid, and wait for it.
     #[command(after_help = "Examples:\n  \
@@ -102,6 +116,15 @@ enum Command {
         /// Wake a job dumped with --shell-job in this terminal, in the foreground.
         #[arg(long)]
         shell_job: bool,
+        /// Let the process run before its memory is loaded: torpor serves its pages as
+        /// it touches them and loads the rest in the background, then reports "all pages
+        /// loaded" (with --detach, from a process of its own).
+        #[arg(long)]
+        lazy: bool,
+        /// With --lazy, start loading pages nobody asked for only after this many
+        /// milliseconds (lets tests act while pages are missing).
+        #[arg(long, hide = true, default_value_t = 0)]
+        lazy_prefetch_after_ms: u64,
     },
     /// Check an image completely (checksums, format, CPU, files) without restoring it.
     #[command(
@@ -227,6 +250,16 @@ fn main() -> ExitCode {
     }
 }
 
+/// A zstd compression level within the range the library supports.
+fn parse_level(s: &str) -> std::result::Result<i32, String> {
+    let level: i32 = s.parse().map_err(|_| format!("{s:?} is not a number"))?;
+    let range = torpor_image::pages::levels();
+    if !range.contains(&level) {
+        return Err(format!("levels go from {} to {}", range.start(), range.end()));
+    }
+    Ok(level)
+}
+
 /// What to do next about a failure, when the message itself does not say it.
 fn hint(e: &anyhow::Error) -> Option<&'static str> {
     use torpor_dump::DumpError;
@@ -329,6 +362,9 @@ fn run(cli: Cli, show_progress: bool) -> Result<u8> {
             tcp_established,
             shell_job,
             no_sync,
+            compress,
+            parent,
+            pre_copy,
         } => {
             let opts = torpor_dump::DumpOptions {
                 pid,
@@ -338,6 +374,9 @@ fn run(cli: Cli, show_progress: bool) -> Result<u8> {
                 tcp_established,
                 shell_job,
                 no_sync,
+                compress: compress.map(|level| level.unwrap_or(torpor_image::pages::DEFAULT_LEVEL)),
+                parent,
+                pre_copy,
             };
             let bar = if show_progress {
                 let estimate = progress::dump_estimate(pid);
@@ -355,24 +394,42 @@ fn run(cli: Cli, show_progress: bool) -> Result<u8> {
             tracing::info!("dump of pid {pid} done: {s:?}");
             if !quiet {
                 eprintln!(
-                    "torpor: pid {pid} saved to {}: {} pages ({}), {} zero pages skipped, frozen {:.1} ms, total {:.1} ms{}",
+                    "torpor: pid {pid} saved to {}: {} pages ({}), {} zero pages skipped{}, frozen {:.1} ms, total {:.1} ms{}",
                     dir.display(),
                     s.pages_stored,
                     human(s.image_bytes),
                     s.zero_pages_skipped,
+                    if s.pages_from_parent > 0 {
+                        format!(", {} unchanged pages left in the parent", s.pages_from_parent)
+                    } else {
+                        String::new()
+                    },
                     s.frozen.as_secs_f64() * 1e3,
                     s.total.as_secs_f64() * 1e3,
                     if leave_running { ", left running" } else { "" }
                 );
+                if let Some(p) = &s.pre_copy {
+                    eprintln!("torpor: {}", pre_copy_line(p));
+                }
             }
             Ok(0)
         }
-        Command::Restore { dir, detach, pidfile, force_vdso_jumps, shell_job } => {
+        Command::Restore {
+            dir,
+            detach,
+            pidfile,
+            force_vdso_jumps,
+            shell_job,
+            lazy,
+            lazy_prefetch_after_ms,
+        } => {
             let opts = torpor_restore::RestoreOptions {
                 dir: dir.clone(),
                 detach,
                 force_vdso_jumps,
                 shell_job,
+                lazy,
+                lazy_prefetch_after: std::time::Duration::from_millis(lazy_prefetch_after_ms),
             };
             let bar = if show_progress {
                 let measure = progress::Measure::ReadBytes { total: progress::image_size(&dir) };
@@ -381,23 +438,34 @@ fn run(cli: Cli, show_progress: bool) -> Result<u8> {
                 progress::Progress::none()
             };
             tracing::info!("restore from {} begins", dir.display());
-            let r = with_signals_deferred(|| torpor_restore::restore(&opts));
-            bar.finish();
-            let r = r.with_context(|| format!("restore from {} failed", dir.display()))?;
-            tracing::info!("restore from {} done: pid {} runs", dir.display(), r.pid);
-            if let Some(p) = &pidfile {
-                write_pidfile(p, r.pid)?;
-            }
-            let registered = register_woken(&dir, r.pid);
-            if !quiet {
-                eprintln!(
-                    "torpor: pid {} woken from {} ({}) in {:.1} ms",
-                    r.pid,
-                    dir.display(),
-                    human(r.image_bytes),
-                    r.total.as_secs_f64() * 1e3
-                );
-            }
+            let mut registered = false;
+            // A lazy restore keeps the signals held until every page is loaded: the page
+            // server takes them and kills the tree, which cannot run without its memory.
+            let r = with_signals_deferred(|| -> Result<_> {
+                let restored = torpor_restore::restore(&opts);
+                bar.finish();
+                let mut r =
+                    restored.with_context(|| format!("restore from {} failed", dir.display()))?;
+                tracing::info!("restore from {} done: pid {} runs", dir.display(), r.pid);
+                if let Some(p) = &pidfile {
+                    write_pidfile(p, r.pid)?;
+                }
+                registered = register_woken(&dir, r.pid);
+                if !quiet {
+                    eprintln!(
+                        "torpor: pid {} woken from {} ({}) in {:.1} ms{}",
+                        r.pid,
+                        dir.display(),
+                        human(r.image_bytes),
+                        r.total.as_secs_f64() * 1e3,
+                        if lazy { "; loading its memory" } else { "" }
+                    );
+                }
+                if let Some(server) = r.pages.take() {
+                    serve_pages(server, r.pid, detach, quiet)?;
+                }
+                Ok(r)
+            })?;
             if detach {
                 return Ok(0);
             }
@@ -501,6 +569,68 @@ fn register_woken(dir: &std::path::Path, pid: i32) -> bool {
             false
         }
     }
+}
+
+/// The pre-copy part of the dump summary: rounds, what each stored, the setup stop.
+fn pre_copy_line(p: &torpor_dump::PreCopyReport) -> String {
+    if p.processes == 0 {
+        return "pre-copy: nothing could be tracked, all memory was copied frozen".into();
+    }
+    let rounds: Vec<String> = p
+        .rounds
+        .iter()
+        .map(|r| format!("{} in {:.1} ms", human(r.bytes), r.took.as_secs_f64() * 1e3))
+        .collect();
+    format!(
+        "pre-copy: {} round{} while running ({}), stopped {:.1} ms to set up",
+        p.rounds.len(),
+        if p.rounds.len() == 1 { "" } else { "s" },
+        rounds.join(", "),
+        p.setup_frozen.as_secs_f64() * 1e3
+    )
+}
+
+/// Serves a lazy restore's pages until all are loaded (with `detach`, from a child
+/// process, which reports on its own), and reports.
+fn serve_pages(
+    mut server: torpor_restore::lazy::PageServer,
+    pid: i32,
+    detach: bool,
+    quiet: bool,
+) -> Result<()> {
+    let report = move |loaded: Result<torpor_restore::lazy::LoadStats, _>| match loaded {
+        Ok(s) => {
+            if !quiet {
+                eprintln!(
+                    "torpor: pid {pid}: all pages loaded ({}) in {:.1} ms, {} faults answered",
+                    human(s.bytes),
+                    s.took.as_secs_f64() * 1e3,
+                    s.faults
+                );
+            }
+            Ok(())
+        }
+        Err(e) => Err(anyhow::Error::new(e).context(format!("lazy restore of pid {pid} failed"))),
+    };
+    if detach {
+        server
+            .detach(move |loaded| match report(loaded) {
+                Ok(()) => 0,
+                Err(e) => {
+                    eprintln!("torpor: {e:#}");
+                    1
+                }
+            })
+            .context("cannot start the page server")?;
+        return Ok(());
+    }
+    server.start().context("cannot start the page server")?;
+    let loaded = server.finish();
+    if loaded.is_err() {
+        // The server killed the tree; the root is this process's child.
+        let _ = torpor_restore::wait(pid);
+    }
+    report(loaded)
 }
 
 /// Runs `f` with SIGINT, SIGTERM, SIGHUP and SIGQUIT held back; one that arrived meanwhile

@@ -9,7 +9,7 @@ use std::net::TcpStream;
 use std::process::Command;
 use std::time::Duration;
 
-use common::{free_port, Fixture, Restore, FINISH_TIMEOUT};
+use common::{free_port, lock_rules, Fixture, Restore, FINISH_TIMEOUT};
 use tempfile::TempDir;
 
 fn start(port: u16) -> (Fixture, TcpStream, BufReader<TcpStream>) {
@@ -25,19 +25,6 @@ fn echo(s: &mut TcpStream, r: &mut BufReader<TcpStream>, msg: &str) -> String {
     let mut line = String::new();
     r.read_line(&mut line).expect("read the echo");
     line.trim_end().to_string()
-}
-
-/// The firewall rules torpor left in place.
-fn lock_rules() -> String {
-    let out = Command::new("nft").args(["list", "chain", "inet", "torpor", "lock"]).output();
-    out.map(|o| {
-        String::from_utf8_lossy(&o.stdout)
-            .lines()
-            .filter(|l| l.contains("drop"))
-            .collect::<Vec<_>>()
-            .join("\n")
-    })
-    .unwrap_or_default()
 }
 
 #[test]
@@ -73,7 +60,7 @@ fn a_peer_sending_while_the_server_hibernates_is_held_not_reset() {
     let out = f.dump(images.path(), &["--tcp-established"]);
     assert!(out.status.success(), "dump: {}", String::from_utf8_lossy(&out.stderr));
     f.assert_killed_by_dump();
-    assert!(!lock_rules().is_empty(), "no firewall rule holds the connection while it sleeps");
+    assert!(!lock_rules(port).is_empty(), "no firewall rule holds the connection while it sleeps");
 
     // Sent while nothing owns the server's end: without the lock the peer would be reset.
     s.write_all(b"during").expect("send while the server hibernates");
@@ -85,7 +72,7 @@ fn a_peer_sending_while_the_server_hibernates_is_held_not_reset() {
     r.read_line(&mut line).expect("the echo of what was sent meanwhile");
     assert_eq!(line.trim_end(), "echo:during total=11");
     assert_eq!(echo(&mut s, &mut r, "after"), "echo:after total=16");
-    assert!(lock_rules().is_empty(), "rules left after the restore:\n{}", lock_rules());
+    assert!(lock_rules(port).is_empty(), "rules left after the restore:\n{}", lock_rules(port));
 
     f.go();
     let status = restore.wait(FINISH_TIMEOUT).expect("restored server never finished");

@@ -488,7 +488,13 @@ impl Fixture {
 
     /// Dumps into DIR and asserts success and that the process is gone.
     pub fn dump_ok(&mut self, dir: &Path) {
-        let out = self.dump(dir, &[]);
+        self.dump_ok_with(dir, &[]);
+    }
+
+    /// Dumps into DIR with EXTRA arguments and asserts success and that the process is
+    /// gone.
+    pub fn dump_ok_with(&mut self, dir: &Path, extra: &[&str]) {
+        let out = self.dump(dir, extra);
         assert!(out.status.success(), "dump of {} failed: {}", self.name, stderr_of(&out));
         self.assert_killed_by_dump();
     }
@@ -665,10 +671,15 @@ impl FixtureTree {
     /// Dumps the whole tree, asserts every process of it is gone, restores it and sees the
     /// root PASS.
     pub fn roundtrip(&mut self) {
+        self.roundtrip_with(&[]);
+    }
+
+    /// [`FixtureTree::roundtrip`] with EXTRA arguments to `torpor dump`.
+    pub fn roundtrip_with(&mut self, extra: &[&str]) {
         let images = TempDir::new().expect("image dir");
         // Let the processes settle into their wait loops.
         sleep(Duration::from_millis(100));
-        self.f.dump_ok(images.path());
+        self.f.dump_ok_with(images.path(), extra);
         for (key, pid) in &self.others {
             assert!(
                 wait_pid_gone(*pid, Duration::from_secs(10)),
@@ -749,4 +760,19 @@ pub fn proc_start_time(pid: i32) -> Option<u64> {
     let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     let after_comm = &stat[stat.rfind(')')? + 1..];
     after_comm.split_whitespace().nth(19)?.parse().ok()
+}
+
+/// The firewall rules torpor holds for connections to or from `port` (other tests lock
+/// connections of their own at the same time).
+pub fn lock_rules(port: u16) -> String {
+    let out = Command::new("nft").args(["list", "chain", "inet", "torpor", "lock"]).output();
+    let (sport, dport) = (format!("sport {port} "), format!("dport {port} "));
+    out.map(|o| {
+        String::from_utf8_lossy(&o.stdout)
+            .lines()
+            .filter(|l| l.contains("drop") && (l.contains(&sport) || l.contains(&dport)))
+            .collect::<Vec<_>>()
+            .join("\n")
+    })
+    .unwrap_or_default()
 }
