@@ -686,10 +686,22 @@ fn ago(secs: u64) -> String {
 
 fn command_line(p: &ProcessInfo) -> String {
     if p.command.is_empty() {
-        format!("[{}]", p.name)
+        format!("[{}]", one_line(&p.name))
     } else {
-        p.command.join(" ")
+        command_text(&p.command)
     }
+}
+
+/// A command line on one line of text: arguments joined by spaces, control characters
+/// (a newline in `python3 -c '...'`) escaped as in Rust strings.
+pub(crate) fn command_text(args: &[String]) -> String {
+    args.iter().map(|a| one_line(a)).collect::<Vec<_>>().join(" ")
+}
+
+fn one_line(s: &str) -> String {
+    s.chars()
+        .map(|c| if c.is_control() { c.escape_default().to_string() } else { c.to_string() })
+        .collect()
 }
 
 fn plural(n: usize, one: &str, many: &str) -> String {
@@ -802,7 +814,7 @@ fn render_tree(r: &Report, out: &mut String) {
                     out,
                     "  {} [{}] zombie: {how}, not yet reaped",
                     pad(&format!("{lead}{branch}{}", z.pid), 16),
-                    z.name
+                    one_line(&z.name)
                 );
             }
         }
@@ -868,8 +880,12 @@ fn render_process(p: &ProcessInfo, out: &mut String) {
         "  parent {}, group {}, session {}, uid {}, gid {}, cwd {}",
         p.ppid, p.pgid, p.sid, p.uid, p.gid, p.cwd
     );
-    let mut names: Vec<String> =
-        p.threads.iter().take(THREADS_SHOWN).map(|t| format!("{} {}", t.tid, t.name)).collect();
+    let mut names: Vec<String> = p
+        .threads
+        .iter()
+        .take(THREADS_SHOWN)
+        .map(|t| format!("{} {}", t.tid, one_line(&t.name)))
+        .collect();
     if p.threads.len() > THREADS_SHOWN {
         names.push(format!("and {} more", p.threads.len() - THREADS_SHOWN));
     }

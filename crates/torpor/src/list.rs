@@ -112,7 +112,7 @@ pub fn run(dir: &Path, json: bool) -> Result<u8> {
         };
         let what = match &r.problem {
             Some(p) => format!("DAMAGED: {p}"),
-            None => r.command.join(" "),
+            None => crate::inspect::command_text(&r.command),
         };
         println!(
             "{:<width$} {:>8} {:>5} {:>10}  {:<25}  {what}",

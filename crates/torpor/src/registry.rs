@@ -230,7 +230,7 @@ pub fn ps(json: bool) -> Result<u8> {
             procs,
             human(rss),
             age(e.started_unix),
-            e.command.join(" ")
+            crate::inspect::command_text(&e.command)
         );
     }
     Ok(0)

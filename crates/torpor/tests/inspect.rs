@@ -306,3 +306,22 @@ fn inspect_of_records_pointing_nowhere_names_them_without_panicking() {
         assert!(tree_lines.contains(&p["pid"].to_string()), "{tree_lines}");
     }
 }
+
+#[test]
+fn a_command_line_with_newlines_stays_on_one_line() {
+    let script = "import time\nprint('READY', flush=True)\ntime.sleep(600)";
+    let f = Fixture::start_interpreted("newlines", Path::new("python3"), &["-c", script], &[], &[]);
+    let images = dump(&f);
+    let text = inspect_text(images.path());
+    let out = torpor(["list".as_ref(), images.path().as_os_str()]);
+    let list = String::from_utf8(out.stdout).unwrap();
+
+    let want = "import time\\nprint('READY', flush=True)\\ntime.sleep(600)";
+    assert!(text.contains(&format!("Process {}: ", f.pid)), "{text}");
+    let header = text.lines().find(|l| l.starts_with(&format!("Process {}:", f.pid))).unwrap();
+    assert!(header.contains(want), "{header}");
+    assert_eq!(list.lines().count(), 2, "{list}");
+    assert!(list.contains(want), "{list}");
+    let r = inspect_json(images.path());
+    assert_eq!(process(&r, f.pid)["command"][2], script, "JSON keeps the argument as it is");
+}
