@@ -58,6 +58,8 @@ pub struct ImageInfo {
     /// Files of the image besides the manifest, and their total size in bytes.
     pub files: usize,
     pub bytes: u64,
+    /// For an incremental image: the directory of the image it was dumped over.
+    pub parent: Option<String>,
 }
 
 #[derive(Debug, Serialize)]
@@ -93,6 +95,10 @@ pub struct MemoryInfo {
     pub stored_bytes: u64,
     /// Bytes this process shares copy-on-write with another, stored once in the other's.
     pub shared_stored_bytes: u64,
+    /// Bytes of unchanged pages an incremental image leaves in its parent images.
+    pub parent_stored_bytes: u64,
+    /// Size of the page file on disk when it is compressed; `null` when it is not.
+    pub compressed_bytes: Option<u64>,
     /// Totals per kind of mapping, in the order of [`MEMORY_KINDS`].
     pub by_kind: Vec<MemoryKindInfo>,
     pub mappings: Vec<MappingInfo>,
@@ -277,6 +283,7 @@ fn image_info(m: &Manifest) -> ImageInfo {
         created: rfc3339(m.created_unix),
         files: m.files.len(),
         bytes: m.files.iter().map(|f| f.len).fold(0, u64::saturating_add),
+        parent: m.parent.as_ref().map(|p| p.path.clone()),
     }
 }
 
@@ -348,7 +355,7 @@ fn process(
 fn memory(p: &model::Process, t: &Tree) -> MemoryInfo {
     let mut by_kind: BTreeMap<usize, MemoryKindInfo> = BTreeMap::new();
     let mut mappings = Vec::with_capacity(p.vmas.len());
-    let (mut mapped, mut stored, mut shared_stored) = (0u64, 0u64, 0u64);
+    let (mut mapped, mut stored, mut shared_stored, mut parent_stored) = (0u64, 0u64, 0u64, 0u64);
     for v in &p.vmas {
         let (kind, path) = vma_kind(v, t);
         let len = v.end.saturating_sub(v.start);
@@ -356,9 +363,10 @@ fn memory(p: &model::Process, t: &Tree) -> MemoryInfo {
         for run in v.pages.iter().filter(|r| r.offset.is_some()) {
             let bytes = run.pages.saturating_mul(PAGE_SIZE);
             vma_stored = vma_stored.saturating_add(bytes);
-            match run.from_pid {
-                Some(_) => shared_stored = shared_stored.saturating_add(bytes),
-                None => stored = stored.saturating_add(bytes),
+            match (run.image, run.from_pid) {
+                (1.., _) => parent_stored = parent_stored.saturating_add(bytes),
+                (0, Some(_)) => shared_stored = shared_stored.saturating_add(bytes),
+                (0, None) => stored = stored.saturating_add(bytes),
             }
         }
         mapped = mapped.saturating_add(len);
@@ -386,6 +394,11 @@ fn memory(p: &model::Process, t: &Tree) -> MemoryInfo {
         mapped_bytes: mapped,
         stored_bytes: stored,
         shared_stored_bytes: shared_stored,
+        parent_stored_bytes: parent_stored,
+        compressed_bytes: p
+            .page_frames
+            .as_ref()
+            .map(|f| f.frames.iter().map(|&n| u64::from(n)).fold(0, u64::saturating_add)),
         by_kind: by_kind.into_values().collect(),
         mappings,
     }
@@ -730,6 +743,9 @@ pub fn render(r: &Report, out: &mut String) {
                 plural(i.files, "file", "files"),
                 human(i.bytes)
             );
+            if let Some(parent) = &i.parent {
+                let _ = writeln!(out, "  incremental: unchanged pages are in {parent}");
+            }
         }
         None => out.push_str("  manifest unreadable: version and creation time unknown\n"),
     }
@@ -892,16 +908,22 @@ fn render_process(p: &ProcessInfo, out: &mut String) {
     let _ = writeln!(out, "  threads ({}): {}", p.threads.len(), names.join(", "));
 
     let m = &p.memory;
+    let mut extra = Vec::new();
+    if let Some(c) = m.compressed_bytes.filter(|_| m.stored_bytes > 0) {
+        extra.push(format!("compressed to {}", human(c)));
+    }
+    if m.shared_stored_bytes > 0 {
+        extra.push(format!("+ {} shared with another process", human(m.shared_stored_bytes)));
+    }
+    if m.parent_stored_bytes > 0 {
+        extra.push(format!("+ {} unchanged, in the parent image", human(m.parent_stored_bytes)));
+    }
     let _ = writeln!(
         out,
         "  memory: {} mapped, {} stored{}",
         human(m.mapped_bytes),
         human(m.stored_bytes),
-        if m.shared_stored_bytes > 0 {
-            format!(" (+ {} shared with another process)", human(m.shared_stored_bytes))
-        } else {
-            String::new()
-        }
+        if extra.is_empty() { String::new() } else { format!(" ({})", extra.join(", ")) }
     );
     let _ = writeln!(out, "    {:<12} {:>8} {:>11} {:>11}", "kind", "mappings", "mapped", "stored");
     for k in &m.by_kind {

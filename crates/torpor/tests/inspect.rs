@@ -325,3 +325,37 @@ fn a_command_line_with_newlines_stays_on_one_line() {
     let r = inspect_json(images.path());
     assert_eq!(process(&r, f.pid)["command"][2], script, "JSON keeps the argument as it is");
 }
+
+#[test]
+fn inspect_tells_compressed_and_incremental_images() {
+    let f = Fixture::start("tree", &[]);
+    let tmp = TempDir::new().unwrap();
+    let (base, incr) = (tmp.path().join("base"), tmp.path().join("incr"));
+    let out = f.dump(&base, &["--leave-running", "--compress"]);
+    assert!(out.status.success(), "{}", stderr_of(&out));
+    let parent = base.to_str().unwrap();
+    let out = f.dump(&incr, &["--leave-running", "--compress", "--parent", parent]);
+    assert!(out.status.success(), "{}", stderr_of(&out));
+    let root = f.pid;
+    let b = inspect_json(&base);
+    let i = inspect_json(&incr);
+    let text = inspect_text(&incr);
+    finish(f);
+
+    // The fixture's 32 MiB buffer is pseudo-random, so compression gains little; the
+    // size on disk is reported all the same, and it is the page file's.
+    let mem = &process(&b, root)["memory"];
+    let (stored, compressed) =
+        (mem["stored_bytes"].as_u64().unwrap(), mem["compressed_bytes"].as_u64().unwrap());
+    let pages = std::fs::metadata(base.join(format!("pages-{root}.img"))).unwrap().len();
+    assert!(stored >= 32 << 20 && compressed == pages, "{mem:#}, page file {pages}");
+    assert!(b["image"]["parent"].is_null());
+
+    // Nothing changed in between but what the fixture keeps writing: most pages stay in
+    // the parent.
+    assert!(i["image"]["parent"].as_str().unwrap().ends_with("base"), "{}", i["image"]);
+    let mem = &process(&i, root)["memory"];
+    assert!(mem["parent_stored_bytes"].as_u64().unwrap() >= 32 << 20, "{mem:#}");
+    assert!(text.contains("incremental: unchanged pages are in"), "{text}");
+    assert!(text.contains("in the parent image"), "{text}");
+}
