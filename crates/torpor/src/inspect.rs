@@ -945,3 +945,69 @@ fn render_process(p: &ProcessInfo, out: &mut String) {
         let _ = writeln!(out, "    {:>4}  {:<12} {}", d.fd, d.kind, d.summary);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_wait_status_reads_as_exit_code_or_signal() {
+        let z = |exit_status| model::Zombie {
+            pid: 2,
+            ppid: 1,
+            pgid: 1,
+            sid: 1,
+            exit_status,
+            comm: "x".into(),
+        };
+        let exited = zombie(&z(42 << 8));
+        assert_eq!((exited.exit_code, exited.signal), (Some(42), None));
+        let killed = zombie(&z(libc::SIGKILL));
+        assert_eq!((killed.exit_code, killed.signal), (None, Some(libc::SIGKILL)));
+    }
+
+    #[test]
+    fn socket_addresses_read_as_people_write_them() {
+        // sockaddr_in for 127.0.0.1:8080, then sockaddr_in6 for [::1]:443.
+        let mut v4 = vec![0u8; 16];
+        v4[..2].copy_from_slice(&(libc::AF_INET as u16).to_ne_bytes());
+        v4[2..4].copy_from_slice(&8080u16.to_be_bytes());
+        v4[4..8].copy_from_slice(&[127, 0, 0, 1]);
+        assert_eq!(addr(&hex::encode(&v4)), "127.0.0.1:8080");
+        let mut v6 = vec![0u8; 28];
+        v6[..2].copy_from_slice(&(libc::AF_INET6 as u16).to_ne_bytes());
+        v6[2..4].copy_from_slice(&443u16.to_be_bytes());
+        v6[23] = 1;
+        assert_eq!(addr(&hex::encode(&v6)), "[::1]:443");
+        assert_eq!(addr(""), "unbound");
+        assert_eq!(addr("zz"), "an unreadable address");
+    }
+
+    #[test]
+    fn control_characters_are_escaped_on_one_line() {
+        let args = ["sh".to_string(), "-c".into(), "a\nb\tc".into()];
+        assert_eq!(command_text(&args), "sh -c a\\nb\\tc");
+    }
+
+    #[test]
+    fn padding_and_truncation_count_characters() {
+        assert_eq!(pad("├─ 12", 8), "├─ 12   ");
+        assert_eq!(truncate("abcdef", 4), "abc…");
+        assert_eq!(truncate("abc", 4), "abc");
+    }
+
+    #[test]
+    fn an_empty_report_renders_without_records() {
+        let p = PartialImage {
+            dir: "/nowhere".into(),
+            manifest: None,
+            tree: None,
+            problems: vec![torpor_image::ImageError::NoManifest { dir: "/nowhere".into() }],
+        };
+        let r = build(&p);
+        assert!(!r.complete);
+        let mut out = String::new();
+        render(&r, &mut out);
+        assert!(out.contains("DAMAGED") && out.contains("No process records"), "{out}");
+    }
+}
