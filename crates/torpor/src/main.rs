@@ -18,7 +18,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::{Context, Result};
-use clap::{CommandFactory, Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand, ValueHint};
 
 #[derive(Parser)]
 #[command(
@@ -40,7 +40,7 @@ struct Cli {
     #[arg(short, long, global = true)]
     quiet: bool,
     /// Write logs to this file (appended) instead of stderr, at least at the -v level.
-    #[arg(long, global = true, value_name = "PATH")]
+    #[arg(long, global = true, value_name = "PATH", value_hint = ValueHint::FilePath)]
     log_file: Option<PathBuf>,
     #[command(subcommand)]
     command: Command,
@@ -58,7 +58,7 @@ enum Command {
         /// The process to hibernate.
         pid: i32,
         /// Directory to write the image into (created, mode 0700).
-        #[arg(short = 'D', long = "dir")]
+        #[arg(short = 'D', long = "dir", value_hint = ValueHint::DirPath)]
         dir: PathBuf,
         /// Let the process run on after the dump instead of ending it.
         #[arg(long)]
@@ -101,13 +101,13 @@ enum Command {
         torpor restore -D job.img --shell-job                 wake a shell job in this terminal")]
     Restore {
         /// Directory holding the image.
-        #[arg(short = 'D', long = "dir")]
+        #[arg(short = 'D', long = "dir", value_hint = ValueHint::DirPath)]
         dir: PathBuf,
         /// Return as soon as the process runs instead of waiting for it to end.
         #[arg(long)]
         detach: bool,
         /// Write the restored process's pid into this file.
-        #[arg(long)]
+        #[arg(long, value_hint = ValueHint::FilePath)]
         pidfile: Option<PathBuf>,
         /// Reach the running kernel's vDSO through jumps even when it is the saved one
         /// (tests the path taken after a reboot into another kernel).
@@ -131,7 +131,7 @@ enum Command {
         after_help = "Example:\n  torpor verify -D /var/tmp/app.img && torpor restore -D /var/tmp/app.img"
     )]
     Verify {
-        #[arg(short = 'D', long = "dir")]
+        #[arg(short = 'D', long = "dir", value_hint = ValueHint::DirPath)]
         dir: PathBuf,
     },
     /// Show what an image holds: processes, threads, memory, descriptors, and any damage.
@@ -142,7 +142,7 @@ enum Command {
         what could be read is shown all the same.")]
     Inspect {
         /// Directory holding the image (also accepted as -D DIR).
-        #[arg(required_unless_present = "dir_flag")]
+        #[arg(required_unless_present = "dir_flag", value_hint = ValueHint::DirPath)]
         dir: Option<PathBuf>,
         /// The same as DIR.
         #[arg(
@@ -150,7 +150,8 @@ enum Command {
             long = "dir",
             id = "dir_flag",
             value_name = "DIR",
-            conflicts_with = "dir"
+            conflicts_with = "dir",
+            value_hint = ValueHint::DirPath
         )]
         dir_flag: Option<PathBuf>,
         /// Print JSON for scripts (schema in docs/inspect-json.md).
@@ -163,6 +164,7 @@ enum Command {
         torpor list --json /var/tmp      the same for scripts")]
     List {
         /// The directory holding image directories (or an image directory itself).
+        #[arg(value_hint = ValueHint::DirPath)]
         dir: PathBuf,
         /// Print JSON for scripts: an array of {path, root_pid, pid_namespace, processes,
         /// command, bytes, created_unix, complete, problem}.
@@ -176,10 +178,10 @@ enum Command {
         torpor run --pidfile s.pid -- ./server  the pid to give `torpor dump`, in a file")]
     Run {
         /// Write the program's pid (as seen from outside) into this file.
-        #[arg(long)]
+        #[arg(long, value_hint = ValueHint::FilePath)]
         pidfile: Option<PathBuf>,
         /// The program and its arguments.
-        #[arg(trailing_var_arg = true, required = true)]
+        #[arg(trailing_var_arg = true, required = true, value_hint = ValueHint::CommandWithArguments)]
         cmd: Vec<String>,
     },
     /// List the programs started with `torpor run` that are still running.
@@ -214,7 +216,7 @@ enum Command {
         /// The command whose page to print, instead of torpor's own.
         command: Option<String>,
         /// Write every page (torpor.1, torpor-dump.1...) into this directory instead.
-        #[arg(long, conflicts_with = "command")]
+        #[arg(long, conflicts_with = "command", value_hint = ValueHint::DirPath)]
         dir: Option<PathBuf>,
     },
     /// The demo's counting program (internal).

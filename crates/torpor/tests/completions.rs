@@ -33,6 +33,19 @@ fn completion_scripts_name_every_command() {
 }
 
 #[test]
+fn image_directories_complete_as_directories() {
+    let zsh = stdout_ok(&["completions", "zsh"]);
+    let dump = zsh.split("(dump)").nth(1).expect("a dump section");
+    let dump = dump.split(";;").next().unwrap();
+    assert!(dump.contains("--dir") && dump.contains("_files -/"), "{dump}");
+    let fish = stdout_ok(&["completions", "fish"]);
+    assert!(
+        fish.lines().any(|l| l.contains("inspect") && l.contains("__fish_complete_directories")),
+        "{fish}"
+    );
+}
+
+#[test]
 fn bash_accepts_the_completion_script() {
     let script = stdout_ok(&["completions", "bash"]);
     let dir = TempDir::new().unwrap();
