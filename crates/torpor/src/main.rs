@@ -273,8 +273,7 @@ fn hint(e: &anyhow::Error) -> Option<&'static str> {
             .is_some_and(|io| io.kind() == std::io::ErrorKind::PermissionDenied)
             || c.to_string().contains("Operation not permitted")
     });
-    // SAFETY: geteuid has no arguments and cannot fail.
-    if permission && unsafe { libc::geteuid() } != 0 {
+    if permission && !nix::unistd::geteuid().is_root() {
         return Some(
             "torpor needs root (or CAP_CHECKPOINT_RESTORE with CAP_SYS_PTRACE); \
              `torpor check` shows what is missing here",

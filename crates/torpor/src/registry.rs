@@ -39,13 +39,13 @@ pub fn dir() -> PathBuf {
     if let Some(d) = std::env::var_os("TORPOR_RUN_DIR") {
         return PathBuf::from(d);
     }
-    // SAFETY: geteuid has no arguments and cannot fail.
-    if unsafe { libc::geteuid() } == 0 {
+    let uid = nix::unistd::geteuid();
+    if uid.is_root() {
         return PathBuf::from("/run/torpor/run");
     }
     match std::env::var_os("XDG_RUNTIME_DIR") {
         Some(d) => PathBuf::from(d).join("torpor/run"),
-        None => std::env::temp_dir().join(format!("torpor-{}/run", unsafe { libc::geteuid() })),
+        None => std::env::temp_dir().join(format!("torpor-{uid}/run")),
     }
 }
 
