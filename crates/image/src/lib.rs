@@ -38,6 +38,7 @@
 mod check;
 pub mod model;
 pub mod pages;
+mod partial;
 
 use std::collections::HashSet;
 use std::fs::{self, File, OpenOptions};
@@ -49,6 +50,7 @@ use serde::{Deserialize, Serialize};
 use xxhash_rust::xxh3::Xxh3;
 
 pub use check::check_tree;
+pub use partial::{read_partial, PartialImage};
 
 /// The first field of every manifest.
 pub const MAGIC: &str = "torpor-image";

@@ -6,6 +6,11 @@
 
 mod check;
 mod demo;
+mod inspect;
+mod list;
+mod man;
+mod progress;
+mod registry;
 mod run;
 
 use std::io::Write;
@@ -13,7 +18,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::{Context, Result};
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand, ValueHint};
 
 #[derive(Parser)]
 #[command(
@@ -21,8 +26,11 @@ use clap::{Parser, Subcommand};
     version,
     about = "Hibernate a running Linux process to disk and wake it later",
     after_help = "Examples:\n  torpor dump 4242 -D /var/tmp/app.img       hibernate pid 4242\n  \
+                  torpor inspect /var/tmp/app.img            see what the image holds\n  \
                   torpor restore -D /var/tmp/app.img         wake it, wait for it to end\n  \
-                  torpor demo                                see it happen to a counter"
+                  torpor list /var/tmp                       the images saved there\n  \
+                  torpor demo                                see it happen to a counter\n\n\
+                  `torpor COMMAND --help` shows the options and examples of each command."
 )]
 struct Cli {
     /// Log what torpor does (-v info, -vv debug, -vvv trace).
@@ -31,6 +39,9 @@ struct Cli {
     /// Print nothing but errors.
     #[arg(short, long, global = true)]
     quiet: bool,
+    /// Write logs to this file (appended) instead of stderr, at least at the -v level.
+    #[arg(long, global = true, value_name = "PATH", value_hint = ValueHint::FilePath)]
+    log_file: Option<PathBuf>,
     #[command(subcommand)]
     command: Command,
 }
@@ -38,11 +49,16 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Freeze a process, write its image into a directory, then end it.
+    #[command(after_help = "Examples:\n  \
+        torpor dump 4242 -D /var/tmp/app.img                  hibernate pid 4242 and its children\n  \
+        torpor dump 4242 -D snap.img --leave-running          a snapshot; the process runs on\n  \
+        torpor dump 4242 -D app.img --tcp-established         keep its open TCP connections\n  \
+        torpor dump 4242 -D job.img --shell-job               a job of an interactive shell")]
     Dump {
         /// The process to hibernate.
         pid: i32,
         /// Directory to write the image into (created, mode 0700).
-        #[arg(short = 'D', long = "dir")]
+        #[arg(short = 'D', long = "dir", value_hint = ValueHint::DirPath)]
         dir: PathBuf,
         /// Let the process run on after the dump instead of ending it.
         #[arg(long)]
@@ -79,15 +95,19 @@ enum Command {
         pre_copy: bool,
     },
     /// Wake the process saved in an image, with its original pid, and wait for it.
+    #[command(after_help = "Examples:\n  \
+        torpor restore -D /var/tmp/app.img                    wake it, wait, exit with its status\n  \
+        torpor restore -D app.img --detach --pidfile app.pid  wake it in the background\n  \
+        torpor restore -D job.img --shell-job                 wake a shell job in this terminal")]
     Restore {
         /// Directory holding the image.
-        #[arg(short = 'D', long = "dir")]
+        #[arg(short = 'D', long = "dir", value_hint = ValueHint::DirPath)]
         dir: PathBuf,
         /// Return as soon as the process runs instead of waiting for it to end.
         #[arg(long)]
         detach: bool,
         /// Write the restored process's pid into this file.
-        #[arg(long)]
+        #[arg(long, value_hint = ValueHint::FilePath)]
         pidfile: Option<PathBuf>,
         /// Reach the running kernel's vDSO through jumps even when it is the saved one
         /// (tests the path taken after a reboot into another kernel).
@@ -107,24 +127,98 @@ enum Command {
         lazy_prefetch_after_ms: u64,
     },
     /// Check an image completely (checksums, format, CPU, files) without restoring it.
+    #[command(
+        after_help = "Example:\n  torpor verify -D /var/tmp/app.img && torpor restore -D /var/tmp/app.img"
+    )]
     Verify {
-        #[arg(short = 'D', long = "dir")]
+        #[arg(short = 'D', long = "dir", value_hint = ValueHint::DirPath)]
         dir: PathBuf,
+    },
+    /// Show what an image holds: processes, threads, memory, descriptors, and any damage.
+    #[command(after_help = "Examples:\n  \
+        torpor inspect /var/tmp/app.img                         at a glance\n  \
+        torpor inspect --json app.img | jq '.processes[].pid'   for scripts\n\n\
+        Exit status: 0 for an intact image, 1 when faults were found;\n\
+        what could be read is shown all the same.")]
+    Inspect {
+        /// Directory holding the image (also accepted as -D DIR).
+        #[arg(required_unless_present = "dir_flag", value_hint = ValueHint::DirPath)]
+        dir: Option<PathBuf>,
+        /// The same as DIR.
+        #[arg(
+            short = 'D',
+            long = "dir",
+            id = "dir_flag",
+            value_name = "DIR",
+            conflicts_with = "dir",
+            value_hint = ValueHint::DirPath
+        )]
+        dir_flag: Option<PathBuf>,
+        /// Print JSON for scripts (schema in docs/inspect-json.md).
+        #[arg(long)]
+        json: bool,
+    },
+    /// List the images in a directory: root pid, processes, size, age, command.
+    #[command(after_help = "Examples:\n  \
+        torpor list /var/tmp             every image directory in /var/tmp\n  \
+        torpor list --json /var/tmp      the same for scripts")]
+    List {
+        /// The directory holding image directories (or an image directory itself).
+        #[arg(value_hint = ValueHint::DirPath)]
+        dir: PathBuf,
+        /// Print JSON for scripts: an array of {path, root_pid, pid_namespace, processes,
+        /// command, bytes, created_unix, complete, problem}.
+        #[arg(long)]
+        json: bool,
     },
     /// Start a program as the first process of its own pid namespace, so that its tree
     /// can be woken even where its pids are taken; waits for it.
+    #[command(after_help = "Examples:\n  \
+        torpor run -- python3 server.py         start it; `torpor ps` lists it with its pid\n  \
+        torpor run --pidfile s.pid -- ./server  the pid to give `torpor dump`, in a file")]
     Run {
         /// Write the program's pid (as seen from outside) into this file.
-        #[arg(long)]
+        #[arg(long, value_hint = ValueHint::FilePath)]
         pidfile: Option<PathBuf>,
         /// The program and its arguments.
-        #[arg(trailing_var_arg = true, required = true)]
+        #[arg(trailing_var_arg = true, required = true, value_hint = ValueHint::CommandWithArguments)]
         cmd: Vec<String>,
+    },
+    /// List the programs started with `torpor run` that are still running.
+    #[command(after_help = "Example:\n  \
+        torpor ps                      PID, processes in its tree, memory, age, command\n  \
+        torpor dump \"$(torpor ps --json | jq '.[0].pid')\" -D app.img")]
+    Ps {
+        /// Print JSON for scripts: an array of {pid, processes, rss_bytes, started_unix,
+        /// command, cwd}.
+        #[arg(long)]
+        json: bool,
     },
     /// Report which kernel features torpor relies on are present here.
     Check,
     /// Start a small counting program, hibernate it, wake it, show the count carry on.
     Demo,
+    /// Print a shell completion script for bash, zsh, fish, elvish or PowerShell.
+    #[command(after_help = "Examples:\n  \
+        torpor completions bash > /etc/bash_completion.d/torpor\n  \
+        torpor completions zsh > \"${fpath[1]}/_torpor\"\n  \
+        torpor completions fish > ~/.config/fish/completions/torpor.fish")]
+    Completions {
+        /// The shell to complete in.
+        shell: clap_complete::Shell,
+    },
+    /// Print the manual page (roff), of torpor or of one of its commands.
+    #[command(after_help = "Examples:\n  \
+        torpor man | man -l -                 read it now\n  \
+        torpor man dump | man -l -            the page of `torpor dump`\n  \
+        torpor man --dir /usr/local/share/man/man1   install every page")]
+    Man {
+        /// The command whose page to print, instead of torpor's own.
+        command: Option<String>,
+        /// Write every page (torpor.1, torpor-dump.1...) into this directory instead.
+        #[arg(long, conflicts_with = "command", value_hint = ValueHint::DirPath)]
+        dir: Option<PathBuf>,
+    },
     /// The demo's counting program (internal).
     #[command(name = "__count", hide = true)]
     Count { log: PathBuf },
@@ -138,11 +232,21 @@ fn main() -> ExitCode {
             return if e.use_stderr() { ExitCode::from(2) } else { ExitCode::SUCCESS };
         }
     };
-    init_logging(cli.verbose, cli.quiet);
-    match run(cli) {
-        Ok(code) => ExitCode::from(code),
+    let logs_on_stderr = match init_logging(cli.verbose, cli.quiet, cli.log_file.as_deref()) {
+        Ok(on_stderr) => on_stderr,
         Err(e) => {
             eprintln!("torpor: {e:#}");
+            return ExitCode::from(1);
+        }
+    };
+    let show_progress = progress::wanted(cli.quiet, logs_on_stderr);
+    match run(cli, show_progress) {
+        Ok(code) => ExitCode::from(code),
+        Err(e) => {
+            match hint(&e) {
+                Some(h) => eprintln!("torpor: {e:#}; {h}"),
+                None => eprintln!("torpor: {e:#}"),
+            }
             ExitCode::from(1)
         }
     }
@@ -158,20 +262,97 @@ fn parse_level(s: &str) -> std::result::Result<i32, String> {
     Ok(level)
 }
 
-fn init_logging(verbose: u8, quiet: bool) {
-    let level = match (quiet, verbose) {
-        (true, _) => "error",
-        (_, 0) => "warn",
-        (_, 1) => "info",
-        (_, 2) => "debug",
-        _ => "trace",
-    };
-    let filter = tracing_subscriber::EnvFilter::try_from_env("TORPOR_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+/// What to do next about a failure, when the message itself does not say it.
+fn hint(e: &anyhow::Error) -> Option<&'static str> {
+    use torpor_dump::DumpError;
+    use torpor_image::ImageError;
+    use torpor_restore::RestoreError;
+
+    let permission = e.chain().any(|c| {
+        c.downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::PermissionDenied)
+            || c.to_string().contains("Operation not permitted")
+    });
+    if permission && !nix::unistd::geteuid().is_root() {
+        return Some(
+            "torpor needs root (or CAP_CHECKPOINT_RESTORE with CAP_SYS_PTRACE); \
+             `torpor check` shows what is missing here",
+        );
+    }
+    for c in e.chain() {
+        if let Some(d) = c.downcast_ref::<DumpError>() {
+            return match d {
+                DumpError::NoSuchProcess { .. } => Some(
+                    "check the pid (`ps -p PID`; `torpor ps` lists the programs \
+                     `torpor run` started)",
+                ),
+                DumpError::Traced { .. } => Some("detach the debugger, then dump again"),
+                DumpError::Zombie { .. } => {
+                    Some("it has nothing left to save; its parent reaps it with wait()")
+                }
+                DumpError::Image(i) => image_hint(i),
+                _ => None,
+            };
+        }
+        if let Some(r) = c.downcast_ref::<RestoreError>() {
+            return match r {
+                RestoreError::FileChanged { .. } => {
+                    Some("put the file back as it was at the dump, or dump the process again")
+                }
+                RestoreError::Image(i) => image_hint(i),
+                RestoreError::Unsupported { .. } => {
+                    Some("use the torpor that made the image (`torpor inspect DIR` names it)")
+                }
+                _ => None,
+            };
+        }
+        if let Some(i) = c.downcast_ref::<ImageError>() {
+            return image_hint(i);
+        }
+    }
+    None
 }
 
-fn run(cli: Cli) -> Result<u8> {
+/// Sets up logging: to `log_file` when given (at least at info level), else to stderr.
+/// Returns whether logs other than warnings may appear on stderr.
+fn init_logging(verbose: u8, quiet: bool, log_file: Option<&std::path::Path>) -> Result<bool> {
+    let level = match (quiet, verbose, log_file.is_some()) {
+        (true, _, false) => "error",
+        (_, 0, false) => "warn",
+        (_, 0 | 1, _) => "info",
+        (_, 2, _) => "debug",
+        _ => "trace",
+    };
+    let from_env = std::env::var_os("TORPOR_LOG").is_some();
+    let filter = tracing_subscriber::EnvFilter::try_from_env("TORPOR_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
+    match log_file {
+        Some(path) => {
+            let file =
+                std::fs::OpenOptions::new().create(true).append(true).open(path).with_context(
+                    || {
+                        format!(
+                            "cannot open the log file {} (does its directory exist and can \
+                         torpor write there?)",
+                            path.display()
+                        )
+                    },
+                )?;
+            tracing_subscriber::fmt()
+                .with_env_filter(filter)
+                .with_ansi(false)
+                .with_writer(std::sync::Mutex::new(file))
+                .init();
+            Ok(false)
+        }
+        None => {
+            tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+            Ok(from_env || verbose > 0)
+        }
+    }
+}
+
+fn run(cli: Cli, show_progress: bool) -> Result<u8> {
     let quiet = cli.quiet;
     match cli.command {
         Command::Dump {
@@ -198,11 +379,20 @@ fn run(cli: Cli) -> Result<u8> {
                 parent,
                 pre_copy,
             };
-            let s =
-                // An interrupted dump would leave the process stopped halfway through a call
-                // torpor runs in it: an interruption waits until it is itself again.
-                with_signals_deferred(|| torpor_dump::dump(&opts))
-                    .with_context(|| format!("dump of pid {pid} failed"))?;
+            let bar = if show_progress {
+                let estimate = progress::dump_estimate(pid);
+                let measure = progress::Measure::DirSize { dir: dir.clone(), estimate };
+                progress::Progress::start(format!("saving pid {pid}"), measure)
+            } else {
+                progress::Progress::none()
+            };
+            // An interrupted dump would leave the process stopped halfway through a call
+            // torpor runs in it: an interruption waits until it is itself again.
+            tracing::info!("dump of pid {pid} into {} begins", dir.display());
+            let s = with_signals_deferred(|| torpor_dump::dump(&opts));
+            bar.finish();
+            let s = s.with_context(|| format!("dump of pid {pid} failed"))?;
+            tracing::info!("dump of pid {pid} done: {s:?}");
             if !quiet {
                 eprintln!(
                     "torpor: pid {pid} saved to {}: {} pages ({}), {} zero pages skipped{}, frozen {:.1} ms, total {:.1} ms{}",
@@ -242,14 +432,26 @@ fn run(cli: Cli) -> Result<u8> {
                 lazy,
                 lazy_prefetch_after: std::time::Duration::from_millis(lazy_prefetch_after_ms),
             };
+            let bar = if show_progress {
+                let measure = progress::Measure::ReadBytes { total: progress::image_size(&dir) };
+                progress::Progress::start(format!("waking {}", dir.display()), measure)
+            } else {
+                progress::Progress::none()
+            };
+            tracing::info!("restore from {} begins", dir.display());
+            let mut registered = false;
             // A lazy restore keeps the signals held until every page is loaded: the page
             // server takes them and kills the tree, which cannot run without its memory.
             let r = with_signals_deferred(|| -> Result<_> {
-                let mut r = torpor_restore::restore(&opts)
-                    .with_context(|| format!("restore from {} failed", dir.display()))?;
+                let restored = torpor_restore::restore(&opts);
+                bar.finish();
+                let mut r =
+                    restored.with_context(|| format!("restore from {} failed", dir.display()))?;
+                tracing::info!("restore from {} done: pid {} runs", dir.display(), r.pid);
                 if let Some(p) = &pidfile {
                     write_pidfile(p, r.pid)?;
                 }
+                registered = register_woken(&dir, r.pid);
                 if !quiet {
                     eprintln!(
                         "torpor: pid {} woken from {} ({}) in {:.1} ms{}",
@@ -274,12 +476,28 @@ fn run(cli: Cli) -> Result<u8> {
                 }
                 None => torpor_restore::wait(r.pid),
             }
-            .with_context(|| format!("waiting for pid {} failed", r.pid))?;
-            Ok(code.clamp(0, 255) as u8)
+            .with_context(|| format!("waiting for pid {} failed", r.pid));
+            if registered {
+                registry::remove(r.pid);
+            }
+            Ok(code?.clamp(0, 255) as u8)
         }
         Command::Verify { dir } => {
-            let (reader, tree) = torpor_restore::check_image(&dir)
-                .with_context(|| format!("image {} is not usable", dir.display()))?;
+            let bar = if show_progress {
+                let measure = progress::Measure::ReadBytes { total: progress::image_size(&dir) };
+                progress::Progress::start(format!("checking {}", dir.display()), measure)
+            } else {
+                progress::Progress::none()
+            };
+            let checked = torpor_restore::check_image(&dir);
+            bar.finish();
+            let (reader, tree) = checked.with_context(|| {
+                format!(
+                    "image {} is not usable (`torpor inspect {}` shows what it holds)",
+                    dir.display(),
+                    dir.display()
+                )
+            })?;
             if !quiet {
                 let p = &tree.processes[0];
                 println!(
@@ -296,9 +514,61 @@ fn run(cli: Cli) -> Result<u8> {
             Ok(0)
         }
         Command::Run { pidfile, cmd } => run::run(&cmd, pidfile.as_deref(), quiet),
+        Command::Inspect { dir, dir_flag, json } => {
+            let dir = dir.or(dir_flag).expect("clap requires one of them");
+            inspect::run(&dir, json)
+        }
+        Command::Completions { shell } => {
+            // Some generators offer hidden commands too: leave them out of the definition.
+            let full = Cli::command();
+            let mut cmd = clap::Command::new("torpor")
+                .args(full.get_arguments().cloned())
+                .subcommands(full.get_subcommands().filter(|s| !s.is_hide_set()).cloned());
+            clap_complete::generate(shell, &mut cmd, "torpor", &mut std::io::stdout());
+            Ok(0)
+        }
+        Command::Man { command, dir } => man::run(command.as_deref(), dir.as_deref()),
+        Command::Ps { json } => registry::ps(json),
+        Command::List { dir, json } => list::run(&dir, json),
         Command::Check => check::run(quiet),
         Command::Demo => demo::run(),
         Command::Count { log } => demo::count(&log),
+    }
+}
+
+fn image_hint(e: &torpor_image::ImageError) -> Option<&'static str> {
+    use torpor_image::ImageError;
+    match e {
+        ImageError::Read { source, .. } if source.kind() == std::io::ErrorKind::NotFound => {
+            Some("check the path; `torpor list DIR` lists the images in a directory")
+        }
+        ImageError::Checksum { .. } | ImageError::Length { .. } | ImageError::Missing { .. } => {
+            Some("the image is damaged; `torpor inspect DIR` shows what it still holds")
+        }
+        ImageError::Version { .. } => {
+            Some("restore it with the torpor version that made it (`torpor inspect DIR`)")
+        }
+        ImageError::CreateDir { .. } | ImageError::Write { .. } => {
+            Some("choose a directory torpor can write, with room for the image")
+        }
+        _ => None,
+    }
+}
+
+/// Lists a tree woken from an image made under `torpor run` in `torpor ps`, as its first
+/// start was; returns whether it did.
+fn register_woken(dir: &std::path::Path, pid: i32) -> bool {
+    let Some(tree) = torpor_image::read_partial(dir).tree.filter(|t| t.pid_ns) else {
+        return false;
+    };
+    let Some(ticks) = registry::start_ticks(pid) else { return false };
+    let cmd = tree.processes.first().map(|p| p.cmdline.clone()).unwrap_or_default();
+    match registry::add(pid, ticks, &cmd) {
+        Ok(_) => true,
+        Err(e) => {
+            tracing::warn!("`torpor ps` will not list pid {pid}: {e:#}");
+            false
+        }
     }
 }
 

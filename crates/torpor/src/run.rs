@@ -34,6 +34,10 @@ pub fn run(cmd: &[String], pidfile: Option<&Path>, quiet: bool) -> Result<u8> {
     mount(None, c"/", None, libc::MS_REC | libc::MS_PRIVATE)
         .context("cannot make the new mount namespace private")?;
 
+    // The program's /proc is mounted over this one: keep a way to this pid namespace's
+    // view, where its pid (the one to give `torpor dump`) has a start time.
+    let host_proc = std::fs::File::open("/proc").context("cannot open /proc")?;
+
     let mut command = Command::new(program);
     command.args(&cmd[1..]);
     // SAFETY: the closure makes one mount system call on static strings, which is
@@ -54,13 +58,25 @@ pub fn run(cmd: &[String], pidfile: Option<&Path>, quiet: bool) -> Result<u8> {
         std::fs::write(path, format!("{pid}\n"))
             .with_context(|| format!("cannot write pid file {}", path.display()))?;
     }
+    let ticks = crate::registry::start_ticks_at(&host_proc, pid as i32).unwrap_or(0);
+    let registered = match crate::registry::add(pid as i32, ticks, cmd) {
+        Ok(_) => true,
+        Err(e) => {
+            tracing::warn!("`torpor ps` will not list pid {pid}: {e:#}");
+            false
+        }
+    };
     if !quiet {
         eprintln!(
             "torpor: {program} runs as pid {pid} (pid 1 in its own pid namespace); \
              `torpor dump {pid} -D DIR` hibernates its whole tree"
         );
     }
-    let status = child.wait().with_context(|| format!("waiting for pid {pid} failed"))?;
+    let status = child.wait();
+    if registered {
+        crate::registry::remove(pid as i32);
+    }
+    let status = status.with_context(|| format!("waiting for pid {pid} failed"))?;
     Ok(match (status.code(), status.signal()) {
         (Some(code), _) => code as u8,
         (None, Some(sig)) => 128 + sig as u8,

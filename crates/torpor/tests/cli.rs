@@ -48,3 +48,21 @@ fn check_passes_on_this_machine() {
     let out = torpor(["check"]);
     assert!(out.status.success(), "torpor check: {:?}\n{}", out.status, stderr_of(&out));
 }
+
+#[test]
+fn failures_say_what_to_do_next() {
+    let dir = TempDir::new().expect("tempdir");
+    let missing = dir.path().join("no-such-image");
+    for (args, next) in [
+        (vec!["dump".as_ref(), "999999".as_ref(), "-D".as_ref(), missing.as_os_str()], "ps -p"),
+        (vec!["restore".as_ref(), "-D".as_ref(), missing.as_os_str()], "torpor list"),
+        (vec!["verify".as_ref(), "-D".as_ref(), dir.path().as_os_str()], "torpor inspect"),
+        (vec!["list".as_ref(), missing.as_os_str()], "give the directory"),
+    ] {
+        let out = torpor(&args);
+        let stderr = stderr_of(&out);
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {stderr}");
+        assert_eq!(stderr.trim().lines().count(), 1, "{args:?}: want one line: {stderr}");
+        assert!(stderr.contains(next), "{args:?}: no next step ({next}) in: {stderr}");
+    }
+}
