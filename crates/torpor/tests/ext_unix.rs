@@ -1,0 +1,244 @@
+//! Unix sockets connected to a peer outside the dumped tree, which the test itself plays:
+//! dump refuses them unless the peer is named with `--external`, and restore connects
+//! them again to the peer's address on the same descriptor (fixture `ext_unix.c`).
+
+mod common;
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::linux::net::SocketAddrExt;
+use std::os::unix::net::{UnixDatagram, UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::thread::sleep;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use common::{
+    assert_catches_damage, assert_pid_gone, assert_restore_refused, assert_running_untraced,
+    stderr_of, Fixture, Restore, FINISH_TIMEOUT,
+};
+use tempfile::TempDir;
+
+/// A line server outside the tree: answers every line with `conn=K echo:LINE`, K counting
+/// the connections it accepted from 1.
+struct EchoServer {
+    path: PathBuf,
+    accepted: Arc<AtomicUsize>,
+}
+
+impl EchoServer {
+    fn start(dir: &Path) -> EchoServer {
+        let path = dir.join("app.sock");
+        let listener = UnixListener::bind(&path).expect("bind the test's server");
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let count = accepted.clone();
+        std::thread::spawn(move || {
+            for s in listener.incoming() {
+                let Ok(s) = s else { return };
+                let k = count.fetch_add(1, Ordering::SeqCst) + 1;
+                std::thread::spawn(move || {
+                    for line in BufReader::new(&s).lines() {
+                        let Ok(line) = line else { return };
+                        if writeln!(&s, "conn={k} echo:{line}").is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        EchoServer { path, accepted }
+    }
+
+    fn addr(&self) -> String {
+        self.path.display().to_string()
+    }
+
+    fn accepted(&self) -> usize {
+        self.accepted.load(Ordering::SeqCst)
+    }
+}
+
+fn start_client(server: &EchoServer) -> Fixture {
+    Fixture::start("ext_unix", &["stream", &server.addr()])
+}
+
+/// Says go to a fixture that runs on as it was (never dumped, or dumped and refused) and
+/// expects it to PASS.
+fn go_and_pass(f: &mut Fixture) {
+    f.go();
+    let status = f.wait_exit(FINISH_TIMEOUT);
+    assert!(status.success(), "ext_unix exited with {status:?}; log:\n{}", f.log_text());
+    f.assert_log_passed();
+}
+
+#[test]
+fn ext_unix_fixture_passes_without_torpor() {
+    let dir = TempDir::new().expect("server dir");
+    let server = EchoServer::start(dir.path());
+    let mut f = start_client(&server);
+    go_and_pass(&mut f);
+    let log = f.log_text();
+    assert!(log.contains("BEFORE conn=1") && log.contains("AFTER conn=1"), "log:\n{log}");
+}
+
+#[test]
+fn ext_unix_fixture_catches_damage() {
+    let dir = TempDir::new().expect("server dir");
+    let server = EchoServer::start(dir.path());
+    assert_catches_damage("ext_unix", &["stream", &server.addr()], &["quiet"]);
+    let log = dir.path().join("log.sock");
+    let _sink = UnixDatagram::bind(&log).expect("bind the test's datagram socket");
+    let own = dir.path().join("client.sock");
+    let _ = std::fs::remove_file(&own);
+    let (log, own) = (log.display().to_string(), own.display().to_string());
+    assert_catches_damage("ext_unix", &["dgram", &log, &own], &["name"]);
+}
+
+#[test]
+fn stream_client_of_an_outside_server_reconnects_on_its_same_fd() {
+    let dir = TempDir::new().expect("server dir");
+    let server = EchoServer::start(dir.path());
+    let mut f = start_client(&server);
+    let images = TempDir::new().expect("image dir");
+    f.dump_ok_with(images.path(), &["--external", &format!("unix:{}", server.addr())]);
+    assert_eq!(server.accepted(), 1, "the server saw other clients before the restore");
+
+    let mut restore = Restore::spawn(images.path(), &[]);
+    restore.wait_for_process(&f);
+    // The restored socket is a new client of the same server.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while server.accepted() < 2 && std::time::Instant::now() < deadline {
+        sleep(Duration::from_millis(10));
+    }
+    assert_eq!(server.accepted(), 2, "the restore did not connect to the server again");
+    // Quiet until go: the fixture checks its connection stays open.
+    sleep(Duration::from_millis(200));
+    f.go();
+    let status = restore.wait(FINISH_TIMEOUT).expect("restored ext_unix did not finish");
+    let log = f.log_text();
+    assert!(status.success(), "restore: {status:?}; stderr:\n{}\nlog:\n{log}", restore.stderr());
+    f.assert_log_passed();
+    // Before: the first connection. After: the same descriptor, the second connection.
+    assert!(log.contains("BEFORE conn=1") && log.contains("AFTER conn=2"), "log:\n{log}");
+}
+
+#[test]
+fn datagram_client_of_an_outside_socket_keeps_sending_from_its_own_name() {
+    let dir = TempDir::new().expect("server dir");
+    let log_path = dir.path().join("log.sock");
+    let sink = UnixDatagram::bind(&log_path).expect("bind the test's datagram socket");
+    sink.set_read_timeout(Some(Duration::from_secs(10))).expect("read timeout");
+    let nanos = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_nanos();
+    let own = format!("torpor-ext-unix-{}-{nanos}", std::process::id());
+    let mut f =
+        Fixture::start("ext_unix", &["dgram", &log_path.display().to_string(), &format!("@{own}")]);
+    let log = f.log.clone();
+    let receive = |want: &str| {
+        let mut buf = [0u8; 64];
+        let (n, from) = sink.recv_from(&mut buf).unwrap_or_else(|e| {
+            let log = std::fs::read_to_string(&log).unwrap_or_default();
+            panic!("waiting for {want:?}: {e}; log:\n{log}")
+        });
+        assert_eq!(&buf[..n], want.as_bytes());
+        assert_eq!(from.as_abstract_name(), Some(own.as_bytes()), "sender of {want:?}");
+    };
+    receive("msg 1");
+
+    // `--external unix`: every peer outside the tree that has an address.
+    let images = TempDir::new().expect("image dir");
+    f.dump_ok_with(images.path(), &["--external", "unix"]);
+    let mut restore = Restore::spawn(images.path(), &[]);
+    restore.wait_for_process(&f);
+    f.go();
+    receive("msg 2");
+    let status = restore.wait(FINISH_TIMEOUT).expect("restored ext_unix did not finish");
+    assert!(status.success(), "restore: {status:?}; stderr:\n{}", restore.stderr());
+    f.assert_log_passed();
+}
+
+#[test]
+fn dump_refuses_an_outside_peer_it_was_not_told_about_and_names_the_option() {
+    let dir = TempDir::new().expect("server dir");
+    let server = EchoServer::start(dir.path());
+    let mut f = start_client(&server);
+    let fd = f.ready_value("fd");
+    let images = TempDir::new().expect("image dir");
+    for extra in [&[][..], &["--external", "unix:/nonexistent/other.sock"][..]] {
+        let out = f.dump(images.path(), extra);
+        let err = stderr_of(&out);
+        assert_eq!(out.status.code(), Some(1), "dump {extra:?}: {err}");
+        for want in [
+            format!("fd {fd} is a unix stream socket"),
+            format!("connected to {}", server.addr()),
+            format!("--external unix:{}", server.addr()),
+        ] {
+            assert!(err.contains(&want), "dump {extra:?} does not say {want:?}: {err}");
+        }
+        assert_running_untraced(f.pid);
+    }
+    // It runs on as it was, on its first connection.
+    go_and_pass(&mut f);
+    assert!(f.log_text().contains("AFTER conn=1"), "log:\n{}", f.log_text());
+    assert_eq!(server.accepted(), 1);
+}
+
+#[test]
+fn peer_without_an_address_is_refused_even_when_named() {
+    let dir = TempDir::new().expect("socket dir");
+    let addr = dir.path().join("srv.sock").display().to_string();
+    let mut f = Fixture::start("ext_unix", &["server", &addr]);
+    // An unbound client: the fixture's accepted socket has a peer with no address.
+    let _client = UnixStream::connect(&addr).expect("connect to the fixture");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !f.log_text().contains("ACCEPTED") {
+        assert!(std::time::Instant::now() < deadline, "not accepted; log:\n{}", f.log_text());
+        sleep(Duration::from_millis(10));
+    }
+    let images = TempDir::new().expect("image dir");
+    let refused = |extra: &[&str]| {
+        let out = f.dump(images.path(), extra);
+        let err = stderr_of(&out);
+        assert_eq!(out.status.code(), Some(1), "dump {extra:?}: {err}");
+        assert!(err.contains("has no address"), "dump {extra:?}: {err}");
+        assert_running_untraced(f.pid);
+        err
+    };
+    let err = refused(&[]);
+    assert!(!err.contains("--external unix:"), "suggests an option that cannot help: {err}");
+    refused(&["--external", "unix"]);
+    // Named by the peer's inode, as the message shows it.
+    let peer = err
+        .split("other end (")
+        .nth(1)
+        .and_then(|r| r.split(')').next())
+        .unwrap_or_else(|| panic!("no peer inode in {err}"))
+        .to_string();
+    assert!(peer.starts_with("socket:["), "peer {peer:?} in {err}");
+    refused(&["--external", &format!("unix:{peer}")]);
+    go_and_pass(&mut f);
+}
+
+#[test]
+fn restore_refuses_when_the_outside_peer_is_gone_and_leaves_nothing_running() {
+    let dir = TempDir::new().expect("server dir");
+    let server = EchoServer::start(dir.path());
+    let mut f = start_client(&server);
+    let fd = f.ready_value("fd");
+    let images = TempDir::new().expect("image dir");
+    f.dump_ok_with(images.path(), &["--external", &format!("unix:{}", server.addr())]);
+
+    // The server goes away.
+    std::fs::remove_file(&server.path).expect("remove the server's socket file");
+    let pid = f.pid.to_string();
+    assert_restore_refused(
+        images.path(),
+        &[&format!("pid {pid} fd {fd}"), &server.addr(), "No such file"],
+    );
+    assert_pid_gone(f.pid);
+
+    // Once a server listens there again, the same image wakes and talks to it.
+    let again = EchoServer::start(dir.path());
+    f.restore_and_pass(images.path());
+    assert!(f.log_text().contains("AFTER conn=1"), "log:\n{}", f.log_text());
+    assert_eq!(again.accepted(), 1);
+}
