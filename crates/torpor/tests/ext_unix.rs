@@ -219,6 +219,24 @@ fn peer_without_an_address_is_refused_even_when_named() {
 }
 
 #[test]
+fn socket_with_unread_data_from_an_outside_peer_is_refused_even_when_named() {
+    let dir = TempDir::new().expect("server dir");
+    let server = EchoServer::start(dir.path());
+    let mut f = Fixture::start("ext_unix", &["stream", &server.addr(), "unread"]);
+    let images = TempDir::new().expect("image dir");
+    for external in ["unix", &format!("unix:{}", server.addr())] {
+        let out = f.dump(images.path(), &["--external", external]);
+        let err = stderr_of(&out);
+        assert_eq!(out.status.code(), Some(1), "dump --external {external}: {err}");
+        assert!(err.contains("data queued for reading"), "dump --external {external}: {err}");
+        assert_running_untraced(f.pid);
+    }
+    // The answer is still there for the program to read.
+    go_and_pass(&mut f);
+    assert!(f.log_text().contains("AFTER conn=1"), "log:\n{}", f.log_text());
+}
+
+#[test]
 fn restore_refuses_when_the_outside_peer_is_gone_and_leaves_nothing_running() {
     let dir = TempDir::new().expect("server dir");
     let server = EchoServer::start(dir.path());
