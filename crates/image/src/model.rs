@@ -972,3 +972,25 @@ pub struct Regs {
     pub fs: u64,
     pub gs: u64,
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unix_external_decodes_with_only_what_it_cannot_do_without() {
+        let k: OpenFileKind = serde_json::from_str(
+            r#"{"type": "unix_external", "sock_type": 1, "peer_name": "/run/app.sock"}"#,
+        )
+        .expect("decode");
+        let OpenFileKind::UnixExternal { sock_type, name, peer_name, options, buffers, .. } = &k
+        else {
+            panic!("decoded as {k:?}");
+        };
+        assert_eq!((*sock_type, name.as_str(), peer_name.as_str()), (1, "", "/run/app.sock"));
+        assert!(options.is_empty() && buffers.is_none());
+        let again: OpenFileKind =
+            serde_json::from_str(&serde_json::to_string(&k).unwrap()).expect("round trip");
+        assert_eq!(again, k);
+    }
+}
