@@ -49,6 +49,66 @@ impl EchoServer {
         EchoServer { path, accepted }
     }
 
+    /// The same server over `SOCK_SEQPACKET`, one line per message (std has no such
+    /// socket).
+    fn start_seqpacket(dir: &Path) -> EchoServer {
+        use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+        use std::os::unix::ffi::OsStrExt;
+
+        let path = dir.join("app.sock");
+        // SAFETY: an all-zero sockaddr_un is valid; the path fits (a TempDir path).
+        let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
+        addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
+        for (d, s) in addr.sun_path.iter_mut().zip(path.as_os_str().as_bytes()) {
+            *d = *s as libc::c_char;
+        }
+        // SAFETY: socket, bind and listen take integers and the address just built.
+        let listener = unsafe {
+            let fd = libc::socket(libc::AF_UNIX, libc::SOCK_SEQPACKET | libc::SOCK_CLOEXEC, 0);
+            assert!(fd >= 0, "socket: {}", std::io::Error::last_os_error());
+            let len = std::mem::size_of::<libc::sockaddr_un>() as libc::socklen_t;
+            let bound = libc::bind(fd, &addr as *const _ as *const libc::sockaddr, len) == 0;
+            assert!(bound && libc::listen(fd, 4) == 0, "{}", std::io::Error::last_os_error());
+            OwnedFd::from_raw_fd(fd)
+        };
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let count = accepted.clone();
+        std::thread::spawn(move || loop {
+            // SAFETY: accept4 on the listener, no address asked for.
+            let c = unsafe {
+                libc::accept4(
+                    listener.as_raw_fd(),
+                    std::ptr::null_mut(),
+                    std::ptr::null_mut(),
+                    libc::SOCK_CLOEXEC,
+                )
+            };
+            if c < 0 {
+                return;
+            }
+            // SAFETY: just accepted, owned by nobody else.
+            let c = unsafe { OwnedFd::from_raw_fd(c) };
+            let k = count.fetch_add(1, Ordering::SeqCst) + 1;
+            std::thread::spawn(move || {
+                let mut buf = [0u8; 256];
+                loop {
+                    // SAFETY: recv and send on our own socket, with buffers of the sizes
+                    // passed.
+                    unsafe {
+                        let n = libc::recv(c.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0);
+                        if n <= 0 {
+                            return;
+                        }
+                        let line = String::from_utf8_lossy(&buf[..n as usize]);
+                        let reply = format!("conn={k} echo:{}\n", line.trim_end());
+                        libc::send(c.as_raw_fd(), reply.as_ptr().cast(), reply.len(), 0);
+                    }
+                }
+            });
+        });
+        EchoServer { path, accepted }
+    }
+
     fn addr(&self) -> String {
         self.path.display().to_string()
     }
@@ -120,6 +180,19 @@ fn stream_client_of_an_outside_server_reconnects_on_its_same_fd() {
     f.assert_log_passed();
     // Before: the first connection. After: the same descriptor, the second connection.
     assert!(log.contains("BEFORE conn=1") && log.contains("AFTER conn=2"), "log:\n{log}");
+}
+
+#[test]
+fn seqpacket_client_of_an_outside_server_reconnects_on_its_same_fd() {
+    let dir = TempDir::new().expect("server dir");
+    let server = EchoServer::start_seqpacket(dir.path());
+    let mut f = Fixture::start("ext_unix", &["seqpacket", &server.addr()]);
+    let images = TempDir::new().expect("image dir");
+    f.dump_ok_with(images.path(), &["--external", &format!("unix:{}", server.addr())]);
+    f.restore_and_pass(images.path());
+    let log = f.log_text();
+    assert!(log.contains("BEFORE conn=1") && log.contains("AFTER conn=2"), "log:\n{log}");
+    assert_eq!(server.accepted(), 2);
 }
 
 #[test]
