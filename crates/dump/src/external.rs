@@ -4,8 +4,9 @@
 //! the peer as external (`--external unix:PEER`) when it will still be there at restore: the
 //! socket is then saved as [`OpenFileKind::UnixExternal`], and restore makes a new socket
 //! and connects it to the peer's address. That needs an address (a peer that never bound
-//! one cannot be found again) and an empty receive queue (only the peer can put bytes into
-//! it, and the peer's end is not the one restore connects to).
+//! one cannot be found again), an empty receive queue (only the peer can put bytes into
+//! it, and the peer's end is not the one restore connects to), and a connection open both
+//! ways (as a new one would be).
 
 use std::fmt;
 use std::fs;
@@ -163,6 +164,21 @@ impl FdContext {
         }
         if !peer_name.starts_with('/') && !peer_name.starts_with('@') {
             return Err(refuse(what, relative_advice(&peer_name)));
+        }
+        // A new connection would be open both ways.
+        if let Some(how) = info.map(|i| i.shutdown).filter(|&s| s != 0) {
+            let dirs = match how {
+                1 => "for reading",
+                2 => "for writing",
+                _ => "both ways",
+            };
+            return Err(refuse(
+                what,
+                format!(
+                    "its connection is shut down {dirs} (by the program or its peer), which \
+                     a new connection would not be, so torpor cannot connect it again"
+                ),
+            ));
         }
         let uses = processes.iter().flat_map(|p| &p.open_files);
         let mut own = None;

@@ -20,7 +20,8 @@ use common::{
 use tempfile::TempDir;
 
 /// A line server outside the tree: answers every line with `conn=K echo:LINE`, K counting
-/// the connections it accepted from 1.
+/// the connections it accepted from 1; after answering "bye" it shuts down its sending
+/// side.
 struct EchoServer {
     path: PathBuf,
     accepted: Arc<AtomicUsize>,
@@ -41,6 +42,9 @@ impl EchoServer {
                         let Ok(line) = line else { return };
                         if writeln!(&s, "conn={k} echo:{line}").is_err() {
                             return;
+                        }
+                        if line == "bye" {
+                            let _ = s.shutdown(std::net::Shutdown::Write);
                         }
                     }
                 });
@@ -307,6 +311,21 @@ fn socket_with_unread_data_from_an_outside_peer_is_refused_even_when_named() {
     // The answer is still there for the program to read.
     go_and_pass(&mut f);
     assert!(f.log_text().contains("AFTER conn=1"), "log:\n{}", f.log_text());
+}
+
+#[test]
+fn half_closed_connection_to_an_outside_peer_is_refused_even_when_named() {
+    let dir = TempDir::new().expect("server dir");
+    let server = EchoServer::start(dir.path());
+    let mut f = Fixture::start("ext_unix", &["stream", &server.addr(), "halfclosed"]);
+    let images = TempDir::new().expect("image dir");
+    let out = f.dump(images.path(), &["--external", &format!("unix:{}", server.addr())]);
+    let err = stderr_of(&out);
+    assert_eq!(out.status.code(), Some(1), "dump: {err}");
+    assert!(err.contains("shut down for reading"), "dump: {err}");
+    assert_running_untraced(f.pid);
+    // Still at end of file, and still sending.
+    go_and_pass(&mut f);
 }
 
 #[test]
