@@ -14,7 +14,7 @@ use std::os::unix::fs::MetadataExt;
 use std::str::FromStr;
 
 use torpor_image::model::{self, OpenFileKind};
-use torpor_sys::proc;
+use torpor_sys::{proc, sock};
 
 use crate::collect::UnsupportedReason;
 use crate::files::{inherit, outside_holder, FdContext};
@@ -139,12 +139,9 @@ impl FdContext {
         if !named && inherit_stdio && inherit(processes, is_it) {
             return Ok(());
         }
+        let why_not = self.why_not_reconnectable(sock_type, &peer_name, info);
         if !named && !self.external_unix.contains(&ExternalUnix::Any) {
-            let advice = if peer_name.is_empty() {
-                no_address_advice()
-            } else if !peer_name.starts_with('/') && !peer_name.starts_with('@') {
-                relative_advice(&peer_name)
-            } else {
+            let advice = why_not.unwrap_or_else(|| {
                 let waiting = if sock_type == libc::SOCK_DGRAM {
                     "a socket will still be bound there"
                 } else {
@@ -154,31 +151,13 @@ impl FdContext {
                     "if {waiting} at restore, dump with --external unix:{peer_name} (restore \
                      connects a new socket to it)"
                 )
-            };
+            });
             return Err(refuse(what, advice));
         }
 
         // Named, or taken by `--external unix`: it must be possible to connect again.
-        if peer_name.is_empty() {
-            return Err(refuse(what, no_address_advice()));
-        }
-        if !peer_name.starts_with('/') && !peer_name.starts_with('@') {
-            return Err(refuse(what, relative_advice(&peer_name)));
-        }
-        // A new connection would be open both ways.
-        if let Some(how) = info.map(|i| i.shutdown).filter(|&s| s != 0) {
-            let dirs = match how {
-                1 => "for reading",
-                2 => "for writing",
-                _ => "both ways",
-            };
-            return Err(refuse(
-                what,
-                format!(
-                    "its connection is shut down {dirs} (by the program or its peer), which \
-                     a new connection would not be, so torpor cannot connect it again"
-                ),
-            ));
+        if let Some(why) = why_not {
+            return Err(refuse(what, why));
         }
         let uses = processes.iter().flat_map(|p| &p.open_files);
         let mut own = None;
@@ -236,17 +215,59 @@ impl FdContext {
     }
 }
 
-fn no_address_advice() -> String {
-    "that end has no address (one end of an unnamed socket pair, or a client that never \
-     bound one), so torpor could not connect to it again, with or without --external"
-        .into()
-}
-
-fn relative_advice(name: &str) -> String {
-    format!(
-        "its address {name:?} is a path relative to a directory torpor cannot know, so it \
-         could not connect to it again"
-    )
+impl FdContext {
+    /// Why a new socket of type `sock_type` could not take the place of `info`'s connection
+    /// to the peer on `peer_name` (as sock_diag shows it, empty for none), if it could not.
+    fn why_not_reconnectable(
+        &self,
+        sock_type: i32,
+        peer_name: &str,
+        info: Option<&sock::UnixInfo>,
+    ) -> Option<String> {
+        if peer_name.is_empty() {
+            return Some(
+                "that end has no address (one end of an unnamed socket pair, or a client that \
+                 never bound one), so torpor could not connect to it again, with or without \
+                 --external"
+                    .into(),
+            );
+        }
+        if !peer_name.starts_with('/') && !peer_name.starts_with('@') {
+            return Some(format!(
+                "its address {peer_name:?} is a path relative to a directory torpor cannot \
+                 know, so it could not connect to it again"
+            ));
+        }
+        // The peer of a client is a connection its server accepted, which carries the
+        // name of the listener; the peer of an accepted connection is the client, which
+        // nobody can connect to.
+        const LISTEN: u8 = 10;
+        let listener =
+            self.unix.iter().flat_map(|m| m.values()).any(|i| {
+                i.state == LISTEN && i.sock_type as i32 == sock_type && i.name == peer_name
+            });
+        if sock_type != libc::SOCK_DGRAM && !listener {
+            return Some(format!(
+                "its peer is a client bound to {peer_name}, not a server listening there (this \
+                 socket is the one that accepted the connection), so torpor could not connect \
+                 to it again"
+            ));
+        }
+        // A new connection would be open both ways.
+        let how = info.map_or(0, |i| i.shutdown);
+        if how != 0 {
+            let dirs = match how {
+                1 => "for reading",
+                2 => "for writing",
+                _ => "both ways",
+            };
+            return Some(format!(
+                "its connection is shut down {dirs} (by the program or its peer), which a new \
+                 connection would not be, so torpor cannot connect it again"
+            ));
+        }
+        None
+    }
 }
 
 #[cfg(test)]

@@ -328,6 +328,63 @@ fn half_closed_connection_to_an_outside_peer_is_refused_even_when_named() {
     go_and_pass(&mut f);
 }
 
+/// A stream socket bound to `own` and connected to `to` (std cannot bind a client).
+fn bound_client(own: &Path, to: &str) -> std::os::fd::OwnedFd {
+    use std::os::fd::{FromRawFd, OwnedFd};
+    use std::os::unix::ffi::OsStrExt;
+
+    let addr = |path: &[u8]| {
+        // SAFETY: an all-zero sockaddr_un is valid; the paths are short TempDir paths.
+        let mut a: libc::sockaddr_un = unsafe { std::mem::zeroed() };
+        a.sun_family = libc::AF_UNIX as libc::sa_family_t;
+        for (d, s) in a.sun_path.iter_mut().zip(path) {
+            *d = *s as libc::c_char;
+        }
+        a
+    };
+    let (mine, theirs) = (addr(own.as_os_str().as_bytes()), addr(to.as_bytes()));
+    let len = std::mem::size_of::<libc::sockaddr_un>() as libc::socklen_t;
+    // SAFETY: socket, bind and connect take integers and the addresses just built.
+    unsafe {
+        let fd = libc::socket(libc::AF_UNIX, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
+        assert!(fd >= 0, "socket: {}", std::io::Error::last_os_error());
+        let fd = OwnedFd::from_raw_fd(fd);
+        let raw = std::os::fd::AsRawFd::as_raw_fd(&fd);
+        assert_eq!(libc::bind(raw, &mine as *const _ as *const libc::sockaddr, len), 0);
+        assert_eq!(libc::connect(raw, &theirs as *const _ as *const libc::sockaddr, len), 0);
+        fd
+    }
+}
+
+#[test]
+fn accepted_connection_from_an_outside_client_is_refused_even_when_named() {
+    let dir = TempDir::new().expect("socket dir");
+    let addr = dir.path().join("srv.sock").display().to_string();
+    let mut f = Fixture::start("ext_unix", &["server", &addr]);
+    // A client with an address, which is still not one anybody can connect to.
+    let own = dir.path().join("client.sock");
+    let _client = bound_client(&own, &addr);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !f.log_text().contains("ACCEPTED") {
+        assert!(std::time::Instant::now() < deadline, "not accepted; log:\n{}", f.log_text());
+        sleep(Duration::from_millis(10));
+    }
+    let images = TempDir::new().expect("image dir");
+    let own = own.display().to_string();
+    for extra in [&[][..], &["--external", "unix"][..], &["--external", &format!("unix:{own}")]] {
+        let out = f.dump(images.path(), extra);
+        let err = stderr_of(&out);
+        assert_eq!(out.status.code(), Some(1), "dump {extra:?}: {err}");
+        assert!(
+            err.contains(&format!("its peer is a client bound to {own}, not a server")),
+            "dump {extra:?}: {err}"
+        );
+        assert!(!err.contains("--external unix:"), "suggests an option that cannot help: {err}");
+        assert_running_untraced(f.pid);
+    }
+    go_and_pass(&mut f);
+}
+
 #[test]
 fn restore_refuses_when_the_outside_peer_is_gone_and_leaves_nothing_running() {
     let dir = TempDir::new().expect("server dir");
