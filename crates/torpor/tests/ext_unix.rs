@@ -31,6 +31,21 @@ impl EchoServer {
     fn start(dir: &Path) -> EchoServer {
         let path = dir.join("app.sock");
         let listener = UnixListener::bind(&path).expect("bind the test's server");
+        EchoServer::serve(listener, path)
+    }
+
+    /// The same server on an abstract name, unique to this test run.
+    fn start_abstract() -> EchoServer {
+        let nanos = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_nanos();
+        let name = format!("torpor-ext-unix-srv-{}-{nanos}", std::process::id());
+        let addr = std::os::unix::net::SocketAddr::from_abstract_name(name.as_bytes())
+            .expect("abstract address");
+        let listener = UnixListener::bind_addr(&addr).expect("bind the test's server");
+        EchoServer::serve(listener, PathBuf::from(format!("@{name}")))
+    }
+
+    /// Serves on `listener`; `path` is its address as torpor shows it.
+    fn serve(listener: UnixListener, path: PathBuf) -> EchoServer {
         let accepted = Arc::new(AtomicUsize::new(0));
         let count = accepted.clone();
         std::thread::spawn(move || {
@@ -187,12 +202,32 @@ fn stream_client_of_an_outside_server_reconnects_on_its_same_fd() {
 }
 
 #[test]
+fn stream_client_of_an_abstract_name_reconnects_to_it() {
+    let server = EchoServer::start_abstract();
+    let mut f = start_client(&server);
+    let images = TempDir::new().expect("image dir");
+    f.dump_ok_with(images.path(), &["--external", &format!("unix:{}", server.addr())]);
+    f.restore_and_pass(images.path());
+    let log = f.log_text();
+    assert!(log.contains("BEFORE conn=1") && log.contains("AFTER conn=2"), "log:\n{log}");
+}
+
+#[test]
 fn seqpacket_client_of_an_outside_server_reconnects_on_its_same_fd() {
     let dir = TempDir::new().expect("server dir");
     let server = EchoServer::start_seqpacket(dir.path());
     let mut f = Fixture::start("ext_unix", &["seqpacket", &server.addr()]);
     let images = TempDir::new().expect("image dir");
-    f.dump_ok_with(images.path(), &["--external", &format!("unix:{}", server.addr())]);
+    // Named by its own inode, as the refusal shows it.
+    let err = stderr_of(&f.dump(images.path(), &[]));
+    let own = err
+        .split("seqpacket socket (")
+        .nth(1)
+        .and_then(|r| r.split(')').next())
+        .unwrap_or_else(|| panic!("no inode in {err}"))
+        .to_string();
+    assert!(own.starts_with("socket:["), "inode {own:?} in {err}");
+    f.dump_ok_with(images.path(), &["--external", &format!("unix:{own}")]);
     f.restore_and_pass(images.path());
     let log = f.log_text();
     assert!(log.contains("BEFORE conn=1") && log.contains("AFTER conn=2"), "log:\n{log}");
