@@ -108,8 +108,17 @@ impl FdContext {
     ) -> Result<()> {
         let info = self.unix.as_ref().and_then(|m| m.get(&ino));
         let sock_type = info.map_or(0, |i| i.sock_type as i32);
-        let peer_name = self.unix.as_ref().and_then(|m| m.get(&peer)).map(|i| i.name.clone());
-        let peer_name = peer_name.unwrap_or_default();
+        let listed = self.unix.as_ref().and_then(|m| m.get(&peer));
+        // A peer of another network namespace (a datagram socket reached through a path)
+        // is not listed: the kernel still gives its address to the socket's getpeername.
+        let peer_name = match listed {
+            Some(i) => i.name.clone(),
+            None => torpor_sys::sock::take_fd(pid, fd)
+                .ok()
+                .and_then(|s| sock::sock_addr(&s, true))
+                .map(|raw| unix_name(&raw))
+                .unwrap_or_default(),
+        };
         let holder = outside_holder(&format!("socket:[{peer}]"), tree)
             .unwrap_or_else(|| "no process (a connection in flight?)".into());
         let refuse = |what: String, advice: String| DumpError::Unsupported {
@@ -238,15 +247,19 @@ impl FdContext {
                  know, so it could not connect to it again"
             ));
         }
-        // The peer of a client is a connection its server accepted, which carries the
-        // name of the listener; the peer of an accepted connection is the client, which
-        // nobody can connect to.
+        // A connection accepted from a listener carries the listener's name: if this
+        // socket is one, its peer is the client, which nobody can connect to. (The
+        // accepted end of a client of this tree is made in the client's network
+        // namespace, so it is listed even when its listener, in another, is not.)
         const LISTEN: u8 = 10;
-        let listener =
-            self.unix.iter().flat_map(|m| m.values()).any(|i| {
-                i.state == LISTEN && i.sock_type as i32 == sock_type && i.name == peer_name
-            });
-        if sock_type != libc::SOCK_DGRAM && !listener {
+        let own = info.map_or("", |i| i.name.as_str());
+        let accepted = !own.is_empty()
+            && self
+                .unix
+                .iter()
+                .flat_map(|m| m.values())
+                .any(|i| i.state == LISTEN && i.sock_type as i32 == sock_type && i.name == own);
+        if sock_type != libc::SOCK_DGRAM && accepted {
             return Some(format!(
                 "its peer is a client bound to {peer_name}, not a server listening there (this \
                  socket is the one that accepted the connection), so torpor could not connect \
@@ -270,6 +283,18 @@ impl FdContext {
     }
 }
 
+/// A unix address as sock_diag names it (path, `@name`, or empty for none) from a raw
+/// `sockaddr_un`.
+fn unix_name(raw: &[u8]) -> String {
+    match raw.get(2..) {
+        None | Some([]) => String::new(),
+        Some([0, abs @ ..]) => format!("@{}", String::from_utf8_lossy(abs)),
+        Some(path) => {
+            String::from_utf8_lossy(path.split(|&b| b == 0).next().unwrap_or(&[])).into_owned()
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -285,6 +310,15 @@ mod tests {
         for bad in ["tcp:1.2.3.4:80", "unix:", "unix:relative.sock", "unixx", "unix:socket:[x]"] {
             assert!(p(bad).is_err(), "{bad} accepted");
         }
+    }
+
+    #[test]
+    fn reads_unix_addresses_as_sock_diag_names_them() {
+        let fam = (libc::AF_UNIX as u16).to_ne_bytes();
+        let raw = |rest: &[u8]| [&fam[..], rest].concat();
+        assert_eq!(unix_name(&raw(b"")), "");
+        assert_eq!(unix_name(&raw(b"/run/app.sock\0")), "/run/app.sock");
+        assert_eq!(unix_name(&raw(b"\0bus")), "@bus");
     }
 
     #[test]

@@ -212,6 +212,118 @@ fn stream_client_of_an_abstract_name_reconnects_to_it() {
     assert!(log.contains("BEFORE conn=1") && log.contains("AFTER conn=2"), "log:\n{log}");
 }
 
+/// A python line server like [`EchoServer`] in a network namespace of its own, which
+/// torpor's sock_diag cannot see; killed on drop.
+struct NetnsServer {
+    child: std::process::Child,
+    path: PathBuf,
+}
+
+impl NetnsServer {
+    /// With a second argument, a datagram socket instead that appends what it receives
+    /// and from whom to that file.
+    const SCRIPT: &'static str = r#"
+import socket, sys, threading
+if len(sys.argv) > 2:
+    d = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    d.bind(sys.argv[1])
+    with open(sys.argv[2], "a") as out:
+        while True:
+            data, sender = d.recvfrom(256)
+            name = "@" + sender[1:].decode() if isinstance(sender, bytes) else sender
+            out.write("%s from %s\n" % (data.decode(), name))
+            out.flush()
+l = socket.socket(socket.AF_UNIX)
+l.bind(sys.argv[1])
+l.listen()
+k = 0
+def serve(c, k):
+    for line in c.makefile("rb"):
+        c.sendall(b"conn=%d echo:" % k + line)
+while True:
+    c, _ = l.accept()
+    k += 1
+    threading.Thread(target=serve, args=(c, k), daemon=True).start()
+"#;
+
+    fn start(dir: &Path) -> NetnsServer {
+        NetnsServer::spawn(dir, None)
+    }
+
+    fn start_dgram(dir: &Path, out: &Path) -> NetnsServer {
+        NetnsServer::spawn(dir, Some(out))
+    }
+
+    fn spawn(dir: &Path, out: Option<&Path>) -> NetnsServer {
+        let path = dir.join("app.sock");
+        let mut cmd = std::process::Command::new("unshare");
+        cmd.args(["--net", "python3", "-c", Self::SCRIPT]).arg(&path).args(out);
+        common::close_inherited_fds(&mut cmd);
+        let child = cmd.spawn().expect("spawn unshare --net python3");
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while !path.exists() {
+            assert!(std::time::Instant::now() < deadline, "the netns server never listened");
+            sleep(Duration::from_millis(10));
+        }
+        NetnsServer { child, path }
+    }
+}
+
+impl Drop for NetnsServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn stream_client_of_a_server_in_another_network_namespace_reconnects_to_it() {
+    let dir = TempDir::new().expect("server dir");
+    let server = NetnsServer::start(dir.path());
+    let addr = server.path.display().to_string();
+    let mut f = Fixture::start("ext_unix", &["stream", &addr]);
+    let images = TempDir::new().expect("image dir");
+    // Not listed by sock_diag here: the address comes from the socket itself.
+    let err = stderr_of(&f.dump(images.path(), &[]));
+    assert!(err.contains(&format!("--external unix:{addr}")), "dump: {err}");
+    f.dump_ok_with(images.path(), &["--external", &format!("unix:{addr}")]);
+    f.restore_and_pass(images.path());
+    let log = f.log_text();
+    assert!(log.contains("BEFORE conn=1") && log.contains("AFTER conn=2"), "log:\n{log}");
+}
+
+#[test]
+fn datagram_client_of_a_socket_in_another_network_namespace_keeps_sending() {
+    let dir = TempDir::new().expect("server dir");
+    let out = dir.path().join("received");
+    let server = NetnsServer::start_dgram(dir.path(), &out);
+    let addr = server.path.display().to_string();
+    let own = format!("@torpor-ext-unix-ns-{}-{}", std::process::id(), line!());
+    let mut f = Fixture::start("ext_unix", &["dgram", &addr, &own]);
+    let received = |want: &str| {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let got = std::fs::read_to_string(&out).unwrap_or_default();
+            if got.contains(want) {
+                return;
+            }
+            assert!(std::time::Instant::now() < deadline, "no {want:?}; received:\n{got}");
+            sleep(Duration::from_millis(10));
+        }
+    };
+    received(&format!("msg 1 from {own}"));
+    // sock_diag here does not list the peer: its address comes from the socket itself.
+    let images = TempDir::new().expect("image dir");
+    f.dump_ok_with(images.path(), &["--external", &format!("unix:{addr}")]);
+    let mut restore = Restore::spawn(images.path(), &[]);
+    restore.wait_for_process(&f);
+    f.go();
+    received(&format!("msg 2 from {own}"));
+    let status = restore.wait(FINISH_TIMEOUT).expect("restored ext_unix did not finish");
+    assert!(status.success(), "restore: {status:?}; stderr:\n{}", restore.stderr());
+    f.assert_log_passed();
+}
+
 #[test]
 fn seqpacket_client_of_an_outside_server_reconnects_on_its_same_fd() {
     let dir = TempDir::new().expect("server dir");
