@@ -113,7 +113,7 @@ impl FdContext {
         // is not listed: the kernel still gives its address to the socket's getpeername.
         let peer_name = match listed {
             Some(i) => i.name.clone(),
-            None => torpor_sys::sock::take_fd(pid, fd)
+            None => sock::take_fd(pid, fd)
                 .ok()
                 .and_then(|s| sock::sock_addr(&s, true))
                 .map(|raw| unix_name(&raw))
@@ -222,9 +222,7 @@ impl FdContext {
         tracing::info!("pid {pid} fd {fd}: {what}, saved as external ({peer_name})");
         Ok(())
     }
-}
 
-impl FdContext {
     /// Why a new socket of type `sock_type` could not take the place of `info`'s connection
     /// to the peer on `peer_name` (as sock_diag shows it, empty for none), if it could not.
     fn why_not_reconnectable(
