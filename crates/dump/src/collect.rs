@@ -30,6 +30,12 @@ pub enum UnsupportedReason {
         what: String,
         holder: String,
     },
+    /// A unix socket whose peer is outside the tree, and what the user can do about it.
+    UnixOutside {
+        fd: i32,
+        what: String,
+        advice: String,
+    },
     InsidePidNs {
         inner: i32,
     },
@@ -75,6 +81,7 @@ impl fmt::Display for UnsupportedReason {
                 f,
                 "fd {fd} is {what}, whose other end is held by {holder} outside the dumped tree"
             ),
+            Self::UnixOutside { fd, what, advice } => write!(f, "fd {fd} is {what}; {advice}"),
             Self::Torpor => write!(f, "its tree includes torpor itself"),
             Self::PtyOutside { fd, pts, master: true, holder } => write!(
                 f,

@@ -171,10 +171,12 @@ pub(crate) struct FdContext {
     pipes: HashMap<u64, PipeSeen>,
     /// Unix sockets of the tree by inode, with their peer and a (pid, fd) holding them.
     sockets: HashMap<u64, (u64, (i32, i32))>,
-    unix: Option<HashMap<u64, sock::UnixInfo>>,
+    pub(crate) unix: Option<HashMap<u64, sock::UnixInfo>>,
     tcp: Option<HashMap<u64, sock::TcpDiag>>,
     /// Save established TCP connections (`--tcp-established`).
     pub tcp_established: bool,
+    /// Unix socket peers outside the tree the user named as external (`--external`).
+    pub external_unix: Vec<crate::ExternalUnix>,
     /// Terminals on descriptors 0 to 2 are the restoring shell's (`--shell-job`).
     pub shell_job: bool,
     /// The modes of such a terminal, per process.
@@ -261,12 +263,14 @@ impl FdContext {
     }
 
     /// Refuses pipes and sockets connected to a process outside the tree, or, with
-    /// `inherit_stdio`, turns those on descriptors 0 to 2 into ones restore inherits.
+    /// `inherit_stdio`, turns those on descriptors 0 to 2 into ones restore inherits, and
+    /// unix sockets whose peer the user named (`external_unix`) into external ones.
     pub fn check_closed(
         &self,
         tree: &[i32],
         processes: &mut [model::Process],
         inherit_stdio: bool,
+        writer: &mut ImageWriter,
     ) -> Result<()> {
         let mut external = Vec::new();
         for (&ino, seen) in &self.pipes {
@@ -294,28 +298,23 @@ impl FdContext {
                 });
             }
         }
-        for (&ino, &(peer, (pid, fd))) in &self.sockets {
-            if peer == 0 || self.sockets.contains_key(&peer) {
-                continue;
-            }
-            let holder = outside_holder(&format!("socket:[{peer}]"), tree)
-                .unwrap_or_else(|| "no process (in flight?)".into());
-            if inherit_stdio
-                && inherit(
-                    processes,
-                    |k| matches!(k, OpenFileKind::UnixPair { ino: i, .. } if *i == ino),
-                )
-            {
-                continue;
-            }
-            return Err(DumpError::Unsupported {
-                pid,
-                reason: UnsupportedReason::External {
-                    fd,
-                    what: format!("socket:[{ino}] (a unix socket whose peer is socket:[{peer}])"),
-                    holder,
-                },
-            });
+        let mut outside: Vec<_> = self
+            .sockets
+            .iter()
+            .filter(|(_, (peer, _))| *peer != 0 && !self.sockets.contains_key(peer))
+            .map(|(&ino, &(peer, at))| ((ino, peer), at))
+            .collect();
+        // Descriptor order, so that the first refusal is always the same one.
+        outside.sort_by_key(|&(_, at)| at);
+        for (sock, at) in outside {
+            self.outside_unix_peer(tree, processes, sock, at, inherit_stdio)?;
+        }
+        if processes
+            .iter()
+            .flat_map(|p| &p.open_files)
+            .any(|o| matches!(o.kind, OpenFileKind::UnixExternal { .. }))
+        {
+            writer.needs_version(3);
         }
         Ok(())
     }

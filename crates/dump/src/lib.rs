@@ -16,6 +16,7 @@
 //! removed.
 
 mod collect;
+mod external;
 mod files;
 mod memory;
 mod precopy;
@@ -28,6 +29,7 @@ use torpor_image::{model, CpuState, ImageWriter, Manifest, ParentImage, FORMAT_V
 use torpor_sys::{proc, ptrace, Remote};
 
 pub use collect::UnsupportedReason;
+pub use external::ExternalUnix;
 pub use precopy::{PreCopyReport, Round};
 
 /// What to dump and how.
@@ -42,6 +44,8 @@ pub struct DumpOptions {
     pub inherit_stdio: bool,
     /// Save established TCP connections (with `TCP_REPAIR`) instead of refusing them.
     pub tcp_established: bool,
+    /// Unix socket peers outside the tree to connect to again at restore (`--external`).
+    pub external: Vec<ExternalUnix>,
     /// A job of an interactive shell: terminals on descriptors 0 to 2 are saved as
     /// inherited, with their modes, so the job wakes in the terminal restore runs in.
     pub shell_job: bool,
@@ -182,6 +186,7 @@ pub fn dump(opts: &DumpOptions) -> Result<DumpSummary> {
 
     let mut fd_ctx = files::FdContext::default();
     fd_ctx.tcp_established = opts.tcp_established;
+    fd_ctx.external_unix = opts.external.clone();
     fd_ctx.lock_tag = format!(
         "torpor-{pid}-{}",
         SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos())
@@ -348,7 +353,7 @@ fn write_image(
         processes.push(process);
     }
     let pids: Vec<i32> = frozen.processes.iter().map(|p| p.pid).collect();
-    fd_ctx.check_closed(&pids, &mut processes, inherit_stdio)?;
+    fd_ctx.check_closed(&pids, &mut processes, inherit_stdio, writer)?;
     let ptys = fd_ctx.finish_ptys(&pids, &mut processes, writer)?;
     files.save_deleted(root, writer)?;
     let mut tree = model::Tree {

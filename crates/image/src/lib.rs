@@ -55,8 +55,9 @@ pub use partial::{read_partial, PartialImage};
 /// The first field of every manifest.
 pub const MAGIC: &str = "torpor-image";
 /// The newest format this torpor writes and reads: version 2 adds compressed page files
-/// ([`model::PageFrames`]).
-pub const FORMAT_VERSION: u32 = 2;
+/// ([`model::PageFrames`]), version 3 unix sockets connected outside the tree
+/// ([`model::OpenFileKind::UnixExternal`]).
+pub const FORMAT_VERSION: u32 = 3;
 /// The oldest format this torpor reads. It writes this version unless the image uses
 /// something newer ([`ImageWriter::needs_version`]), so older torpors read plain images.
 pub const OLDEST_FORMAT_VERSION: u32 = 1;

@@ -617,6 +617,35 @@ pub enum OpenFileKind {
         #[serde(default)]
         buffers: Option<SockBuffers>,
     },
+    /// A unix socket connected to a peer outside the tree that the user named as external
+    /// (`dump --external unix:...`). Restore makes a new socket and connects it to the
+    /// peer's address: a stream or seqpacket server sees a new client. Nothing was queued
+    /// for reading (dump refuses that); what it had sent and the peer had not read stays
+    /// with the peer.
+    UnixExternal {
+        /// `SOCK_STREAM`, `SOCK_DGRAM` or `SOCK_SEQPACKET`.
+        sock_type: i32,
+        /// This socket's own address: absolute path, `@name`, or empty when unbound.
+        #[serde(default)]
+        name: String,
+        /// Mode of the socket file of a path.
+        #[serde(default)]
+        file_mode: u32,
+        /// Owner of the socket file.
+        #[serde(default)]
+        file_uid: u32,
+        /// Group of the socket file.
+        #[serde(default)]
+        file_gid: u32,
+        /// The peer's address: absolute path or `@name`.
+        peer_name: String,
+        /// Socket options to set again (credentials passing).
+        #[serde(default)]
+        options: Vec<SockOpt>,
+        /// Buffer sizes.
+        #[serde(default)]
+        buffers: Option<SockBuffers>,
+    },
 }
 
 /// A socket's buffer sizes as `getsockopt(SO_RCVBUF)` and `getsockopt(SO_SNDBUF)` give
@@ -942,4 +971,26 @@ pub struct Regs {
     pub es: u64,
     pub fs: u64,
     pub gs: u64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unix_external_decodes_with_only_what_it_cannot_do_without() {
+        let k: OpenFileKind = serde_json::from_str(
+            r#"{"type": "unix_external", "sock_type": 1, "peer_name": "/run/app.sock"}"#,
+        )
+        .expect("decode");
+        let OpenFileKind::UnixExternal { sock_type, name, peer_name, options, buffers, .. } = &k
+        else {
+            panic!("decoded as {k:?}");
+        };
+        assert_eq!((*sock_type, name.as_str(), peer_name.as_str()), (1, "", "/run/app.sock"));
+        assert!(options.is_empty() && buffers.is_none());
+        let again: OpenFileKind =
+            serde_json::from_str(&serde_json::to_string(&k).unwrap()).expect("round trip");
+        assert_eq!(again, k);
+    }
 }

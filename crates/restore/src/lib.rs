@@ -96,6 +96,11 @@ pub enum RestoreError {
     FileChanged { path: String, why: String },
     #[error("cannot open {what}")]
     Prepare { what: String, source: io::Error },
+    #[error(
+        "pid {pid} fd {fd}: cannot connect its unix socket again to {addr}, the peer outside \
+         the image it was connected to (is what served {addr} running?)"
+    )]
+    ExternalPeer { pid: i32, fd: i32, addr: String, source: io::Error },
     #[error("cannot create pid {pid}")]
     Clone { pid: i32, source: io::Error },
     #[error("pid {pid}: the new process could not {step}")]

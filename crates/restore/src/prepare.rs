@@ -153,9 +153,11 @@ pub(crate) fn late_open(o: &model::OpenFile) -> Result<Option<OwnedFd>> {
 
 /// Opens everything the new processes need.
 pub(crate) fn prepare(reader: &ImageReader, tree: &model::Tree) -> Result<Prepared> {
+    // First, so that a peer gone since the dump stops the restore before anything is made.
+    let mut externals = connect_externals(tree)?;
     let mut ghosts = Ghosts::default();
     let mut ptys = crate::ptys::Pairs::make(reader, tree)?;
-    let (objects, fd_objects) = open_objects(reader, tree, &mut ghosts, &mut ptys)?;
+    let (objects, fd_objects) = open_objects(reader, tree, &mut ghosts, &mut ptys, &mut externals)?;
     ptys.finish()?;
     let shmem = shmem_objects(tree)?;
     let sysv = make_sysv_segments(reader, tree)?;
@@ -250,6 +252,7 @@ fn open_objects(
     tree: &model::Tree,
     ghosts: &mut Ghosts,
     ptys: &mut crate::ptys::Pairs,
+    externals: &mut HashMap<(i32, usize), OwnedFd>,
 ) -> Result<(Vec<OwnedFd>, FdObjects)> {
     let mut objects: Vec<OwnedFd> = Vec::new();
     let mut fd_objects = HashMap::new();
@@ -347,6 +350,11 @@ fn open_objects(
                         mine
                     }
                 }
+                OpenFileKind::UnixExternal { peer_name, .. } => {
+                    externals.remove(&(p.pid, i)).ok_or_else(|| RestoreError::Unsupported {
+                        what: format!("a second unix socket of pid {} on {peer_name}", p.pid),
+                    })?
+                }
                 OpenFileKind::PtyMaster { index } => ptys.take_master(*index)?,
                 OpenFileKind::PtySlave { index } => ptys.open_slave(*index, o.flags)?,
                 // Whatever the restoring torpor has on that descriptor; its flags belong
@@ -374,7 +382,8 @@ fn open_objects(
             };
             set_status_flags(&fd, o.flags)?;
             if let OpenFileKind::UnixPair { options, buffers, .. }
-            | OpenFileKind::UnixBound { options, buffers, .. } = &o.kind
+            | OpenFileKind::UnixBound { options, buffers, .. }
+            | OpenFileKind::UnixExternal { options, buffers, .. } = &o.kind
             {
                 for opt in options {
                     set_option(&fd, opt, "a unix socket")?;
@@ -441,7 +450,8 @@ fn refill_unix_datagrams(
             let obj = fd_objects[&(p.pid, i)];
             match &o.kind {
                 OpenFileKind::UnixPair { sock_type: libc::SOCK_DGRAM, .. }
-                | OpenFileKind::UnixBound { sock_type: libc::SOCK_DGRAM, .. } => {
+                | OpenFileKind::UnixBound { sock_type: libc::SOCK_DGRAM, .. }
+                | OpenFileKind::UnixExternal { sock_type: libc::SOCK_DGRAM, .. } => {
                     if let Some(a) = sock::sock_addr(&objects[obj], false).filter(|a| a.len() > 2) {
                         by_addr.insert(a, obj);
                     }
@@ -1449,6 +1459,98 @@ fn make_unix_bound(kind: &OpenFileKind) -> Result<OwnedFd> {
     Ok(sock)
 }
 
+/// Makes the unix sockets whose peer is outside the image (`dump --external`), one per
+/// open file description, bound to their own names and connected to their peers'
+/// addresses: keyed by the (pid, index into its `open_files`) of their first use.
+///
+/// It runs before anything else is made, so that a peer gone since the dump stops the
+/// restore with nothing to undo but the socket files bound here, which are removed.
+fn connect_externals(tree: &model::Tree) -> Result<HashMap<(i32, usize), OwnedFd>> {
+    let mut made = HashMap::new();
+    let mut ids = std::collections::HashSet::new();
+    let mut bound: Vec<String> = Vec::new();
+    let result = (|| {
+        for p in &tree.processes {
+            for (i, o) in p.open_files.iter().enumerate() {
+                let OpenFileKind::UnixExternal {
+                    sock_type,
+                    name,
+                    file_mode,
+                    file_uid,
+                    file_gid,
+                    peer_name,
+                    ..
+                } = &o.kind
+                else {
+                    continue;
+                };
+                if o.id != 0 && !ids.insert(o.id) {
+                    continue;
+                }
+                let fd = p.fds.iter().find(|f| f.open_file == i).map_or(-1, |f| f.fd);
+                // Bound as it was, through the same checks as a socket of the tree.
+                let sock = make_unix_bound(&OpenFileKind::UnixBound {
+                    sock_type: *sock_type,
+                    name: name.clone(),
+                    listen_backlog: None,
+                    file_mode: *file_mode,
+                    file_uid: *file_uid,
+                    file_gid: *file_gid,
+                    queue: None,
+                    options: Vec::new(),
+                    buffers: None,
+                    queue_senders: false,
+                })?;
+                if name.starts_with('/') {
+                    bound.push(name.clone());
+                }
+                connect_unix(&sock, peer_name).map_err(|source| RestoreError::ExternalPeer {
+                    pid: p.pid,
+                    fd,
+                    addr: peer_name.clone(),
+                    source,
+                })?;
+                made.insert((p.pid, i), sock);
+            }
+        }
+        Ok(())
+    })();
+    if let Err(e) = result {
+        for path in bound {
+            let _ = fs::remove_file(path);
+        }
+        return Err(e);
+    }
+    Ok(made)
+}
+
+/// Connects a unix socket to `name` (a path or `@name`), waiting a little while the
+/// listener's backlog is full rather than blocking for good.
+fn connect_unix(sock: &OwnedFd, name: &str) -> io::Result<()> {
+    let addr = unix_addr(name);
+    // SAFETY: fcntl on our own descriptor.
+    let flags = unsafe { libc::fcntl(sock.as_raw_fd(), libc::F_GETFL) };
+    // SAFETY: fcntl on our own descriptor.
+    unsafe { libc::fcntl(sock.as_raw_fd(), libc::F_SETFL, flags | libc::O_NONBLOCK) };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    loop {
+        // SAFETY: `addr` holds a sockaddr_un of the length passed.
+        let r =
+            unsafe { libc::connect(sock.as_raw_fd(), addr.as_ptr() as *const _, addr.len() as _) };
+        if r == 0 {
+            break;
+        }
+        let e = io::Error::last_os_error();
+        if e.raw_os_error() != Some(libc::EAGAIN) || std::time::Instant::now() > deadline {
+            return Err(e);
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    // SAFETY: fcntl on our own descriptor.
+    unsafe { libc::fcntl(sock.as_raw_fd(), libc::F_SETFL, flags) };
+    Ok(())
+}
+
 /// A memfd with the saved name, content and seals.
 fn make_memfd(reader: &ImageReader, m: &model::Memfd, saved: &str) -> Result<File> {
     let err = |source| RestoreError::Prepare { what: format!("memfd {:?}", m.name), source };
@@ -1663,11 +1765,13 @@ fn open_file(
         }
         OpenFileKind::Pipe { .. }
         | OpenFileKind::UnixPair { .. }
+        | OpenFileKind::UnixExternal { .. }
         | OpenFileKind::PtyMaster { .. }
         | OpenFileKind::PtySlave { .. }
         | OpenFileKind::Inherited { .. } => {
             unreachable!(
-                "pipes, sockets and terminals are made in pairs, inherited ones duplicated"
+                "pipes, sockets and terminals are made in pairs, inherited ones duplicated, \
+                 external ones connected first"
             )
         }
     };
@@ -1696,6 +1800,9 @@ fn describe_kind(tree: &model::Tree, k: &OpenFileKind) -> String {
         OpenFileKind::EventFd { .. } => "an eventfd".into(),
         OpenFileKind::Inotify { .. } => "an inotify instance".into(),
         OpenFileKind::UnixBound { name, .. } => format!("a unix socket on {name:?}"),
+        OpenFileKind::UnixExternal { peer_name, .. } => {
+            format!("a unix socket connected to {peer_name:?}")
+        }
         OpenFileKind::Inet { local, .. } => {
             let raw = hex::decode(local).unwrap_or_default();
             format!("a socket on {}", torpor_sys::sock::describe_addr(&raw))

@@ -236,6 +236,9 @@ pub struct UnixInfo {
     pub pending: u32,
     /// For a listening socket: its backlog.
     pub backlog: u32,
+    /// Directions shut down (`sk_shutdown`: 1 receiving, 2 sending), by this socket
+    /// (`shutdown`) or by its peer's shutting down the other way.
+    pub shutdown: u8,
 }
 
 /// Every unix socket of this network namespace, by inode (`NETLINK_SOCK_DIAG`).
@@ -246,6 +249,8 @@ pub fn unix_sockets() -> Result<HashMap<u64, UnixInfo>> {
     const UNIX_DIAG_PEER: u16 = 2;
     const UDIAG_SHOW_RQLEN: u32 = 16;
     const UNIX_DIAG_RQLEN: u16 = 4;
+    // Sent for every socket, unasked.
+    const UNIX_DIAG_SHUTDOWN: u16 = 6;
 
     // struct unix_diag_req.
     let mut req = Vec::with_capacity(24);
@@ -274,6 +279,7 @@ pub fn unix_sockets() -> Result<HashMap<u64, UnixInfo>> {
                 UNIX_DIAG_PEER if data.len() >= 4 => {
                     info.peer = u32::from_ne_bytes(data[0..4].try_into().unwrap()) as u64
                 }
+                UNIX_DIAG_SHUTDOWN if !data.is_empty() => info.shutdown = data[0],
                 UNIX_DIAG_RQLEN if data.len() >= 8 => {
                     info.pending = u32::from_ne_bytes(data[0..4].try_into().unwrap());
                     info.backlog = u32::from_ne_bytes(data[4..8].try_into().unwrap());

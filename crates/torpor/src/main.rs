@@ -71,6 +71,11 @@ enum Command {
         /// restore, instead of refusing them.
         #[arg(long)]
         tcp_established: bool,
+        /// A unix socket peer outside the tree that will still be there at restore, which
+        /// then connects a new socket to its address: `unix:/path`, `unix:@abstract`,
+        /// `unix:socket:[INODE]`, or `unix` for every such peer. Repeatable.
+        #[arg(long, value_name = "unix[:PEER]")]
+        external: Vec<torpor_dump::ExternalUnix>,
         /// The process is a job of an interactive shell: its terminal is saved as the
         /// one to wake in (`torpor restore --shell-job` in any terminal).
         #[arg(long)]
@@ -361,6 +366,7 @@ fn run(cli: Cli, show_progress: bool) -> Result<u8> {
             leave_running,
             inherit_stdio,
             tcp_established,
+            external,
             shell_job,
             no_sync,
             compress,
@@ -373,6 +379,7 @@ fn run(cli: Cli, show_progress: bool) -> Result<u8> {
                 leave_running,
                 inherit_stdio,
                 tcp_established,
+                external,
                 shell_job,
                 no_sync,
                 compress: compress.map(|level| level.unwrap_or(torpor_image::pages::DEFAULT_LEVEL)),

@@ -34,6 +34,9 @@ fn missing_or_malformed_arguments_are_usage_errors() {
         &["dump", "1"],
         &["dump", "-D", "x"],
         &["dump", "not-a-pid", "-D", "x"],
+        &["dump", "1", "-D", "x", "--external", "tcp:127.0.0.1:80"],
+        &["dump", "1", "-D", "x", "--external", "unix:relative.sock"],
+        &["dump", "1", "-D", "x", "--external"],
         &["restore"],
         &["no-such-command"],
     ];
