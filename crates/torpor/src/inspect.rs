@@ -640,6 +640,19 @@ fn descriptor(
                 _ => format!("unix {} socket, unbound", sock_type(*st)),
             };
         }
+        OpenFileKind::UnixExternal { sock_type: st, name, peer_name, .. } => {
+            d.kind = "unix";
+            d.family = Some("unix");
+            d.socket_type = Some(sock_type(*st));
+            d.state = Some("external");
+            d.local = (!name.is_empty()).then(|| name.clone());
+            d.peer = Some(peer_name.clone());
+            d.queued_bytes = Some(0);
+            d.summary = format!(
+                "unix {} connected outside the tree to {peer_name} (connected again on restore)",
+                sock_type(*st)
+            );
+        }
         OpenFileKind::UnixPair { ino, peer, sock_type: st, queue, name, .. } => {
             d.kind = "unix";
             d.family = Some("unix");

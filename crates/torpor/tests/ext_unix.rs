@@ -181,6 +181,13 @@ fn stream_client_of_an_outside_server_reconnects_on_its_same_fd() {
     let images = TempDir::new().expect("image dir");
     f.dump_ok_with(images.path(), &["--external", &format!("unix:{}", server.addr())]);
     assert_eq!(server.accepted(), 1, "the server saw other clients before the restore");
+    // inspect names the socket and the peer it will be connected to again.
+    let out = common::torpor(["inspect".as_ref(), "--json".as_ref(), images.path().as_os_str()]);
+    let json = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        json.contains("\"external\"") && json.contains(&server.addr()),
+        "inspect --json does not show the external socket:\n{json}"
+    );
 
     let mut restore = Restore::spawn(images.path(), &[]);
     restore.wait_for_process(&f);
