@@ -162,6 +162,11 @@ impl Scratch {
         mem::write_mem(pid, self.addr, &self.saved)
     }
 
+    /// What the area held before torpor used it.
+    pub fn saved(&self) -> &[u8] {
+        &self.saved
+    }
+
     pub fn read(&self, pid: i32, len: usize) -> torpor_sys::Result<Vec<u8>> {
         let mut b = vec![0u8; len];
         mem::read_ranges(pid, &[(self.addr, len)], &mut b)?;
@@ -198,6 +203,7 @@ pub(crate) fn collect(
     let brk = r.call("brk", libc::SYS_brk, args!(0)).map_err(err("its program break"))?;
     r.call("prctl(PR_GET_PDEATHSIG)", libc::SYS_prctl, args!(libc::PR_GET_PDEATHSIG, scratch))
         .map_err(err("its parent-death signal"))?;
+    torpor_sys::test_point("dump:collecting", pid);
     let pdeath_signal =
         i32::from_ne_bytes(read_scratch(4).map_err(err("scratch"))?[..4].try_into().unwrap());
     let dumpable = r

@@ -17,6 +17,7 @@
 
 mod collect;
 mod files;
+mod guard;
 mod memory;
 mod ptys;
 
@@ -27,6 +28,7 @@ use torpor_image::{model, CpuState, ImageWriter, Manifest, FORMAT_VERSION, MAGIC
 use torpor_sys::{proc, ptrace, Remote};
 
 pub use collect::UnsupportedReason;
+pub use guard::run_guard;
 
 /// What to dump and how.
 #[derive(Debug, Clone, Default)]
@@ -46,6 +48,9 @@ pub struct DumpOptions {
     /// Leave the image to the kernel's writeback instead of syncing it before the
     /// process is ended: faster, but a crash soon after the dump can lose both.
     pub no_sync: bool,
+    /// The program to start as the dump's guard (`PROGRAM __guard PID TORPOR`), which
+    /// undoes the dump if torpor dies before it ends; `None` for no guard.
+    pub guard: Option<PathBuf>,
 }
 
 /// What a dump did, for the summary line.
@@ -85,6 +90,8 @@ pub enum DumpError {
     Image(#[from] torpor_image::ImageError),
     #[error("pid {pid}: cannot kill it after the dump")]
     Kill { pid: i32, source: std::io::Error },
+    #[error("cannot start the dump's guard {}", program.display())]
+    Guard { program: PathBuf, source: std::io::Error },
 }
 
 pub type Result<T> = std::result::Result<T, DumpError>;
@@ -92,15 +99,42 @@ pub type Result<T> = std::result::Result<T, DumpError>;
 /// Dumps one process into `opts.dir`.
 pub fn dump(opts: &DumpOptions) -> Result<DumpSummary> {
     let t0 = Instant::now();
-    let pid = opts.pid;
-    precheck(pid)?;
+    precheck(opts.pid)?;
+    let guard = match &opts.guard {
+        Some(program) => Some(
+            guard::Guard::start(program, opts.pid)
+                .map_err(|source| DumpError::Guard { program: program.clone(), source })?,
+        ),
+        None => None,
+    };
+    let journal = guard.as_ref().map(guard::Guard::journal).unwrap_or_default();
+    let result = dump_noted(opts, &journal, t0);
+    drop(journal);
+    // Whatever the outcome, the process is now as it says: nothing for the guard to undo.
+    if let Some(g) = guard {
+        g.finish();
+    }
+    result
+}
 
+/// The dump, noting each change it makes to the process in `journal` before making it.
+fn dump_noted(opts: &DumpOptions, journal: &guard::Journal, t0: Instant) -> Result<DumpSummary> {
+    let pid = opts.pid;
+    let made = !opts.dir.exists();
+    journal.note(guard::Note::Image { dir: &opts.dir, made });
     let mut writer = ImageWriter::create(&opts.dir)?;
     writer.set_durable(!opts.no_sync);
-    let frozen = FrozenTree::freeze(pid)?;
+    let frozen = match FrozenTree::freeze(pid, journal) {
+        Ok(f) => f,
+        Err(e) => {
+            writer.abandon();
+            return Err(e);
+        }
+    };
     let t_frozen = Instant::now();
 
     let mut fd_ctx = files::FdContext::default();
+    fd_ctx.journal = journal.clone();
     fd_ctx.tcp_established = opts.tcp_established;
     fd_ctx.lock_tag = format!(
         "torpor-{pid}-{}",
@@ -108,6 +142,7 @@ pub fn dump(opts: &DumpOptions) -> Result<DumpSummary> {
     );
     fd_ctx.shell_job = opts.shell_job;
     let result = write_image(&frozen, &mut writer, &mut fd_ctx, opts.inherit_stdio);
+    torpor_sys::test_point("dump:written", pid);
     let (tree, stats) = match result {
         Ok(v) => v,
         Err(e) => {
@@ -135,12 +170,15 @@ pub fn dump(opts: &DumpOptions) -> Result<DumpSummary> {
         frozen.release();
         return Err(e.into());
     }
+    journal.note(guard::Note::Committed);
+    torpor_sys::test_point("dump:committed", pid);
 
     let frozen_for = t_frozen.elapsed();
     if opts.leave_running {
         fd_ctx.end_repair();
         frozen.release();
     } else {
+        journal.note(guard::Note::Killing);
         frozen.kill()?;
         // The connections were in repair mode when their process died: closing torpor's
         // copies now ends them without a FIN or RST reaching the peer.
@@ -342,11 +380,11 @@ pub(crate) struct FrozenTree {
 impl FrozenTree {
     /// Stops the tree under `root`: each process with all its threads, then its children.
     /// A stopped process forks no more, so the walk sees every process there is.
-    fn freeze(root: i32) -> Result<Self> {
+    fn freeze(root: i32, journal: &guard::Journal) -> Result<Self> {
         let mut tree = Self { processes: Vec::new(), zombies: Vec::new() };
         let mut queue = std::collections::VecDeque::from([root]);
         while let Some(pid) = queue.pop_front() {
-            if let Err(e) = tree.freeze_one(pid, root, &mut queue) {
+            if let Err(e) = tree.freeze_one(pid, root, &mut queue, journal) {
                 tree.release();
                 return Err(e);
             }
@@ -359,6 +397,7 @@ impl FrozenTree {
         pid: i32,
         root: i32,
         queue: &mut std::collections::VecDeque<i32>,
+        journal: &guard::Journal,
     ) -> Result<()> {
         if pid != root {
             precheck_member(pid)?;
@@ -378,7 +417,7 @@ impl FrozenTree {
             self.zombies.push(z);
             return Ok(());
         }
-        match Frozen::attach(pid) {
+        match Frozen::attach(pid, journal) {
             Ok(f) => self.processes.push(f),
             // It exited while the tree was being stopped: now a zombie of its parent.
             Err(_) if pid != root && zombie(pid).is_some() => {
@@ -416,6 +455,7 @@ impl FrozenTree {
                 }
             }
             f.kill()?;
+            torpor_sys::test_point("dump:killing", 0);
         }
         Ok(())
     }
@@ -463,7 +503,7 @@ impl Frozen {
     /// Stops every thread of `pid`. Threads are seized until a pass over
     /// `/proc/PID/task` finds none new, so one created meanwhile is caught too (a
     /// stopped thread creates no more); one that exits meanwhile is left out.
-    fn attach(pid: i32) -> Result<Self> {
+    fn attach(pid: i32, journal: &guard::Journal) -> Result<Self> {
         let err = |source| DumpError::Freeze { pid, source };
         let mut stopped: Vec<i32> = Vec::new();
         let seize_all = |stopped: &mut Vec<i32>| -> Result<()> {
@@ -522,15 +562,27 @@ impl Frozen {
         for &tid in &stopped {
             let prepare = || -> Result<FrozenThread> {
                 let err = |source| DumpError::Freeze { pid, source };
-                let remote = Remote::new(tid, syscall_ip).map_err(err)?;
+                let mut remote = Remote::new(tid, syscall_ip).map_err(err)?;
+                // Should torpor die, the thread runs on with the registers it holds then.
+                remote.tidy();
                 let scratch = collect::Scratch::new(pid, remote.saved_regs().rsp).map_err(err)?;
                 // Block everything while torpor works, so no signal is consumed meanwhile.
                 let blocked = ptrace::get_sigmask(tid).map_err(err)?;
+                journal.note(guard::Note::Thread {
+                    pid,
+                    tid,
+                    blocked,
+                    scratch: scratch.addr,
+                    saved: scratch.saved(),
+                });
                 ptrace::set_sigmask(tid, !0).map_err(err)?;
                 Ok(FrozenThread { tid, remote, blocked, scratch })
             };
             match prepare() {
-                Ok(t) => threads.push(t),
+                Ok(t) => {
+                    threads.push(t);
+                    torpor_sys::test_point("dump:freezing", pid);
+                }
                 Err(e) => {
                     for t in &threads {
                         t.release(pid);

@@ -226,6 +226,7 @@ fn build(
     ptrace::seize_builder(root_outer).map_err(step(root, "attach to the new process"))?;
     ptrace::interrupt_and_wait(root_outer).map_err(step(root, "stop the new process"))?;
     ptrace::set_sigmask(root_outer, !0).map_err(step(root, "block signals"))?;
+    torpor_sys::test_point("restore:created", 0);
 
     // 1. Every process, parents before children, each forked by its own parent while
     //    that one is still only a parked vDSO, so the copies are cheap.
@@ -258,6 +259,7 @@ fn build(
         // while the old one (torpor, which the image may also be) is still mapped.
         state::set_mm(&pr.space, p, prep)?;
         pr.space.rebuild(opts, reader, tree, p, prep)?;
+        torpor_sys::test_point("restore:memory", 0);
         state::install_fds(&pr.space, p, prep)?;
         state::controlling_ttys(&pr.space, p, tree, prep)?;
         state::register_epolls(&pr.space, p, prep, &mut epolls)?;
@@ -301,10 +303,12 @@ fn build(
     }
     // Nothing runs on page data that does not match the manifest.
     verified()?;
+    torpor_sys::test_point("restore:ready", 0);
     for pr in procs.iter().rev() {
         for r in pr.remotes() {
             ptrace::detach(r.tid(), 0).map_err(step(pr.p.pid, "let the process run"))?;
         }
+        torpor_sys::test_point("restore:releasing", 0);
     }
     // The terminal may have another size than the one the job last saw.
     if let Some((pgid, _, _)) = built.job {

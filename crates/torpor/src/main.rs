@@ -105,6 +105,9 @@ enum Command {
     /// The demo's counting program (internal).
     #[command(name = "__count", hide = true)]
     Count { log: PathBuf },
+    /// The guard a dump starts, which undoes the dump if torpor dies (internal).
+    #[command(name = "__guard", hide = true)]
+    Guard { pid: i32, torpor: i32 },
 }
 
 fn main() -> ExitCode {
@@ -158,6 +161,7 @@ fn run(cli: Cli) -> Result<u8> {
                 tcp_established,
                 shell_job,
                 no_sync,
+                guard: Some(std::env::current_exe().context("cannot find torpor's own program")?),
             };
             let s =
                 // An interrupted dump would leave the process stopped halfway through a call
@@ -233,6 +237,7 @@ fn run(cli: Cli) -> Result<u8> {
         Command::Check => check::run(quiet),
         Command::Demo => demo::run(),
         Command::Count { log } => demo::count(&log),
+        Command::Guard { pid, torpor } => Ok(torpor_dump::run_guard(pid, torpor) as u8),
     }
 }
 

@@ -1,0 +1,346 @@
+//! A guard that undoes a dump if torpor dies in the middle of it.
+//!
+//! While torpor holds a process, the process is not as it was: its threads are stopped
+//! under ptrace with every signal blocked, a few hundred bytes of its stack hold torpor's
+//! call arguments, its TCP connections may be in repair mode with their peers held back by
+//! firewall rules, and a partial image lies on disk. torpor puts all of that back on every
+//! error path, but a torpor that is killed (`SIGKILL`, the OOM killer) runs no code: the
+//! kernel only detaches its tracees, which then run on with signals blocked, connections
+//! mute and the rules in place.
+//!
+//! So a dump starts a guard first: torpor itself again (`torpor __guard`), a child that
+//! reads, on a pipe, a journal of what torpor changes, just before each change. When the
+//! journal ends without the line saying the dump is over, torpor is gone, and the guard
+//! puts back what the journal lists: it takes the connections out of repair mode, seizes
+//! every thread again to restore its signal mask and its stack bytes, removes the rules
+//! and the partial image. A dump that died after the image was complete but before the
+//! process was ended leaves the image (it is whole) and the process running; one that
+//! died while ending the tree is finished by the guard, which ends the rest.
+//!
+//! The journal is lines of text, each written with one `write` of less than `PIPE_BUF`
+//! bytes, so a dying torpor never leaves half a line that would be read as a whole one.
+//!
+//! ```text
+//! image MADE HEXPATH                the image directory (MADE 1: created by this dump)
+//! thread PID TID MASK ADDR HEXBYTES  a thread to stop: its signal mask, its stack bytes
+//! repair PID FD                     a TCP connection about to enter repair mode
+//! lock TAG                          firewall rules named TAG about to be added
+//! committed                         the image is complete
+//! killing                           the tree is being ended
+//! done                              torpor finished, whatever the outcome
+//! ```
+
+use std::fs::File;
+use std::io::{self, BufRead, Write};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::rc::Rc;
+use std::time::{Duration, Instant};
+
+use torpor_sys::{mem, ptrace, sock};
+
+/// The guard process and the pipe to it, owned by the dump.
+pub(crate) struct Guard {
+    child: Child,
+    journal: Journal,
+}
+
+/// Where torpor notes what it changes; cheap to clone. The default notes nothing (a dump
+/// without a guard).
+#[derive(Clone, Default)]
+pub(crate) struct Journal {
+    pipe: Option<Rc<File>>,
+}
+
+/// One thing torpor is about to change.
+pub(crate) enum Note<'a> {
+    Image { dir: &'a Path, made: bool },
+    Thread { pid: i32, tid: i32, blocked: u64, scratch: u64, saved: &'a [u8] },
+    Repair { pid: i32, fd: i32 },
+    Lock { tag: &'a str },
+    Committed,
+    Killing,
+}
+
+impl Guard {
+    /// Starts `program __guard PID` (torpor itself) with the journal's pipe on its stdin.
+    pub fn start(program: &Path, pid: i32) -> io::Result<Self> {
+        let (r, w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
+        let child = Command::new(program)
+            .arg("__guard")
+            .arg(pid.to_string())
+            .arg(std::process::id().to_string())
+            .stdin(Stdio::from(r))
+            .stdout(Stdio::null())
+            .spawn()?;
+        Ok(Self { child, journal: Journal { pipe: Some(Rc::new(File::from(w))) } })
+    }
+
+    pub fn journal(&self) -> Journal {
+        self.journal.clone()
+    }
+
+    /// Tells the guard torpor is done (the process is as the dump's result says) and waits
+    /// for it to exit.
+    pub fn finish(mut self) {
+        self.journal.line("done");
+        self.journal.pipe = None;
+        if let Err(e) = self.child.wait() {
+            tracing::warn!("waiting for the dump's guard (pid {}) failed: {e}", self.child.id());
+        }
+    }
+}
+
+impl Journal {
+    pub fn note(&self, note: Note) {
+        let line = match note {
+            Note::Image { dir, made } => {
+                format!("image {} {}", u8::from(made), hex::encode(dir.as_os_str().as_bytes()))
+            }
+            Note::Thread { pid, tid, blocked, scratch, saved } => {
+                format!("thread {pid} {tid} {blocked:x} {scratch:x} {}", hex::encode(saved))
+            }
+            Note::Repair { pid, fd } => format!("repair {pid} {fd}"),
+            Note::Lock { tag } => format!("lock {tag}"),
+            Note::Committed => "committed".into(),
+            Note::Killing => "killing".into(),
+        };
+        self.line(&line);
+    }
+
+    fn line(&self, line: &str) {
+        let Some(pipe) = &self.pipe else { return };
+        let mut bytes = line.as_bytes().to_vec();
+        bytes.push(b'\n');
+        debug_assert!(bytes.len() <= libc::PIPE_BUF, "journal line too long: {line}");
+        // One write: a pipe write of at most PIPE_BUF bytes is never split.
+        if let Err(e) = (&**pipe).write_all(&bytes) {
+            tracing::warn!("the dump's guard is gone ({e}): if torpor dies now, nothing undoes the dump");
+        }
+    }
+}
+
+/// What the journal said, as far as it got.
+#[derive(Default)]
+struct Record {
+    image: Option<(PathBuf, bool)>,
+    threads: Vec<ThreadNote>,
+    repairs: Vec<(i32, i32)>,
+    locks: Vec<String>,
+    committed: bool,
+    killing: bool,
+    done: bool,
+}
+
+struct ThreadNote {
+    pid: i32,
+    tid: i32,
+    blocked: u64,
+    scratch: u64,
+    saved: Vec<u8>,
+}
+
+impl Record {
+    fn read(input: impl BufRead) -> Self {
+        let mut rec = Record::default();
+        for line in input.lines() {
+            let Ok(line) = line else { break };
+            let w: Vec<&str> = line.split(' ').collect();
+            let int = |i: usize| w.get(i).and_then(|s| s.parse::<i32>().ok());
+            let hex64 = |i: usize| w.get(i).and_then(|s| u64::from_str_radix(s, 16).ok());
+            let bytes = |i: usize| w.get(i).and_then(|s| hex::decode(s).ok());
+            match w[0] {
+                "image" => {
+                    if let Some(path) = bytes(2) {
+                        let path = PathBuf::from(std::ffi::OsString::from_vec(path));
+                        rec.image = Some((path, w.get(1) == Some(&"1")));
+                    }
+                }
+                "thread" => {
+                    if let (Some(pid), Some(tid), Some(blocked), Some(scratch), Some(saved)) =
+                        (int(1), int(2), hex64(3), hex64(4), bytes(5))
+                    {
+                        rec.threads.push(ThreadNote { pid, tid, blocked, scratch, saved });
+                    }
+                }
+                "repair" => {
+                    if let (Some(pid), Some(fd)) = (int(1), int(2)) {
+                        rec.repairs.push((pid, fd));
+                    }
+                }
+                "lock" => rec.locks.extend(w.get(1).map(|s| s.to_string())),
+                "committed" => rec.committed = true,
+                "killing" => rec.killing = true,
+                "done" => {
+                    // torpor may still hold the pipe open; nothing more will come.
+                    rec.done = true;
+                    break;
+                }
+                _ => {}
+            }
+        }
+        rec
+    }
+}
+
+/// The guard's life: `torpor __guard PID TORPOR`, the journal on stdin. Returns once
+/// torpor says it is done, or once it is gone and the dump of `pid` has been undone.
+pub fn run_guard(pid: i32, torpor: i32) -> i32 {
+    // Signals meant for torpor's terminal or session (^C, a hang-up) must not end the
+    // guard with it: the guard is what cleans up after them.
+    for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP, libc::SIGQUIT, libc::SIGPIPE] {
+        // SAFETY: SIG_IGN installs no handler code.
+        unsafe { libc::signal(sig, libc::SIG_IGN) };
+    }
+    let torpor_fd = pidfd(torpor);
+    let rec = Record::read(io::stdin().lock());
+    if rec.done {
+        return 0;
+    }
+
+    // The journal ends when torpor's descriptors close, a moment before the kernel
+    // detaches torpor's tracees: wait until torpor has fully exited.
+    if let Some(fd) = &torpor_fd {
+        let mut p = libc::pollfd { fd: fd.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+        // SAFETY: one pollfd on the stack.
+        unsafe { libc::poll(&mut p, 1, 10_000) };
+    }
+    undo(pid, &rec)
+}
+
+/// A pidfd for `torpor`, if it is still this process's parent.
+fn pidfd(torpor: i32) -> Option<OwnedFd> {
+    // SAFETY: pidfd_open takes integers and returns a new descriptor or -1.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, torpor, 0) };
+    if fd < 0 {
+        return None;
+    }
+    // SAFETY: a new descriptor that nothing else owns.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+    // Opened after torpor died and its pid was reused: not the right process.
+    // SAFETY: getppid takes nothing.
+    (unsafe { libc::getppid() } == torpor).then_some(fd)
+}
+
+fn undo(pid: i32, rec: &Record) -> i32 {
+    let me = std::process::id();
+    let say = |msg: String| eprintln!("torpor (guard {me}): {msg}");
+    let mut failed = false;
+    if rec.killing {
+        // The image was complete and the tree was being ended: finish the job, children
+        // first as torpor does.
+        let mut pids: Vec<i32> = rec.threads.iter().map(|t| t.pid).collect();
+        pids.dedup();
+        for &p in pids.iter().rev() {
+            // SAFETY: kill takes integers.
+            unsafe { libc::kill(p, libc::SIGKILL) };
+        }
+        say(format!("torpor died while ending the dumped tree of pid {pid}; ended the rest"));
+        return 0;
+    }
+
+    // First what the running process may trip over: its connections, then its signals.
+    for &(p, fd) in &rec.repairs {
+        let r = sock::take_fd(p, fd)
+            .map_err(|e| chain(&e))
+            .and_then(|s| {
+                sock::set_tcp_opt(&s, sock::tcp_repair::TCP_REPAIR, 0).map_err(|e| e.to_string())
+            });
+        if let Err(e) = r {
+            // A process that has closed the descriptor or exited meanwhile has no
+            // connection left to wake.
+            if Path::new(&format!("/proc/{p}/fd/{fd}")).exists() {
+                say(format!("pid {p}: cannot take fd {fd} out of TCP repair mode: {e}"));
+                failed = true;
+            }
+        }
+    }
+    for t in &rec.threads {
+        if let Err(e) = put_back(t) {
+            say(format!("pid {} thread {}: {e}", t.pid, t.tid));
+            failed = true;
+        }
+    }
+    for tag in &rec.locks {
+        if let Err(e) = torpor_sys::netlock::unlock(tag) {
+            say(format!("cannot remove the firewall rules {tag}: {e}"));
+            failed = true;
+        }
+    }
+    let image = match (&rec.image, rec.committed) {
+        (Some((dir, made)), false) => {
+            remove_partial(dir, *made);
+            format!("; partial image {} removed", dir.display())
+        }
+        (Some((dir, _)), true) => format!("; the image in {} is complete", dir.display()),
+        (None, _) => String::new(),
+    };
+    say(format!(
+        "torpor died during the dump of pid {pid}; {}{image}",
+        if failed { "could not put everything back (above)" } else { "it runs on as before" }
+    ));
+    i32::from(failed)
+}
+
+/// Seizes a thread again and puts back its signal mask and the stack bytes torpor used.
+fn put_back(t: &ThreadNote) -> Result<(), String> {
+    let gone = |e: &torpor_sys::Error| match e {
+        torpor_sys::Error::Ptrace { source, .. } => source.raw_os_error() == Some(libc::ESRCH),
+        torpor_sys::Error::Gone { .. } => true,
+        _ => false,
+    };
+    // Until the kernel has detached the dead tracer, a seize fails with EPERM.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        match ptrace::seize(t.tid, false) {
+            Ok(()) => break,
+            Err(e) if gone(&e) => return Ok(()),
+            Err(e) if Instant::now() < deadline => {
+                tracing::debug!("seizing {} again: {e}", t.tid);
+                std::thread::sleep(Duration::from_millis(2));
+            }
+            Err(e) => return Err(chain(&e)),
+        }
+    }
+    let result = (|| -> torpor_sys::Result<()> {
+        ptrace::interrupt_and_wait(t.tid)?;
+        // Bytes below the red zone are the program's only once its stack has grown over
+        // them again; if it has not (the usual case, a thread back in the call it was
+        // stopped in), the old bytes go back.
+        let rsp = ptrace::get_regs(t.tid)?.rsp;
+        let end = t.scratch + t.saved.len() as u64;
+        if rsp.wrapping_sub(128) >= end && rsp < end + (64 << 10) {
+            mem::write_mem(t.pid, t.scratch, &t.saved)?;
+        }
+        ptrace::set_sigmask(t.tid, t.blocked)
+    })();
+    let detached = ptrace::detach(t.tid, 0);
+    match (result, detached) {
+        (Err(e), _) | (Ok(()), Err(e)) if !gone(&e) => Err(chain(&e)),
+        _ => Ok(()),
+    }
+}
+
+/// An error with its causes, for the guard's messages.
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        s.push_str(&format!(": {c}"));
+        cause = c.source();
+    }
+    s
+}
+
+/// Removes an image whose manifest was never written: the whole directory if the dump
+/// made it, else the manifest's names (so what is left is plainly incomplete).
+fn remove_partial(dir: &Path, made: bool) {
+    if made {
+        let _ = std::fs::remove_dir_all(dir);
+    } else {
+        let _ = std::fs::remove_file(dir.join(torpor_image::MANIFEST));
+        let _ = std::fs::remove_file(dir.join(".manifest.json.tmp"));
+    }
+}
