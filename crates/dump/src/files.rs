@@ -191,7 +191,7 @@ pub(crate) struct FdContext {
     pub lock_tag: String,
     pub locked: bool,
     /// Where each connection put in repair mode and each lock is noted for the guard.
-    pub(crate) journal: crate::guard::Journal,
+    pub(crate) journal: torpor_sys::guard::Journal,
 }
 
 impl FdContext {
@@ -225,7 +225,7 @@ impl FdContext {
             );
             return;
         }
-        self.journal.note(crate::guard::Note::Lock { tag: &self.lock_tag });
+        crate::guard::note(&self.journal, crate::guard::Note::Lock { tag: &self.lock_tag });
         match torpor_sys::netlock::lock(
             &[torpor_sys::netlock::Conn { local, peer }],
             &self.lock_tag,
@@ -917,7 +917,7 @@ fn inet_socket(
         }
         let ino = fs::metadata(format!("/proc/{pid}/fd/{fd}")).map(|m| m.ino()).unwrap_or(0);
         ctx.lock(&local, peer.as_deref().unwrap_or_default());
-        ctx.journal.note(crate::guard::Note::Repair { pid, fd });
+        crate::guard::note(&ctx.journal, crate::guard::Note::Repair { pid, fd });
         let copy = sock::take_fd(pid, fd).map_err(err("a copy"))?;
         let state = tcp_connection(&copy, ino, writer).map_err(|e| match e {
             Ok(source) => DumpError::Collect {

@@ -30,29 +30,12 @@
 //! done                              torpor finished, whatever the outcome
 //! ```
 
-use std::fs::File;
-use std::io::{self, BufRead, Write};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::rc::Rc;
 use std::time::{Duration, Instant};
 
+use torpor_sys::guard::{chain, say, Journal};
 use torpor_sys::{mem, ptrace, sock};
-
-/// The guard process and the pipe to it, owned by the dump.
-pub(crate) struct Guard {
-    child: Child,
-    journal: Journal,
-}
-
-/// Where torpor notes what it changes; cheap to clone. The default notes nothing (a dump
-/// without a guard).
-#[derive(Clone, Default)]
-pub(crate) struct Journal {
-    pipe: Option<Rc<File>>,
-}
 
 /// One thing torpor is about to change.
 pub(crate) enum Note<'a> {
@@ -64,62 +47,21 @@ pub(crate) enum Note<'a> {
     Killing,
 }
 
-impl Guard {
-    /// Starts `program __guard PID` (torpor itself) with the journal's pipe on its stdin.
-    pub fn start(program: &Path, pid: i32) -> io::Result<Self> {
-        let (r, w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
-        let child = Command::new(program)
-            .arg("__guard")
-            .arg(pid.to_string())
-            .arg(std::process::id().to_string())
-            .stdin(Stdio::from(r))
-            .stdout(Stdio::null())
-            .spawn()?;
-        Ok(Self { child, journal: Journal { pipe: Some(Rc::new(File::from(w))) } })
-    }
-
-    pub fn journal(&self) -> Journal {
-        self.journal.clone()
-    }
-
-    /// Tells the guard torpor is done (the process is as the dump's result says) and waits
-    /// for it to exit.
-    pub fn finish(mut self) {
-        self.journal.line("done");
-        self.journal.pipe = None;
-        if let Err(e) = self.child.wait() {
-            tracing::warn!("waiting for the dump's guard (pid {}) failed: {e}", self.child.id());
+/// Notes one change in the journal.
+pub(crate) fn note(journal: &Journal, note: Note) {
+    let line = match note {
+        Note::Image { dir, made } => {
+            format!("image {} {}", u8::from(made), hex::encode(dir.as_os_str().as_bytes()))
         }
-    }
-}
-
-impl Journal {
-    pub fn note(&self, note: Note) {
-        let line = match note {
-            Note::Image { dir, made } => {
-                format!("image {} {}", u8::from(made), hex::encode(dir.as_os_str().as_bytes()))
-            }
-            Note::Thread { pid, tid, blocked, scratch, saved } => {
-                format!("thread {pid} {tid} {blocked:x} {scratch:x} {}", hex::encode(saved))
-            }
-            Note::Repair { pid, fd } => format!("repair {pid} {fd}"),
-            Note::Lock { tag } => format!("lock {tag}"),
-            Note::Committed => "committed".into(),
-            Note::Killing => "killing".into(),
-        };
-        self.line(&line);
-    }
-
-    fn line(&self, line: &str) {
-        let Some(pipe) = &self.pipe else { return };
-        let mut bytes = line.as_bytes().to_vec();
-        bytes.push(b'\n');
-        debug_assert!(bytes.len() <= libc::PIPE_BUF, "journal line too long: {line}");
-        // One write: a pipe write of at most PIPE_BUF bytes is never split.
-        if let Err(e) = (&**pipe).write_all(&bytes) {
-            tracing::warn!("the dump's guard is gone ({e}): if torpor dies now, nothing undoes the dump");
+        Note::Thread { pid, tid, blocked, scratch, saved } => {
+            format!("thread {pid} {tid} {blocked:x} {scratch:x} {}", hex::encode(saved))
         }
-    }
+        Note::Repair { pid, fd } => format!("repair {pid} {fd}"),
+        Note::Lock { tag } => format!("lock {tag}"),
+        Note::Committed => "committed".into(),
+        Note::Killing => "killing".into(),
+    };
+    journal.line(&line);
 }
 
 /// What the journal said, as far as it got.
@@ -131,7 +73,6 @@ struct Record {
     locks: Vec<String>,
     committed: bool,
     killing: bool,
-    done: bool,
 }
 
 struct ThreadNote {
@@ -143,90 +84,49 @@ struct ThreadNote {
 }
 
 impl Record {
-    fn read(input: impl BufRead) -> Self {
-        let mut rec = Record::default();
-        for line in input.lines() {
-            let Ok(line) = line else { break };
-            let w: Vec<&str> = line.split(' ').collect();
-            let int = |i: usize| w.get(i).and_then(|s| s.parse::<i32>().ok());
-            let hex64 = |i: usize| w.get(i).and_then(|s| u64::from_str_radix(s, 16).ok());
-            let bytes = |i: usize| w.get(i).and_then(|s| hex::decode(s).ok());
-            match w[0] {
-                "image" => {
-                    if let Some(path) = bytes(2) {
-                        let path = PathBuf::from(std::ffi::OsString::from_vec(path));
-                        rec.image = Some((path, w.get(1) == Some(&"1")));
-                    }
+    fn add(&mut self, line: &str) {
+        let w: Vec<&str> = line.split(' ').collect();
+        let int = |i: usize| w.get(i).and_then(|s| s.parse::<i32>().ok());
+        let hex64 = |i: usize| w.get(i).and_then(|s| u64::from_str_radix(s, 16).ok());
+        let bytes = |i: usize| w.get(i).and_then(|s| hex::decode(s).ok());
+        match w[0] {
+            "image" => {
+                if let Some(path) = bytes(2) {
+                    let path = PathBuf::from(std::ffi::OsString::from_vec(path));
+                    self.image = Some((path, w.get(1) == Some(&"1")));
                 }
-                "thread" => {
-                    if let (Some(pid), Some(tid), Some(blocked), Some(scratch), Some(saved)) =
-                        (int(1), int(2), hex64(3), hex64(4), bytes(5))
-                    {
-                        rec.threads.push(ThreadNote { pid, tid, blocked, scratch, saved });
-                    }
-                }
-                "repair" => {
-                    if let (Some(pid), Some(fd)) = (int(1), int(2)) {
-                        rec.repairs.push((pid, fd));
-                    }
-                }
-                "lock" => rec.locks.extend(w.get(1).map(|s| s.to_string())),
-                "committed" => rec.committed = true,
-                "killing" => rec.killing = true,
-                "done" => {
-                    // torpor may still hold the pipe open; nothing more will come.
-                    rec.done = true;
-                    break;
-                }
-                _ => {}
             }
+            "thread" => {
+                if let (Some(pid), Some(tid), Some(blocked), Some(scratch), Some(saved)) =
+                    (int(1), int(2), hex64(3), hex64(4), bytes(5))
+                {
+                    self.threads.push(ThreadNote { pid, tid, blocked, scratch, saved });
+                }
+            }
+            "repair" => {
+                if let (Some(pid), Some(fd)) = (int(1), int(2)) {
+                    self.repairs.push((pid, fd));
+                }
+            }
+            "lock" => self.locks.extend(w.get(1).map(|s| s.to_string())),
+            "committed" => self.committed = true,
+            "killing" => self.killing = true,
+            _ => {}
         }
-        rec
     }
 }
 
-/// The guard's life: `torpor __guard PID TORPOR`, the journal on stdin. Returns once
-/// torpor says it is done, or once it is gone and the dump of `pid` has been undone.
+/// The guard of a dump: `torpor __guard dump PID TORPOR`, the journal on stdin. Returns
+/// once torpor says it is done, or once it is gone and the dump of `pid` is undone.
 pub fn run_guard(pid: i32, torpor: i32) -> i32 {
-    // Signals meant for torpor's terminal or session (^C, a hang-up) must not end the
-    // guard with it: the guard is what cleans up after them.
-    for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP, libc::SIGQUIT, libc::SIGPIPE] {
-        // SAFETY: SIG_IGN installs no handler code.
-        unsafe { libc::signal(sig, libc::SIG_IGN) };
-    }
-    let torpor_fd = pidfd(torpor);
-    let rec = Record::read(io::stdin().lock());
-    if rec.done {
+    let mut rec = Record::default();
+    if torpor_sys::guard::follow(torpor, |line| rec.add(line)) {
         return 0;
-    }
-
-    // The journal ends when torpor's descriptors close, a moment before the kernel
-    // detaches torpor's tracees: wait until torpor has fully exited.
-    if let Some(fd) = &torpor_fd {
-        let mut p = libc::pollfd { fd: fd.as_raw_fd(), events: libc::POLLIN, revents: 0 };
-        // SAFETY: one pollfd on the stack.
-        unsafe { libc::poll(&mut p, 1, 10_000) };
     }
     undo(pid, &rec)
 }
 
-/// A pidfd for `torpor`, if it is still this process's parent.
-fn pidfd(torpor: i32) -> Option<OwnedFd> {
-    // SAFETY: pidfd_open takes integers and returns a new descriptor or -1.
-    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, torpor, 0) };
-    if fd < 0 {
-        return None;
-    }
-    // SAFETY: a new descriptor that nothing else owns.
-    let fd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
-    // Opened after torpor died and its pid was reused: not the right process.
-    // SAFETY: getppid takes nothing.
-    (unsafe { libc::getppid() } == torpor).then_some(fd)
-}
-
 fn undo(pid: i32, rec: &Record) -> i32 {
-    let me = std::process::id();
-    let say = |msg: String| eprintln!("torpor (guard {me}): {msg}");
     let mut failed = false;
     if rec.killing {
         // The image was complete and the tree was being ended: finish the job, children
@@ -237,7 +137,7 @@ fn undo(pid: i32, rec: &Record) -> i32 {
             // SAFETY: kill takes integers.
             unsafe { libc::kill(p, libc::SIGKILL) };
         }
-        say(format!("torpor died while ending the dumped tree of pid {pid}; ended the rest"));
+        say(&format!("torpor died while ending the dumped tree of pid {pid}; ended the rest"));
         return 0;
     }
 
@@ -252,20 +152,20 @@ fn undo(pid: i32, rec: &Record) -> i32 {
             // A process that has closed the descriptor or exited meanwhile has no
             // connection left to wake.
             if Path::new(&format!("/proc/{p}/fd/{fd}")).exists() {
-                say(format!("pid {p}: cannot take fd {fd} out of TCP repair mode: {e}"));
+                say(&format!("pid {p}: cannot take fd {fd} out of TCP repair mode: {e}"));
                 failed = true;
             }
         }
     }
     for t in &rec.threads {
         if let Err(e) = put_back(t) {
-            say(format!("pid {} thread {}: {e}", t.pid, t.tid));
+            say(&format!("pid {} thread {}: {e}", t.pid, t.tid));
             failed = true;
         }
     }
     for tag in &rec.locks {
         if let Err(e) = torpor_sys::netlock::unlock(tag) {
-            say(format!("cannot remove the firewall rules {tag}: {e}"));
+            say(&format!("cannot remove the firewall rules {tag}: {e}"));
             failed = true;
         }
     }
@@ -277,7 +177,7 @@ fn undo(pid: i32, rec: &Record) -> i32 {
         (Some((dir, _)), true) => format!("; the image in {} is complete", dir.display()),
         (None, _) => String::new(),
     };
-    say(format!(
+    say(&format!(
         "torpor died during the dump of pid {pid}; {}{image}",
         if failed { "could not put everything back (above)" } else { "it runs on as before" }
     ));
@@ -321,17 +221,6 @@ fn put_back(t: &ThreadNote) -> Result<(), String> {
         (Err(e), _) | (Ok(()), Err(e)) if !gone(&e) => Err(chain(&e)),
         _ => Ok(()),
     }
-}
-
-/// An error with its causes, for the guard's messages.
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cause = e.source();
-    while let Some(c) = cause {
-        s.push_str(&format!(": {c}"));
-        cause = c.source();
-    }
-    s
 }
 
 /// Removes an image whose manifest was never written: the whole directory if the dump

@@ -102,12 +102,12 @@ pub fn dump(opts: &DumpOptions) -> Result<DumpSummary> {
     precheck(opts.pid)?;
     let guard = match &opts.guard {
         Some(program) => Some(
-            guard::Guard::start(program, opts.pid)
+            torpor_sys::guard::Guard::start(program, "dump", opts.pid)
                 .map_err(|source| DumpError::Guard { program: program.clone(), source })?,
         ),
         None => None,
     };
-    let journal = guard.as_ref().map(guard::Guard::journal).unwrap_or_default();
+    let journal = guard.as_ref().map(torpor_sys::guard::Guard::journal).unwrap_or_default();
     let result = dump_noted(opts, &journal, t0);
     drop(journal);
     // Whatever the outcome, the process is now as it says: nothing for the guard to undo.
@@ -118,10 +118,10 @@ pub fn dump(opts: &DumpOptions) -> Result<DumpSummary> {
 }
 
 /// The dump, noting each change it makes to the process in `journal` before making it.
-fn dump_noted(opts: &DumpOptions, journal: &guard::Journal, t0: Instant) -> Result<DumpSummary> {
+fn dump_noted(opts: &DumpOptions, journal: &torpor_sys::guard::Journal, t0: Instant) -> Result<DumpSummary> {
     let pid = opts.pid;
     let made = !opts.dir.exists();
-    journal.note(guard::Note::Image { dir: &opts.dir, made });
+    guard::note(journal, guard::Note::Image { dir: &opts.dir, made });
     let mut writer = ImageWriter::create(&opts.dir)?;
     writer.set_durable(!opts.no_sync);
     let frozen = match FrozenTree::freeze(pid, journal) {
@@ -170,7 +170,7 @@ fn dump_noted(opts: &DumpOptions, journal: &guard::Journal, t0: Instant) -> Resu
         frozen.release();
         return Err(e.into());
     }
-    journal.note(guard::Note::Committed);
+    guard::note(journal, guard::Note::Committed);
     torpor_sys::test_point("dump:committed", pid);
 
     let frozen_for = t_frozen.elapsed();
@@ -178,7 +178,7 @@ fn dump_noted(opts: &DumpOptions, journal: &guard::Journal, t0: Instant) -> Resu
         fd_ctx.end_repair();
         frozen.release();
     } else {
-        journal.note(guard::Note::Killing);
+        guard::note(journal, guard::Note::Killing);
         frozen.kill()?;
         // The connections were in repair mode when their process died: closing torpor's
         // copies now ends them without a FIN or RST reaching the peer.
@@ -380,7 +380,7 @@ pub(crate) struct FrozenTree {
 impl FrozenTree {
     /// Stops the tree under `root`: each process with all its threads, then its children.
     /// A stopped process forks no more, so the walk sees every process there is.
-    fn freeze(root: i32, journal: &guard::Journal) -> Result<Self> {
+    fn freeze(root: i32, journal: &torpor_sys::guard::Journal) -> Result<Self> {
         let mut tree = Self { processes: Vec::new(), zombies: Vec::new() };
         let mut queue = std::collections::VecDeque::from([root]);
         while let Some(pid) = queue.pop_front() {
@@ -397,7 +397,7 @@ impl FrozenTree {
         pid: i32,
         root: i32,
         queue: &mut std::collections::VecDeque<i32>,
-        journal: &guard::Journal,
+        journal: &torpor_sys::guard::Journal,
     ) -> Result<()> {
         if pid != root {
             precheck_member(pid)?;
@@ -503,7 +503,7 @@ impl Frozen {
     /// Stops every thread of `pid`. Threads are seized until a pass over
     /// `/proc/PID/task` finds none new, so one created meanwhile is caught too (a
     /// stopped thread creates no more); one that exits meanwhile is left out.
-    fn attach(pid: i32, journal: &guard::Journal) -> Result<Self> {
+    fn attach(pid: i32, journal: &torpor_sys::guard::Journal) -> Result<Self> {
         let err = |source| DumpError::Freeze { pid, source };
         let mut stopped: Vec<i32> = Vec::new();
         let seize_all = |stopped: &mut Vec<i32>| -> Result<()> {
@@ -568,7 +568,7 @@ impl Frozen {
                 let scratch = collect::Scratch::new(pid, remote.saved_regs().rsp).map_err(err)?;
                 // Block everything while torpor works, so no signal is consumed meanwhile.
                 let blocked = ptrace::get_sigmask(tid).map_err(err)?;
-                journal.note(guard::Note::Thread {
+                guard::note(journal, guard::Note::Thread {
                     pid,
                     tid,
                     blocked,

@@ -42,6 +42,10 @@ pub struct RestoreOptions {
     /// Wake a shell job in the terminal this torpor runs in: its inherited terminal
     /// descriptors get this terminal, with the job's modes, and its group the foreground.
     pub shell_job: bool,
+    /// The program to start as the restore's guard (`PROGRAM __guard restore DIR
+    /// TORPOR`), which kills what was made if torpor dies before releasing it; `None` for
+    /// no guard.
+    pub guard: Option<PathBuf>,
 }
 
 /// A restored, running process.
@@ -161,13 +165,31 @@ pub fn restore(opts: &RestoreOptions) -> Result<Restored> {
     prepare::check_files(&tree)?;
     ptys::check_free(&tree)?;
 
+    // Should torpor be killed, ptrace's exit-kill ends what is still traced; the guard
+    // ends what was already let go while others were not yet.
+    let guard = match &opts.guard {
+        Some(program) => Some(
+            torpor_sys::guard::Guard::start(program, "restore", tree.root_pid).map_err(
+                |source| RestoreError::Prepare { what: "the restore's guard".into(), source },
+            )?,
+        ),
+        None => None,
+    };
+    // Before the descriptors are counted: the new process closes every one of torpor's.
     let mut prepared = prepare::prepare(&reader, &tree)?;
+    let mut built = Built {
+        journal: guard.as_ref().map(torpor_sys::guard::Guard::journal).unwrap_or_default(),
+        ..Default::default()
+    };
     // The root's pid as torpor sees it (in a new pid namespace it is 1 only inside).
     let child = child::spawn(&mut prepared.plan)?;
     // From here on, any failure kills the half-made tree: the root, and with it (by the
     // parent-death signal and ptrace's exit-kill) every process it made.
-    let mut built = Built::default();
     let result = build(opts, &reader, &tree, &prepared, child, &mut built, &mut verified);
+    built.journal = Default::default();
+    if let Some(g) = guard {
+        g.finish();
+    }
     // The objects were handed to the processes; torpor's copies go. SysV segments stay
     // only if the restore succeeded.
     let sysv = std::mem::take(&mut prepared.sysv);
@@ -192,7 +214,42 @@ pub fn restore(opts: &RestoreOptions) -> Result<Restored> {
 #[derive(Default)]
 struct Built {
     pids: Vec<i32>,
+    /// Where each process made is noted for the guard.
+    journal: torpor_sys::guard::Journal,
     job: Option<(i32, i32, Option<Vec<u8>>)>,
+}
+
+impl Built {
+    fn made(&mut self, pid: i32) {
+        self.pids.push(pid);
+        self.journal.line(&format!("process {pid}"));
+    }
+}
+
+/// The guard of a restore: `torpor __guard restore PID TORPOR`, the journal on stdin.
+/// Should torpor die before it says it is done, every process it made is killed: those
+/// it still traced die with it, but those it had already let go would run on without
+/// the rest of their tree.
+pub fn run_guard(root: i32, torpor: i32) -> i32 {
+    use torpor_sys::guard;
+    // Each process is held by a pidfd from the moment it is noted, so a pid reused after
+    // the process died is never hit.
+    let mut made = Vec::new();
+    let pid = |line: &str| line.strip_prefix("process ")?.parse::<i32>().ok();
+    if guard::follow(torpor, |line| made.extend(pid(line).and_then(guard::pidfd))) {
+        return 0;
+    }
+    for p in made.iter().rev() {
+        guard::kill_pidfd(p);
+    }
+    if made.is_empty() {
+        return 0;
+    }
+    guard::say(&format!(
+        "torpor died during the restore of pid {root}; ended the {} processes it had made",
+        made.len()
+    ));
+    0
 }
 
 /// One process being rebuilt: its address space and its threads other than the leader.
@@ -222,7 +279,7 @@ fn build(
         let step = what.to_string();
         move |source| RestoreError::Step { pid, step, source }
     };
-    built.pids.push(root_outer);
+    built.made(root_outer);
     ptrace::seize_builder(root_outer).map_err(step(root, "attach to the new process"))?;
     ptrace::interrupt_and_wait(root_outer).map_err(step(root, "stop the new process"))?;
     ptrace::set_sigmask(root_outer, !0).map_err(step(root, "block signals"))?;
@@ -237,7 +294,7 @@ fn build(
         } else {
             let parent = procs.iter().find(|q| q.p.pid == p.ppid).expect("validated");
             let outer = state::fork_child(&parent.space, p.pid)?;
-            built.pids.push(outer);
+            built.made(outer);
             space::Space::take(outer, p.pid, p)?
         };
         state::session(&space, p, opts.shell_job && p.pid == root)?;

@@ -4,6 +4,7 @@
 //!
 //! Everything here is specific to Linux on x86_64.
 
+pub mod guard;
 pub mod mem;
 pub mod netlock;
 pub mod proc;

@@ -107,7 +107,7 @@ enum Command {
     Count { log: PathBuf },
     /// The guard a dump starts, which undoes the dump if torpor dies (internal).
     #[command(name = "__guard", hide = true)]
-    Guard { pid: i32, torpor: i32 },
+    Guard { kind: String, pid: i32, torpor: i32 },
 }
 
 fn main() -> ExitCode {
@@ -188,6 +188,7 @@ fn run(cli: Cli) -> Result<u8> {
                 detach,
                 force_vdso_jumps,
                 shell_job,
+                guard: Some(std::env::current_exe().context("cannot find torpor's own program")?),
             };
             let r = with_signals_deferred(|| torpor_restore::restore(&opts))
                 .with_context(|| format!("restore from {} failed", dir.display()))?;
@@ -237,7 +238,10 @@ fn run(cli: Cli) -> Result<u8> {
         Command::Check => check::run(quiet),
         Command::Demo => demo::run(),
         Command::Count { log } => demo::count(&log),
-        Command::Guard { pid, torpor } => Ok(torpor_dump::run_guard(pid, torpor) as u8),
+        Command::Guard { kind, pid, torpor } => Ok(match kind.as_str() {
+            "dump" => torpor_dump::run_guard(pid, torpor),
+            _ => torpor_restore::run_guard(pid, torpor),
+        } as u8),
     }
 }
 
