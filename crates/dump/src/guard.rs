@@ -143,11 +143,9 @@ fn undo(pid: i32, rec: &Record) -> i32 {
 
     // First what the running process may trip over: its connections, then its signals.
     for &(p, fd) in &rec.repairs {
-        let r = sock::take_fd(p, fd)
-            .map_err(|e| chain(&e))
-            .and_then(|s| {
-                sock::set_tcp_opt(&s, sock::tcp_repair::TCP_REPAIR, 0).map_err(|e| e.to_string())
-            });
+        let r = sock::take_fd(p, fd).map_err(|e| chain(&e)).and_then(|s| {
+            sock::set_tcp_opt(&s, sock::tcp_repair::TCP_REPAIR, 0).map_err(|e| e.to_string())
+        });
         if let Err(e) = r {
             // A process that has closed the descriptor or exited meanwhile has no
             // connection left to wake.

@@ -118,7 +118,11 @@ pub fn dump(opts: &DumpOptions) -> Result<DumpSummary> {
 }
 
 /// The dump, noting each change it makes to the process in `journal` before making it.
-fn dump_noted(opts: &DumpOptions, journal: &torpor_sys::guard::Journal, t0: Instant) -> Result<DumpSummary> {
+fn dump_noted(
+    opts: &DumpOptions,
+    journal: &torpor_sys::guard::Journal,
+    t0: Instant,
+) -> Result<DumpSummary> {
     let pid = opts.pid;
     let made = !opts.dir.exists();
     guard::note(journal, guard::Note::Image { dir: &opts.dir, made });
@@ -568,13 +572,16 @@ impl Frozen {
                 let scratch = collect::Scratch::new(pid, remote.saved_regs().rsp).map_err(err)?;
                 // Block everything while torpor works, so no signal is consumed meanwhile.
                 let blocked = ptrace::get_sigmask(tid).map_err(err)?;
-                guard::note(journal, guard::Note::Thread {
-                    pid,
-                    tid,
-                    blocked,
-                    scratch: scratch.addr,
-                    saved: scratch.saved(),
-                });
+                guard::note(
+                    journal,
+                    guard::Note::Thread {
+                        pid,
+                        tid,
+                        blocked,
+                        scratch: scratch.addr,
+                        saved: scratch.saved(),
+                    },
+                );
                 ptrace::set_sigmask(tid, !0).map_err(err)?;
                 Ok(FrozenThread { tid, remote, blocked, scratch })
             };

@@ -168,11 +168,11 @@ pub fn restore(opts: &RestoreOptions) -> Result<Restored> {
     // Should torpor be killed, ptrace's exit-kill ends what is still traced; the guard
     // ends what was already let go while others were not yet.
     let guard = match &opts.guard {
-        Some(program) => Some(
-            torpor_sys::guard::Guard::start(program, "restore", tree.root_pid).map_err(
+        Some(program) => {
+            Some(torpor_sys::guard::Guard::start(program, "restore", tree.root_pid).map_err(
                 |source| RestoreError::Prepare { what: "the restore's guard".into(), source },
-            )?,
-        ),
+            )?)
+        }
         None => None,
     };
     // Before the descriptors are counted: the new process closes every one of torpor's.

@@ -222,7 +222,10 @@ pub fn test_point(name: &str, target: i32) {
     static POINTS: std::sync::OnceLock<(Option<String>, Option<String>)> =
         std::sync::OnceLock::new();
     let (me, it) = POINTS.get_or_init(|| {
-        (std::env::var("TORPOR_TEST_KILL_AT").ok(), std::env::var("TORPOR_TEST_KILL_TARGET_AT").ok())
+        (
+            std::env::var("TORPOR_TEST_KILL_AT").ok(),
+            std::env::var("TORPOR_TEST_KILL_TARGET_AT").ok(),
+        )
     });
     if target > 0 && it.as_deref() == Some(name) {
         tracing::debug!("test point {name}: killing pid {target}");

@@ -20,8 +20,7 @@ use std::time::Duration;
 
 use common::{
     assert_running_untraced, become_subreaper, close_inherited_fds, free_port, proc_status,
-    wait_child, wait_pid, wait_pid_gone, Fixture, PidWait, FINISH_TIMEOUT,
-    TORPOR_TIMEOUT,
+    wait_child, wait_pid, wait_pid_gone, Fixture, PidWait, FINISH_TIMEOUT, TORPOR_TIMEOUT,
 };
 use tempfile::TempDir;
 
@@ -196,7 +195,11 @@ fn lock_rules(pid: i32) -> Vec<String> {
     let out = Command::new("nft").args(["list", "chain", "inet", "torpor", "lock"]).output();
     let tag = format!("\"torpor-{pid}-");
     out.map(|o| {
-        String::from_utf8_lossy(&o.stdout).lines().filter(|l| l.contains(&tag)).map(String::from).collect()
+        String::from_utf8_lossy(&o.stdout)
+            .lines()
+            .filter(|l| l.contains(&tag))
+            .map(String::from)
+            .collect()
     })
     .unwrap_or_default()
 }
