@@ -8,17 +8,16 @@
 //! kernel only detaches its tracees, which then run on with signals blocked, connections
 //! mute and the rules in place.
 //!
-//! So a dump starts a guard first: torpor itself again (`torpor __guard`), a child that
-//! reads, on a pipe, a journal of what torpor changes, just before each change. When the
-//! journal ends without the line saying the dump is over, torpor is gone, and the guard
-//! puts back what the journal lists: it takes the connections out of repair mode, seizes
-//! every thread again to restore its signal mask and its stack bytes, removes the rules
-//! and the partial image. A dump that died after the image was complete but before the
-//! process was ended leaves the image (it is whole) and the process running; one that
-//! died while ending the tree is finished by the guard, which ends the rest.
+//! So a dump starts a guard first (`torpor __guard dump`, see `torpor_sys::guard` for the
+//! process and its journal) and notes each change in the journal just before making it.
+//! When the journal ends without `done`, torpor is gone, and the guard puts back what the
+//! journal lists: it takes the connections out of repair mode, seizes every thread again
+//! to restore its signal mask and its stack bytes, removes the rules and the partial
+//! image. A dump that died after the image was complete but before the process was ended
+//! leaves the image (it is whole) and the process running; one that died while ending
+//! the tree is finished by the guard, which ends the rest.
 //!
-//! The journal is lines of text, each written with one `write` of less than `PIPE_BUF`
-//! bytes, so a dying torpor never leaves half a line that would be read as a whole one.
+//! The lines of a dump's journal:
 //!
 //! ```text
 //! image MADE HEXPATH                the image directory (MADE 1: created by this dump)
@@ -27,9 +26,9 @@
 //! lock TAG                          firewall rules named TAG about to be added
 //! committed                         the image is complete
 //! killing                           the tree is being ended
-//! done                              torpor finished, whatever the outcome
 //! ```
 
+use std::os::fd::OwnedFd;
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -69,6 +68,9 @@ pub(crate) fn note(journal: &Journal, note: Note) {
 struct Record {
     image: Option<(PathBuf, bool)>,
     threads: Vec<ThreadNote>,
+    /// A pidfd for each process, taken when its leader is noted, so that ending the tree
+    /// cannot hit a process that reused a pid.
+    processes: Vec<OwnedFd>,
     repairs: Vec<(i32, i32)>,
     locks: Vec<String>,
     committed: bool,
@@ -100,6 +102,9 @@ impl Record {
                 if let (Some(pid), Some(tid), Some(blocked), Some(scratch), Some(saved)) =
                     (int(1), int(2), hex64(3), hex64(4), bytes(5))
                 {
+                    if tid == pid {
+                        self.processes.extend(torpor_sys::guard::pidfd(pid));
+                    }
                     self.threads.push(ThreadNote { pid, tid, blocked, scratch, saved });
                 }
             }
@@ -131,11 +136,8 @@ fn undo(pid: i32, rec: &Record) -> i32 {
     if rec.killing {
         // The image was complete and the tree was being ended: finish the job, children
         // first as torpor does.
-        let mut pids: Vec<i32> = rec.threads.iter().map(|t| t.pid).collect();
-        pids.dedup();
-        for &p in pids.iter().rev() {
-            // SAFETY: kill takes integers.
-            unsafe { libc::kill(p, libc::SIGKILL) };
+        for p in rec.processes.iter().rev() {
+            torpor_sys::guard::kill_pidfd(p);
         }
         say(&format!("torpor died while ending the dumped tree of pid {pid}; ended the rest"));
         return 0;

@@ -161,7 +161,8 @@ fn run(cli: Cli) -> Result<u8> {
                 tcp_established,
                 shell_job,
                 no_sync,
-                guard: Some(std::env::current_exe().context("cannot find torpor's own program")?),
+                // Through /proc: this very program, even if replaced or removed since.
+                guard: Some(PathBuf::from("/proc/self/exe")),
             };
             let s =
                 // An interrupted dump would leave the process stopped halfway through a call
@@ -188,7 +189,7 @@ fn run(cli: Cli) -> Result<u8> {
                 detach,
                 force_vdso_jumps,
                 shell_job,
-                guard: Some(std::env::current_exe().context("cannot find torpor's own program")?),
+                guard: Some(PathBuf::from("/proc/self/exe")),
             };
             let r = with_signals_deferred(|| torpor_restore::restore(&opts))
                 .with_context(|| format!("restore from {} failed", dir.display()))?;
