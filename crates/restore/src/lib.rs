@@ -330,15 +330,19 @@ fn build(
         pr.space.finish()?;
     }
 
-    // 4. Every thread of every process is ready before any runs; connections wake first,
-    //    and a shell job gets the terminal before it can read from it.
-    prepare::end_repair(tree, prep)?;
-    // The connections answer again: their peers' packets may come through.
-    if let Some(tag) = &tree.net_lock {
-        if let Err(e) = torpor_sys::netlock::unlock(tag) {
-            tracing::warn!("cannot remove the firewall rules {tag}: {e}");
+    // 4. Every thread of every process is ready before any runs.
+    for pr in &procs {
+        for (t, r) in pr.p.threads.iter().zip(pr.remotes()) {
+            state::load_registers(r, t)?;
+            ptrace::set_sigmask(r.tid(), t.blocked)
+                .map_err(step(pr.p.pid, "set the signal mask"))?;
         }
     }
+    // Nothing runs on page data that does not match the manifest.
+    verified()?;
+    torpor_sys::test_point("restore:ready", 0);
+
+    // A shell job gets the terminal before it can read from it.
     if opts.shell_job {
         if let Some(tty) = terminal::own_tty() {
             // SAFETY: getpgid takes an integer.
@@ -351,16 +355,16 @@ fn build(
             built.job = Some((pgid, tty, modes));
         }
     }
-    for pr in &procs {
-        for (t, r) in pr.p.threads.iter().zip(pr.remotes()) {
-            state::load_registers(r, t)?;
-            ptrace::set_sigmask(r.tid(), t.blocked)
-                .map_err(step(pr.p.pid, "set the signal mask"))?;
+    // Connections wake last of all, once nothing can fail any more: until they leave
+    // repair mode, a failed restore (or a killed torpor) closes them without a word to
+    // their peers, and the image can wake them later.
+    prepare::end_repair(tree, prep)?;
+    // The connections answer again: their peers' packets may come through.
+    if let Some(tag) = &tree.net_lock {
+        if let Err(e) = torpor_sys::netlock::unlock(tag) {
+            tracing::warn!("cannot remove the firewall rules {tag}: {e}");
         }
     }
-    // Nothing runs on page data that does not match the manifest.
-    verified()?;
-    torpor_sys::test_point("restore:ready", 0);
     for pr in procs.iter().rev() {
         for r in pr.remotes() {
             ptrace::detach(r.tid(), 0).map_err(step(pr.p.pid, "let the process run"))?;

@@ -20,7 +20,7 @@ use std::time::Duration;
 
 use common::{
     assert_running_untraced, become_subreaper, close_inherited_fds, free_port, proc_status,
-    wait_child, wait_pid, wait_pid_gone, Fixture, PidWait, FINISH_TIMEOUT, TORPOR_TIMEOUT,
+    wait_child, wait_pid, wait_pid_gone, Fixture, PidWait, Restore, FINISH_TIMEOUT, TORPOR_TIMEOUT,
 };
 use tempfile::TempDir;
 
@@ -386,4 +386,37 @@ fn restore_of_a_tree_killed_while_releasing_leaves_no_part_of_it() {
     // it (and written to its log, which the image records): put the log back.
     tree.f.rewind_log(&mark);
     tree.f.restore_and_pass(images.path());
+}
+
+#[test]
+fn restore_killed_with_a_connection_keeps_it_for_the_next_restore() {
+    let port = free_port();
+    let mut f = Fixture::start("tcp_echo.py", &[&port.to_string()]);
+    let mut s = TcpStream::connect(("127.0.0.1", port)).expect("connect to the echo server");
+    s.set_read_timeout(Some(Duration::from_secs(15))).expect("read timeout");
+    let mut r = BufReader::new(s.try_clone().expect("clone"));
+    assert_eq!(echo(&mut s, &mut r, "hello"), "echo:hello total=5");
+    let images = TempDir::new().expect("tempdir");
+    let out = f.dump(images.path(), &["--tcp-established"]);
+    assert!(out.status.success(), "dump: {}", common::stderr_of(&out));
+    f.assert_killed_by_dump();
+
+    for point in ["restore:memory", "restore:ready"] {
+        restore_killed_at(images.path(), f.pid, point);
+        // The restore never let the connection out of repair mode, so its death said
+        // nothing to the peer, and the peer is still held back for the next restore.
+        assert!(!lock_rules(f.pid).is_empty(), "{point}: the lock was removed");
+    }
+    s.write_all(b"during").expect("send while the server hibernates");
+    let mut restore = Restore::spawn(images.path(), &[]);
+    restore.wait_for_process(&f);
+    let mut line = String::new();
+    r.read_line(&mut line).expect("the echo of what was sent meanwhile");
+    assert_eq!(line.trim_end(), "echo:during total=11");
+    assert_eq!(lock_rules(f.pid), Vec::<String>::new(), "rules left after the restore");
+    f.go();
+    drop(s);
+    let status = restore.wait(FINISH_TIMEOUT).expect("restored server never finished");
+    assert!(status.success(), "restored server: {status:?}; stderr:\n{}", restore.stderr());
+    f.assert_log_passed();
 }
