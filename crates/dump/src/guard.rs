@@ -48,7 +48,11 @@ pub(crate) enum Note<'a> {
 
 /// Notes one change in the journal.
 pub(crate) fn note(journal: &Journal, note: Note) {
-    let line = match note {
+    journal.line(&line_of(note));
+}
+
+fn line_of(note: Note) -> String {
+    match note {
         Note::Image { dir, made } => {
             format!("image {} {}", u8::from(made), hex::encode(dir.as_os_str().as_bytes()))
         }
@@ -59,8 +63,7 @@ pub(crate) fn note(journal: &Journal, note: Note) {
         Note::Lock { tag } => format!("lock {tag}"),
         Note::Committed => "committed".into(),
         Note::Killing => "killing".into(),
-    };
-    journal.line(&line);
+    }
 }
 
 /// What the journal said, as far as it got.
@@ -231,5 +234,50 @@ fn remove_partial(dir: &Path, made: bool) {
     } else {
         let _ = std::fs::remove_file(dir.join(torpor_image::MANIFEST));
         let _ = std::fs::remove_file(dir.join(".manifest.json.tmp"));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_note_reads_back() {
+        let dir = Path::new("/tmp/an image\nwith odd bytes \u{e9}");
+        let saved: Vec<u8> = (0..=255).collect();
+        let mut rec = Record::default();
+        for note in [
+            Note::Image { dir, made: true },
+            Note::Thread {
+                pid: 7,
+                tid: 9,
+                blocked: !0 ^ 5,
+                scratch: 0x7ffd_0000_1000,
+                saved: &saved,
+            },
+            Note::Repair { pid: 7, fd: 3 },
+            Note::Lock { tag: "torpor-7-123" },
+            Note::Committed,
+        ] {
+            let line = line_of(note);
+            assert!(!line.contains('\n'), "{line:?}");
+            rec.add(&line);
+        }
+        assert_eq!(rec.image, Some((dir.to_path_buf(), true)));
+        let t = &rec.threads[0];
+        assert_eq!((t.pid, t.tid, t.blocked, t.scratch), (7, 9, !0 ^ 5, 0x7ffd_0000_1000));
+        assert_eq!(t.saved, saved);
+        assert_eq!(rec.repairs, vec![(7, 3)]);
+        assert_eq!(rec.locks, vec!["torpor-7-123".to_string()]);
+        assert!(rec.committed && !rec.killing);
+    }
+
+    #[test]
+    fn a_torn_or_unknown_line_is_ignored() {
+        let mut rec = Record::default();
+        for line in ["thread 7 9 ff", "repair x 3", "image 1 zz", "something new", ""] {
+            rec.add(line);
+        }
+        assert!(rec.threads.is_empty() && rec.repairs.is_empty() && rec.image.is_none());
     }
 }

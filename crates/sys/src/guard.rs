@@ -8,8 +8,9 @@
 //! means torpor is gone, and the guard undoes what the lines list; what that means is up
 //! to the dump and restore crates, which own the lines' meaning.
 //!
-//! Each line goes in one `write` of at most `PIPE_BUF` bytes, which a pipe never splits,
-//! so a dying torpor never leaves half a line that would read as a whole one.
+//! Each line goes in one `write`, of at most `PIPE_BUF` bytes (which a pipe never splits)
+//! but for a long image path; the guard takes only lines that end with their newline, so
+//! a line a dying torpor left half written is never read as a whole one.
 
 use std::fs::File;
 use std::io::{self, BufRead, Write};
@@ -76,7 +77,8 @@ impl Journal {
         let Some(pipe) = &self.pipe else { return };
         let mut bytes = line.as_bytes().to_vec();
         bytes.push(b'\n');
-        debug_assert!(bytes.len() <= libc::PIPE_BUF, "journal line too long: {line}");
+        // Lines are short but for a long image path; the guard takes only whole lines, so
+        // one cut short by torpor's death is never read as another.
         if let Err(e) = (&**pipe).write_all(&bytes) {
             tracing::warn!("the guard is gone ({e}): if torpor dies now, nothing undoes its work");
         }
@@ -98,8 +100,16 @@ pub fn follow(torpor: i32, mut each: impl FnMut(&str)) -> bool {
         // SAFETY: getppid takes nothing.
         unsafe { libc::getppid() == torpor }
     });
-    for line in io::stdin().lock().lines() {
-        let Ok(line) = line else { break };
+    let mut input = io::stdin().lock();
+    let mut buf = Vec::new();
+    loop {
+        buf.clear();
+        // A line without its newline was torn by torpor's death: it is not a note.
+        match input.read_until(b'\n', &mut buf) {
+            Ok(_) if buf.last() == Some(&b'\n') => {}
+            _ => break,
+        }
+        let line = String::from_utf8_lossy(&buf[..buf.len() - 1]);
         if line == "done" {
             // torpor may still hold the pipe open; nothing more will come.
             return true;
