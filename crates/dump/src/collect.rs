@@ -210,8 +210,18 @@ pub(crate) fn collect(
         .call("prctl(PR_GET_DUMPABLE)", libc::SYS_prctl, args!(libc::PR_GET_DUMPABLE))
         .map_err(err("its dumpable flag"))? as i32;
 
+    // Only the actions that are not the default need asking, and SIGCHLD's, whose
+    // SA_NOCLDWAIT and SA_NOCLDSTOP act even then: each call run inside the process is a
+    // moment in which a torpor that dies would leave it with torpor's registers (see
+    // `Remote::tidy`). The flags and mask of another default action, which only a
+    // sigaction call reading them back can see, are not kept.
+    let set = status.sig_caught | status.sig_ignored | 1 << (libc::SIGCHLD - 1);
     let mut sigactions = Vec::with_capacity(64);
     for sig in 1..=64u64 {
+        if set & 1 << (sig - 1) == 0 {
+            sigactions.push(SigAction { handler: 0, flags: 0, restorer: 0, mask: 0 });
+            continue;
+        }
         r.call("rt_sigaction", libc::SYS_rt_sigaction, args!(sig, 0, scratch, 8))
             .map_err(err(&format!("the action of signal {sig}")))?;
         let b = read_scratch(32).map_err(err("scratch"))?;

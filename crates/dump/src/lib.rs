@@ -465,6 +465,15 @@ impl FrozenTree {
     }
 }
 
+/// The signal mask of a thread while torpor works: everything blocked but `SIGTRAP`.
+///
+/// Each remote call ends in a single-step trap, which the kernel raises as a forced
+/// `SIGTRAP`; a forced signal that is blocked is unblocked and its action reset to the
+/// default, so a program's `SIGTRAP` handler would be lost (in the image, and in the
+/// process if it runs on). Unblocked, the trap is only reported to torpor, which
+/// discards it. (An ignored `SIGTRAP` is reset all the same: not kept yet.)
+const WORKING_MASK: u64 = !(1 << (libc::SIGTRAP - 1));
+
 /// One thread held stopped, with what is needed to let it go unchanged.
 pub(crate) struct FrozenThread {
     pub tid: i32,
@@ -582,7 +591,7 @@ impl Frozen {
                         saved: scratch.saved(),
                     },
                 );
-                ptrace::set_sigmask(tid, !0).map_err(err)?;
+                ptrace::set_sigmask(tid, WORKING_MASK).map_err(err)?;
                 Ok(FrozenThread { tid, remote, blocked, scratch })
             };
             match prepare() {
