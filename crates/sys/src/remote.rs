@@ -107,8 +107,9 @@ impl Remote {
         }
         let out = ptrace::get_regs(self.tid)?;
         if self.tidy {
-            ptrace::park_after_step(self.tid)?;
+            // Registers first: from here a dying torpor's task only risks the trap.
             self.restore_regs()?;
+            ptrace::park_after_step(self.tid)?;
         }
         Ok(out.rax as i64)
     }

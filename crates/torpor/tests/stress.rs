@@ -211,7 +211,8 @@ fn reap_orphans(except: i32) {
 /// finishes first leaves the process running too). Every process must come out running,
 /// untraced, with its mask and mappings, and pass its checks; except that a kill landing
 /// while a system call runs inside the process, a known window of some microseconds per
-/// call (docs/architecture.md, "When torpor dies"), may kill it with SIGTRAP. Those
+/// call (docs/architecture.md, "When torpor dies"), may kill it with SIGTRAP or make it
+/// crash. Those
 /// deaths are counted and must stay rare.
 #[test]
 #[ignore = "slow tier: bash tests/stress.sh"]
@@ -258,7 +259,9 @@ fn dump_killed_at_random_moments() {
         }
         if proc_status(f.pid, "State").is_some_and(|s| s.starts_with('Z')) {
             let status = f.wait_exit(Duration::from_secs(10));
-            assert_eq!(status.signal(), Some(libc::SIGTRAP), "round {round}: {status:?}");
+            // The single step's own trap, or torpor's registers run as the program's.
+            let known = [libc::SIGTRAP, libc::SIGSEGV, libc::SIGBUS, libc::SIGILL];
+            assert!(known.contains(&status.signal().unwrap_or(0)), "round {round}: {status:?}");
             lost += 1;
         } else {
             let mut text = String::new();
