@@ -90,8 +90,19 @@ impl Journal {
 /// exited and the kernel has detached its tracees).
 pub fn follow(torpor: i32, mut each: impl FnMut(&str)) -> bool {
     // Signals meant for torpor's terminal or session (^C, a hang-up) must not end the
-    // guard with it: the guard is what cleans up after them.
-    for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP, libc::SIGQUIT, libc::SIGPIPE] {
+    // guard with it: the guard is what cleans up after them. Nor may it be stopped for
+    // writing its message to a terminal a restored shell job has taken over.
+    let sigs = [
+        libc::SIGINT,
+        libc::SIGTERM,
+        libc::SIGHUP,
+        libc::SIGQUIT,
+        libc::SIGPIPE,
+        libc::SIGTSTP,
+        libc::SIGTTOU,
+        libc::SIGTTIN,
+    ];
+    for sig in sigs {
         // SAFETY: SIG_IGN installs no handler code.
         unsafe { libc::signal(sig, libc::SIG_IGN) };
     }
