@@ -169,6 +169,11 @@ impl Scratch {
         mem::write_mem(pid, self.addr, &self.saved)
     }
 
+    /// What the area held before torpor used it.
+    pub fn saved(&self) -> &[u8] {
+        &self.saved
+    }
+
     pub fn read(&self, pid: i32, len: usize) -> torpor_sys::Result<Vec<u8>> {
         let mut b = vec![0u8; len];
         mem::read_ranges(pid, &[(self.addr, len)], &mut b)?;
@@ -205,14 +210,25 @@ pub(crate) fn collect(
     let brk = r.call("brk", libc::SYS_brk, args!(0)).map_err(err("its program break"))?;
     r.call("prctl(PR_GET_PDEATHSIG)", libc::SYS_prctl, args!(libc::PR_GET_PDEATHSIG, scratch))
         .map_err(err("its parent-death signal"))?;
+    torpor_sys::test_point("dump:collecting", pid);
     let pdeath_signal =
         i32::from_ne_bytes(read_scratch(4).map_err(err("scratch"))?[..4].try_into().unwrap());
     let dumpable = r
         .call("prctl(PR_GET_DUMPABLE)", libc::SYS_prctl, args!(libc::PR_GET_DUMPABLE))
         .map_err(err("its dumpable flag"))? as i32;
 
+    // Only the actions that are not the default need asking, and SIGCHLD's, whose
+    // SA_NOCLDWAIT and SA_NOCLDSTOP act even then: each call run inside the process is a
+    // moment in which a torpor that dies would leave it with torpor's registers (see
+    // `Remote::tidy`). The flags and mask of another default action, which only a
+    // sigaction call reading them back can see, are not kept.
+    let set = status.sig_caught | status.sig_ignored | 1 << (libc::SIGCHLD - 1);
     let mut sigactions = Vec::with_capacity(64);
     for sig in 1..=64u64 {
+        if set & 1 << (sig - 1) == 0 {
+            sigactions.push(SigAction { handler: 0, flags: 0, restorer: 0, mask: 0 });
+            continue;
+        }
         r.call("rt_sigaction", libc::SYS_rt_sigaction, args!(sig, 0, scratch, 8))
             .map_err(err(&format!("the action of signal {sig}")))?;
         let b = read_scratch(32).map_err(err("scratch"))?;

@@ -193,6 +193,8 @@ pub(crate) struct FdContext {
     /// any rule was set.
     pub lock_tag: String,
     pub locked: bool,
+    /// Where each connection put in repair mode and each lock is noted for the guard.
+    pub(crate) journal: torpor_sys::guard::Journal,
 }
 
 impl FdContext {
@@ -226,11 +228,15 @@ impl FdContext {
             );
             return;
         }
+        crate::guard::note(&self.journal, crate::guard::Note::Lock { tag: &self.lock_tag });
         match torpor_sys::netlock::lock(
             &[torpor_sys::netlock::Conn { local, peer }],
             &self.lock_tag,
         ) {
-            Ok(()) => self.locked = true,
+            Ok(()) => {
+                self.locked = true;
+                torpor_sys::test_point("dump:locked", 0);
+            }
             Err(e) => tracing::warn!("cannot hold back the peer {peer} of {local}: {e}"),
         }
     }
@@ -953,6 +959,7 @@ fn inet_socket(
         }
         let ino = fs::metadata(format!("/proc/{pid}/fd/{fd}")).map(|m| m.ino()).unwrap_or(0);
         ctx.lock(&local, peer.as_deref().unwrap_or_default());
+        crate::guard::note(&ctx.journal, crate::guard::Note::Repair { pid, fd });
         let copy = sock::take_fd(pid, fd).map_err(err("a copy"))?;
         let state = tcp_connection(&copy, ino, writer).map_err(|e| match e {
             Ok(source) => DumpError::Collect {

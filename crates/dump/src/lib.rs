@@ -18,6 +18,7 @@
 mod collect;
 mod external;
 mod files;
+mod guard;
 mod memory;
 mod precopy;
 mod ptys;
@@ -30,6 +31,7 @@ use torpor_sys::{proc, ptrace, Remote};
 
 pub use collect::UnsupportedReason;
 pub use external::ExternalUnix;
+pub use guard::run_guard;
 pub use precopy::{PreCopyReport, Round};
 
 /// What to dump and how.
@@ -60,6 +62,9 @@ pub struct DumpOptions {
     /// Copy memory in rounds while the process runs, so that it is frozen only while
     /// the pages written since the last round are copied.
     pub pre_copy: bool,
+    /// The program to start as the dump's guard (`PROGRAM __guard PID TORPOR`), which
+    /// undoes the dump if torpor dies before it ends; `None` for no guard.
+    pub guard: Option<PathBuf>,
 }
 
 /// What a dump did, for the summary line.
@@ -109,6 +114,8 @@ pub enum DumpError {
     PreCopyWith { what: &'static str },
     #[error("pid {pid}: cannot kill it after the dump")]
     Kill { pid: i32, source: std::io::Error },
+    #[error("cannot start the dump's guard {}", program.display())]
+    Guard { program: PathBuf, source: std::io::Error },
 }
 
 pub type Result<T> = std::result::Result<T, DumpError>;
@@ -116,8 +123,7 @@ pub type Result<T> = std::result::Result<T, DumpError>;
 /// Dumps one process into `opts.dir`.
 pub fn dump(opts: &DumpOptions) -> Result<DumpSummary> {
     let t0 = Instant::now();
-    let pid = opts.pid;
-    precheck(pid)?;
+    precheck(opts.pid)?;
     // The rounds write raw pages without hashes: neither a compressed page file nor one
     // a later incremental image could be made over.
     if opts.pre_copy {
@@ -128,7 +134,30 @@ pub fn dump(opts: &DumpOptions) -> Result<DumpSummary> {
             return Err(DumpError::PreCopyWith { what: "--parent" });
         }
     }
+    let guard = match &opts.guard {
+        Some(program) => Some(
+            torpor_sys::guard::Guard::start(program, "dump", opts.pid)
+                .map_err(|source| DumpError::Guard { program: program.clone(), source })?,
+        ),
+        None => None,
+    };
+    let journal = guard.as_ref().map(torpor_sys::guard::Guard::journal).unwrap_or_default();
+    let result = dump_noted(opts, &journal, t0);
+    drop(journal);
+    // Whatever the outcome, the process is now as it says: nothing for the guard to undo.
+    if let Some(g) = guard {
+        g.finish();
+    }
+    result
+}
 
+/// The dump, noting each change it makes to the process in `journal` before making it.
+fn dump_noted(
+    opts: &DumpOptions,
+    journal: &torpor_sys::guard::Journal,
+    t0: Instant,
+) -> Result<DumpSummary> {
+    let pid = opts.pid;
     // Read before anything is written: the new image may not replace its own parent.
     let parent = match &opts.parent {
         Some(p) => {
@@ -140,7 +169,8 @@ pub fn dump(opts: &DumpOptions) -> Result<DumpSummary> {
         }
         None => None,
     };
-
+    let made = !opts.dir.exists();
+    guard::note(journal, guard::Note::Image { dir: &opts.dir, made });
     let mut writer = ImageWriter::create(&opts.dir)?;
     writer.set_durable(!opts.no_sync);
     if opts.leave_running {
@@ -163,7 +193,7 @@ pub fn dump(opts: &DumpOptions) -> Result<DumpSummary> {
     };
     let mut pre = None;
     if opts.pre_copy {
-        match precopy::PreCopy::run(pid, &mut writer) {
+        match precopy::PreCopy::run(pid, &mut writer, journal) {
             Ok(p) => pre = Some(p),
             Err(e) => {
                 writer.abandon();
@@ -171,7 +201,7 @@ pub fn dump(opts: &DumpOptions) -> Result<DumpSummary> {
             }
         }
     }
-    let frozen = match FrozenTree::freeze(pid) {
+    let frozen = match FrozenTree::freeze(pid, journal) {
         Ok(f) => f,
         Err(e) => {
             drop(pre);
@@ -185,6 +215,7 @@ pub fn dump(opts: &DumpOptions) -> Result<DumpSummary> {
     }
 
     let mut fd_ctx = files::FdContext::default();
+    fd_ctx.journal = journal.clone();
     fd_ctx.tcp_established = opts.tcp_established;
     fd_ctx.external_unix = opts.external.clone();
     fd_ctx.lock_tag = format!(
@@ -195,6 +226,7 @@ pub fn dump(opts: &DumpOptions) -> Result<DumpSummary> {
     let result =
         write_image(&frozen, &mut writer, &mut fd_ctx, opts, parent.as_ref(), pre.as_mut());
     let pre_copy = pre.as_ref().map(|p| p.report.clone());
+    torpor_sys::test_point("dump:written", pid);
     let (tree, stats) = match result {
         Ok(v) => v,
         Err(e) => {
@@ -223,16 +255,24 @@ pub fn dump(opts: &DumpOptions) -> Result<DumpSummary> {
     if opts.leave_running {
         fd_ctx.end_repair();
         frozen.release();
+        // From here the process is its own again: a guard must not touch it, only the
+        // image if it is not committed.
+        guard::note(journal, guard::Note::Released);
         frozen_for = t_frozen.elapsed();
         // A failed commit removes the image; the process runs on as before.
         writer.commit(manifest)?;
+        guard::note(journal, guard::Note::Committed);
+        torpor_sys::test_point("dump:committed", pid);
     } else {
         if let Err(e) = writer.commit(manifest) {
             fd_ctx.end_repair();
             frozen.release();
             return Err(e.into());
         }
+        guard::note(journal, guard::Note::Committed);
+        torpor_sys::test_point("dump:committed", pid);
         frozen_for = t_frozen.elapsed();
+        guard::note(journal, guard::Note::Killing);
         frozen.kill()?;
         // The connections were in repair mode when their process died: closing torpor's
         // copies now ends them without a FIN or RST reaching the peer.
@@ -454,11 +494,11 @@ pub(crate) struct FrozenTree {
 impl FrozenTree {
     /// Stops the tree under `root`: each process with all its threads, then its children.
     /// A stopped process forks no more, so the walk sees every process there is.
-    fn freeze(root: i32) -> Result<Self> {
+    fn freeze(root: i32, journal: &torpor_sys::guard::Journal) -> Result<Self> {
         let mut tree = Self { processes: Vec::new(), zombies: Vec::new() };
         let mut queue = std::collections::VecDeque::from([root]);
         while let Some(pid) = queue.pop_front() {
-            if let Err(e) = tree.freeze_one(pid, root, &mut queue) {
+            if let Err(e) = tree.freeze_one(pid, root, &mut queue, journal) {
                 tree.release();
                 return Err(e);
             }
@@ -471,6 +511,7 @@ impl FrozenTree {
         pid: i32,
         root: i32,
         queue: &mut std::collections::VecDeque<i32>,
+        journal: &torpor_sys::guard::Journal,
     ) -> Result<()> {
         if pid != root {
             precheck_member(pid)?;
@@ -490,7 +531,7 @@ impl FrozenTree {
             self.zombies.push(z);
             return Ok(());
         }
-        match Frozen::attach(pid) {
+        match Frozen::attach(pid, journal) {
             Ok(f) => self.processes.push(f),
             // It exited while the tree was being stopped: now a zombie of its parent.
             Err(_) if pid != root && zombie(pid).is_some() => {
@@ -528,10 +569,20 @@ impl FrozenTree {
                 }
             }
             f.kill()?;
+            torpor_sys::test_point("dump:killing", 0);
         }
         Ok(())
     }
 }
+
+/// The signal mask of a thread while torpor works: everything blocked but `SIGTRAP`.
+///
+/// Each remote call ends in a single-step trap, which the kernel raises as a forced
+/// `SIGTRAP`; a forced signal that is blocked is unblocked and its action reset to the
+/// default, so a program's `SIGTRAP` handler would be lost (in the image, and in the
+/// process if it runs on). Unblocked, the trap is only reported to torpor, which
+/// discards it. (An ignored `SIGTRAP` is reset all the same: not kept yet.)
+const WORKING_MASK: u64 = !(1 << (libc::SIGTRAP - 1));
 
 /// One thread held stopped, with what is needed to let it go unchanged.
 pub(crate) struct FrozenThread {
@@ -575,7 +626,7 @@ impl Frozen {
     /// Stops every thread of `pid`. Threads are seized until a pass over
     /// `/proc/PID/task` finds none new, so one created meanwhile is caught too (a
     /// stopped thread creates no more); one that exits meanwhile is left out.
-    fn attach(pid: i32) -> Result<Self> {
+    fn attach(pid: i32, journal: &torpor_sys::guard::Journal) -> Result<Self> {
         let err = |source| DumpError::Freeze { pid, source };
         let mut stopped: Vec<i32> = Vec::new();
         let seize_all = |stopped: &mut Vec<i32>| -> Result<()> {
@@ -634,15 +685,30 @@ impl Frozen {
         for &tid in &stopped {
             let prepare = || -> Result<FrozenThread> {
                 let err = |source| DumpError::Freeze { pid, source };
-                let remote = Remote::new(tid, syscall_ip).map_err(err)?;
+                let mut remote = Remote::new(tid, syscall_ip).map_err(err)?;
+                // Should torpor die, the thread runs on with the registers it holds then.
+                remote.tidy();
                 let scratch = collect::Scratch::new(pid, remote.saved_regs().rsp).map_err(err)?;
                 // Block everything while torpor works, so no signal is consumed meanwhile.
                 let blocked = ptrace::get_sigmask(tid).map_err(err)?;
-                ptrace::set_sigmask(tid, !0).map_err(err)?;
+                guard::note(
+                    journal,
+                    guard::Note::Thread {
+                        pid,
+                        tid,
+                        blocked,
+                        scratch: scratch.addr,
+                        saved: scratch.saved(),
+                    },
+                );
+                ptrace::set_sigmask(tid, WORKING_MASK).map_err(err)?;
                 Ok(FrozenThread { tid, remote, blocked, scratch })
             };
             match prepare() {
-                Ok(t) => threads.push(t),
+                Ok(t) => {
+                    threads.push(t);
+                    torpor_sys::test_point("dump:freezing", pid);
+                }
                 Err(e) => {
                     for t in &threads {
                         t.release(pid);

@@ -407,6 +407,7 @@ fn flush(
         return Ok(());
     }
     let pid = ctx.pid;
+    torpor_sys::test_point("dump:memory", pid);
     // Runs of ranges alike in sharing, each read the way that leaves sharing intact.
     let mut at = 0usize;
     let mut i = 0usize;

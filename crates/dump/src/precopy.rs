@@ -606,8 +606,12 @@ impl PreCopy {
     /// memory in rounds while they run. On error, or on a termination signal, everything
     /// of torpor is gone from the processes when this returns (the userfaultfds are
     /// closed as the value drops).
-    pub fn run(root: i32, writer: &mut ImageWriter) -> Result<Self> {
-        let frozen = FrozenTree::freeze(root)?;
+    pub fn run(
+        root: i32,
+        writer: &mut ImageWriter,
+        journal: &torpor_sys::guard::Journal,
+    ) -> Result<Self> {
+        let frozen = FrozenTree::freeze(root, journal)?;
         let t = Instant::now();
         let mut uffds = Vec::new();
         for f in &frozen.processes {
@@ -616,12 +620,14 @@ impl PreCopy {
                 Ok(None) => {}
                 Err(e) => {
                     frozen.release();
+                    crate::guard::note(journal, crate::guard::Note::Released);
                     return Err(e);
                 }
             }
         }
         let setup_frozen = t.elapsed();
         frozen.release();
+        crate::guard::note(journal, crate::guard::Note::Released);
 
         let mut pre = Self {
             tracked: Vec::new(),

@@ -147,9 +147,9 @@ fn child_main(plan: &Plan, report: RawFd) -> ! {
         }
 
         // Move every source above all numbers in use and drop the rest. The report pipe
-        // moves along, after the sources. dup3 rather than F_DUPFD: another thread of
-        // torpor (the image check) may have opened a file at one of these numbers since
-        // `base` was chosen; this copy of it is not needed here.
+        // moves along, after the sources. The numbers are taken with dup3, not the lowest
+        // free one at or above them: another thread of torpor (the image check) may have
+        // opened a file there since `base` was chosen, and that copy must go anyway.
         let n = plan.sources.len() as i32;
         for (i, src) in plan.sources.iter().enumerate() {
             let want = plan.base + i as i32;
@@ -157,11 +157,13 @@ fn child_main(plan: &Plan, report: RawFd) -> ! {
                 fail(1);
             }
         }
-        let report_fd = libc::fcntl(report, libc::F_DUPFD_CLOEXEC, plan.base + n);
+        let report_fd = libc::dup3(report, plan.base + n, libc::O_CLOEXEC);
         if report_fd < 0 {
             fail(1);
         }
-        if libc::syscall(libc::SYS_close_range, 0u32, (plan.base - 1) as u32, 0u32) < 0 {
+        if libc::syscall(libc::SYS_close_range, 0u32, (plan.base - 1) as u32, 0u32) < 0
+            || libc::syscall(libc::SYS_close_range, (report_fd + 1) as u32, u32::MAX, 0u32) < 0
+        {
             fail(2);
         }
         let report = report_fd;

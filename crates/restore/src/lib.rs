@@ -51,6 +51,10 @@ pub struct RestoreOptions {
     /// With `lazy`: wait this long after the release before loading pages nobody asked
     /// for (for tests that must act while pages are still missing).
     pub lazy_prefetch_after: Duration,
+    /// The program to start as the restore's guard (`PROGRAM __guard restore DIR
+    /// TORPOR`), which kills what was made if torpor dies before releasing it; `None` for
+    /// no guard.
+    pub guard: Option<PathBuf>,
 }
 
 /// A restored, running process.
@@ -189,7 +193,22 @@ pub fn restore(opts: &RestoreOptions) -> Result<Restored> {
     prepare::check_files(&tree)?;
     ptys::check_free(&tree)?;
 
+    // Should torpor be killed, ptrace's exit-kill ends what is still traced; the guard
+    // ends what was already let go while others were not yet.
+    let guard = match &opts.guard {
+        Some(program) => {
+            Some(torpor_sys::guard::Guard::start(program, "restore", tree.root_pid).map_err(
+                |source| RestoreError::Prepare { what: "the restore's guard".into(), source },
+            )?)
+        }
+        None => None,
+    };
+    // Before the descriptors are counted: the new process closes every one of torpor's.
     let mut prepared = prepare::prepare(&reader, &tree)?;
+    let mut built = Built {
+        journal: guard.as_ref().map(torpor_sys::guard::Guard::journal).unwrap_or_default(),
+        ..Default::default()
+    };
     // The root's pid as torpor sees it (in a new pid namespace it is 1 only inside).
     let child = child::spawn(&mut prepared.plan)?;
     // The page server, for a lazy restore, exists before anything it must serve. It is
@@ -208,8 +227,12 @@ pub fn restore(opts: &RestoreOptions) -> Result<Restored> {
     };
     // From here on, any failure kills the half-made tree: the root, and with it (by the
     // parent-death signal and ptrace's exit-kill) every process it made.
-    let mut built = Built { lazy, ..Default::default() };
+    built.lazy = lazy;
     let mut result = build(opts, &reader, &tree, &prepared, child, &mut built, &mut verified);
+    built.journal = Default::default();
+    if let Some(g) = guard {
+        g.finish();
+    }
     let mut pages = None;
     if let Some(l) = built.lazy.take() {
         match &result {
@@ -247,7 +270,42 @@ struct Built {
     pids: Vec<i32>,
     /// A lazy restore's page server being set up: mappings register with it.
     lazy: Option<lazy::Lazy>,
+    /// Where each process made is noted for the guard.
+    journal: torpor_sys::guard::Journal,
     job: Option<(i32, i32, Option<Vec<u8>>)>,
+}
+
+impl Built {
+    fn made(&mut self, pid: i32) {
+        self.pids.push(pid);
+        self.journal.line(&format!("process {pid}"));
+    }
+}
+
+/// The guard of a restore: `torpor __guard restore PID TORPOR`, the journal on stdin.
+/// Should torpor die before it says it is done, every process it made is killed: those
+/// it still traced die with it, but those it had already let go would run on without
+/// the rest of their tree.
+pub fn run_guard(root: i32, torpor: i32) -> i32 {
+    use torpor_sys::guard;
+    // Each process is held by a pidfd from the moment it is noted, so a pid reused after
+    // the process died is never hit.
+    let mut made = Vec::new();
+    let pid = |line: &str| line.strip_prefix("process ")?.parse::<i32>().ok();
+    if guard::follow(torpor, |line| made.extend(pid(line).and_then(guard::pidfd))) {
+        return 0;
+    }
+    for p in made.iter().rev() {
+        guard::kill_pidfd(p);
+    }
+    if made.is_empty() {
+        return 0;
+    }
+    guard::say(&format!(
+        "torpor died during the restore of pid {root}; ended the {} processes it had made",
+        made.len()
+    ));
+    0
 }
 
 /// One process being rebuilt: its address space and its threads other than the leader.
@@ -277,10 +335,11 @@ fn build(
         let step = what.to_string();
         move |source| RestoreError::Step { pid, step, source }
     };
-    built.pids.push(root_outer);
+    built.made(root_outer);
     ptrace::seize_builder(root_outer).map_err(step(root, "attach to the new process"))?;
     ptrace::interrupt_and_wait(root_outer).map_err(step(root, "stop the new process"))?;
     ptrace::set_sigmask(root_outer, !0).map_err(step(root, "block signals"))?;
+    torpor_sys::test_point("restore:created", 0);
 
     // 1. Every process, parents before children, each forked by its own parent while
     //    that one is still only a parked vDSO, so the copies are cheap.
@@ -291,7 +350,7 @@ fn build(
         } else {
             let parent = procs.iter().find(|q| q.p.pid == p.ppid).expect("validated");
             let outer = state::fork_child(&parent.space, p.pid)?;
-            built.pids.push(outer);
+            built.made(outer);
             space::Space::take(outer, p.pid, p)?
         };
         state::session(&space, p, opts.shell_job && p.pid == root)?;
@@ -313,6 +372,7 @@ fn build(
         // while the old one (torpor, which the image may also be) is still mapped.
         state::set_mm(&pr.space, p, prep)?;
         pr.space.rebuild(opts, reader, tree, p, prep, built.lazy.as_mut())?;
+        torpor_sys::test_point("restore:memory", 0);
         state::install_fds(&pr.space, p, prep)?;
         state::controlling_ttys(&pr.space, p, tree, prep)?;
         state::register_epolls(&pr.space, p, prep, &mut epolls)?;
@@ -326,15 +386,19 @@ fn build(
         pr.space.finish()?;
     }
 
-    // 4. Every thread of every process is ready before any runs; connections wake first,
-    //    and a shell job gets the terminal before it can read from it.
-    prepare::end_repair(tree, prep)?;
-    // The connections answer again: their peers' packets may come through.
-    if let Some(tag) = &tree.net_lock {
-        if let Err(e) = torpor_sys::netlock::unlock(tag) {
-            tracing::warn!("cannot remove the firewall rules {tag}: {e}");
+    // 4. Every thread of every process is ready before any runs.
+    for pr in &procs {
+        for (t, r) in pr.p.threads.iter().zip(pr.remotes()) {
+            state::load_registers(r, t)?;
+            ptrace::set_sigmask(r.tid(), t.blocked)
+                .map_err(step(pr.p.pid, "set the signal mask"))?;
         }
     }
+    // Nothing runs on page data that does not match the manifest.
+    verified()?;
+    torpor_sys::test_point("restore:ready", 0);
+
+    // A shell job gets the terminal before it can read from it.
     if opts.shell_job {
         if let Some(tty) = terminal::own_tty() {
             // SAFETY: getpgid takes an integer.
@@ -347,19 +411,21 @@ fn build(
             built.job = Some((pgid, tty, modes));
         }
     }
-    for pr in &procs {
-        for (t, r) in pr.p.threads.iter().zip(pr.remotes()) {
-            state::load_registers(r, t)?;
-            ptrace::set_sigmask(r.tid(), t.blocked)
-                .map_err(step(pr.p.pid, "set the signal mask"))?;
+    // Connections wake last of all, once nothing can fail any more: until they leave
+    // repair mode, a failed restore (or a killed torpor) closes them without a word to
+    // their peers, and the image can wake them later.
+    prepare::end_repair(tree, prep)?;
+    // The connections answer again: their peers' packets may come through.
+    if let Some(tag) = &tree.net_lock {
+        if let Err(e) = torpor_sys::netlock::unlock(tag) {
+            tracing::warn!("cannot remove the firewall rules {tag}: {e}");
         }
     }
-    // Nothing runs on page data that does not match the manifest.
-    verified()?;
     for pr in procs.iter().rev() {
         for r in pr.remotes() {
             ptrace::detach(r.tid(), 0).map_err(step(pr.p.pid, "let the process run"))?;
         }
+        torpor_sys::test_point("restore:releasing", 0);
     }
     // The terminal may have another size than the one the job last saw.
     if let Some((pgid, _, _)) = built.job {

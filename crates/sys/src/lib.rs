@@ -4,6 +4,7 @@
 //!
 //! Everything here is specific to Linux on x86_64.
 
+pub mod guard;
 pub mod mem;
 pub mod netlock;
 pub mod proc;
@@ -241,4 +242,31 @@ pub fn fork_single_threaded() -> io::Result<i32> {
         return Err(io::Error::last_os_error());
     }
     Ok(r)
+}
+
+/// Named points in dump and restore where tests make torpor die or the target vanish.
+///
+/// `TORPOR_TEST_KILL_AT=NAME` makes torpor `SIGKILL` itself when it reaches point `NAME`;
+/// `TORPOR_TEST_KILL_TARGET_AT=NAME` makes it `SIGKILL` the process it works on there
+/// (`target`, when not 0). Both exist so that tests can hit precise moments of a dump or
+/// a restore; the points are listed in `docs/security.md`. Unset, this costs one load of
+/// a cached value.
+pub fn test_point(name: &str, target: i32) {
+    static POINTS: std::sync::OnceLock<(Option<String>, Option<String>)> =
+        std::sync::OnceLock::new();
+    let (me, it) = POINTS.get_or_init(|| {
+        (
+            std::env::var("TORPOR_TEST_KILL_AT").ok(),
+            std::env::var("TORPOR_TEST_KILL_TARGET_AT").ok(),
+        )
+    });
+    if target > 0 && it.as_deref() == Some(name) {
+        tracing::debug!("test point {name}: killing pid {target}");
+        // SAFETY: kill takes integers.
+        unsafe { libc::kill(target, libc::SIGKILL) };
+    }
+    if me.as_deref() == Some(name) {
+        // SAFETY: kill takes integers; SIGKILL ends this process here.
+        unsafe { libc::kill(libc::getpid(), libc::SIGKILL) };
+    }
 }

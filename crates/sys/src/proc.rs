@@ -132,6 +132,10 @@ pub struct Status {
     pub cap_amb: u64,
     pub no_new_privs: bool,
     pub umask: u32,
+    /// SigCgt and SigIgn: the signals with a handler, and those ignored (bit N-1 for
+    /// signal N), process-wide.
+    pub sig_caught: u64,
+    pub sig_ignored: u64,
     /// NSpid: the pid in each pid namespace, outermost first.
     pub ns_pids: Vec<i32>,
 }
@@ -174,6 +178,8 @@ fn parse_status(text: &str, path: &str) -> Result<Status> {
             "CapEff" => s.cap_eff = hex(v)?,
             "CapBnd" => s.cap_bnd = hex(v)?,
             "CapAmb" => s.cap_amb = hex(v)?,
+            "SigCgt" => s.sig_caught = hex(v)?,
+            "SigIgn" => s.sig_ignored = hex(v)?,
             "NoNewPrivs" => s.no_new_privs = v == "1",
             "Umask" => s.umask = u32::from_str_radix(v, 8).map_err(|_| bad(l))?,
             "NSpid" => s.ns_pids = v.split_whitespace().filter_map(|x| x.parse().ok()).collect(),

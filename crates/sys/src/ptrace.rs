@@ -115,6 +115,26 @@ pub fn interrupt_and_wait(tid: i32) -> Result<()> {
     }
 }
 
+/// Moves a tracee out of the `SIGTRAP` signal-delivery stop a single step leaves it in,
+/// into a `PTRACE_EVENT_STOP`, without letting it run any instruction.
+///
+/// Should the tracer die, the kernel lets each tracee go from the stop it is in, and one
+/// in a signal-delivery stop gets its signal: `SIGTRAP`, whose default action kills it.
+/// From a `PTRACE_EVENT_STOP` it goes on with no signal. `PTRACE_INTERRUPT` queues the
+/// event stop, and resuming with no signal discards the `SIGTRAP`; the task takes the
+/// event stop on its way back to user mode.
+pub fn park_after_step(tid: i32) -> Result<()> {
+    interrupt(tid)?;
+    cont(tid, 0)?;
+    loop {
+        match wait_stop(tid)? {
+            Stop::Event(_) => return Ok(()),
+            Stop::Signal(sig) => cont(tid, sig)?,
+            Stop::Trap | Stop::PtraceEvent(_) => cont(tid, 0)?,
+        }
+    }
+}
+
 /// Resumes a stopped tracee, delivering `sig` (0 for none).
 pub fn cont(tid: i32, sig: i32) -> Result<()> {
     // SAFETY: PTRACE_CONT only reads the integer arguments.

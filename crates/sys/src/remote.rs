@@ -28,6 +28,8 @@ pub struct Remote {
     base: Regs,
     /// Address of a `syscall` instruction inside the task.
     syscall_ip: u64,
+    /// Put the task's own registers back after every call (see [`Remote::tidy`]).
+    tidy: bool,
 }
 
 impl Remote {
@@ -39,6 +41,7 @@ impl Remote {
             tid,
             base,
             syscall_ip,
+            tidy: false,
             new_task: std::cell::Cell::new(None),
             new_tasks: Default::default(),
         })
@@ -56,6 +59,17 @@ impl Remote {
     /// Address of the `syscall` instruction used.
     pub fn syscall_ip(&self) -> u64 {
         self.syscall_ip
+    }
+
+    /// Puts the task's own registers back after each call, not only at the end.
+    ///
+    /// For a process being dumped: if torpor dies, the kernel lets its tasks go with the
+    /// registers they hold at that moment and from the stop they are in, so between
+    /// calls these must be their own, and the stop one that delivers no signal (see
+    /// [`ptrace::park_after_step`]). Only the single step of a call itself is left
+    /// exposed. It costs three more ptrace requests and a wait per call.
+    pub fn tidy(&mut self) {
+        self.tidy = true;
     }
 
     /// Moves the `syscall` instruction used (after the vDSO moved).
@@ -92,6 +106,11 @@ impl Remote {
             }
         }
         let out = ptrace::get_regs(self.tid)?;
+        if self.tidy {
+            // Registers first: from here a dying torpor's task only risks the trap.
+            self.restore_regs()?;
+            ptrace::park_after_step(self.tid)?;
+        }
         Ok(out.rax as i64)
     }
 

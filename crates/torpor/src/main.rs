@@ -227,6 +227,9 @@ enum Command {
     /// The demo's counting program (internal).
     #[command(name = "__count", hide = true)]
     Count { log: PathBuf },
+    /// The guard a dump starts, which undoes the dump if torpor dies (internal).
+    #[command(name = "__guard", hide = true)]
+    Guard { kind: String, pid: i32, torpor: i32 },
 }
 
 fn main() -> ExitCode {
@@ -385,6 +388,8 @@ fn run(cli: Cli, show_progress: bool) -> Result<u8> {
                 compress: compress.map(|level| level.unwrap_or(torpor_image::pages::DEFAULT_LEVEL)),
                 parent,
                 pre_copy,
+                // Through /proc: this very program, even if replaced or removed since.
+                guard: Some(PathBuf::from("/proc/self/exe")),
             };
             let bar = if show_progress {
                 let estimate = progress::dump_estimate(pid);
@@ -438,6 +443,7 @@ fn run(cli: Cli, show_progress: bool) -> Result<u8> {
                 shell_job,
                 lazy,
                 lazy_prefetch_after: std::time::Duration::from_millis(lazy_prefetch_after_ms),
+                guard: Some(PathBuf::from("/proc/self/exe")),
             };
             let bar = if show_progress {
                 let measure = progress::Measure::ReadBytes { total: progress::image_size(&dir) };
@@ -540,6 +546,10 @@ fn run(cli: Cli, show_progress: bool) -> Result<u8> {
         Command::Check => check::run(quiet),
         Command::Demo => demo::run(),
         Command::Count { log } => demo::count(&log),
+        Command::Guard { kind, pid, torpor } => Ok(match kind.as_str() {
+            "dump" => torpor_dump::run_guard(pid, torpor),
+            _ => torpor_restore::run_guard(pid, torpor),
+        } as u8),
     }
 }
 
