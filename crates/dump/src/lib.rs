@@ -173,11 +173,6 @@ fn dump_noted(
     guard::note(journal, guard::Note::Image { dir: &opts.dir, made });
     let mut writer = ImageWriter::create(&opts.dir)?;
     writer.set_durable(!opts.no_sync);
-    if opts.leave_running {
-        // A process that runs on loses nothing if the image is not on disk yet: it is let
-        // go before the syncs, which the commit does.
-        writer.sync_at_commit();
-    }
     let parent_ref = match (&opts.parent, &parent) {
         (Some(dir), Some(pages)) => match torpor_image::pages::parent_path(&opts.dir, dir) {
             Ok(path) => {
@@ -253,6 +248,8 @@ fn dump_noted(
     let t_commit = Instant::now();
     let frozen_for;
     if opts.leave_running {
+        // A process that runs on loses nothing if its image is not on disk yet: it is let
+        // go before the commit's syncs.
         fd_ctx.end_repair();
         frozen.release();
         // From here the process is its own again: a guard must not touch it, only the

@@ -627,9 +627,6 @@ pub struct ImageWriter {
     made_dir: bool,
     /// Whether files, directory entries and the manifest are synced to disk.
     durable: bool,
-    /// Whether page data goes through the page cache, to be synced by the commit, rather
-    /// than straight to the disk as it is written.
-    sync_at_commit: bool,
     /// The format version the manifest will record.
     version: u32,
 }
@@ -661,7 +658,6 @@ impl ImageWriter {
             created: Vec::new(),
             made_dir,
             durable: true,
-            sync_at_commit: false,
             version: OLDEST_FORMAT_VERSION,
         })
     }
@@ -676,14 +672,6 @@ impl ImageWriter {
     /// Whether the image goes to disk before [`ImageWriter::commit`] returns.
     pub fn is_durable(&self) -> bool {
         self.durable
-    }
-
-    /// Writes page data through the page cache rather than straight to the disk, leaving
-    /// all of it to [`ImageWriter::commit`]'s sync: for a caller with something to do
-    /// between the last file and the commit that must not wait for the disk (letting a
-    /// process run on).
-    pub fn sync_at_commit(&mut self) {
-        self.sync_at_commit = true;
     }
 
     /// The image directory.
@@ -709,7 +697,7 @@ impl ImageWriter {
             hash: Xxh3::new(),
             len: 0,
             pipe: None,
-            durable: self.durable && !self.sync_at_commit,
+            durable: self.durable,
         })
     }
 
@@ -1527,14 +1515,13 @@ pub(crate) mod tests {
         r.verify_files(|f| f.name == PAGES, |_| {}).unwrap();
     }
 
-    /// Files synced by the commit rather than one by one make the same image, and a file
-    /// that went missing before the commit fails it, removing the image.
+    /// Files synced together by the commit make the image, and a file that went missing
+    /// before the commit fails it, removing the image.
     #[test]
-    fn sync_at_commit_writes_the_same_image_or_fails_whole() {
+    fn a_file_gone_before_the_commit_fails_it_whole() {
         let tmp = TempDir::new().unwrap();
         let dir = tmp.path().join("img");
         let mut w = ImageWriter::create(&dir).unwrap();
-        w.sync_at_commit();
         w.write_json(TREE, &sample_tree()).unwrap();
         let mut f = w.create_file(PAGES).unwrap();
         for i in 0..DATA_PAGES {
@@ -1548,7 +1535,6 @@ pub(crate) mod tests {
 
         let dir = tmp.path().join("img2");
         let mut w = ImageWriter::create(&dir).unwrap();
-        w.sync_at_commit();
         w.write_json(TREE, &sample_tree()).unwrap();
         fs::remove_file(dir.join(TREE)).unwrap();
         let e = w.commit(sample_manifest()).unwrap_err();
