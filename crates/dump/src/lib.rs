@@ -14,6 +14,36 @@
 //! Any failure after step 2 puts the registers, the signal mask and the scratch bytes
 //! back and detaches, so the process runs on exactly as before; the partial image is
 //! removed.
+//!
+//! # Example
+//!
+//! Hibernate a process tree into a directory, as `torpor dump 4242 -D /var/tmp/app`
+//! does (the command line is a thin layer over this call):
+//!
+//! ```no_run
+//! use std::path::PathBuf;
+//! use torpor_dump::{dump, DumpOptions};
+//!
+//! let summary = dump(&DumpOptions {
+//!     pid: 4242,
+//!     dir: PathBuf::from("/var/tmp/app"),
+//!     // Keep connections (TCP_REPAIR) instead of refusing them.
+//!     tcp_established: true,
+//!     // Undo the dump from a guard process should this one die halfway; the guard is
+//!     // this program run as `PROGRAM __guard ...`, so only torpor's own binary can be
+//!     // one. Leave it `None` in an embedding program.
+//!     guard: None,
+//!     ..Default::default()
+//! })?;
+//! println!(
+//!     "pid {} saved: {} pages, frozen {:?}",
+//!     summary.pid, summary.pages_stored, summary.frozen
+//! );
+//! # Ok::<(), torpor_dump::DumpError>(())
+//! ```
+//!
+//! Every error names the pid, descriptor, file or mapping involved, and the process is
+//! then running as it was.
 
 mod collect;
 mod external;

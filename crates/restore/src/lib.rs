@@ -13,6 +13,29 @@
 //!
 //! The new process dies with torpor (`PTRACE_O_EXITKILL` and a parent-death signal) until
 //! it is handed over, so a failed or interrupted restore leaves nothing running.
+//!
+//! # Example
+//!
+//! Wake the tree saved in an image and wait for its root, as `torpor restore -D
+//! /var/tmp/app` does:
+//!
+//! ```no_run
+//! use std::path::PathBuf;
+//! use torpor_restore::{restore, wait, RestoreOptions};
+//!
+//! let restored = restore(&RestoreOptions {
+//!     dir: PathBuf::from("/var/tmp/app"),
+//!     ..Default::default()
+//! })?;
+//! // The root is a child of this process, with the pid it had when it was dumped.
+//! println!("woken as pid {} in {:?}", restored.pid, restored.total);
+//! let status = wait(restored.pid).expect("wait for the woken process");
+//! println!("it exited with {status}");
+//! # Ok::<(), torpor_restore::RestoreError>(())
+//! ```
+//!
+//! With `lazy: true`, [`Restored::pages`] holds the page server, which must be run
+//! (`start`, then `finish`) until every page is loaded; see `torpor restore --lazy`.
 
 mod batch;
 mod child;
