@@ -39,6 +39,7 @@ mod check;
 pub mod model;
 pub mod pages;
 mod partial;
+pub mod single;
 
 use std::collections::HashSet;
 use std::fs::{self, File, OpenOptions};
@@ -196,6 +197,14 @@ pub enum ImageError {
     BadName {
         /// The name.
         name: String,
+    },
+    /// An image that a single-file image cannot hold.
+    #[error("{dir} cannot be packed into one file: {why}")]
+    NotPackable {
+        /// The image directory.
+        dir: PathBuf,
+        /// Why not.
+        why: String,
     },
     /// A file was asked for by name but the manifest does not list it.
     #[error("{name} is not listed in the image's manifest")]
@@ -1393,6 +1402,7 @@ pub(crate) mod tests {
             ImageError::NotListed { .. } => "NotListed",
             ImageError::Parent { .. } => "Parent",
             ImageError::ParentChanged { .. } => "ParentChanged",
+            ImageError::NotPackable { .. } => "NotPackable",
         }
     }
 
