@@ -50,8 +50,8 @@ use std::path::{Path, PathBuf};
 use xxhash_rust::xxh3::{xxh3_128, Xxh3};
 
 use crate::{
-    create_private, decode_manifest, open_regular, read_limited, ImageError, ImageReader,
-    Manifest, Result, MANIFEST, MAX_RECORD_BYTES, TREE,
+    create_private, decode_manifest, open_regular, read_limited, ImageError, ImageReader, Manifest,
+    Result, MANIFEST, MAX_RECORD_BYTES, TREE,
 };
 
 /// The first bytes of a single-file image.

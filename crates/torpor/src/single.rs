@@ -10,6 +10,7 @@ use std::fs::{self, File};
 use std::io::{self, BufWriter, IsTerminal, Read, Write};
 use std::os::unix::fs::{FileExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicI32, Ordering};
 use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
@@ -61,7 +62,13 @@ pub fn dump_target(target: Target, durable: bool) -> Result<DumpTarget> {
     let (out, exe) = match target {
         Target::Dir(dir) => {
             let shown = dir.display().to_string();
-            return Ok(DumpTarget { dir, shown, after_commit: None, sync_dir: durable, _tmp: None });
+            return Ok(DumpTarget {
+                dir,
+                shown,
+                after_commit: None,
+                sync_dir: durable,
+                _tmp: None,
+            });
         }
         Target::File(p) => (p, false),
         Target::Exe(p) => (p, true),
@@ -251,9 +258,7 @@ pub fn open(path: &Path, show_progress: bool) -> Result<Opened> {
     // does (not in a memory-backed /tmp); $TMPDIR for a stream or a read-only directory.
     let builder = tempfile::Builder::new().prefix(".torpor-restore-").clone();
     let tmp = match src {
-        Source::File { .. } => {
-            builder.tempdir_in(parent_dir(path)).or_else(|_| builder.tempdir())
-        }
+        Source::File { .. } => builder.tempdir_in(parent_dir(path)).or_else(|_| builder.tempdir()),
         Source::Stdin => builder.tempdir(),
     }
     .context("cannot make a temporary directory to unpack the image into")?;
@@ -265,11 +270,106 @@ pub fn open(path: &Path, show_progress: bool) -> Result<Opened> {
     } else {
         crate::progress::Progress::none()
     };
-    let mut stdin = io::stdin().lock();
-    let unpacked = single::unpack(src.input(&mut stdin), &shown, &dir);
+    if let Source::Stdin = src {
+        if io::stdin().is_terminal() {
+            bail!("refusing to read an image from a terminal; `torpor restore -` reads a stream");
+        }
+    }
+    let unpacked = interruptible(|| {
+        let mut reader: Box<dyn Read> = match &src {
+            Source::File { file, located } => {
+                Box::new(At { file, at: located.offset, end: located.offset + located.len })
+            }
+            Source::Stdin => Box::new(io::stdin().lock()),
+        };
+        single::unpack(Input::Stream(&mut Interruptible(&mut reader)), &shown, &dir)
+    });
     bar.finish();
-    unpacked?;
+    match unpacked {
+        Ok(r) => r?,
+        Err(signal) => {
+            // The unpacked copy goes before the signal takes its usual effect.
+            drop(tmp);
+            reraise(signal);
+            bail!("interrupted while unpacking {}", shown.display());
+        }
+    };
     Ok(Opened { dir, shown, unpacked: true, _tmp: Some(tmp) })
+}
+
+/// A range of a regular file, read front to back with positional reads.
+struct At<'a> {
+    file: &'a File,
+    at: u64,
+    end: u64,
+}
+
+impl Read for At<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let want = buf.len().min(self.end.saturating_sub(self.at).min(usize::MAX as u64) as usize);
+        let n = self.file.read_at(&mut buf[..want], self.at)?;
+        self.at += n as u64;
+        Ok(n)
+    }
+}
+
+/// The signal that asked torpor to stop while it unpacked, or 0.
+static STOP_SIGNAL: AtomicI32 = AtomicI32::new(0);
+
+/// The signals that end torpor, which unpacking notes instead.
+const STOP_SIGNALS: [nix::sys::signal::Signal; 4] = {
+    use nix::sys::signal::Signal::*;
+    [SIGINT, SIGTERM, SIGHUP, SIGQUIT]
+};
+
+extern "C" fn note_stop(signal: libc::c_int) {
+    STOP_SIGNAL.store(signal, Ordering::Relaxed);
+}
+
+/// A reader that fails once a stop signal has arrived (a read waiting on a pipe returns
+/// `EINTR` then, the handler being installed without `SA_RESTART`).
+struct Interruptible<R>(R);
+
+impl<R: Read> Read for Interruptible<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        loop {
+            if STOP_SIGNAL.load(Ordering::Relaxed) != 0 {
+                return Err(io::Error::new(io::ErrorKind::Other, "interrupted by a signal"));
+            }
+            match self.0.read(buf) {
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                r => return r,
+            }
+        }
+    }
+}
+
+/// Runs `f` with the stop signals noted rather than acted on, so that what `f` leaves
+/// in a temporary directory can be removed; returns the signal that came, if one did.
+fn interruptible<T>(f: impl FnOnce() -> T) -> std::result::Result<T, i32> {
+    use nix::sys::signal::{sigaction, SaFlags, SigAction, SigHandler, SigSet};
+
+    STOP_SIGNAL.store(0, Ordering::Relaxed);
+    let note = SigAction::new(SigHandler::Handler(note_stop), SaFlags::empty(), SigSet::empty());
+    // SAFETY: the handler only stores into an atomic, which is async-signal-safe.
+    let old: Vec<_> = STOP_SIGNALS.iter().map(|&s| unsafe { sigaction(s, &note) }).collect();
+    let r = f();
+    for (&s, old) in STOP_SIGNALS.iter().zip(old) {
+        if let Ok(old) = old {
+            // SAFETY: puts back the action that was there before.
+            let _ = unsafe { sigaction(s, &old) };
+        }
+    }
+    match STOP_SIGNAL.swap(0, Ordering::Relaxed) {
+        0 => Ok(r),
+        signal => Err(signal),
+    }
+}
+
+/// Delivers `signal` again, now that its usual action is back.
+fn reraise(signal: i32) {
+    // SAFETY: raise takes an integer.
+    unsafe { libc::raise(signal) };
 }
 
 /// [`torpor_image::read_partial`] for any image `path` names, for `inspect` and `list`;
