@@ -63,9 +63,12 @@ pub struct DumpOptions {
     pub after_commit: Option<AfterCommit>,
 }
 
+/// The function [`AfterCommit`] holds: given the image directory, it finishes the image.
+pub type AfterCommitFn = dyn Fn(&Path) -> torpor_image::Result<()> + Send + Sync;
+
 /// What [`DumpOptions::after_commit`] runs.
 #[derive(Clone)]
-pub struct AfterCommit(pub Arc<dyn Fn(&Path) -> torpor_image::Result<()> + Send + Sync>);
+pub struct AfterCommit(pub Arc<AfterCommitFn>);
 
 impl std::fmt::Debug for AfterCommit {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {

@@ -334,7 +334,7 @@ impl<R: Read> Read for Interruptible<R> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         loop {
             if STOP_SIGNAL.load(Ordering::Relaxed) != 0 {
-                return Err(io::Error::new(io::ErrorKind::Other, "interrupted by a signal"));
+                return Err(io::Error::other("interrupted by a signal"));
             }
             match self.0.read(buf) {
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
