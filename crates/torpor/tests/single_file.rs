@@ -226,12 +226,18 @@ fn exe_wakes_the_process_when_run() {
     f.assert_log_passed();
 }
 
-/// A plain torpor binary is not mistaken for a self-restoring one.
+/// A plain torpor binary is not mistaken for a self-restoring one: it has no trailer,
+/// and its commands parse as they always did.
 #[test]
 fn plain_torpor_still_parses_its_own_arguments() {
+    let me = fs::File::open(TORPOR).expect("open torpor");
+    assert_eq!(torpor_image::single::locate(&me).expect("read torpor"), None);
     let out = torpor(["--version"]);
     assert!(out.status.success());
     assert!(String::from_utf8_lossy(&out.stdout).starts_with("torpor "));
+    let out = torpor(["dump", "1"]);
+    assert_eq!(out.status.code(), Some(2), "dump without a target: {}", stderr_of(&out));
+    assert!(stderr_of(&out).contains("--dir"), "{}", stderr_of(&out));
 }
 
 #[test]
