@@ -32,6 +32,8 @@
 //! An image without `manifest.json` is incomplete; a file whose length or checksum differs
 //! from the manifest is corrupt, and restore refuses either before creating anything.
 //! `docs/image-format.md` describes every record and the limits a reader enforces.
+//!
+//! The same files can also travel as one stream, a single-file image: see [`single`].
 
 #![warn(missing_docs)]
 
