@@ -14,8 +14,8 @@ use std::thread::sleep;
 use std::time::Duration;
 
 use common::{
-    assert_pid_gone, close_inherited_fds, stderr_of, torpor, wait_child, wait_pid_gone, Fixture,
-    FixtureTree, FINISH_TIMEOUT, TORPOR_TIMEOUT,
+    assert_pid_gone, close_inherited_fds, stderr_of, torpor, wait_child, Fixture, Restore,
+    FINISH_TIMEOUT, TORPOR_TIMEOUT,
 };
 use tempfile::TempDir;
 
@@ -69,18 +69,46 @@ fn a_python_process_survives_a_single_file_with_compression() {
     f.restore_and_pass(&file);
 }
 
-/// A tree with a pipe, a socket pair, shared memory and a zombie, through one file.
+/// An unmodified shell pipeline (bash, a subshell writing numbers, `sha256sum` reading
+/// them through a pipe), dumped to one file while data flows, finishes its work after
+/// the restore.
 #[test]
-fn a_process_tree_survives_a_single_file() {
-    let mut t = FixtureTree::start("tree", &[], &["child", "grandchild", "zombie"]);
-    sleep(Duration::from_millis(100));
+fn a_shell_pipeline_survives_a_single_file() {
+    const COUNT: u32 = 300;
+    let numbers: String = (1..=COUNT).map(|i| format!("{i}\n")).collect();
+    let mut sum = Command::new("sha256sum")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("spawn sha256sum");
+    use std::io::Write;
+    sum.stdin.take().expect("stdin").write_all(numbers.as_bytes()).expect("feed sha256sum");
+    let want = String::from_utf8(sum.wait_with_output().expect("sha256sum").stdout).unwrap();
+
+    let script =
+        format!("for i in $(seq 1 {COUNT}); do echo $i; sleep 0.01; done | sha256sum > out");
+    let mut f = Fixture::start_program(Path::new("/bin/bash"), &["-c", &script]);
+    sleep(Duration::from_millis(800).saturating_sub(f.started.elapsed()));
+    assert!(f.child.try_wait().expect("try_wait").is_none(), "the pipeline ended already");
+
     let out = TempDir::new().expect("out dir");
-    let file = out.path().join("tree.torpor");
-    dump_ok(&mut t.f, &["-o".as_ref(), file.as_os_str()]);
-    for (key, pid) in &t.others {
-        assert!(wait_pid_gone(*pid, Duration::from_secs(10)), "{key} (pid {pid}) still exists");
-    }
-    t.f.restore_and_pass(&file);
+    let file = out.path().join("pipeline.torpor");
+    dump_ok(&mut f, &["-o".as_ref(), file.as_os_str()]);
+    let partial = torpor_image::single::read_partial(
+        torpor_image::single::Input::Stream(&mut fs::File::open(&file).expect("open")),
+        &file,
+        true,
+    );
+    assert!(partial.problems.is_empty(), "{:?}", partial.problems);
+    let processes = partial.tree.expect("records").processes.len();
+    assert!(processes >= 3, "{processes} processes: want bash, the subshell, sha256sum");
+    assert!(fs::read(f.path("out")).map_or(true, |b| b.is_empty()), "done before the dump");
+
+    let mut restore = Restore::spawn(&file, &[]);
+    let status = restore.wait(FINISH_TIMEOUT).expect("restored pipeline did not finish");
+    assert!(status.success(), "restored pipeline: {status:?}; stderr:\n{}", restore.stderr());
+    let got = fs::read_to_string(f.path("out")).expect("read out");
+    assert_eq!(got, want, "sha256sum of the numbers; log:\n{}", f.log_text());
 }
 
 /// `torpor dump PID -o - | torpor restore -` through a real pipe: the restore wakes the
