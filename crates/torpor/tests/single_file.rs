@@ -353,3 +353,62 @@ fn a_broken_pipe_leaves_the_process_running() {
     assert!(st.success(), "{st:?}; log:\n{}", f.log_text());
     f.assert_log_passed();
 }
+
+/// `inspect -` and `verify -` read an image from standard input.
+#[test]
+fn inspect_and_verify_read_standard_input() {
+    let mut f = Fixture::start("memory", &[]);
+    sleep(Duration::from_millis(100));
+    let out = TempDir::new().expect("out dir");
+    let file = out.path().join("app.torpor");
+    dump_ok(&mut f, &["-o".as_ref(), file.as_os_str()]);
+    for cmd in ["inspect", "verify"] {
+        let mut c = Command::new(TORPOR);
+        c.args([cmd, "-"]).stdin(fs::File::open(&file).expect("open image"));
+        let o = c.output().expect("run torpor");
+        assert!(o.status.success(), "{cmd} -: {}", stderr_of(&o));
+        let said = String::from_utf8_lossy(&o.stdout);
+        assert!(said.contains("standard input"), "{cmd} -: {said}");
+        assert!(said.contains(&f.pid.to_string()), "{cmd} -: {said}");
+    }
+}
+
+/// Ctrl-C while `restore -` waits for the rest of its stream removes what it unpacked,
+/// then ends torpor as the signal would.
+#[test]
+fn an_interrupted_unpack_leaves_nothing_behind() {
+    let mut f = Fixture::start("memory", &[]);
+    sleep(Duration::from_millis(100));
+    let out = TempDir::new().expect("out dir");
+    let file = out.path().join("app.torpor");
+    dump_ok(&mut f, &["-o".as_ref(), file.as_os_str()]);
+    let bytes = fs::read(&file).expect("read image");
+
+    let tmp = TempDir::new().expect("TMPDIR");
+    let mut c = Command::new(TORPOR);
+    c.args(["restore", "-"])
+        .env("TMPDIR", tmp.path())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    close_inherited_fds(&mut c);
+    let mut restore = c.spawn().expect("spawn restore");
+    let mut stdin = restore.stdin.take().expect("stdin");
+    use std::io::Write;
+    stdin.write_all(&bytes[..bytes.len() / 2]).expect("feed half the image");
+    let deadline = std::time::Instant::now() + TORPOR_TIMEOUT;
+    // Half the image is unpacked once the pages member is being written.
+    while fs::read_dir(tmp.path()).expect("read TMPDIR").next().is_none() {
+        assert!(std::time::Instant::now() < deadline, "restore - never started unpacking");
+        sleep(Duration::from_millis(10));
+    }
+    sleep(Duration::from_millis(200));
+    // SAFETY: kill takes integers; the pid is our child, not yet reaped.
+    unsafe { libc::kill(restore.id() as i32, libc::SIGINT) };
+    let st = wait_child(&mut restore, TORPOR_TIMEOUT).expect("restore did not stop");
+    drop(stdin);
+    assert_eq!(st.signal(), Some(libc::SIGINT), "restore after SIGINT: {st:?}");
+    let left: Vec<_> = fs::read_dir(tmp.path()).expect("read TMPDIR").collect();
+    assert!(left.is_empty(), "left in TMPDIR: {left:?}");
+    assert_pid_gone(f.pid);
+}
