@@ -412,3 +412,31 @@ fn an_interrupted_unpack_leaves_nothing_behind() {
     assert!(left.is_empty(), "left in TMPDIR: {left:?}");
     assert_pid_gone(f.pid);
 }
+
+/// `--pre-copy` (which appends to page files) and `--leave-running` work with a single
+/// file: the directory they need is the temporary one.
+#[test]
+fn pre_copy_and_leave_running_work_with_a_single_file() {
+    let mut f = Fixture::start("memory", &[]);
+    sleep(Duration::from_millis(100));
+    let out = TempDir::new().expect("out dir");
+    let file = out.path().join("app.torpor");
+    let pid = f.pid.to_string();
+    let dump = torpor([
+        "dump".as_ref(),
+        pid.as_ref(),
+        "-o".as_ref(),
+        file.as_os_str(),
+        "--pre-copy".as_ref(),
+        "--leave-running".as_ref(),
+    ]);
+    assert!(dump.status.success(), "dump: {}", stderr_of(&dump));
+    assert!(stderr_of(&dump).contains("pre-copy:"), "{}", stderr_of(&dump));
+    common::assert_running_untraced(f.pid);
+    assert_alone(out.path(), &["app.torpor"]);
+
+    // The original goes; the image brings it back as it was at the dump.
+    f.child.kill().expect("kill the original");
+    f.child.wait().expect("reap the original");
+    f.restore_and_pass(&file);
+}
