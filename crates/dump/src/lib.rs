@@ -53,7 +53,8 @@ mod memory;
 mod precopy;
 mod ptys;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use torpor_image::{model, CpuState, ImageWriter, Manifest, ParentImage, FORMAT_VERSION, MAGIC};
@@ -95,6 +96,23 @@ pub struct DumpOptions {
     /// The program to start as the dump's guard (`PROGRAM __guard PID TORPOR`), which
     /// undoes the dump if torpor dies before it ends; `None` for no guard.
     pub guard: Option<PathBuf>,
+    /// Called with the image directory once the image is complete and before the
+    /// process is ended: a failure here fails the dump and lets the process run on, as
+    /// any other failure would (packing the image into one file or a stream).
+    pub after_commit: Option<AfterCommit>,
+}
+
+/// The function [`AfterCommit`] holds: given the image directory, it finishes the image.
+pub type AfterCommitFn = dyn Fn(&Path) -> torpor_image::Result<()> + Send + Sync;
+
+/// What [`DumpOptions::after_commit`] runs.
+#[derive(Clone)]
+pub struct AfterCommit(pub Arc<AfterCommitFn>);
+
+impl std::fmt::Debug for AfterCommit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("AfterCommit(..)")
+    }
 }
 
 /// What a dump did, for the summary line.
@@ -288,10 +306,15 @@ fn dump_noted(
         frozen_for = t_frozen.elapsed();
         // A failed commit removes the image; the process runs on as before.
         writer.commit(manifest)?;
+        if let Some(after) = &opts.after_commit {
+            (after.0)(&opts.dir)?;
+        }
         guard::note(journal, guard::Note::Committed);
         torpor_sys::test_point("dump:committed", pid);
     } else {
-        if let Err(e) = writer.commit(manifest) {
+        let committed = writer.commit(manifest);
+        let after = |()| opts.after_commit.as_ref().map_or(Ok(()), |a| (a.0)(&opts.dir));
+        if let Err(e) = committed.and_then(after) {
             fd_ctx.end_repair();
             frozen.release();
             return Err(e.into());

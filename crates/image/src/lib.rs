@@ -32,6 +32,8 @@
 //! An image without `manifest.json` is incomplete; a file whose length or checksum differs
 //! from the manifest is corrupt, and restore refuses either before creating anything.
 //! `docs/image-format.md` describes every record and the limits a reader enforces.
+//!
+//! The same files can also travel as one stream, a single-file image: see [`single`].
 
 #![warn(missing_docs)]
 
@@ -39,6 +41,7 @@ mod check;
 pub mod model;
 pub mod pages;
 mod partial;
+pub mod single;
 
 use std::collections::HashSet;
 use std::fs::{self, File, OpenOptions};
@@ -197,6 +200,14 @@ pub enum ImageError {
     BadName {
         /// The name.
         name: String,
+    },
+    /// An image that a single-file image cannot hold.
+    #[error("{dir} cannot be packed into one file: {why}")]
+    NotPackable {
+        /// The image directory.
+        dir: PathBuf,
+        /// Why not.
+        why: String,
     },
     /// A file was asked for by name but the manifest does not list it.
     #[error("{name} is not listed in the image's manifest")]
@@ -1452,6 +1463,7 @@ pub(crate) mod tests {
             ImageError::NotListed { .. } => "NotListed",
             ImageError::Parent { .. } => "Parent",
             ImageError::ParentChanged { .. } => "ParentChanged",
+            ImageError::NotPackable { .. } => "NotPackable",
         }
     }
 

@@ -210,7 +210,8 @@ pub struct ZombieInfo {
 }
 
 pub fn run(dir: &Path, json: bool) -> Result<u8> {
-    let partial = torpor_image::read_partial(dir);
+    // A single file is read whole: every member's checksum is checked on the way.
+    let partial = crate::single::read_partial(dir, true)?;
     let report = build(&partial);
     if !json && report.image.is_none() && report.processes.is_empty() {
         anyhow::bail!(

@@ -46,8 +46,30 @@ fn is_image(dir: &Path) -> bool {
     dir.join(torpor_image::MANIFEST).exists() || dir.join(torpor_image::TREE).exists()
 }
 
+/// Whether PATH is a single-file image or an executable carrying one.
+fn is_single(path: &Path) -> bool {
+    path.is_file() && matches!(crate::single::source(path), Ok(Some(_)))
+}
+
 fn row(dir: PathBuf) -> Row {
-    let p = torpor_image::read_partial(&dir);
+    // The records only: a single file's page data is neither read nor checked here.
+    let (p, bytes) = match is_single(&dir) {
+        true => (
+            crate::single::read_partial(&dir, false).unwrap_or_else(|e| {
+                torpor_image::PartialImage {
+                    dir: dir.clone(),
+                    manifest: None,
+                    tree: None,
+                    problems: vec![torpor_image::ImageError::Corrupt {
+                        path: dir.clone(),
+                        why: format!("{e:#}"),
+                    }],
+                }
+            }),
+            std::fs::metadata(&dir).map_or(0, |m| m.len()),
+        ),
+        false => (torpor_image::read_partial(&dir), dir_bytes(&dir)),
+    };
     let root = p.tree.as_ref().and_then(|t| t.processes.first());
     let command = root.map(|r| r.cmdline.clone()).unwrap_or_default();
     let command = match (command.is_empty(), root.and_then(|r| r.threads.first())) {
@@ -59,7 +81,7 @@ fn row(dir: PathBuf) -> Row {
         pid_namespace: p.tree.as_ref().is_some_and(|t| t.pid_ns),
         processes: p.tree.as_ref().map_or(0, |t| t.processes.len()),
         command,
-        bytes: dir_bytes(&dir),
+        bytes,
         created_unix: p.manifest.as_ref().map(|m| m.created_unix),
         complete: p.problems.is_empty(),
         problem: p.problems.first().map(|e| e.to_string()),
@@ -69,7 +91,7 @@ fn row(dir: PathBuf) -> Row {
 
 pub fn run(dir: &Path, json: bool) -> Result<u8> {
     let mut dirs = Vec::new();
-    if is_image(dir) {
+    if is_image(dir) || is_single(dir) {
         dirs.push(dir.to_path_buf());
     } else {
         let entries = std::fs::read_dir(dir).with_context(|| {
@@ -77,7 +99,7 @@ pub fn run(dir: &Path, json: bool) -> Result<u8> {
         })?;
         for e in entries.flatten() {
             let path = e.path();
-            if path.is_dir() && is_image(&path) {
+            if (path.is_dir() && is_image(&path)) || is_single(&path) {
                 dirs.push(path);
             }
         }
@@ -91,7 +113,8 @@ pub fn run(dir: &Path, json: bool) -> Result<u8> {
     }
     if rows.is_empty() {
         println!(
-            "no image in {} (images are the directories `torpor dump -D` made)",
+            "no image in {} (images are the directories `torpor dump -D` made and the \
+             files `torpor dump -o` made)",
             dir.display()
         );
         return Ok(0);

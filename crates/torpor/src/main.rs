@@ -12,6 +12,7 @@ mod man;
 mod progress;
 mod registry;
 mod run;
+mod single;
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -48,9 +49,13 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Freeze a process, write its image into a directory, then end it.
+    /// Freeze a process, write its image into a directory or one file, then end it.
+    #[command(group(clap::ArgGroup::new("target").required(true).args(["dir", "output", "exe"])))]
     #[command(after_help = "Examples:\n  \
         torpor dump 4242 -D /var/tmp/app.img                  hibernate pid 4242 and its children\n  \
+        torpor dump 4242 -o app.torpor                        the image as one file\n  \
+        torpor dump 4242 -o - | ssh host torpor restore -     wake it on another machine\n  \
+        torpor dump 4242 --exe app.run                        an executable: ./app.run wakes it\n  \
         torpor dump 4242 -D snap.img --leave-running          a snapshot; the process runs on\n  \
         torpor dump 4242 -D app.img --tcp-established         keep its open TCP connections\n  \
         torpor dump 4242 -D job.img --shell-job               a job of an interactive shell")]
@@ -59,7 +64,15 @@ enum Command {
         pid: i32,
         /// Directory to write the image into (created, mode 0700).
         #[arg(short = 'D', long = "dir", value_hint = ValueHint::DirPath)]
-        dir: PathBuf,
+        dir: Option<PathBuf>,
+        /// Write the image as one file instead (mode 0600), or to standard output with
+        /// `-`, written front to back (a pipe, ssh, object storage).
+        #[arg(short = 'o', long = "output", value_name = "FILE", value_hint = ValueHint::FilePath)]
+        output: Option<PathBuf>,
+        /// Write an executable (mode 0700) that wakes the process when run: a copy of
+        /// torpor carrying the image; `./FILE --detach` and restore's other options work.
+        #[arg(long, value_name = "FILE", value_hint = ValueHint::FilePath)]
+        exe: Option<PathBuf>,
         /// Let the process run on after the dump instead of ending it.
         #[arg(long)]
         leave_running: bool,
@@ -91,7 +104,8 @@ enum Command {
         compress: Option<Option<i32>>,
         /// Make an incremental image over the image in this directory: only pages that
         /// changed since are stored; restore reads the rest from it (it must stay).
-        #[arg(long, value_name = "DIR")]
+        /// Only with -D: a single file must hold all of its image.
+        #[arg(long, value_name = "DIR", conflicts_with_all = ["output", "exe"])]
         parent: Option<PathBuf>,
         /// Copy the memory in rounds while the process runs, then freeze it only to copy
         /// what it wrote since the last round (needs userfaultfd write protection and
@@ -102,12 +116,19 @@ enum Command {
     /// Wake the process saved in an image, with its original pid, and wait for it.
     #[command(after_help = "Examples:\n  \
         torpor restore -D /var/tmp/app.img                    wake it, wait, exit with its status\n  \
+        torpor restore app.torpor                             the same from a single-file image\n  \
+        ssh host cat app.torpor | torpor restore -            from standard input\n  \
         torpor restore -D app.img --detach --pidfile app.pid  wake it in the background\n  \
         torpor restore -D job.img --shell-job                 wake a shell job in this terminal")]
     Restore {
+        /// The image: a single-file image, `-` for standard input, or a directory.
+        #[arg(required_unless_present = "dir_flag", value_name = "IMAGE",
+              value_hint = ValueHint::AnyPath)]
+        image: Option<PathBuf>,
         /// Directory holding the image.
-        #[arg(short = 'D', long = "dir", value_hint = ValueHint::DirPath)]
-        dir: PathBuf,
+        #[arg(short = 'D', long = "dir", id = "dir_flag", value_name = "DIR",
+              conflicts_with = "image", value_hint = ValueHint::DirPath)]
+        dir: Option<PathBuf>,
         /// Return as soon as the process runs instead of waiting for it to end.
         #[arg(long)]
         detach: bool,
@@ -136,8 +157,14 @@ enum Command {
         after_help = "Example:\n  torpor verify -D /var/tmp/app.img && torpor restore -D /var/tmp/app.img"
     )]
     Verify {
-        #[arg(short = 'D', long = "dir", value_hint = ValueHint::DirPath)]
-        dir: PathBuf,
+        /// The image: a single-file image, `-` for standard input, or a directory.
+        #[arg(required_unless_present = "dir_flag", value_name = "IMAGE",
+              value_hint = ValueHint::AnyPath)]
+        image: Option<PathBuf>,
+        /// Directory holding the image.
+        #[arg(short = 'D', long = "dir", id = "dir_flag", value_name = "DIR",
+              conflicts_with = "image", value_hint = ValueHint::DirPath)]
+        dir: Option<PathBuf>,
     },
     /// Show what an image holds: processes, threads, memory, descriptors, and any damage.
     #[command(after_help = "Examples:\n  \
@@ -146,8 +173,9 @@ enum Command {
         Exit status: 0 for an intact image, 1 when faults were found;\n\
         what could be read is shown all the same.")]
     Inspect {
-        /// Directory holding the image (also accepted as -D DIR).
-        #[arg(required_unless_present = "dir_flag", value_hint = ValueHint::DirPath)]
+        /// Directory holding the image (also accepted as -D DIR), or a single-file image,
+        /// or `-` for one on standard input.
+        #[arg(required_unless_present = "dir_flag", value_hint = ValueHint::AnyPath)]
         dir: Option<PathBuf>,
         /// The same as DIR.
         #[arg(
@@ -168,8 +196,8 @@ enum Command {
         torpor list /var/tmp             every image directory in /var/tmp\n  \
         torpor list --json /var/tmp      the same for scripts")]
     List {
-        /// The directory holding image directories (or an image directory itself).
-        #[arg(value_hint = ValueHint::DirPath)]
+        /// The directory holding images (directories and single files), or one image.
+        #[arg(value_hint = ValueHint::AnyPath)]
         dir: PathBuf,
         /// Print JSON for scripts: an array of {path, root_pid, pid_namespace, processes,
         /// command, bytes, created_unix, complete, problem}.
@@ -233,7 +261,12 @@ enum Command {
 }
 
 fn main() -> ExitCode {
-    let cli = match Cli::try_parse() {
+    // A self-restoring executable (`torpor dump --exe`) is `torpor restore <itself>`.
+    let parsed = match single::exe_args() {
+        Some(args) => Cli::try_parse_from(args),
+        None => Cli::try_parse(),
+    };
+    let cli = match parsed {
         Ok(c) => c,
         Err(e) => {
             let _ = e.print();
@@ -366,6 +399,8 @@ fn run(cli: Cli, show_progress: bool) -> Result<u8> {
         Command::Dump {
             pid,
             dir,
+            output,
+            exe,
             leave_running,
             inherit_stdio,
             tcp_established,
@@ -376,6 +411,14 @@ fn run(cli: Cli, show_progress: bool) -> Result<u8> {
             parent,
             pre_copy,
         } => {
+            let target = match (dir, output, exe) {
+                (Some(dir), _, _) => single::Target::Dir(dir),
+                (_, Some(file), _) => single::Target::File(file),
+                (_, _, Some(file)) => single::Target::Exe(file),
+                _ => unreachable!("clap requires one of them"),
+            };
+            let target = single::dump_target(target, !no_sync)?;
+            let dir = target.dir.clone();
             let opts = torpor_dump::DumpOptions {
                 pid,
                 dir: dir.clone(),
@@ -384,12 +427,13 @@ fn run(cli: Cli, show_progress: bool) -> Result<u8> {
                 tcp_established,
                 external,
                 shell_job,
-                no_sync,
+                no_sync: no_sync || !target.sync_dir,
                 compress: compress.map(|level| level.unwrap_or(torpor_image::pages::DEFAULT_LEVEL)),
                 parent,
                 pre_copy,
                 // Through /proc: this very program, even if replaced or removed since.
                 guard: Some(PathBuf::from("/proc/self/exe")),
+                after_commit: target.after_commit.clone(),
             };
             let bar = if show_progress {
                 let estimate = progress::dump_estimate(pid);
@@ -400,15 +444,18 @@ fn run(cli: Cli, show_progress: bool) -> Result<u8> {
             };
             // An interrupted dump would leave the process stopped halfway through a call
             // torpor runs in it: an interruption waits until it is itself again.
-            tracing::info!("dump of pid {pid} into {} begins", dir.display());
+            tracing::info!("dump of pid {pid} into {} begins", target.shown);
             let s = with_signals_deferred(|| torpor_dump::dump(&opts));
             bar.finish();
+            let shown = target.shown.clone();
+            // The temporary directory of a single-file dump goes now.
+            drop(target);
             let s = s.with_context(|| format!("dump of pid {pid} failed"))?;
             tracing::info!("dump of pid {pid} done: {s:?}");
             if !quiet {
                 eprintln!(
                     "torpor: pid {pid} saved to {}: {} pages ({}), {} zero pages skipped{}, frozen {:.1} ms, total {:.1} ms{}",
-                    dir.display(),
+                    shown,
                     s.pages_stored,
                     human(s.image_bytes),
                     s.zero_pages_skipped,
@@ -428,6 +475,7 @@ fn run(cli: Cli, show_progress: bool) -> Result<u8> {
             Ok(0)
         }
         Command::Restore {
+            image,
             dir,
             detach,
             pidfile,
@@ -436,6 +484,18 @@ fn run(cli: Cli, show_progress: bool) -> Result<u8> {
             lazy,
             lazy_prefetch_after_ms,
         } => {
+            let given = image.or(dir).expect("clap requires one of them");
+            let opened = single::open(&given, show_progress)?;
+            if opened.unpacked && lazy && detach {
+                anyhow::bail!(
+                    "--lazy --detach needs an image directory: the page server reads the \
+                     image after torpor returns, and {} is unpacked into a temporary one \
+                     that goes when torpor does; restore without one of them",
+                    opened.shown.display()
+                );
+            }
+            let dir = opened.dir.clone();
+            let shown = opened.shown.clone();
             let opts = torpor_restore::RestoreOptions {
                 dir: dir.clone(),
                 detach,
@@ -447,11 +507,11 @@ fn run(cli: Cli, show_progress: bool) -> Result<u8> {
             };
             let bar = if show_progress {
                 let measure = progress::Measure::ReadBytes { total: progress::image_size(&dir) };
-                progress::Progress::start(format!("waking {}", dir.display()), measure)
+                progress::Progress::start(format!("waking {}", shown.display()), measure)
             } else {
                 progress::Progress::none()
             };
-            tracing::info!("restore from {} begins", dir.display());
+            tracing::info!("restore from {} begins", shown.display());
             let mut registered = false;
             // A lazy restore keeps the signals held until every page is loaded: the page
             // server takes them and kills the tree, which cannot run without its memory.
@@ -459,8 +519,8 @@ fn run(cli: Cli, show_progress: bool) -> Result<u8> {
                 let restored = torpor_restore::restore(&opts);
                 bar.finish();
                 let mut r =
-                    restored.with_context(|| format!("restore from {} failed", dir.display()))?;
-                tracing::info!("restore from {} done: pid {} runs", dir.display(), r.pid);
+                    restored.with_context(|| format!("restore from {} failed", shown.display()))?;
+                tracing::info!("restore from {} done: pid {} runs", shown.display(), r.pid);
                 if let Some(p) = &pidfile {
                     write_pidfile(p, r.pid)?;
                 }
@@ -469,7 +529,7 @@ fn run(cli: Cli, show_progress: bool) -> Result<u8> {
                     eprintln!(
                         "torpor: pid {} woken from {} ({}) in {:.1} ms{}",
                         r.pid,
-                        dir.display(),
+                        shown.display(),
                         human(r.image_bytes),
                         r.total.as_secs_f64() * 1e3,
                         if lazy { "; loading its memory" } else { "" }
@@ -479,7 +539,10 @@ fn run(cli: Cli, show_progress: bool) -> Result<u8> {
                     serve_pages(server, r.pid, detach, quiet)?;
                 }
                 Ok(r)
-            })?;
+            });
+            // An unpacked copy is not needed once the processes run.
+            drop(opened);
+            let r = r?;
             if detach {
                 return Ok(0);
             }
@@ -495,10 +558,15 @@ fn run(cli: Cli, show_progress: bool) -> Result<u8> {
             }
             Ok(code?.clamp(0, 255) as u8)
         }
-        Command::Verify { dir } => {
+        Command::Verify { image, dir } => {
+            let given = image.or(dir).expect("clap requires one of them");
+            let opened = single::open(&given, show_progress).with_context(|| {
+                format!("image {} is not usable", single_shown(&given).display())
+            })?;
+            let (dir, shown) = (opened.dir.clone(), opened.shown.clone());
             let bar = if show_progress {
                 let measure = progress::Measure::ReadBytes { total: progress::image_size(&dir) };
-                progress::Progress::start(format!("checking {}", dir.display()), measure)
+                progress::Progress::start(format!("checking {}", shown.display()), measure)
             } else {
                 progress::Progress::none()
             };
@@ -507,15 +575,15 @@ fn run(cli: Cli, show_progress: bool) -> Result<u8> {
             let (reader, tree) = checked.with_context(|| {
                 format!(
                     "image {} is not usable (`torpor inspect {}` shows what it holds)",
-                    dir.display(),
-                    dir.display()
+                    shown.display(),
+                    shown.display()
                 )
             })?;
             if !quiet {
                 let p = &tree.processes[0];
                 println!(
                     "{}: complete and intact; pid {} ({}), {} mappings, {} descriptors, made by torpor {} on kernel {}",
-                    dir.display(),
+                    shown.display(),
                     p.pid,
                     p.cmdline.first().map(String::as_str).unwrap_or("?"),
                     p.vmas.len(),
@@ -553,6 +621,14 @@ fn run(cli: Cli, show_progress: bool) -> Result<u8> {
     }
 }
 
+/// How a single-file image named on the command line appears in messages.
+fn single_shown(path: &std::path::Path) -> PathBuf {
+    match path.as_os_str() == "-" {
+        true => PathBuf::from(single::STDIN_NAME),
+        false => path.to_path_buf(),
+    }
+}
+
 fn image_hint(e: &torpor_image::ImageError) -> Option<&'static str> {
     use torpor_image::ImageError;
     match e {
@@ -564,6 +640,9 @@ fn image_hint(e: &torpor_image::ImageError) -> Option<&'static str> {
         }
         ImageError::Version { .. } => {
             Some("restore it with the torpor version that made it (`torpor inspect DIR`)")
+        }
+        ImageError::Write { source, .. } if source.kind() == std::io::ErrorKind::BrokenPipe => {
+            Some("whatever read the image stopped before its end; the process was left as it was")
         }
         ImageError::CreateDir { .. } | ImageError::Write { .. } => {
             Some("choose a directory torpor can write, with room for the image")
