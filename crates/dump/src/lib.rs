@@ -254,7 +254,9 @@ fn dump_noted(
     };
     let t_frozen = Instant::now();
     if let Some(p) = &mut pre {
+        let t = Instant::now();
         p.finish(&frozen, &writer);
+        tracing::debug!("pre-copy's last scan took {:.1} ms", t.elapsed().as_secs_f64() * 1e3);
     }
 
     let mut fd_ctx = files::FdContext::default();
@@ -435,11 +437,19 @@ fn write_image(
     let mut pages = memory::PageIndex::default();
     let mut processes = Vec::new();
     for f in &frozen.processes {
+        let t = Instant::now();
         let mut process = collect::collect(f, &mut files, fd_ctx, writer)?;
+        let collected = t.elapsed();
         let (index, stats) = (&mut pages, &mut stats);
         let tracked = pre.as_deref_mut().and_then(|p| p.get_mut(f.pid));
         let page_opts = memory::PageOptions { compress: opts.compress, parent, pre: tracked };
         memory::dump_pages(f, &mut process, writer, &mut files, index, stats, page_opts)?;
+        tracing::debug!(
+            "pid {}: state collected in {:.1} ms, memory saved in {:.1} ms",
+            f.pid,
+            collected.as_secs_f64() * 1e3,
+            (t.elapsed() - collected).as_secs_f64() * 1e3
+        );
         processes.push(process);
     }
     let pids: Vec<i32> = frozen.processes.iter().map(|p| p.pid).collect();

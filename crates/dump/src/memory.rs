@@ -72,7 +72,9 @@ pub(crate) fn dump_pages(
         let what = what.to_string();
         move |source| DumpError::Collect { pid, what, source }
     };
+    let t = std::time::Instant::now();
     let maps = proc::smaps(pid).map_err(err("its memory map"))?;
+    tracing::debug!("pid {pid}: smaps read in {:.1} ms", t.elapsed().as_secs_f64() * 1e3);
     let pagemap_path = format!("/proc/{pid}/pagemap");
     let pagemap = File::open(&pagemap_path).map_err(|source| DumpError::Collect {
         pid,
