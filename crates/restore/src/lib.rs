@@ -23,6 +23,7 @@ mod ptys;
 mod space;
 mod state;
 pub mod terminal;
+mod trust;
 
 use std::io;
 use std::path::PathBuf;
@@ -51,6 +52,9 @@ pub struct RestoreOptions {
     /// With `lazy`: wait this long after the release before loading pages nobody asked
     /// for (for tests that must act while pages are still missing).
     pub lazy_prefetch_after: Duration,
+    /// Restore as root whatever user ids, group ids and capabilities the image holds,
+    /// even when a user other than root could have written it (see `trust`).
+    pub allow_credentials: bool,
 }
 
 /// A restored, running process.
@@ -80,6 +84,18 @@ pub enum RestoreError {
     Cpu { used: u64, have: u64, missing: u64 },
     #[error("the image is for {arch}, this machine is {here}")]
     Arch { arch: String, here: &'static str },
+    #[error(
+        "pid {pid} would run {what}, which {owner} (uid {uid}) does not have, yet \
+         {owner} owns {path} and so could have written the image; restore it as that \
+         user, or pass --allow-credentials if you trust the image"
+    )]
+    Credentials { pid: i32, what: String, owner: String, uid: u32, path: std::path::PathBuf },
+    #[error(
+        "{path} (mode {mode:o}) is writable by other users, who could have changed the \
+         image; make it writable by its owner only, or pass --allow-credentials if you \
+         trust the image"
+    )]
+    ImageWritable { path: std::path::PathBuf, mode: u32 },
     #[error(
         "pid {pid} is taken by {holder}; free the pid, or start the program under \
          `torpor run` so it can be woken in its own pid namespace"
@@ -156,6 +172,7 @@ pub fn restore(opts: &RestoreOptions) -> Result<Restored> {
     reader.verify_files(|f| f.len < VERIFY_LATER, |_| {})?;
     let tree = reader.read_tree()?;
     prepare::validate(&reader, &tree)?;
+    trust::check_credentials(&reader, &tree, opts.allow_credentials)?;
     let lazy_pages: Vec<String> = match opts.lazy {
         true => tree.processes.iter().map(|p| p.pages_file.clone()).collect(),
         false => Vec::new(),

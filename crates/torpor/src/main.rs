@@ -121,6 +121,11 @@ enum Command {
         /// Wake a job dumped with --shell-job in this terminal, in the foreground.
         #[arg(long)]
         shell_job: bool,
+        /// As root, restore the user ids, group ids and capabilities the image holds
+        /// even when a user other than root could have written it (by default refused:
+        /// an image a user can write must not become a root process).
+        #[arg(long)]
+        allow_credentials: bool,
         /// Let the process run before its memory is loaded: torpor serves its pages as
         /// it touches them and loads the rest in the background, then reports "all pages
         /// loaded" (with --detach, from a process of its own).
@@ -428,6 +433,7 @@ fn run(cli: Cli, show_progress: bool) -> Result<u8> {
             pidfile,
             force_vdso_jumps,
             shell_job,
+            allow_credentials,
             lazy,
             lazy_prefetch_after_ms,
         } => {
@@ -438,6 +444,7 @@ fn run(cli: Cli, show_progress: bool) -> Result<u8> {
                 shell_job,
                 lazy,
                 lazy_prefetch_after: std::time::Duration::from_millis(lazy_prefetch_after_ms),
+                allow_credentials,
             };
             let bar = if show_progress {
                 let measure = progress::Measure::ReadBytes { total: progress::image_size(&dir) };
