@@ -78,8 +78,109 @@ pub(crate) fn check_credentials(reader: &ImageReader, tree: &Tree, allow: bool) 
                 });
             }
         }
+        // Restore opens and creates the files the image names with root's rights before
+        // the processes take on their ids: each must be one the writer could open.
+        if let Some((path, how)) = paths_denied(tree, w) {
+            return Err(RestoreError::Credentials {
+                pid: tree.root_pid,
+                what: format!("with {path} open for {how}"),
+                owner: w.name.clone(),
+                uid: w.uid,
+                path: w.owns.clone(),
+            });
+        }
     }
     Ok(())
+}
+
+/// Read, write and search (execute) permission bits, as in the "other" class.
+const R: u32 = 4;
+const W: u32 = 2;
+const X: u32 = 1;
+
+/// The first path of `tree` that restore opens or creates for its processes and that
+/// `w` could not, with what was wanted. Checks the permission bits along the path (not
+/// ACLs, which can only be missed in the writer's disfavour when they deny what the
+/// bits allow; `inspect` shows the paths).
+fn paths_denied(tree: &Tree, w: &Writer) -> Option<(String, &'static str)> {
+    use torpor_image::model::OpenFileKind as K;
+
+    let mut want: Vec<(&str, u32)> = Vec::new();
+    for (i, f) in tree.files.iter().enumerate() {
+        if f.memfd.is_some() {
+            continue;
+        }
+        if f.saved_content.is_some() {
+            // A deleted file is made again next to where it was.
+            let dir = std::path::Path::new(&f.path).parent().and_then(|d| d.to_str());
+            want.push((dir.unwrap_or("/"), W | X));
+            continue;
+        }
+        // What its descriptors need; a file only mapped (or the executable) is read.
+        let bits = tree
+            .processes
+            .iter()
+            .flat_map(|p| &p.open_files)
+            .filter(|o| matches!(o.kind, K::Regular { file } if file == i))
+            .fold(0, |b, o| b | access(o.flags));
+        want.push((&f.path, if bits == 0 { R } else { bits }));
+    }
+    for p in &tree.processes {
+        want.push((&p.cwd, X));
+        want.push((&p.root, X));
+        for o in &p.open_files {
+            let rw = access(o.flags);
+            match &o.kind {
+                K::ProcFile { path } | K::CharDevice { path, .. } => want.push((path, rw)),
+                K::Directory { path } => want.push((path, R | X)),
+                K::UnixBound { name, .. } if name.starts_with('/') => {
+                    let dir = std::path::Path::new(name).parent().and_then(|d| d.to_str());
+                    want.push((dir.unwrap_or("/"), W | X));
+                }
+                K::Inotify { watches } => want.extend(watches.iter().map(|x| (&*x.path, R))),
+                _ => {}
+            }
+        }
+    }
+    want.into_iter().find(|&(path, bits)| !may(w, path, bits)).map(|(path, bits)| {
+        let how = match bits {
+            X => "search",
+            R => "reading",
+            b if b & W != 0 && b & R != 0 => "reading and writing",
+            _ => "writing",
+        };
+        (path.to_string(), how)
+    })
+}
+
+/// The permission bits `open` flags need.
+fn access(flags: i32) -> u32 {
+    match flags & libc::O_ACCMODE {
+        libc::O_WRONLY => W,
+        libc::O_RDWR => R | W,
+        _ => R,
+    }
+}
+
+/// Whether `w` may search every directory leading to `path` and has `bits` on it. A
+/// path that does not exist is left to restore, which refuses it.
+fn may(w: &Writer, path: &str, bits: u32) -> bool {
+    let Ok(real) = std::fs::canonicalize(path) else { return true };
+    let allowed = |p: &std::path::Path, bits: u32| match std::fs::metadata(p) {
+        Err(_) => false,
+        Ok(m) => {
+            let mode = m.mode();
+            let class = if m.uid() == w.uid {
+                mode >> 6
+            } else if w.groups.contains(&m.gid()) {
+                mode >> 3
+            } else {
+                mode
+            };
+            class & bits == bits
+        }
+    };
+    real.ancestors().skip(1).all(|d| allowed(d, X)) && allowed(&real, bits)
 }
 
 fn is_root() -> bool {
@@ -160,5 +261,31 @@ mod tests {
         let mut c = creds(1000, 1000);
         c.cap_permitted = 1 << 21;
         assert_eq!(exceeds(&c, &w).unwrap(), "with capabilities 0x200000");
+    }
+
+    #[test]
+    fn paths_need_the_writers_permission_bits_all_the_way() {
+        use std::os::unix::fs::PermissionsExt;
+        let set = |p: &std::path::Path, mode| {
+            std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode)).unwrap()
+        };
+        let tmp = tempfile::tempdir().unwrap();
+        let (dir, file) = (tmp.path().join("d"), tmp.path().join("d/f"));
+        std::fs::create_dir(&dir).unwrap();
+        std::fs::write(&file, b"x").unwrap();
+        set(tmp.path(), 0o755);
+        let me = nix::unistd::geteuid().as_raw();
+        let other = Writer { uid: me + 1, name: "u".into(), groups: [].into(), owns: "i".into() };
+        let owner = Writer { uid: me, name: "o".into(), groups: [].into(), owns: "i".into() };
+        let f = file.to_str().unwrap();
+        set(&dir, 0o755);
+        set(&file, 0o644);
+        assert!(may(&other, f, R) && !may(&other, f, W) && may(&owner, f, R | W));
+        set(&file, 0o600);
+        assert!(!may(&other, f, R) && may(&owner, f, R | W));
+        set(&file, 0o644);
+        set(&dir, 0o700);
+        assert!(!may(&other, f, R), "a directory it cannot search");
+        assert!(may(&other, "/no/such/path", R), "left to restore");
     }
 }

@@ -107,6 +107,13 @@ fn a_users_process_from_that_users_image_restores_as_that_user() {
     make_creds_of(images.path(), UID);
     give_to(images.path(), UID);
 
+    // Its output goes to a log root made, which the user may not write: restore, which
+    // opens it as root, refuses.
+    let log = f.log.to_str().unwrap().to_string();
+    assert_restore_refused(images.path(), &[&log, "open for writing", &format!("uid {UID}")]);
+    assert_pid_gone(f.pid);
+    chown(&f.log, Some(UID), None).expect("chown log");
+
     let mut restore = Restore::spawn(images.path(), &[]);
     restore.wait_for_process(&f);
     let uid_line = proc_status(f.pid, "Uid").expect("status");
