@@ -8,7 +8,8 @@
 //! user id, its primary and supplementary groups) and with no capabilities, unless the
 //! user says they trust the image (`--allow-credentials`). An image written by root
 //! alone (the directory and each file owned by root, writable by no one else), as a
-//! dump run by root makes it, is trusted as it is.
+//! dump run by root makes it, is trusted as it is. The parents of an incremental image
+//! count as part of it.
 //!
 //! A restore by any other user needs no rule: the kernel refuses ids and capabilities
 //! that user does not have.
@@ -39,10 +40,16 @@ pub(crate) fn check_credentials(reader: &ImageReader, tree: &Tree, allow: bool) 
     if allow || !is_root() {
         return Ok(());
     }
-    let dir = reader.dir();
-    let mut paths = vec![dir.to_path_buf()];
-    paths.extend(reader.manifest().files.iter().map(|f| dir.join(&f.name)));
-    paths.push(dir.join(torpor_image::MANIFEST));
+    // The parents of an incremental image supply page data, so whoever can write them
+    // can write the processes' memory too.
+    let parents = torpor_image::pages::open_parents(reader, false)?;
+    let mut paths = Vec::new();
+    for r in std::iter::once(reader).chain(parents.iter().map(|(r, _)| r)) {
+        let dir = r.dir();
+        paths.push(dir.to_path_buf());
+        paths.extend(r.manifest().files.iter().map(|f| dir.join(&f.name)));
+        paths.push(dir.join(torpor_image::MANIFEST));
+    }
     let mut writers: Vec<Writer> = Vec::new();
     for path in paths {
         let meta = std::fs::symlink_metadata(&path).map_err(|source| RestoreError::Prepare {

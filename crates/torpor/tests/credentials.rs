@@ -163,3 +163,22 @@ fn an_unprivileged_dump_works_or_says_what_is_missing() {
     let _ = sleeper.kill();
     let _ = sleeper.wait();
 }
+
+/// The parent of an incremental image supplies page data: a user who can write it could
+/// write a root process's memory, so it counts as part of the image.
+#[test]
+fn a_root_image_over_a_parent_a_user_owns_is_refused() {
+    let mut f = Fixture::start("counter", &[]);
+    let tmp = TempDir::new().expect("tempdir");
+    let (parent, child) = (tmp.path().join("parent"), tmp.path().join("child"));
+    let out = f.dump(&parent, &["--leave-running"]);
+    assert!(out.status.success(), "dump: {}", common::stderr_of(&out));
+    f.dump_ok_with(&child, &["--parent", parent.to_str().unwrap()]);
+    give_to(&parent, UID);
+
+    // The parent is named as the child's manifest records it: child/../parent.
+    assert_restore_refused(&child, &["as uid 0", "/parent and so", "--allow-credentials"]);
+    assert_pid_gone(f.pid);
+    give_to(&parent, 0);
+    f.restore_and_pass(&child);
+}
