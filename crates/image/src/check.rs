@@ -173,9 +173,20 @@ fn check_process(p: &Process, tree: &Tree, manifest: &Manifest) -> std::result::
     }
 
     for (i, of) in p.open_files.iter().enumerate() {
-        if let OpenFileKind::Regular { file } = of.kind {
-            in_range(file, tree.files.len(), "file")
-                .map_err(|why| format!("open file {i}: {why}"))?;
+        match &of.kind {
+            OpenFileKind::Regular { file } => in_range(*file, tree.files.len(), "file")
+                .map_err(|why| format!("open file {i}: {why}"))?,
+            OpenFileKind::UnixBound { name, .. } | OpenFileKind::UnixPair { name, .. } => {
+                check_unix_name(name).map_err(|why| format!("open file {i}: {why}"))?
+            }
+            OpenFileKind::UnixExternal { name, peer_name, .. } => {
+                check_unix_name(name).map_err(|why| format!("open file {i}: {why}"))?;
+                if peer_name.is_empty() {
+                    return Err(format!("open file {i}: an external unix socket without peer"));
+                }
+                check_unix_name(peer_name).map_err(|why| format!("open file {i}: peer {why}"))?
+            }
+            _ => {}
         }
     }
     let mut fds = HashSet::new();
@@ -291,6 +302,24 @@ fn check_vma(
                 run.addr, run.pages
             ));
         }
+    }
+    Ok(())
+}
+
+/// Bytes of `sun_path` in `struct sockaddr_un`.
+const UNIX_PATH_MAX: usize = 108;
+
+/// A unix socket address as the image records it: empty, an absolute path, or `@name`
+/// for an abstract one, fitting in a `sockaddr_un` (a path with its terminating NUL).
+fn check_unix_name(name: &str) -> std::result::Result<(), String> {
+    let fits = match name.strip_prefix('@') {
+        Some(abs) => abs.len() < UNIX_PATH_MAX,
+        None => name.is_empty() || (name.starts_with('/') && name.len() < UNIX_PATH_MAX),
+    };
+    if !fits || (name.contains('\0') && !name.starts_with('@')) {
+        return Err(format!(
+            "unix socket address {name:?} is not a path or @name of under {UNIX_PATH_MAX} bytes"
+        ));
     }
     Ok(())
 }
@@ -421,6 +450,21 @@ mod tests {
                 t.ptys[0].output = Some("pty-7-out.img".into())
             }),
             ("controls session 99, whose leader is not here", |t, _| t.ptys[0].session = Some(99)),
+            ("open file 1: peer unix socket address \"/xxxxxxxx", |t, _| {
+                let peer = format!("/{}", "x".repeat(200));
+                let json =
+                    serde_json::json!({"type": "unix_external", "sock_type": 1, "peer_name": peer});
+                t.processes[0].open_files[1].kind = serde_json::from_value(json).unwrap()
+            }),
+            ("open file 1: unix socket address \"relative\"", |t, _| {
+                let json = serde_json::json!({"type": "unix_external", "sock_type": 1, "name": "relative", "peer_name": "@ok"});
+                t.processes[0].open_files[1].kind = serde_json::from_value(json).unwrap()
+            }),
+            ("open file 1: an external unix socket without peer", |t, _| {
+                let json =
+                    serde_json::json!({"type": "unix_external", "sock_type": 2, "peer_name": ""});
+                t.processes[0].open_files[1].kind = serde_json::from_value(json).unwrap()
+            }),
             ("open file 1 is a pseudo-terminal /dev/pts/8 without a record", |t, _| {
                 t.processes[0].open_files[1].kind = OpenFileKind::PtySlave { index: 8 }
             }),

@@ -320,11 +320,20 @@ pub mod records {
         out
     }
 
-    /// Decodes records; `None` when the bytes end inside one.
+    /// Most records a file may hold: far more than any socket queue holds (the kernel
+    /// bounds them by buffer sizes and, for datagrams, `max_dgram_qlen`), few enough that
+    /// a file of empty records cannot make restore index hundreds of millions of them.
+    pub const MAX_RECORDS: usize = 1 << 22;
+
+    /// Decodes records; `None` when the bytes end inside one or hold more than
+    /// [`MAX_RECORDS`].
     pub fn decode(bytes: &[u8]) -> Option<Vec<&[u8]>> {
         let mut out = Vec::new();
         let mut at = 0usize;
         while at < bytes.len() {
+            if out.len() == MAX_RECORDS {
+                return None;
+            }
             let len = u32::from_le_bytes(bytes.get(at..at + 4)?.try_into().ok()?) as usize;
             out.push(bytes.get(at + 4..(at + 4).checked_add(len)?)?);
             at += 4 + len;
@@ -346,6 +355,9 @@ pub mod records {
                 assert!(d.is_none() || d.unwrap().len() < 3, "cut at {cut}");
             }
             assert_eq!(decode(&[0xff, 0xff, 0xff, 0xff, 1]), None);
+            let empties = vec![0u8; 4 * MAX_RECORDS];
+            assert_eq!(decode(&empties).map(|r| r.len()), Some(MAX_RECORDS));
+            assert_eq!(decode(&[empties, vec![0; 4]].concat()), None);
         }
     }
 }

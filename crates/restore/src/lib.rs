@@ -46,6 +46,7 @@ mod ptys;
 mod space;
 mod state;
 pub mod terminal;
+mod trust;
 
 use std::io;
 use std::path::PathBuf;
@@ -78,6 +79,13 @@ pub struct RestoreOptions {
     /// TORPOR`), which kills what was made if torpor dies before releasing it; `None` for
     /// no guard.
     pub guard: Option<PathBuf>,
+    /// Restore as root whatever user ids, group ids and capabilities the image holds,
+    /// even when a user other than root could have written it (see `trust`).
+    pub allow_credentials: bool,
+    /// The file `dir` was unpacked from (a single-file image or a self-restoring
+    /// executable): whoever could write it could write the image, so it counts for the
+    /// credential rule like the image's own files.
+    pub packed_from: Option<PathBuf>,
 }
 
 /// A restored, running process.
@@ -107,6 +115,18 @@ pub enum RestoreError {
     Cpu { used: u64, have: u64, missing: u64 },
     #[error("the image is for {arch}, this machine is {here}")]
     Arch { arch: String, here: &'static str },
+    #[error(
+        "pid {pid} would run {what}, which {owner} (uid {uid}) does not have, yet \
+         {owner} owns {path} and so could have written the image; restore it as that \
+         user, or pass --allow-credentials if you trust the image"
+    )]
+    Credentials { pid: i32, what: String, owner: String, uid: u32, path: std::path::PathBuf },
+    #[error(
+        "{path} (mode {mode:o}) is writable by other users, who could have changed the \
+         image; make it writable by its owner only, or pass --allow-credentials if you \
+         trust the image"
+    )]
+    ImageWritable { path: std::path::PathBuf, mode: u32 },
     #[error(
         "pid {pid} is taken by {holder}; free the pid, or start the program under \
          `torpor run` so it can be woken in its own pid namespace"
@@ -200,6 +220,7 @@ pub fn restore(opts: &RestoreOptions) -> Result<Restored> {
     reader.verify_files(|f| f.len < VERIFY_LATER, |_| {})?;
     let tree = reader.read_tree()?;
     prepare::validate(&reader, &tree)?;
+    trust::check_credentials(&reader, &tree, opts.allow_credentials, opts.packed_from.as_deref())?;
     let lazy_pages: Vec<String> = match opts.lazy {
         true => tree.processes.iter().map(|p| p.pages_file.clone()).collect(),
         false => Vec::new(),

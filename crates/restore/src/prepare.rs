@@ -473,8 +473,9 @@ fn refill_unix_datagrams(
         // Where the socket is bound now: its name as restored.
         let to = sock::sock_addr(&objects[obj], false).unwrap_or_else(|| unix_addr(&name));
         let bytes = reader.read_file(&file)?;
-        let recs = records::decode(&bytes)
-            .ok_or_else(|| err(io::Error::other("the saved queue is cut short")))?;
+        let recs = records::decode(&bytes).ok_or_else(|| {
+            err(io::Error::other("the saved queue is cut short or holds too many records"))
+        })?;
         if senders && recs.len() % 2 != 0 {
             return Err(err(io::Error::other("the saved queue has a sender without datagram")));
         }
@@ -593,8 +594,9 @@ fn refill_datagrams(
             source,
         };
         let bytes = reader.read_file(&name)?;
-        let recs = records::decode(&bytes)
-            .ok_or_else(|| err(io::Error::other("the saved queue is cut short")))?;
+        let recs = records::decode(&bytes).ok_or_else(|| {
+            err(io::Error::other("the saved queue is cut short or holds too many records"))
+        })?;
         for pair in recs.chunks_exact(2) {
             let (from, data) = (pair[0].to_vec(), pair[1]);
             let own;
@@ -767,8 +769,9 @@ fn make_pipe(
 fn fill_socket(reader: &ImageReader, sender: &OwnedFd, queue: &str) -> Result<()> {
     let err = |source| RestoreError::Prepare { what: format!("socket queue {queue}"), source };
     let bytes = reader.read_file(queue)?;
-    let recs = records::decode(&bytes)
-        .ok_or_else(|| err(io::Error::other("the saved queue is cut short")))?;
+    let recs = records::decode(&bytes).ok_or_else(|| {
+        err(io::Error::other("the saved queue is cut short or holds too many records"))
+    })?;
     for msg in recs {
         // SAFETY: sends `msg`, which has the length passed.
         let n = unsafe {

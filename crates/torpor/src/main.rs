@@ -142,6 +142,11 @@ enum Command {
         /// Wake a job dumped with --shell-job in this terminal, in the foreground.
         #[arg(long)]
         shell_job: bool,
+        /// As root, restore the user ids, group ids and capabilities the image holds
+        /// even when a user other than root could have written it (by default refused:
+        /// an image a user can write must not become a root process).
+        #[arg(long)]
+        allow_credentials: bool,
         /// Let the process run before its memory is loaded: torpor serves its pages as
         /// it touches them and loads the rest in the background, then reports "all pages
         /// loaded" (with --detach, from a process of its own).
@@ -481,6 +486,7 @@ fn run(cli: Cli, show_progress: bool) -> Result<u8> {
             pidfile,
             force_vdso_jumps,
             shell_job,
+            allow_credentials,
             lazy,
             lazy_prefetch_after_ms,
         } => {
@@ -504,6 +510,10 @@ fn run(cli: Cli, show_progress: bool) -> Result<u8> {
                 lazy,
                 lazy_prefetch_after: std::time::Duration::from_millis(lazy_prefetch_after_ms),
                 guard: Some(PathBuf::from("/proc/self/exe")),
+                allow_credentials,
+                // Standard input is what the caller chose to feed in; a file is judged by
+                // who could have written it.
+                packed_from: (opened.unpacked && given.as_os_str() != "-").then(|| given.clone()),
             };
             let bar = if show_progress {
                 let measure = progress::Measure::ReadBytes { total: progress::image_size(&dir) };

@@ -1,0 +1,204 @@
+//! Who may restore what: root restores the ids and capabilities an image holds only when
+//! no one but root could have written the image, or when told to trust it
+//! (`--allow-credentials`). An image a user can write must not become a root process.
+
+mod common;
+
+use std::fs;
+use std::os::unix::fs::{chown, PermissionsExt};
+use std::path::Path;
+use std::time::Duration;
+
+use common::{assert_pid_gone, assert_restore_refused, proc_status, Fixture, Restore};
+use tempfile::TempDir;
+
+/// A uid no account uses, as which the tests run processes and own images.
+const UID: u32 = 64_123;
+
+/// Gives the image in DIR and its files to UID.
+fn give_to(dir: &Path, uid: u32) {
+    chown(dir, Some(uid), Some(uid)).expect("chown image dir");
+    for entry in fs::read_dir(dir).expect("read image dir") {
+        chown(entry.expect("entry").path(), Some(uid), Some(uid)).expect("chown image file");
+    }
+}
+
+/// Restores IMAGES with EXTRA arguments, says go, and asserts that F passes.
+fn restore_and_pass_with(f: &Fixture, images: &Path, extra: &[&str]) {
+    let mut restore = Restore::spawn(images, extra);
+    restore.wait_for_process(f);
+    f.go();
+    let status = restore.wait(Duration::from_secs(60)).expect("restore did not finish");
+    assert!(status.success(), "restore: {status:?}; stderr:\n{}", restore.stderr());
+    f.assert_log_passed();
+}
+
+#[test]
+fn a_root_process_from_an_image_a_user_owns_is_refused_unless_allowed() {
+    let mut f = Fixture::start("counter", &[]);
+    let images = TempDir::new().expect("image dir");
+    f.dump_ok(images.path());
+    give_to(images.path(), UID);
+
+    let line = assert_restore_refused(
+        images.path(),
+        &[&format!("pid {}", f.pid), "as uid 0", &format!("uid {UID}"), "--allow-credentials"],
+    );
+    eprintln!("refused: {line}");
+    assert_pid_gone(f.pid);
+
+    restore_and_pass_with(&f, images.path(), &["--allow-credentials"]);
+}
+
+#[test]
+fn an_image_writable_by_others_is_refused_naming_the_file() {
+    let mut f = Fixture::start("counter", &[]);
+    let images = TempDir::new().expect("image dir");
+    f.dump_ok(images.path());
+    let tree = images.path().join("tree.json");
+    assert_eq!(fs::metadata(&tree).unwrap().permissions().mode() & 0o777, 0o600);
+    assert_eq!(fs::metadata(images.path()).unwrap().permissions().mode() & 0o022, 0);
+
+    fs::set_permissions(&tree, fs::Permissions::from_mode(0o620)).expect("chmod");
+    assert_restore_refused(images.path(), &["tree.json", "620", "writable by other users"]);
+    assert_pid_gone(f.pid);
+    fs::set_permissions(images.path(), fs::Permissions::from_mode(0o707)).expect("chmod");
+    fs::set_permissions(&tree, fs::Permissions::from_mode(0o600)).expect("chmod");
+    assert_restore_refused(images.path(), &["707", "writable by other users"]);
+
+    fs::set_permissions(images.path(), fs::Permissions::from_mode(0o700)).expect("chmod");
+    f.restore_and_pass(images.path());
+}
+
+/// Rewrites the credentials of every process in the image in DIR to UID with no
+/// capabilities, as a dump of that user's processes records them, and re-signs the tree.
+fn make_creds_of(dir: &Path, uid: u32) {
+    let tree = dir.join("tree.json");
+    let mut t: serde_json::Value = serde_json::from_slice(&fs::read(&tree).unwrap()).unwrap();
+    for p in t["processes"].as_array_mut().unwrap() {
+        let c = &mut p["creds"];
+        c["uids"] = serde_json::json!([uid, uid, uid, uid]);
+        c["gids"] = serde_json::json!([uid, uid, uid, uid]);
+        c["groups"] = serde_json::json!([]);
+        for set in ["cap_inheritable", "cap_permitted", "cap_effective", "cap_ambient"] {
+            c[set] = 0.into();
+        }
+    }
+    fs::write(&tree, serde_json::to_vec(&t).unwrap()).unwrap();
+    let manifest = dir.join("manifest.json");
+    let mut m = torpor_image::decode_manifest(&fs::read(&manifest).unwrap(), &manifest).unwrap();
+    let entry = m.files.iter_mut().find(|e| e.name == "tree.json").expect("tree listed");
+    entry.xxh3 = torpor_image::hash_file(&tree).unwrap();
+    entry.len = fs::metadata(&tree).unwrap().len();
+    fs::write(&manifest, torpor_image::encode_manifest(&m)).unwrap();
+}
+
+/// An image of a user's process that the user owns restores as root without the flag,
+/// and the process runs as that user with no capabilities. (The image is made by
+/// rewriting the ids of a root dump: root here may lack CAP_SYS_RESOURCE, which reading
+/// another user's limits with prlimit needs.)
+#[test]
+fn a_users_process_from_that_users_image_restores_as_that_user() {
+    let mut f = Fixture::start("counter", &[]);
+    // Let it find its go file once it runs as UID.
+    fs::set_permissions(f.workdir.path(), fs::Permissions::from_mode(0o711)).expect("chmod");
+    let images = TempDir::new().expect("image dir");
+    f.dump_ok(images.path());
+    make_creds_of(images.path(), UID);
+    give_to(images.path(), UID);
+
+    // Its output goes to a log root made, which the user may not write: restore, which
+    // opens it as root, refuses.
+    let log = f.log.to_str().unwrap().to_string();
+    assert_restore_refused(images.path(), &[&log, "open for writing", &format!("uid {UID}")]);
+    assert_pid_gone(f.pid);
+    chown(&f.log, Some(UID), None).expect("chown log");
+
+    let mut restore = Restore::spawn(images.path(), &[]);
+    restore.wait_for_process(&f);
+    let uid_line = proc_status(f.pid, "Uid").expect("status");
+    let uid = UID.to_string();
+    assert_eq!(uid_line.split_whitespace().collect::<Vec<_>>(), [uid.as_str(); 4]);
+    let caps = proc_status(f.pid, "CapEff").expect("status");
+    assert_eq!(caps, "0000000000000000", "restored with capabilities");
+    f.go();
+    let status = restore.wait(Duration::from_secs(60)).expect("restore did not finish");
+    assert!(status.success(), "restore: {status:?}; stderr:\n{}", restore.stderr());
+    f.assert_log_passed();
+}
+
+/// An unprivileged user dumping their own process: allowed where the kernel lets them
+/// (CAP_CHECKPOINT_RESTORE), else refused saying what is missing, the process running on.
+#[test]
+fn an_unprivileged_dump_works_or_says_what_is_missing() {
+    let tmp = TempDir::new().expect("tempdir");
+    fs::set_permissions(tmp.path(), fs::Permissions::from_mode(0o755)).expect("chmod");
+    let dir = tmp.path().join("img");
+    let mut sleeper = std::process::Command::new("setpriv")
+        .args([format!("--reuid={UID}"), format!("--regid={UID}"), "--clear-groups".into()])
+        .args(["sleep", "60"])
+        .spawn()
+        .expect("start sleep");
+    let pid = sleeper.id().to_string();
+    std::thread::sleep(Duration::from_millis(200));
+    let out = std::process::Command::new("setpriv")
+        .args([format!("--reuid={UID}"), format!("--regid={UID}"), "--clear-groups".into()])
+        .arg(env!("CARGO_BIN_EXE_torpor"))
+        .args(["dump", &pid, "-D"])
+        .arg(&dir)
+        .output()
+        .expect("run torpor as the user");
+    let stderr = common::stderr_of(&out);
+    if out.status.success() {
+        assert!(dir.join("manifest.json").exists(), "dump succeeded without an image");
+    } else {
+        assert_eq!(out.status.code(), Some(1), "{stderr}");
+        assert!(stderr.contains(&pid), "the pid is not named: {stderr}");
+        assert!(
+            stderr.contains("CAP_CHECKPOINT_RESTORE"),
+            "nothing says what is missing: {stderr}"
+        );
+        common::assert_running_untraced(sleeper.id() as i32);
+    }
+    let _ = sleeper.kill();
+    let _ = sleeper.wait();
+}
+
+/// The parent of an incremental image supplies page data: a user who can write it could
+/// write a root process's memory, so it counts as part of the image.
+#[test]
+fn a_root_image_over_a_parent_a_user_owns_is_refused() {
+    let mut f = Fixture::start("counter", &[]);
+    let tmp = TempDir::new().expect("tempdir");
+    let (parent, child) = (tmp.path().join("parent"), tmp.path().join("child"));
+    let out = f.dump(&parent, &["--leave-running"]);
+    assert!(out.status.success(), "dump: {}", common::stderr_of(&out));
+    f.dump_ok_with(&child, &["--parent", parent.to_str().unwrap()]);
+    give_to(&parent, UID);
+
+    // The parent is named as the child's manifest records it: child/../parent.
+    assert_restore_refused(&child, &["as uid 0", "/parent and so", "--allow-credentials"]);
+    assert_pid_gone(f.pid);
+    give_to(&parent, 0);
+    f.restore_and_pass(&child);
+}
+
+/// A single-file image is unpacked by root into a directory of root's: the file it came
+/// from is what a user could have written, and it counts like the image's own files.
+#[test]
+fn a_root_process_from_a_single_file_a_user_owns_is_refused() {
+    let mut f = Fixture::start("counter", &[]);
+    let dir = TempDir::new().expect("image dir");
+    let file = dir.path().join("app.torpor");
+    let pid = f.pid.to_string();
+    let out = common::torpor(["dump".as_ref(), pid.as_ref(), "-o".as_ref(), file.as_os_str()]);
+    assert!(out.status.success(), "dump -o: {}", common::stderr_of(&out));
+    f.assert_killed_by_dump();
+    chown(&file, Some(UID), Some(UID)).expect("chown single file");
+
+    let out = common::torpor(["restore".as_ref(), file.as_os_str()]);
+    let err = common::stderr_of(&out);
+    assert!(!out.status.success(), "a user's single file restored as root: {err}");
+    assert!(err.contains(&format!("uid {UID}")) && err.contains("app.torpor"), "{err}");
+    assert_pid_gone(f.pid);
+}
