@@ -285,9 +285,25 @@ pub(crate) fn collect(
         .collect();
 
     let mut rlimits = Vec::new();
+    let mut shown: Option<Vec<(u64, u64)>> = None;
     // RLIMIT_CPU (0) to RLIMIT_RTTIME (15): the sixteen limits Linux has.
     for resource in 0..16u32 {
-        let (soft, hard) = torpor_sys::get_rlimit(pid, resource).map_err(err("its limits"))?;
+        let (soft, hard) = match torpor_sys::get_rlimit(pid, resource) {
+            Ok(l) => l,
+            // Another user's limits without CAP_SYS_RESOURCE: /proc shows them all.
+            Err(e) if e.os_error() == Some(libc::EPERM) => {
+                if shown.is_none() {
+                    shown = Some(proc::limits(pid).map_err(err("its limits"))?);
+                }
+                let all = shown.as_deref().unwrap_or_default();
+                *all.get(resource as usize).ok_or_else(|| DumpError::Collect {
+                    pid,
+                    what: format!("its limits: /proc/{pid}/limits lacks limit {resource}"),
+                    source: e,
+                })?
+            }
+            Err(e) => return Err(err("its limits")(e)),
+        };
         rlimits.push(model::Rlimit { resource, soft, hard });
     }
 

@@ -44,6 +44,22 @@ pub enum Error {
 
 pub type Result<T> = std::result::Result<T, Error>;
 
+impl Error {
+    /// The errno behind the error, when a system call gave one.
+    pub fn os_error(&self) -> Option<i32> {
+        match self {
+            Error::Ptrace { source, .. }
+            | Error::Wait { source, .. }
+            | Error::Remote { source, .. }
+            | Error::ReadMemory { source, .. }
+            | Error::WriteMemory { source, .. }
+            | Error::Io { source, .. }
+            | Error::Syscall { source, .. } => source.raw_os_error(),
+            Error::Gone { .. } | Error::RemoteStop { .. } | Error::Parse { .. } => None,
+        }
+    }
+}
+
 pub(crate) fn last(call: &'static str) -> Error {
     Error::Syscall { call, source: io::Error::last_os_error() }
 }

@@ -394,6 +394,32 @@ pub fn cmdline(pid: i32) -> Vec<String> {
         .unwrap_or_default()
 }
 
+/// The sixteen resource limits of a process as `/proc/PID/limits` shows them, soft and
+/// hard, in resource order (`RLIMIT_CPU` first). For when `prlimit` is refused: reading
+/// another user's limits needs `CAP_SYS_RESOURCE`, which root may lack (in a container),
+/// while the file is readable by whoever may trace the process.
+pub fn limits(pid: i32) -> Result<Vec<(u64, u64)>> {
+    let path = format!("/proc/{pid}/limits");
+    let text = read(&path)?;
+    let value = |v: &str| match v {
+        "unlimited" => Some(u64::MAX),
+        n => n.parse().ok(),
+    };
+    // "Max cpu time              unlimited            unlimited            seconds": the
+    // name takes 26 columns, then soft, hard and units separated by spaces.
+    text.lines()
+        .skip(1)
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| {
+            let mut f = l.get(26..).unwrap_or("").split_whitespace();
+            match (f.next().and_then(value), f.next().and_then(value)) {
+                (Some(soft), Some(hard)) => Ok((soft, hard)),
+                _ => Err(Error::Parse { what: path.clone(), line: l.into() }),
+            }
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -436,5 +462,15 @@ mod tests {
         assert_eq!(st.tgid, me);
         assert!(maps(me).unwrap().iter().any(|m| m.name == "[vdso]"));
         assert!(smaps(me).unwrap().iter().all(|m| !m.vm_flags.is_empty()));
+    }
+
+    #[test]
+    fn limits_from_proc_match_prlimit() {
+        let me = std::process::id() as i32;
+        let shown = super::limits(me).unwrap();
+        assert_eq!(shown.len(), 16);
+        for (resource, &(soft, hard)) in shown.iter().enumerate() {
+            assert_eq!(crate::get_rlimit(me, resource as u32).unwrap(), (soft, hard), "{resource}");
+        }
     }
 }

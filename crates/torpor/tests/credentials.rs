@@ -116,11 +116,19 @@ fn a_users_process_from_that_users_image_restores_as_that_user() {
 
     let mut restore = Restore::spawn(images.path(), &[]);
     restore.wait_for_process(&f);
-    let uid_line = proc_status(f.pid, "Uid").expect("status");
+    // The pid exists from the start of the restore; its ids are set before it is let go.
     let uid = UID.to_string();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let ids = || (proc_status(f.pid, "Uid").expect("status"), proc_status(f.pid, "CapEff"));
+    let (mut uid_line, mut caps) = ids();
+    while !(uid_line.starts_with(&uid) && caps.as_deref() == Some("0000000000000000"))
+        && std::time::Instant::now() < deadline
+    {
+        std::thread::sleep(Duration::from_millis(10));
+        (uid_line, caps) = ids();
+    }
     assert_eq!(uid_line.split_whitespace().collect::<Vec<_>>(), [uid.as_str(); 4]);
-    let caps = proc_status(f.pid, "CapEff").expect("status");
-    assert_eq!(caps, "0000000000000000", "restored with capabilities");
+    assert_eq!(caps.as_deref(), Some("0000000000000000"), "restored with capabilities");
     f.go();
     let status = restore.wait(Duration::from_secs(60)).expect("restore did not finish");
     assert!(status.success(), "restore: {status:?}; stderr:\n{}", restore.stderr());
@@ -201,4 +209,76 @@ fn a_root_process_from_a_single_file_a_user_owns_is_refused() {
     assert!(!out.status.success(), "a user's single file restored as root: {err}");
     assert!(err.contains(&format!("uid {UID}")) && err.contains("app.torpor"), "{err}");
     assert_pid_gone(f.pid);
+}
+
+/// A process of another user is dumped by root (whose `prlimit` of another user's process
+/// needs `CAP_SYS_RESOURCE`, which root may lack: the limits then come from
+/// `/proc/PID/limits`) and comes back as that user, carrying on its count.
+#[test]
+fn another_users_process_is_dumped_and_woken_as_that_user() {
+    use std::os::unix::process::CommandExt;
+    use std::process::{Command, Stdio};
+    common::become_subreaper();
+    let dir = TempDir::new().expect("work dir");
+    chown(dir.path(), Some(UID), Some(UID)).expect("chown work dir");
+    let count = dir.path().join("count");
+    let script = format!(
+        "i=0; while :; do i=$((i+1)); echo $i > {0}.tmp && mv {0}.tmp {0}; sleep 0.02; done",
+        count.display()
+    );
+    let mut cmd = Command::new("setpriv");
+    cmd.args(["--reuid", &UID.to_string(), "--regid", &UID.to_string(), "--clear-groups"])
+        .args(["sh", "-c", &script])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .process_group(0);
+    common::close_inherited_fds(&mut cmd);
+    let mut child = cmd.spawn().expect("start the counter as another user");
+    let pid = child.id() as i32;
+    let read = || fs::read_to_string(&count).ok().and_then(|s| s.trim().parse::<u64>().ok());
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while read().unwrap_or(0) < 5 && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(
+        proc_status(pid, "Uid").as_deref().map(|u| u.split_whitespace().next()),
+        Some(Some("64123"))
+    );
+
+    let images = TempDir::new().expect("image dir");
+    let out = common::torpor([
+        "dump".as_ref(),
+        pid.to_string().as_ref(),
+        "-D".as_ref(),
+        images.path().as_os_str(),
+    ]);
+    assert!(out.status.success(), "dump of another user's process: {}", common::stderr_of(&out));
+    let _ = child.wait();
+    let at_dump = read().expect("count at the dump");
+
+    let out = common::torpor([
+        "restore".as_ref(),
+        "-D".as_ref(),
+        images.path().as_os_str(),
+        "--detach".as_ref(),
+    ]);
+    assert!(out.status.success(), "restore: {}", common::stderr_of(&out));
+    // The first count written after the wake follows the last one before the dump: a
+    // counter that lost its memory would start again from 1.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let mut next = read();
+    while next == Some(at_dump) && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(2));
+        next = read();
+    }
+    let uid = proc_status(pid, "Uid");
+    // SAFETY: kill takes integers; the woken process is ours to end.
+    unsafe { libc::kill(-pid, libc::SIGKILL) };
+    let next = next.expect("count after the wake");
+    assert!(
+        next > at_dump && next <= at_dump + 3,
+        "the count did not carry on from {at_dump}: next {next}"
+    );
+    assert_eq!(uid.as_deref().map(|u| u.split_whitespace().next()), Some(Some("64123")));
 }
