@@ -73,8 +73,12 @@ pub(crate) fn dump_pages(
         move |source| DumpError::Collect { pid, what, source }
     };
     let t = std::time::Instant::now();
-    let maps = proc::smaps(pid).map_err(err("its memory map"))?;
-    tracing::debug!("pid {pid}: smaps read in {:.1} ms", t.elapsed().as_secs_f64() * 1e3);
+    let maps = match opts.maps {
+        Some(maps) => maps,
+        None => proc::smaps(pid),
+    }
+    .map_err(err("its memory map"))?;
+    tracing::debug!("pid {pid}: smaps taken in {:.1} ms", t.elapsed().as_secs_f64() * 1e3);
     let pagemap_path = format!("/proc/{pid}/pagemap");
     let pagemap = File::open(&pagemap_path).map_err(|source| DumpError::Collect {
         pid,
@@ -257,6 +261,9 @@ pub(crate) struct PageOptions<'a> {
     pub parent: Option<&'a ParentPages>,
     /// The pages pre-copy copied while the process ran, with what it wrote since.
     pub pre: Option<&'a mut Tracked>,
+    /// The memory map with its flags (`/proc/PID/smaps`), when already read while the
+    /// process was frozen.
+    pub maps: Option<torpor_sys::Result<Vec<proc::MapEntry>>>,
 }
 
 /// What saving one mapping's pages needs besides the mapping.
