@@ -10,11 +10,10 @@
 
 use std::fmt;
 use std::fs;
-use std::os::unix::fs::MetadataExt;
 use std::str::FromStr;
 
 use torpor_image::model::{self, OpenFileKind};
-use torpor_sys::{proc, sock};
+use torpor_sys::sock;
 
 use crate::collect::UnsupportedReason;
 use crate::files::{inherit, outside_holder, FdContext};
@@ -187,23 +186,11 @@ impl FdContext {
                 own = Some((name.clone(), options.clone(), *buffers));
             }
         }
-        let Some((mut name, options, buffers)) = own else {
+        let Some((name, options, buffers)) = own else {
             // Converted already through another descriptor of the same socket.
             return Ok(());
         };
-
-        // A path bound relative to the working directory of the time: resolve it now.
-        if !name.is_empty() && !name.starts_with('@') && !name.starts_with('/') {
-            if let Ok(cwd) = proc::readlink(format!("/proc/{pid}/cwd")) {
-                name = format!("{cwd}/{name}");
-            }
-        }
-        let (mut file_mode, mut file_uid, mut file_gid) = (0o777, 0, 0);
-        if name.starts_with('/') {
-            if let Ok(m) = fs::symlink_metadata(&name) {
-                (file_mode, file_uid, file_gid) = (m.mode() & 0o7777, m.uid(), m.gid());
-            }
-        }
+        let (name, file_mode, file_uid, file_gid) = crate::files::bound_name(pid, name);
         let external = OpenFileKind::UnixExternal {
             sock_type,
             name,

@@ -780,6 +780,23 @@ const SOCKET_OPTIONS: &[(i32, i32, bool)] = &[
     (libc::IPPROTO_IPV6, libc::IPV6_TCLASS, false),
 ];
 
+/// A unix socket's bound name as restore needs it: a path bound relative to the working
+/// directory of the time made absolute, with the socket file's mode and owner (0o777 and
+/// root when there is no file: an abstract or unbound socket, or one removed since).
+pub(crate) fn bound_name(pid: i32, mut name: String) -> (String, u32, u32, u32) {
+    if !name.is_empty() && !name.starts_with('@') && !name.starts_with('/') {
+        if let Ok(cwd) = proc::readlink(format!("/proc/{pid}/cwd")) {
+            name = format!("{cwd}/{name}");
+        }
+    }
+    let (mut file_mode, mut file_uid, mut file_gid) = (0o777, 0, 0);
+    if name.starts_with('/') {
+        if let Ok(m) = fs::symlink_metadata(&name) {
+            (file_mode, file_uid, file_gid) = (m.mode() & 0o7777, m.uid(), m.gid());
+        }
+    }
+    (name, file_mode, file_uid, file_gid)
+}
 /// A unix socket with no peer: its address, whether it listens, and (datagram) its queue.
 fn unix_bound(
     pid: i32,
@@ -798,19 +815,7 @@ fn unix_bound(
             info.name, info.pending
         )));
     }
-    // A path bound relative to the working directory of the time: resolve it now.
-    let mut name = info.name.clone();
-    if !name.is_empty() && !name.starts_with('@') && !name.starts_with('/') {
-        if let Ok(cwd) = proc::readlink(format!("/proc/{pid}/cwd")) {
-            name = format!("{cwd}/{name}");
-        }
-    }
-    let (mut file_mode, mut file_uid, mut file_gid) = (0o777, 0, 0);
-    if name.starts_with('/') {
-        if let Ok(m) = fs::symlink_metadata(&name) {
-            (file_mode, file_uid, file_gid) = (m.mode() & 0o7777, m.uid(), m.gid());
-        }
-    }
+    let (name, file_mode, file_uid, file_gid) = bound_name(pid, info.name.clone());
     let sock_type = info.sock_type as i32;
     let queue = if sock_type == libc::SOCK_DGRAM {
         let s = sock::take_fd(pid, fd).map_err(|source| DumpError::Collect {

@@ -31,26 +31,22 @@ fn ps_json(registry: &Path) -> Vec<Value> {
     v.as_array().expect("an array").clone()
 }
 
-#[test]
-fn ps_lists_a_running_program_until_it_ends() {
-    become_subreaper();
-    let tmp = TempDir::new().unwrap();
-    let registry = tmp.path().join("registry");
-    let pidfile = tmp.path().join("pid");
+/// Starts `torpor run -- sleep 600` with REGISTRY as its registry and waits until it has
+/// registered its program; returns torpor run and the program's pid.
+fn run_sleep(registry: &Path, pidfile: &Path) -> (std::process::Child, i32) {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_torpor"));
     cmd.args(["run", "--pidfile"])
-        .arg(&pidfile)
+        .arg(pidfile)
         .args(["--", "sleep", "600"])
-        .env("TORPOR_RUN_DIR", &registry)
+        .env("TORPOR_RUN_DIR", registry)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null());
     close_inherited_fds(&mut cmd);
-    let mut run = cmd.spawn().expect("spawn torpor run");
-
+    let run = cmd.spawn().expect("spawn torpor run");
     let deadline = Instant::now() + Duration::from_secs(30);
     let pid: i32 = loop {
-        if let Some(pid) = fs::read_to_string(&pidfile).ok().and_then(|s| s.trim().parse().ok()) {
+        if let Some(pid) = fs::read_to_string(pidfile).ok().and_then(|s| s.trim().parse().ok()) {
             if registry.join(format!("{pid}.json")).exists() {
                 break pid;
             }
@@ -58,6 +54,16 @@ fn ps_lists_a_running_program_until_it_ends() {
         assert!(Instant::now() < deadline, "torpor run never registered its program");
         sleep(Duration::from_millis(10));
     };
+    (run, pid)
+}
+
+#[test]
+fn ps_lists_a_running_program_until_it_ends() {
+    become_subreaper();
+    let tmp = TempDir::new().unwrap();
+    let registry = tmp.path().join("registry");
+    let pidfile = tmp.path().join("pid");
+    let (mut run, pid) = run_sleep(&registry, &pidfile);
 
     let rows = ps_json(&registry);
     assert_eq!(rows.len(), 1, "{rows:?}");
@@ -161,26 +167,7 @@ fn ps_lists_a_tree_woken_from_an_image_of_torpor_run() {
     let registry = tmp.path().join("registry");
     let pidfile = tmp.path().join("pid");
     let images = tmp.path().join("img");
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_torpor"));
-    cmd.args(["run", "--pidfile"])
-        .arg(&pidfile)
-        .args(["--", "sleep", "600"])
-        .env("TORPOR_RUN_DIR", &registry)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null());
-    close_inherited_fds(&mut cmd);
-    let mut run = cmd.spawn().expect("spawn torpor run");
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let pid: i32 = loop {
-        if let Some(pid) = fs::read_to_string(&pidfile).ok().and_then(|s| s.trim().parse().ok()) {
-            if registry.join(format!("{pid}.json")).exists() {
-                break pid;
-            }
-        }
-        assert!(Instant::now() < deadline, "torpor run never registered its program");
-        sleep(Duration::from_millis(10));
-    };
+    let (mut run, pid) = run_sleep(&registry, &pidfile);
 
     let pid_s = pid.to_string();
     torpor_with_registry(&registry, &["dump", &pid_s, "-D", images.to_str().unwrap()]);
