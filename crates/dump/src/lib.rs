@@ -100,6 +100,19 @@ pub struct DumpOptions {
     /// process is ended: a failure here fails the dump and lets the process run on, as
     /// any other failure would (packing the image into one file or a stream).
     pub after_commit: Option<AfterCommit>,
+    /// Where the image's files go instead of the local directory `dir`, which then only
+    /// names the image in messages (an object store, another host).
+    pub store: Option<ImageStore>,
+}
+
+/// What [`DumpOptions::store`] holds.
+#[derive(Clone)]
+pub struct ImageStore(pub Arc<dyn torpor_image::Store>);
+
+impl std::fmt::Debug for ImageStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ImageStore(..)")
+    }
 }
 
 /// The function [`AfterCommit`] holds: given the image directory, it finishes the image.
@@ -217,9 +230,16 @@ fn dump_noted(
         }
         None => None,
     };
-    let made = !opts.dir.exists();
-    guard::note(journal, guard::Note::Image { dir: &opts.dir, made });
-    let mut writer = ImageWriter::create(&opts.dir)?;
+    let mut writer = match &opts.store {
+        // A guard cannot reach a store to remove what a dump left there; without its
+        // manifest, which is stored last, what is left is no image.
+        Some(store) => ImageWriter::with_store(Arc::clone(&store.0), &opts.dir)?,
+        None => {
+            let made = !opts.dir.exists();
+            guard::note(journal, guard::Note::Image { dir: &opts.dir, made });
+            ImageWriter::create(&opts.dir)?
+        }
+    };
     writer.set_durable(!opts.no_sync);
     let parent_ref = match (&opts.parent, &parent) {
         (Some(dir), Some(pages)) => match torpor_image::pages::parent_path(&opts.dir, dir) {
@@ -261,7 +281,7 @@ fn dump_noted(
     });
     if let Some(p) = &mut pre {
         let t = Instant::now();
-        p.finish(&frozen, &writer);
+        p.finish(&frozen, &mut writer);
         tracing::debug!("pre-copy's last scan took {:.1} ms", t.elapsed().as_secs_f64() * 1e3);
     }
     let maps: std::collections::HashMap<i32, _> =

@@ -385,13 +385,11 @@ impl Tracked {
 
         // Written to disk now, while the process runs, so that the dump's final fsync
         // has only the last pages to write.
-        if self.durable {
-            File::open(&self.path).and_then(|f| f.sync_data()).map_err(|source| {
-                DumpError::SaveFile {
-                    pid: self.pid,
-                    what: format!("{}", self.path.display()),
-                    source,
-                }
+        if let Some(out) = self.out.as_mut().filter(|_| self.durable) {
+            out.sync_data().map_err(|source| DumpError::SaveFile {
+                pid: self.pid,
+                what: format!("{}", self.path.display()),
+                source,
             })?;
         }
         Ok(true)
@@ -681,14 +679,14 @@ impl PreCopy {
 
     /// Once the tree is frozen: marks what was written since the last round, and drops
     /// (with their page files) processes that are no longer part of the tree.
-    pub fn finish(&mut self, frozen: &FrozenTree, writer: &ImageWriter) {
+    pub fn finish(&mut self, frozen: &FrozenTree, writer: &mut ImageWriter) {
         let (keep, gone): (Vec<Tracked>, Vec<Tracked>) = std::mem::take(&mut self.tracked)
             .into_iter()
             .partition(|t| frozen.processes.iter().any(|f| f.pid == t.pid));
         for mut t in gone {
             tracing::debug!("pid {} left the tree during pre-copy", t.pid);
             if let Some(out) = t.out.take() {
-                let _ = std::fs::remove_file(writer.dir().join(out.name()));
+                writer.remove_file(out);
             }
         }
         self.tracked = keep;

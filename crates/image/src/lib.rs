@@ -42,18 +42,21 @@ pub mod model;
 pub mod pages;
 mod partial;
 pub mod single;
+pub mod store;
 
 use std::collections::HashSet;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Write};
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 use xxhash_rust::xxh3::Xxh3;
 
 pub use check::check_tree;
 pub use partial::{read_partial, PartialImage};
+pub use store::{Sink, Store};
 
 /// The first field of every manifest.
 pub const MAGIC: &str = "torpor-image";
@@ -422,13 +425,23 @@ fn sync_dir(dir: &Path) -> Result<()> {
 pub struct ImageFile {
     name: String,
     path: PathBuf,
-    file: File,
     hash: Xxh3,
     len: u64,
-    /// The writer thread, started by the first big write.
-    pipe: Option<Pipe>,
-    /// Whether the file goes to disk before it counts as written.
-    durable: bool,
+    out: Out,
+}
+
+/// Where the bytes of an [`ImageFile`] go.
+enum Out {
+    /// A file in a local directory.
+    Local {
+        file: File,
+        /// The writer thread, started by the first big write.
+        pipe: Option<Pipe>,
+        /// Whether the file goes to disk before it counts as written.
+        durable: bool,
+    },
+    /// A [`Store`]'s sink; `None` once finished.
+    Store(Option<Box<dyn Sink>>),
 }
 
 /// Writes at least this big start the writer thread.
@@ -593,18 +606,26 @@ impl ImageFile {
     }
 
     fn put(&mut self, buf: &[u8]) -> io::Result<()> {
-        if self.pipe.is_none() && buf.len() >= PIPE_MIN_WRITE {
-            self.pipe = Some(Pipe::start(&self.file, &self.path, self.len, self.durable)?);
-        }
-        match &mut self.pipe {
-            Some(pipe) => {
-                if !pipe.send(buf) {
-                    // The thread stopped on an error, which finishing it returns.
-                    let err = self.finish_pipe().err();
-                    return Err(err.unwrap_or_else(|| io::Error::other("the writer stopped")));
+        match &mut self.out {
+            Out::Local { file, pipe, durable } => {
+                if pipe.is_none() && buf.len() >= PIPE_MIN_WRITE {
+                    *pipe = Some(Pipe::start(file, &self.path, self.len, *durable)?);
+                }
+                match pipe {
+                    Some(p) => {
+                        if !p.send(buf) {
+                            // The thread stopped on an error, which finishing it returns.
+                            let err = self.finish_pipe().err();
+                            return Err(
+                                err.unwrap_or_else(|| io::Error::other("the writer stopped"))
+                            );
+                        }
+                    }
+                    None => file.write_all(buf)?,
                 }
             }
-            None => self.file.write_all(buf)?,
+            Out::Store(Some(sink)) => sink.append(buf)?,
+            Out::Store(None) => return Err(io::Error::other("written after it was finished")),
         }
         self.hash.update(buf);
         self.len += buf.len() as u64;
@@ -615,16 +636,31 @@ impl ImageFile {
     /// own offset is moved to the end for writes after it.
     fn finish_pipe(&mut self) -> io::Result<()> {
         use std::io::Seek;
-        let Some(pipe) = self.pipe.take() else { return Ok(()) };
-        pipe.finish()?;
-        self.file.seek(io::SeekFrom::Start(self.len))?;
+        let Out::Local { file, pipe, .. } = &mut self.out else { return Ok(()) };
+        let Some(p) = pipe.take() else { return Ok(()) };
+        p.finish()?;
+        file.seek(io::SeekFrom::Start(self.len))?;
         Ok(())
     }
 
-    /// Waits for the writer thread. The sync is [`ImageWriter::commit`]'s, for every
-    /// file at once.
+    /// Makes what was written so far durable while more may follow: synced to disk for a
+    /// local file (pre-copy rounds do this while the process runs, so that the final sync
+    /// has little left); a store's sink decides for itself ([`Sink::checkpoint`]).
+    pub fn sync_data(&mut self) -> io::Result<()> {
+        match &mut self.out {
+            Out::Local { file, .. } => file.sync_data(),
+            Out::Store(Some(sink)) => sink.checkpoint(),
+            Out::Store(None) => Ok(()),
+        }
+    }
+
+    /// Waits until everything written is where it goes. A local file is not synced
+    /// here: that is [`ImageWriter::commit`]'s, for every file at once.
     fn sync(&mut self) -> io::Result<()> {
-        self.finish_pipe()
+        match &mut self.out {
+            Out::Local { .. } => self.finish_pipe(),
+            Out::Store(sink) => sink.take().map_or(Ok(()), |s| s.finish()),
+        }
     }
 }
 
@@ -636,7 +672,10 @@ impl Write for ImageFile {
 
     fn flush(&mut self) -> io::Result<()> {
         self.finish_pipe()?;
-        self.file.flush()
+        match &mut self.out {
+            Out::Local { file, .. } => file.flush(),
+            Out::Store(_) => Ok(()),
+        }
     }
 }
 
@@ -644,6 +683,9 @@ impl Write for ImageFile {
 /// written the manifest; [`ImageWriter::abandon`] removes what a failed dump wrote.
 pub struct ImageWriter {
     dir: PathBuf,
+    /// Where the files go when not to the local directory `dir` (which then only names
+    /// the image in messages).
+    store: Option<Arc<dyn Store>>,
     entries: Vec<FileEntry>,
     created: Vec<PathBuf>,
     /// Whether [`ImageWriter::create`] made the directory (so abandoning removes it).
@@ -677,9 +719,27 @@ impl ImageWriter {
             .map_err(|source| ImageError::Write { path: manifest, source })?;
         Ok(Self {
             dir: dir.to_path_buf(),
+            store: None,
             entries: Vec::new(),
             created: Vec::new(),
             made_dir,
+            durable: true,
+            version: OLDEST_FORMAT_VERSION,
+        })
+    }
+
+    /// Prepares an image whose files go to `store` instead of a local directory;
+    /// `name` names it in messages (a URL, say). As for a directory, nothing is an image
+    /// until [`ImageWriter::commit`] has stored the manifest: the store's
+    /// [`Store::begin`] removes a manifest already there.
+    pub fn with_store(store: Arc<dyn Store>, name: &Path) -> Result<Self> {
+        store.begin().map_err(|source| ImageError::Write { path: name.join(MANIFEST), source })?;
+        Ok(Self {
+            dir: name.to_path_buf(),
+            store: Some(store),
+            entries: Vec::new(),
+            created: Vec::new(),
+            made_dir: false,
             durable: true,
             version: OLDEST_FORMAT_VERSION,
         })
@@ -697,9 +757,14 @@ impl ImageWriter {
         self.durable
     }
 
-    /// The image directory.
+    /// The image directory (or, for an image going to a store, its name).
     pub fn dir(&self) -> &Path {
         &self.dir
+    }
+
+    /// Whether the files go to a [`Store`] rather than a local directory.
+    pub fn is_stored(&self) -> bool {
+        self.store.is_some()
     }
 
     /// Creates a file of the image, mode 0600, replacing any file of that name. The name
@@ -710,18 +775,35 @@ impl ImageWriter {
             return Err(ImageError::BadName { name: name.to_string() });
         }
         let path = self.dir.join(name);
-        let file = create_private(&path)
-            .map_err(|source| ImageError::Write { path: path.clone(), source })?;
+        let out = match &self.store {
+            Some(store) => Out::Store(Some(
+                store
+                    .create(name)
+                    .map_err(|source| ImageError::Write { path: path.clone(), source })?,
+            )),
+            None => Out::Local {
+                file: create_private(&path)
+                    .map_err(|source| ImageError::Write { path: path.clone(), source })?,
+                pipe: None,
+                durable: self.durable,
+            },
+        };
         self.created.push(path.clone());
-        Ok(ImageFile {
-            name: name.to_string(),
-            path,
-            file,
-            hash: Xxh3::new(),
-            len: 0,
-            pipe: None,
-            durable: self.durable,
-        })
+        Ok(ImageFile { name: name.to_string(), path, hash: Xxh3::new(), len: 0, out })
+    }
+
+    /// Drops a file written so far (a process that left the tree during pre-copy):
+    /// removed, and no longer listed in the manifest.
+    pub fn remove_file(&mut self, f: ImageFile) {
+        self.entries.retain(|e| e.name != f.name);
+        self.created.retain(|p| *p != f.path);
+        let name = f.name.clone();
+        drop(f);
+        // Best effort: a file left over is not listed, so no reader looks at it.
+        let _ = match &self.store {
+            Some(store) => store.remove(&name),
+            None => fs::remove_file(self.dir.join(&name)),
+        };
     }
 
     /// Records that the image uses something format `version` introduced: the manifest
@@ -779,6 +861,11 @@ impl ImageWriter {
 
     fn write_manifest(&self, manifest: &Manifest) -> Result<()> {
         let bytes = encode_manifest(manifest);
+        if let Some(store) = &self.store {
+            return store
+                .commit(&bytes)
+                .map_err(|source| ImageError::Write { path: self.dir.join(MANIFEST), source });
+        }
         let tmp = self.dir.join(MANIFEST_TMP);
         let final_path = self.dir.join(MANIFEST);
         create_private(&tmp)
@@ -844,6 +931,10 @@ impl ImageWriter {
     /// [`ImageWriter::create`] made it and nothing else is in it.
     pub fn abandon(mut self) {
         // Removal is best effort: this runs after another error, which is the one to report.
+        if let Some(store) = self.store.take() {
+            store.abandon(&self.entry_names());
+            return;
+        }
         for p in self.created.drain(..) {
             let _ = fs::remove_file(p);
         }
@@ -852,6 +943,14 @@ impl ImageWriter {
         if self.made_dir {
             let _ = fs::remove_dir(&self.dir);
         }
+    }
+}
+
+impl ImageWriter {
+    /// The names of the files created so far.
+    fn entry_names(&self) -> Vec<String> {
+        let names = self.created.iter().filter_map(|p| p.file_name()?.to_str());
+        names.map(str::to_string).collect()
     }
 }
 

@@ -439,6 +439,7 @@ fn run(cli: Cli, show_progress: bool) -> Result<u8> {
                 // Through /proc: this very program, even if replaced or removed since.
                 guard: Some(PathBuf::from("/proc/self/exe")),
                 after_commit: target.after_commit.clone(),
+                store: None,
             };
             let bar = if show_progress {
                 let estimate = progress::dump_estimate(pid);
