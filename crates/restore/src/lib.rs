@@ -482,6 +482,7 @@ fn build(
             tracing::warn!("cannot remove the firewall rules {tag}: {e}");
         }
     }
+    prep.sysv.mark_removed();
     for pr in procs.iter().rev() {
         for r in pr.remotes() {
             ptrace::detach(r.tid(), 0).map_err(step(pr.p.pid, "let the process run"))?;

@@ -811,11 +811,18 @@ pub(crate) struct SysvSegments {
 }
 
 impl SysvSegments {
-    pub fn finish(mut self) {
-        for id in self.removed.drain(..) {
+    /// Marks the segments that were marked for removal, once every process has attached
+    /// them and before any runs: a process must never see its segment unmarked. Should
+    /// the restore still fail, the segments go with the last process detaching them.
+    pub fn mark_removed(&self) {
+        for &id in &self.removed {
             // SAFETY: shmctl takes integers; no buffer for IPC_RMID.
             unsafe { libc::shmctl(id, libc::IPC_RMID, std::ptr::null_mut()) };
         }
+    }
+
+    /// Keeps the segments: the restore succeeded.
+    pub fn finish(mut self) {
         self.made.clear();
     }
 }
