@@ -923,12 +923,19 @@ fn inet_socket(
         .as_ref()
         .and_then(|i| i.get(136..140))
         .map_or(0, |b| u32::from_ne_bytes(b.try_into().unwrap()));
-    if tcp && !listening && peer.is_none() && segs_out > 0 {
-        return Err(unsupported(format!(
-            "a TCP socket whose connection has ended (state CLOSE, {}, {link}); torpor \
-             cannot rebuild it",
-            sock::describe_addr(&local)
-        )));
+    let ended = tcp && !listening && peer.is_none() && segs_out > 0;
+    if ended {
+        // What the peer sent before the end and the program has not read yet: a new
+        // socket cannot be given it back (repair mode fills only established ones).
+        let unread = sock::queued_bytes(&sock, false).map_err(err("the queue"))?;
+        if unread > 0 {
+            return Err(unsupported(format!(
+                "a TCP socket whose connection has ended (state CLOSE, {}, {link}) with \
+                 {unread} bytes received and not yet read; torpor cannot give them back",
+                sock::describe_addr(&local)
+            )));
+        }
+        writer.needs_version(4);
     }
     let mut tcp_state = None;
     if tcp && !listening && peer.is_some() {
@@ -1045,6 +1052,7 @@ fn inet_socket(
         queue,
         tcp: tcp_state,
         buffers: buffers(&sock),
+        ended,
     })
 }
 

@@ -63,7 +63,7 @@ pub const MAGIC: &str = "torpor-image";
 /// The newest format this torpor writes and reads: version 2 adds compressed page files
 /// ([`model::PageFrames`]), version 3 unix sockets connected outside the tree
 /// ([`model::OpenFileKind::UnixExternal`]).
-pub const FORMAT_VERSION: u32 = 3;
+pub const FORMAT_VERSION: u32 = 4;
 /// The oldest format this torpor reads. It writes this version unless the image uses
 /// something newer ([`ImageWriter::needs_version`]), so older torpors read plain images.
 pub const OLDEST_FORMAT_VERSION: u32 = 1;

@@ -532,6 +532,11 @@ pub enum OpenFileKind {
         /// Buffer sizes.
         #[serde(default)]
         buffers: Option<SockBuffers>,
+        /// A TCP socket whose connection has ended (state `CLOSE` after a reset, a
+        /// timeout or both FINs), kept open by the program: it reads end-of-file and
+        /// cannot send. Restored as a new socket shut down both ways.
+        #[serde(default)]
+        ended: bool,
     },
     /// An eventfd.
     EventFd {

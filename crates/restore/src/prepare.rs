@@ -1003,6 +1003,7 @@ fn make_inet_socket(
         options,
         tcp,
         buffers,
+        ended,
         ..
     } = kind
     else {
@@ -1041,6 +1042,22 @@ fn make_inet_socket(
             }
         })?;
         // Still in repair mode: see `end_repair`.
+        return Ok(sock);
+    }
+    if *ended {
+        for o in options {
+            set(o)?;
+        }
+        // Shutting down a socket that never connected fails with ENOTCONN, but the
+        // kernel marks it shut down first: it then reads end-of-file and sending fails
+        // with EPIPE, as the ended connection did. Not bound: its port may belong to a
+        // listener of the tree again.
+        // SAFETY: shutdown takes a descriptor and a flag.
+        let r = unsafe { libc::shutdown(sock.as_raw_fd(), libc::SHUT_RDWR) };
+        let e = io::Error::last_os_error();
+        if r < 0 && e.raw_os_error() != Some(libc::ENOTCONN) {
+            return Err(err("shutdown")(e));
+        }
         return Ok(sock);
     }
     for o in options.iter().filter(early) {

@@ -555,6 +555,7 @@ fn descriptor(
             listen_backlog,
             tcp,
             queue,
+            ended,
             ..
         } => {
             let is_tcp = *st == libc::SOCK_STREAM;
@@ -564,6 +565,7 @@ fn descriptor(
             d.local = Some(addr(local));
             d.peer = peer.as_deref().map(addr);
             d.state = Some(match (listen_backlog, tcp, &d.peer, local.is_empty()) {
+                _ if *ended => "ended",
                 (Some(_), _, _, _) => "listening",
                 (_, Some(_), _, _) => "established",
                 (_, _, Some(_), _) => "connected",
@@ -580,6 +582,9 @@ fn descriptor(
             d.summary = match (d.state, &d.peer) {
                 (Some("listening"), _) => format!("{proto} listening on {local}"),
                 (Some("unbound"), _) => format!("{proto} socket, unbound"),
+                (Some("ended"), _) => {
+                    format!("{proto} socket on {local} whose connection has ended")
+                }
                 (_, Some(peer)) => {
                     format!("{proto} {local} -> {peer} ({})", d.state.unwrap_or_default())
                 }

@@ -75,7 +75,7 @@ fn halfclosed_on(host: &str, mode: &str, server_sends: &str) {
     s.set_read_timeout(Some(Duration::from_secs(20))).expect("read timeout");
     let me = s.local_addr().unwrap().port();
     s.write_all(b"peer-data").expect("send");
-    if matches!(mode, "close_wait" | "last_ack") {
+    if matches!(mode, "close_wait" | "last_ack" | "ended") {
         s.shutdown(Shutdown::Write).expect("shut down the peer's side");
     }
     let rule = match mode {
@@ -85,7 +85,7 @@ fn halfclosed_on(host: &str, mode: &str, server_sends: &str) {
         "closing" => Some(DropRule::segments(port, me)),
         _ => None,
     };
-    if rule.is_some() {
+    if rule.is_some() || mode == "ended" {
         std::fs::File::create(f.path("shut")).expect("create the shut file");
     }
     if mode == "closing" {
@@ -98,7 +98,13 @@ fn halfclosed_on(host: &str, mode: &str, server_sends: &str) {
     let out = f.dump(images.path(), &["--tcp-established"]);
     assert!(out.status.success(), "dump: {}", String::from_utf8_lossy(&out.stderr));
     f.assert_killed_by_dump();
-    assert!(!lock_rules(port).is_empty(), "no firewall rule holds the connection while it sleeps");
+    // An ended connection has nothing left to hold.
+    assert_eq!(
+        lock_rules(port).is_empty(),
+        mode == "ended",
+        "firewall rules while it sleeps:\n{}",
+        lock_rules(port)
+    );
     drop(rule);
     if peer_writes {
         s.write_all(b"|during").expect("send while the server hibernates");
@@ -167,8 +173,13 @@ fn refused(mode: &str, refusal: &str, server_sends: &str) {
 }
 
 #[test]
-fn a_connection_that_has_ended_is_refused_and_runs_on() {
-    refused("closed", "whose connection has ended (state CLOSE", "server-datalate-data");
+fn a_connection_that_has_ended_with_data_unread_is_refused_and_runs_on() {
+    refused("closed", "with 9 bytes received and not yet read", "server-datalate-data");
+}
+
+#[test]
+fn a_connection_that_has_ended_wakes_at_end_of_file() {
+    halfclosed("ended", "server-datalate-data");
 }
 
 #[test]
