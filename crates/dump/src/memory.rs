@@ -323,6 +323,18 @@ fn dump_vma(
     let mut pending: Vec<(u64, usize)> = Vec::new();
     let mut pending_shared: Vec<bool> = Vec::new();
     let mut pending_entries: Vec<u64> = Vec::new();
+    // Pages of a shared memory object that no page table maps now: still its content.
+    let object = match vma.shmem.filter(|_| ctx.policy == Policy::Anon) {
+        Some(shm) => shmem_data(pid, vma, shm, span).map_err(VmaError::Read)?,
+        None => Vec::new(),
+    };
+    let mut object_at = 0usize;
+    let mut in_object = |a: u64| {
+        while object.get(object_at).is_some_and(|r| r.1 <= a) {
+            object_at += 1;
+        }
+        object.get(object_at).is_some_and(|r| r.0 <= a)
+    };
 
     let mut first = 0usize;
     while first < npages {
@@ -334,10 +346,10 @@ fn dump_vma(
         })?;
         for i in 0..n / 8 {
             let e = u64::from_ne_bytes(bytes[i * 8..i * 8 + 8].try_into().unwrap());
-            if !wanted(ctx.policy, e) {
+            let a = addr + i as u64 * PAGE;
+            if !wanted(ctx.policy, e) && !in_object(a) {
                 continue;
             }
-            let a = addr + i as u64 * PAGE;
             if let Some(c) = ctx.copies.as_ref().and_then(|c| c.current(a)) {
                 ctx.reused.push((a, c));
                 continue;
@@ -374,6 +386,56 @@ fn dump_vma(
     let batch =
         Batch { ranges: &mut pending, shared: &mut pending_shared, entries: &mut pending_entries };
     flush(ctx, batch, vma, out, buf, stats)
+}
+
+/// The address ranges within `span` of shared memory mapping `vma` (object `shm`) where
+/// the object holds pages, in memory or swapped out.
+///
+/// The page map shows only the pages this process has in its page tables. A page of
+/// shared memory that another process wrote and then unmapped or exited with (a
+/// database's buffer pool after a worker ended) is in no page table, yet is the
+/// object's content; the object itself, reached through `/proc/PID/map_files`, tells
+/// where it has data.
+fn shmem_data(
+    pid: i32,
+    vma: &Vma,
+    shm: model::ShmemRef,
+    span: (u64, u64),
+) -> torpor_sys::Result<Vec<(u64, u64)>> {
+    use std::os::fd::AsRawFd;
+    let path = format!("/proc/{pid}/map_files/{:x}-{:x}", vma.start, vma.end);
+    let file =
+        File::open(&path).map_err(|source| torpor_sys::Error::Io { what: path.clone(), source })?;
+    // File offsets of the span, and back.
+    let to_off = |a: u64| shm.offset + (a - vma.start);
+    let to_addr = |o: u64| vma.start + (o - shm.offset);
+    let (start, end) = (to_off(span.0), to_off(span.1));
+    let seek = |from: u64, whence: i32| -> torpor_sys::Result<Option<u64>> {
+        // SAFETY: lseek on a descriptor this function owns.
+        let r = unsafe { libc::lseek(file.as_raw_fd(), from as libc::off_t, whence) };
+        if r >= 0 {
+            return Ok(Some(r as u64));
+        }
+        let e = std::io::Error::last_os_error();
+        // ENXIO: no data at or after `from`.
+        if e.raw_os_error() == Some(libc::ENXIO) {
+            return Ok(None);
+        }
+        Err(torpor_sys::Error::Io { what: format!("{path} (SEEK_DATA/SEEK_HOLE)"), source: e })
+    };
+    let mut ranges = Vec::new();
+    let mut at = start;
+    while at < end {
+        let Some(data) = seek(at, libc::SEEK_DATA)? else { break };
+        if data >= end {
+            break;
+        }
+        let hole = seek(data, libc::SEEK_HOLE)?.unwrap_or(end).min(end);
+        let (a, b) = (data / PAGE * PAGE, hole.div_ceil(PAGE) * PAGE);
+        ranges.push((to_addr(a.max(start)), to_addr(b.min(end))));
+        at = b;
+    }
+    Ok(ranges)
 }
 
 /// Whether a page with pagemap entry `e` is saved under `policy`.
