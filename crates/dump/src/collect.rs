@@ -328,7 +328,10 @@ pub(crate) fn collect(
         exe_file,
     };
 
-    let (open_files, fds) = crate::files::collect_fds(pid, files, fd_ctx, writer)?;
+    let (open_files, fds, file_locks) = crate::files::collect_fds(pid, files, fd_ctx, writer)?;
+    if !file_locks.is_empty() {
+        writer.needs_version(4);
+    }
     let threads =
         frozen.threads.iter().map(|t| collect_thread(pid, t)).collect::<Result<Vec<_>>>()?;
 
@@ -367,6 +370,7 @@ pub(crate) fn collect(
         posix_timers,
         open_files,
         fds,
+        file_locks,
         threads,
         termios: fd_ctx.termios.get(&pid).cloned(),
     })

@@ -1,6 +1,6 @@
 //! Files a process has open or mapped, and its descriptor table.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fs::{self, File};
 use std::io::{self, Read};
 use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
@@ -371,19 +371,25 @@ pub(crate) fn outside_holder(link: &str, tree: &[i32]) -> Option<String> {
     None
 }
 
-/// Reads the descriptor table: each descriptor, and the open file descriptions they share
-/// with each other and with processes dumped before.
+/// Reads the descriptor table: each descriptor, the open file descriptions they share
+/// with each other and with processes dumped before, and the file locks held through
+/// them.
 pub(crate) fn collect_fds(
     pid: i32,
     files: &mut FileTable,
     ctx: &mut FdContext,
     writer: &mut ImageWriter,
-) -> Result<(Vec<OpenFile>, Vec<Fd>)> {
+) -> Result<(Vec<OpenFile>, Vec<Fd>, Vec<model::FileLock>)> {
     let err = |what: String| move |source| DumpError::Collect { pid, what, source };
     let mut open_files: Vec<OpenFile> = Vec::new();
     let mut fds: Vec<Fd> = Vec::new();
     // Description id to its index in this process's `open_files`.
     let mut local: HashMap<u64, usize> = HashMap::new();
+    let mut locks: Vec<model::FileLock> = Vec::new();
+    // A lock shows under every descriptor of its description (and, for a POSIX lock,
+    // of the process): taken once, with the file's identity.
+    let mut seen_locks: HashSet<(model::LockKind, bool, u64, Option<u64>, u64, u64)> =
+        HashSet::new();
 
     for fd in proc::fds(pid).map_err(err("its descriptors".into()))? {
         let link_path = format!("/proc/{pid}/fd/{fd}");
@@ -491,8 +497,62 @@ pub(crate) fn collect_fds(
             }
         };
         fds.push(Fd { fd, cloexec: info.flags & libc::O_CLOEXEC != 0, open_file: idx });
+        for lock in
+            file_locks(fd, &info.text).map_err(|why| unsupported(format!("{link} {why}")))?
+        {
+            let model::FileLock { kind, write, start, end, .. } = lock;
+            if seen_locks.insert((kind, write, start, end, key.0, key.1)) {
+                locks.push(lock);
+            }
+        }
     }
-    Ok((open_files, fds))
+    Ok((open_files, fds, locks))
+}
+
+/// The locks held through descriptor `fd`, from the `lock:` lines of its fdinfo, such as
+/// `lock:\t1: POSIX  ADVISORY  WRITE 1234 08:02:131 0 EOF`. A lock torpor cannot take
+/// again (a lease, a mandatory lock) is an error saying which.
+fn file_locks(fd: i32, fdinfo: &str) -> std::result::Result<Vec<model::FileLock>, String> {
+    let mut out = Vec::new();
+    for l in fdinfo.lines().filter_map(|l| l.strip_prefix("lock:")) {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        let bad = || format!("with a lock torpor cannot read ({})", l.trim());
+        // id:, kind, ADVISORY, READ/WRITE, pid, dev:inode, start, end
+        if f.len() < 8 {
+            return Err(bad());
+        }
+        let kind = match f[1] {
+            "FLOCK" => model::LockKind::Flock,
+            "POSIX" => model::LockKind::Posix,
+            "OFDLCK" => model::LockKind::Ofd,
+            "LEASE" | "DELEG" => {
+                return Err(
+                    "holding a file lease (F_SETLEASE), which torpor cannot save".to_string()
+                )
+            }
+            other => {
+                return Err(format!("holding a lock of kind {other}, which torpor cannot save"))
+            }
+        };
+        if f[2] != "ADVISORY" {
+            return Err(format!(
+                "holding a {} lock, which torpor cannot save",
+                f[2].to_lowercase()
+            ));
+        }
+        let write = match f[3] {
+            "WRITE" => true,
+            "READ" => false,
+            _ => return Err(bad()),
+        };
+        let start = f[6].parse().map_err(|_| bad())?;
+        let end = match f[7] {
+            "EOF" => None,
+            n => Some(n.parse().map_err(|_| bad())?),
+        };
+        out.push(model::FileLock { fd, kind, write, start, end });
+    }
+    Ok(out)
 }
 
 /// Whether a descriptor (by its `/proc` link) is a terminal.

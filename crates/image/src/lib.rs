@@ -1457,6 +1457,7 @@ pub(crate) mod tests {
                     Fd { fd: 3, cloexec: true, open_file: 1 },
                     Fd { fd: 4, cloexec: true, open_file: 2 },
                 ],
+                file_locks: Vec::new(),
                 threads: vec![thread(PID), second],
                 termios: None,
             }],

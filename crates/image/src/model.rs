@@ -172,6 +172,10 @@ pub struct Process {
     pub open_files: Vec<OpenFile>,
     /// Descriptor table.
     pub fds: Vec<Fd>,
+    /// File locks the process holds (`flock`, POSIX `fcntl` and open file description
+    /// locks), each to be taken again through one of its descriptors.
+    #[serde(default)]
+    pub file_locks: Vec<FileLock>,
     /// The first thread is the thread group leader.
     pub threads: Vec<Thread>,
     /// With `--shell-job`: the terminal modes (`struct termios`, hex) of the terminal on
@@ -818,6 +822,33 @@ pub struct Fd {
     pub cloexec: bool,
     /// Index into [`Process::open_files`].
     pub open_file: usize,
+}
+
+/// A lock held on a file, as `/proc/PID/fdinfo` lists it.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Hash)]
+pub struct FileLock {
+    /// A descriptor of the process through which the lock is taken again.
+    pub fd: i32,
+    /// Which kind of lock.
+    pub kind: LockKind,
+    /// An exclusive (write) lock, else shared (read).
+    pub write: bool,
+    /// First byte locked (`flock` locks: 0).
+    pub start: u64,
+    /// Last byte locked, or `None` for up to the end of the file, however long.
+    pub end: Option<u64>,
+}
+
+/// The kinds of file lock.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Hash)]
+#[serde(rename_all = "snake_case")]
+pub enum LockKind {
+    /// `flock`: the whole file, held by the open file description.
+    Flock,
+    /// `fcntl(F_SETLK)`: a byte range, held by the process.
+    Posix,
+    /// `fcntl(F_OFD_SETLK)`: a byte range, held by the open file description.
+    Ofd,
 }
 
 /// The kernel's `struct sigaction` for one signal.

@@ -437,6 +437,7 @@ fn build(
         state::install_fds(&pr.space, p, prep)?;
         state::controlling_ttys(&pr.space, p, tree, prep)?;
         state::register_epolls(&pr.space, p, prep, &mut epolls)?;
+        state::take_locks(&pr.space, p, tree)?;
         pr.threads = state::restore_state(&pr.space, p)?;
     }
 

@@ -282,6 +282,62 @@ pub(crate) fn install_fds(s: &Space, p: &model::Process, prep: &Prepared) -> Res
     Ok(())
 }
 
+/// Takes the process's file locks again, through its own descriptors: a POSIX lock
+/// belongs to the process that takes it, so only the process can. A lock another process
+/// holds now (one outside the tree, since the dump) makes the restore fail, naming the
+/// file: the program would otherwise run on believing it holds it.
+pub(crate) fn take_locks(s: &Space, p: &model::Process, tree: &model::Tree) -> Result<()> {
+    use model::LockKind;
+    for l in &p.file_locks {
+        let what = format!(
+            "take its {} {} lock{} on fd {}{}",
+            match l.kind {
+                LockKind::Flock => "flock",
+                LockKind::Posix => "POSIX",
+                LockKind::Ofd => "open file description",
+            },
+            if l.write { "write" } else { "read" },
+            match (l.kind, l.end) {
+                (LockKind::Flock, _) => String::new(),
+                (_, Some(end)) => format!(" on bytes {}-{end}", l.start),
+                (_, None) => format!(" from byte {} to the end", l.start),
+            },
+            l.fd,
+            describe_fd(p, tree, l.fd),
+        );
+        let r = if l.kind == LockKind::Flock {
+            let op = if l.write { libc::LOCK_EX } else { libc::LOCK_SH };
+            s.call(&what, "flock", libc::SYS_flock, args!(l.fd, op | libc::LOCK_NB))
+        } else {
+            // struct flock on x86_64: l_type, l_whence (shorts), then l_start, l_len
+            // (64-bit, after 4 bytes of padding), l_pid and padding: 32 bytes.
+            let ty = if l.write { libc::F_WRLCK } else { libc::F_RDLCK } as i16;
+            let len = l.end.map_or(0, |end| end - l.start + 1);
+            let mut raw = [0u8; 32];
+            raw[0..2].copy_from_slice(&ty.to_ne_bytes());
+            raw[2..4].copy_from_slice(&(libc::SEEK_SET as i16).to_ne_bytes());
+            raw[8..16].copy_from_slice(&l.start.to_ne_bytes());
+            raw[16..24].copy_from_slice(&len.to_ne_bytes());
+            let at = s.put(&raw)?;
+            let cmd = if l.kind == LockKind::Posix { libc::F_SETLK } else { libc::F_OFD_SETLK };
+            s.call(&what, "fcntl", libc::SYS_fcntl, args!(l.fd, cmd, at))
+        };
+        r?;
+    }
+    Ok(())
+}
+
+/// ` (PATH)` for a descriptor of a regular file, for messages.
+fn describe_fd(p: &model::Process, tree: &model::Tree, fd: i32) -> String {
+    let Some(f) = p.fds.iter().find(|f| f.fd == fd) else { return String::new() };
+    match &p.open_files[f.open_file].kind {
+        model::OpenFileKind::Regular { file } => {
+            tree.files.get(*file).map_or(String::new(), |f| format!(" ({})", f.path))
+        }
+        _ => String::new(),
+    }
+}
+
 /// Makes the slaves of the tree's pseudo-terminals that controlled this process's
 /// session its controlling terminals again, with their foreground process groups. Only
 /// the session leader may, from inside: it receives torpor's description of the slave

@@ -197,6 +197,9 @@ pub struct FdInfo {
     pub watches: Option<Vec<String>>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub targets: Option<Vec<i32>>,
+    /// File locks the process holds through this descriptor, taken again on restore.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub locks: Vec<String>,
 }
 
 #[derive(Debug, Serialize)]
@@ -684,7 +687,32 @@ fn descriptor(
             );
         }
     }
+    d.locks = p.file_locks.iter().filter(|l| l.fd == fd.fd).map(describe_lock).collect();
+    if !d.locks.is_empty() {
+        d.summary += &format!(", holding {}", d.locks.join(", "));
+    }
     d
+}
+
+/// A file lock in words: `flock write lock`, `POSIX read lock on bytes 0-99`.
+fn describe_lock(l: &model::FileLock) -> String {
+    let kind = match l.kind {
+        model::LockKind::Flock => return format!("flock {} lock", rw(l.write)),
+        model::LockKind::Posix => "POSIX",
+        model::LockKind::Ofd => "OFD",
+    };
+    match l.end {
+        Some(end) => format!("{kind} {} lock on bytes {}-{end}", rw(l.write), l.start),
+        None => format!("{kind} {} lock from byte {} to the end", rw(l.write), l.start),
+    }
+}
+
+fn rw(write: bool) -> &'static str {
+    if write {
+        "write"
+    } else {
+        "read"
+    }
 }
 
 fn list_or_none(items: &[String]) -> String {
