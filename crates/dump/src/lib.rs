@@ -141,6 +141,9 @@ pub struct DumpSummary {
     pub frozen: Duration,
     pub total: Duration,
     pub pre_copy: Option<PreCopyReport>,
+    /// The name of the firewall rules holding back the peers of the saved TCP
+    /// connections (see `torpor_sys::netlock`), left for the restore to remove.
+    pub net_lock: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -377,6 +380,7 @@ fn dump_noted(
         frozen: frozen_for,
         total: t0.elapsed(),
         pre_copy,
+        net_lock: tree.net_lock,
     })
 }
 
