@@ -176,6 +176,12 @@ enum Command {
         /// Seconds a silent source is waited for before its migration is given up.
         #[arg(long, value_name = "SECS", default_value_t = 60)]
         timeout: u64,
+        /// Wake each process before its memory is loaded (as `torpor restore --lazy`), so
+        /// that the source's copy is frozen only until its state is rebuilt here. A page
+        /// found damaged afterwards can then only end the woken process, whose source
+        /// copy is gone.
+        #[arg(long)]
+        lazy: bool,
     },
     /// Wake the process saved in an image, with its original pid, and wait for it.
     #[command(after_help = "Examples:\n  \
@@ -688,6 +694,7 @@ fn run(cli: Cli, show_progress: bool) -> Result<u8> {
             after_failed_restore,
             work_dir,
             timeout,
+            lazy,
         } => migrate::serve(&migrate::ServeOptions {
             listen,
             once,
@@ -697,6 +704,7 @@ fn run(cli: Cli, show_progress: bool) -> Result<u8> {
             work_dir,
             timeout: std::time::Duration::from_secs(timeout),
             quiet,
+            lazy,
         }),
         Command::Run { pidfile, cmd } => run::run(&cmd, pidfile.as_deref(), quiet),
         Command::Inspect { dir, dir_flag, json } => {

@@ -607,3 +607,24 @@ fn a_migration_over_mutual_tls_arrives_and_a_stranger_is_refused() {
     fs::write(dir.path().join("go"), "").expect("say go");
     assert_passes(&log);
 }
+
+#[test]
+fn a_process_woken_lazily_on_the_destination_keeps_its_memory() {
+    let mut net = Net::new();
+    let (dir, log, pid) = memory_workload(&mut net, "64");
+    let serve = net.serve(dir.path(), &["--insecure", "--lazy"]);
+    sleep(Duration::from_millis(200));
+    let out = net.migrate(pid, &["--insecure"]);
+    let err = stderr_of(&out);
+    assert!(out.status.success(), "migrate failed: {err}\nserve: {}", text(&serve.log));
+    eprintln!("{err}");
+    let there = woken_pid(&err);
+    net.pids.push(there);
+    assert_eq!(net.netns_of(there), Some(net.b.as_str()));
+    // serve --once ends when every page is loaded, and the image goes with it.
+    assert!(serve.wait(&mut net).success(), "serve: {}", text(&serve.log));
+    assert!(text(&serve.log).contains("loading its memory"), "serve: {}", text(&serve.log));
+    assert!(serve.leftovers().is_empty(), "serve left {:?}", serve.leftovers());
+    fs::write(dir.path().join("go"), "").expect("say go");
+    assert_passes(&log);
+}

@@ -1,5 +1,11 @@
 //! The destination side: `torpor serve` receives images and wakes them.
 //!
+//! With `--lazy` the process is woken before its memory is loaded (`torpor restore
+//! --lazy`): the source's process is then frozen only until its state is rebuilt here,
+//! and the image is removed once the page server has loaded every page. A page that
+//! turns out damaged then can only end the woken process; without `--lazy`, every page
+//! is checked before the source lets its copy go.
+//!
 //! Each connection is one migration. The files arrive into a private (0700) directory of
 //! their own; on the commit the manifest is written, the `--before-restore` command runs
 //! (moving a service address here, say), and `torpor restore --detach` wakes the tree.
@@ -34,6 +40,8 @@ pub struct ServeOptions {
     pub work_dir: Option<PathBuf>,
     pub timeout: Duration,
     pub quiet: bool,
+    /// Wake processes before their memory is loaded (`torpor restore --lazy`).
+    pub lazy: bool,
 }
 
 /// What one successful migration brought.
@@ -42,6 +50,9 @@ struct Arrived {
     bytes: u64,
     /// From the commit to the woken process.
     woken_in: Duration,
+    /// With --lazy: ends once the page server has loaded every page and the image is
+    /// removed.
+    loading: Option<std::thread::JoinHandle<()>>,
 }
 
 pub fn serve(opts: &ServeOptions) -> Result<u8> {
@@ -57,17 +68,28 @@ pub fn serve(opts: &ServeOptions) -> Result<u8> {
         tracing::info!("migration from {peer} begins");
         let outcome = acceptor.accept(tcp, opts.timeout).and_then(|link| session(link, opts));
         let ok = outcome.is_ok();
+        let mut loading = None;
         match outcome {
-            Ok(a) if !opts.quiet => eprintln!(
-                "torpor: pid {} arrived from {peer}: {} received, woken {:.1} ms after the commit",
-                a.pid,
-                crate::human(a.bytes),
-                a.woken_in.as_secs_f64() * 1e3
-            ),
-            Ok(_) => {}
+            Ok(a) => {
+                if !opts.quiet {
+                    eprintln!(
+                        "torpor: pid {} arrived from {peer}: {} received, woken {:.1} ms after \
+                         the commit{}",
+                        a.pid,
+                        crate::human(a.bytes),
+                        a.woken_in.as_secs_f64() * 1e3,
+                        if a.loading.is_some() { "; loading its memory" } else { "" }
+                    );
+                }
+                loading = a.loading;
+            }
             Err(e) => eprintln!("torpor: migration from {peer} failed: {e:#}"),
         }
         if opts.once {
+            // The image stays until the page server is done with it.
+            if let Some(l) = loading {
+                let _ = l.join();
+            }
             return Ok(if ok { 0 } else { 1 });
         }
     }
@@ -151,13 +173,13 @@ fn session(link: Link, opts: &ServeOptions) -> Result<Arrived> {
                     .context("cannot write the manifest")
                     .and_then(|()| wake(&image, dir.path(), opts, &peer.to_string()));
                 let answer = match &woken {
-                    Ok(pid) => Frame::Restored { pid: *pid },
+                    Ok((pid, _)) => Frame::Restored { pid: *pid },
                     Err(e) => Frame::Failed { why: format!("{e:#}") },
                 };
                 // The source ends its copy only on hearing this; if it cannot hear it, it
                 // lets its copy run on: this one must not run as well.
                 let told = answer.write_to(r.get_mut()).and_then(|()| r.get_mut().flush());
-                let pid = woken?;
+                let (pid, restore_output) = woken?;
                 if let Err(e) = told {
                     // SAFETY: kill takes only integers.
                     unsafe { libc::kill(pid, libc::SIGKILL) };
@@ -165,7 +187,26 @@ fn session(link: Link, opts: &ServeOptions) -> Result<Arrived> {
                         "woke pid {pid} but could not tell {peer}, whose copy runs on; killed pid {pid}"
                     )));
                 }
-                return Ok(Arrived { pid, bytes, woken_in: t.elapsed() });
+                let woken_in = t.elapsed();
+                // The restore's output ends when the last process holding it does: with
+                // --lazy, the page server, once every page is loaded. Only then is the
+                // image no longer needed.
+                let finish = move || {
+                    let out = restore_output.join().unwrap_or_default();
+                    let out = out.trim();
+                    if !out.is_empty() {
+                        eprintln!("{out}");
+                    }
+                    drop(dir);
+                };
+                let loading = match opts.lazy {
+                    true => Some(std::thread::spawn(finish)),
+                    false => {
+                        finish();
+                        None
+                    }
+                };
+                return Ok(Arrived { pid, bytes, woken_in, loading });
             }
             Frame::Abandon => {
                 bail!("{peer} gave the migration up (its dump failed); nothing was restored")
@@ -179,8 +220,14 @@ fn session(link: Link, opts: &ServeOptions) -> Result<Arrived> {
 }
 
 /// Restores the received image: locks its connections' peers out until their sockets
-/// exist here, runs the operator's hook, then `torpor restore --detach`.
-fn wake(image: &Path, session: &Path, opts: &ServeOptions, peer: &str) -> Result<i32> {
+/// exist here, runs the operator's hook, then `torpor restore --detach`. Returns the
+/// woken pid and what the restore (and its page server) will yet write to stderr.
+fn wake(
+    image: &Path,
+    session: &Path,
+    opts: &ServeOptions,
+    peer: &str,
+) -> Result<(i32, std::thread::JoinHandle<String>)> {
     let tree: model::Tree = fs::read(image.join(torpor_image::TREE))
         .map_err(anyhow::Error::new)
         .and_then(|b| serde_json::from_slice(&b).map_err(anyhow::Error::new))
@@ -206,23 +253,33 @@ fn wake(image: &Path, session: &Path, opts: &ServeOptions, peer: &str) -> Result
         }
     }
     let pidfile = session.join("pid");
-    let out = Command::new("/proc/self/exe")
-        .args(["restore", "--detach", "--quiet", "--pidfile"])
-        .arg(&pidfile)
-        .arg("-D")
-        .arg(image)
+    let mut cmd = Command::new("/proc/self/exe");
+    cmd.args(["restore", "--detach", "--quiet", "--pidfile"]).arg(&pidfile).arg("-D").arg(image);
+    if opts.lazy {
+        cmd.arg("--lazy");
+    }
+    let mut child = cmd
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
-        .output()
+        .spawn()
         .context("cannot run torpor restore")?;
-    let restored = match out.status.success() {
+    let mut stderr = child.stderr.take().context("torpor restore has no stderr")?;
+    let output = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = std::io::Read::read_to_string(&mut stderr, &mut s);
+        s
+    });
+    let status = child.wait().context("cannot wait for torpor restore")?;
+    let restored = match status.success() {
         true => fs::read_to_string(&pidfile)
             .ok()
             .and_then(|s| s.trim().parse::<i32>().ok())
+            .map(|pid| (pid, output))
             .ok_or_else(|| anyhow!("torpor restore wrote no pid into {}", pidfile.display())),
         false => {
-            let err = String::from_utf8_lossy(&out.stderr);
+            // Nothing it started runs on: its output ends with it.
+            let err = output.join().unwrap_or_default();
             let err = err.trim().trim_start_matches("torpor: ");
             Err(anyhow!("{err}"))
         }
