@@ -226,3 +226,118 @@ impl Sink for NetSink {
         self.store.send(&Frame::Finish { id: self.id })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+    use std::io::BufReader;
+    use std::net::{TcpListener, TcpStream};
+    use std::path::Path;
+
+    use super::*;
+    use torpor_image::ImageWriter;
+
+    /// A destination that takes frames until the commit, keeps the files it was sent,
+    /// and answers the commit with `answer`.
+    fn destination(
+        answer: Frame,
+    ) -> (NetStore, std::thread::JoinHandle<BTreeMap<String, Vec<u8>>>) {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let dest = std::thread::spawn(move || {
+            let (s, _) = listener.accept().unwrap();
+            let mut r = BufReader::new(s);
+            let mut names = BTreeMap::new();
+            let mut files = BTreeMap::new();
+            while let Some(f) = Frame::read_from(&mut r).unwrap() {
+                match f {
+                    Frame::Begin { .. } => Frame::Ready.write_to(r.get_mut()).unwrap(),
+                    Frame::Create { id, name } => {
+                        files.insert(name.clone(), Vec::new());
+                        names.insert(id, name);
+                    }
+                    Frame::Append { id, data } => {
+                        files.get_mut(&names[&id]).unwrap().extend_from_slice(&data)
+                    }
+                    Frame::Commit { manifest } => {
+                        files.insert("manifest".into(), manifest);
+                        answer.write_to(r.get_mut()).unwrap();
+                        break;
+                    }
+                    _ => {}
+                }
+            }
+            files
+        });
+        let tcp = TcpStream::connect(addr).unwrap();
+        let link = Link { stream: Box::new(tcp.try_clone().unwrap()), tcp, peer: addr };
+        (NetStore::new(link, &addr.to_string(), Duration::from_secs(10)), dest)
+    }
+
+    fn manifest() -> torpor_image::Manifest {
+        torpor_image::Manifest {
+            magic: String::new(),
+            format_version: 0,
+            torpor_version: "test".into(),
+            created_unix: 0,
+            kernel_release: "test".into(),
+            arch: "x86_64".into(),
+            cpu: Default::default(),
+            root_pid: 1,
+            files: Vec::new(),
+            parent: None,
+        }
+    }
+
+    fn write_image(store: &NetStore) -> torpor_image::Result<()> {
+        let mut w = ImageWriter::with_store(Arc::new(store.clone()), Path::new("dest"))?;
+        w.write_file("tree.json", b"{}")?;
+        let mut f = w.create_file("pages-1.img")?;
+        f.write_all(&vec![5; (wire::CHUNK * 2) + 7])?;
+        w.finish_file(f)?;
+        w.commit(manifest())
+    }
+
+    #[test]
+    fn the_commit_returns_once_the_destination_woke_the_process() {
+        let (store, dest) = destination(Frame::Restored { pid: 4242 });
+        write_image(&store).unwrap();
+        assert_eq!(store.restored_pid(), Some(4242));
+        let files = dest.join().unwrap();
+        assert_eq!(files["tree.json"], b"{}");
+        assert_eq!(files["pages-1.img"].len(), wire::CHUNK * 2 + 7);
+        assert!(files["manifest"].starts_with(b"{"));
+        assert!(store.bytes_sent() > (wire::CHUNK * 2) as u64);
+    }
+
+    #[test]
+    fn a_refusal_fails_the_commit_with_the_destinations_reason() {
+        let (store, dest) = destination(Frame::Failed { why: "pid 7 is taken".into() });
+        let err = write_image(&store).unwrap_err();
+        let msg = format!("{err}: {}", std::error::Error::source(&err).unwrap());
+        assert!(msg.contains("refused the migration: pid 7 is taken"), "{msg}");
+        assert_eq!(store.restored_pid(), None);
+        dest.join().unwrap();
+    }
+
+    #[test]
+    fn a_destination_gone_before_the_answer_fails_the_commit() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        // Answers the start, then hangs up.
+        let dest = std::thread::spawn(move || {
+            let (s, _) = listener.accept().unwrap();
+            let mut r = BufReader::new(s);
+            Frame::read_from(&mut r).unwrap();
+            Frame::Ready.write_to(r.get_mut()).unwrap();
+        });
+        let tcp = TcpStream::connect(addr).unwrap();
+        let link = Link { stream: Box::new(tcp.try_clone().unwrap()), tcp, peer: addr };
+        let store = NetStore::new(link, "dest", Duration::from_secs(10));
+        let mut w = ImageWriter::with_store(Arc::new(store.clone()), Path::new("dest")).unwrap();
+        dest.join().unwrap();
+        w.write_file("tree.json", b"{}").unwrap_or(());
+        assert!(w.commit(manifest()).is_err());
+        assert_eq!(store.restored_pid(), None);
+    }
+}
