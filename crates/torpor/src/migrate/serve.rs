@@ -117,6 +117,7 @@ fn session(link: Link, opts: &ServeOptions) -> Result<Arrived> {
         .with_context(|| format!("cannot create {}", image.display()))?;
     let mut files: HashMap<u32, (String, BufWriter<File>)> = HashMap::new();
     let mut bytes = 0u64;
+    let mut begun = false;
     // A failure of this side is told to the source before the connection closes.
     let fail = |r: &mut BufReader<Box<dyn super::link::Stream>>, e: anyhow::Error| {
         let why = format!("{e:#}");
@@ -129,9 +130,15 @@ fn session(link: Link, opts: &ServeOptions) -> Result<Arrived> {
         let Some(frame) = frame else {
             bail!("{peer} closed the connection before the commit; nothing was restored");
         };
+        // Nothing is taken from a stream that did not say first what it is.
+        if !begun && !matches!(frame, Frame::Begin { .. }) {
+            return Err(fail(&mut r, anyhow!("the stream does not begin as a migration")));
+        }
         let step = match frame {
+            Frame::Begin { .. } if begun => Err(anyhow!("a second start in one migration")),
             Frame::Begin { version } => {
                 wire::check_version(version).map_err(|e| anyhow!(e)).and_then(|()| {
+                    begun = true;
                     Frame::Ready.write_to(r.get_mut())?;
                     r.get_mut().flush().context("cannot answer the source")
                 })

@@ -81,8 +81,16 @@ impl Inner {
         match f(&mut c) {
             Ok(v) => Ok(v),
             Err(e) => {
+                let silent =
+                    matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut);
                 let why = match self.reason_sent(&mut c) {
                     Some(refusal) => format!("{} refused the migration: {refusal}", self.to),
+                    // A cut network: no reset, only silence until the deadline.
+                    None if silent => format!(
+                        "the connection to {} timed out: no answer within {} s (--timeout)",
+                        self.to,
+                        self.restore_timeout.as_secs()
+                    ),
                     None => format!("the connection to {} failed: {e}", self.to),
                 };
                 c.broken = Some(why.clone());
