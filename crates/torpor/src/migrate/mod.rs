@@ -49,8 +49,17 @@ pub fn migrate(o: &MigrateOptions) -> Result<u8> {
         ..Default::default()
     };
     tracing::info!("migration of pid {pid} to {to} begins");
-    let s = crate::with_signals_deferred(|| torpor_dump::dump(&opts))
-        .with_context(|| format!("migration of pid {pid} to {to} failed; it runs on here"))?;
+    let failed = || format!("migration of pid {pid} to {to} failed; it runs on here");
+    let s = match crate::with_signals_deferred(|| torpor_dump::dump(&opts)) {
+        Ok(s) => s,
+        // Every file of this image goes to the destination: a failure to store one is
+        // the network's or the destination's, which the store's error says; the name of
+        // the file it was on says nothing more.
+        Err(torpor_dump::DumpError::Image(torpor_image::ImageError::Write { source, .. })) => {
+            return Err(anyhow::Error::new(source).context(failed()))
+        }
+        Err(e) => return Err(anyhow::Error::new(e).context(failed())),
+    };
     // The connections' peers were held back here until the process left; its address
     // has moved on with it, and so have the rules' purpose.
     if let Some(tag) = &s.net_lock {

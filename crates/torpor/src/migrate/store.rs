@@ -167,9 +167,14 @@ impl<W: Write> Write for Counted<'_, W> {
 impl Store for NetStore {
     fn begin(&self) -> io::Result<()> {
         // The destination says it can take an image before anything is frozen.
-        match self.0.ask(&Frame::begin(), self.0.restore_timeout)? {
-            Frame::Ready => Ok(()),
-            other => Err(self.0.refused(other, "the start")),
+        match self.0.ask(&Frame::begin(), self.0.restore_timeout) {
+            Ok(Frame::Ready) => Ok(()),
+            Ok(other) => Err(self.0.refused(other, "the start")),
+            Err(e) if e.kind() == io::ErrorKind::InvalidData => Err(io::Error::new(
+                e.kind(),
+                format!("{e}; is `torpor serve` what listens on {}?", self.0.to),
+            )),
+            Err(e) => Err(e),
         }
     }
 
