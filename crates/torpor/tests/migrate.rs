@@ -92,11 +92,21 @@ impl Net {
 
     /// Starts `torpor serve --once` in B with EXTRA options; returns when it listens.
     fn serve(&mut self, dir: &Path, extra: &[&str]) -> Served {
-        let log = dir.join("serve.log");
-        let work = dir.join("incoming");
+        let b = self.b.clone();
+        self.serve_in(&b, ADDR_B, dir, extra)
+    }
+
+    /// Starts `torpor serve --once` in network namespace NS, listening on ADDR. It
+    /// stays in this test's mount namespace (`nsenter --net`, not `ip netns exec`, whose
+    /// mount namespace would end with serve and leave the woken process's files on
+    /// detached mounts).
+    fn serve_in(&mut self, ns: &str, addr: &str, dir: &Path, extra: &[&str]) -> Served {
+        let log = dir.join(format!("serve-{ns}.log"));
+        let work = dir.join(format!("incoming-{ns}"));
         fs::create_dir_all(&work).expect("create serve's work dir");
-        let mut cmd = Net::exec(&self.b, TORPOR);
-        cmd.args(["serve", "--listen", &format!("{ADDR_B}:{PORT}"), "--once", "--work-dir"])
+        let mut cmd = Command::new("nsenter");
+        cmd.arg(format!("--net=/run/netns/{ns}")).arg(TORPOR);
+        cmd.args(["serve", "--listen", &format!("{addr}:{PORT}"), "--once", "--work-dir"])
             .arg(&work)
             .args(extra)
             .stdin(Stdio::null())
@@ -622,6 +632,61 @@ fn a_process_woken_lazily_on_the_destination_keeps_its_memory() {
     assert!(serve.wait(&mut net).success(), "serve: {}", text(&serve.log));
     assert!(text(&serve.log).contains("loading its memory"), "serve: {}", text(&serve.log));
     assert!(serve.leftovers().is_empty(), "serve left {:?}", serve.leftovers());
+    fs::write(dir.path().join("go"), "").expect("say go");
+    assert_passes(&log);
+}
+
+#[test]
+fn a_failed_restore_after_the_hook_runs_the_undo_hook_and_the_source_runs_on() {
+    let mut net = Net::new();
+    let (dir, log, pid) = memory_workload(&mut net, "16");
+    // The hook changes a file the process has open: the restore must refuse it.
+    let changed = format!("printf x >> {}", log.display());
+    let undone = dir.path().join("undone");
+    let undo = format!("touch {}", undone.display());
+    let hooks = ["--insecure", "--before-restore", &changed, "--after-failed-restore", &undo];
+    let serve = net.serve(dir.path(), &hooks);
+    let out = net.migrate(pid, &["--insecure"]);
+    let err = stderr_of(&out);
+    assert_eq!(out.status.code(), Some(1), "migrate: {err}");
+    assert!(
+        err.contains("has changed since the dump"),
+        "the restore's refusal is not passed on: {err}"
+    );
+    assert!(!serve.wait(&mut net).success());
+    assert!(undone.exists(), "--after-failed-restore did not run: {}", text(&serve.log));
+    assert!(serve.leftovers().is_empty(), "serve left {:?}", serve.leftovers());
+    assert!(net.pids_in(&net.b).is_empty(), "something runs in B after a failed restore");
+    assert_running_untraced(pid);
+    fs::write(dir.path().join("go"), "").expect("say go");
+    assert_passes(&log);
+}
+
+#[test]
+fn a_woken_process_migrates_on_and_back() {
+    let mut net = Net::new();
+    let (dir, log, pid) = memory_workload(&mut net, "16");
+    let serve = net.serve(dir.path(), &["--insecure"]);
+    let out = net.migrate(pid, &["--insecure"]);
+    assert!(out.status.success(), "to B: {}\nserve: {}", stderr_of(&out), text(&serve.log));
+    assert!(serve.wait(&mut net).success());
+    let there = woken_pid(&stderr_of(&out));
+    net.pids.push(there);
+
+    // And back from B to A, as a migration started in B.
+    let a = net.a.clone();
+    let serve = net.serve_in(&a, ADDR_A, dir.path(), &["--insecure"]);
+    let mut cmd = Command::new("nsenter");
+    cmd.arg(format!("--net=/run/netns/{}", net.b)).arg(TORPOR);
+    cmd.args(["migrate", &there.to_string(), "--to", &format!("{ADDR_A}:{PORT}"), "--insecure"]);
+    let out = run_with_timeout(cmd, TORPOR_TIMEOUT);
+    let err = stderr_of(&out);
+    assert!(out.status.success(), "back to A: {err}\nserve: {}", text(&serve.log));
+    assert!(serve.wait(&mut net).success());
+    let back = woken_pid(&err);
+    net.pids.push(back);
+    assert!(wait_pid_gone(there, Duration::from_secs(10)), "pid {there} still runs in B");
+    assert_eq!(net.netns_of(back), Some(net.a.as_str()));
     fs::write(dir.path().join("go"), "").expect("say go");
     assert_passes(&log);
 }
