@@ -690,3 +690,32 @@ fn a_woken_process_migrates_on_and_back() {
     fs::write(dir.path().join("go"), "").expect("say go");
     assert_passes(&log);
 }
+
+#[test]
+fn a_source_torpor_killed_while_the_process_is_frozen_leaves_it_running() {
+    let mut net = Net::new();
+    let (dir, log, pid) = memory_workload(&mut net, "16");
+    let serve = net.serve(dir.path(), &["--insecure"]);
+    // torpor migrate dies (SIGKILL) with the image written and the process frozen; its
+    // guard must put the process back, and the destination must drop what it got.
+    let mut cmd = Net::exec(&net.a, TORPOR);
+    cmd.args(["migrate", &pid.to_string(), "--to", &format!("{ADDR_B}:{PORT}"), "--insecure"])
+        .env("TORPOR_TEST_KILL_AT", "dump:written");
+    let out = run_with_timeout(cmd, TORPOR_TIMEOUT);
+    assert_eq!(
+        std::os::unix::process::ExitStatusExt::signal(&out.status),
+        Some(libc::SIGKILL),
+        "migrate was not killed at the test point: {}",
+        stderr_of(&out)
+    );
+    assert!(!serve.wait(&mut net).success(), "serve: {}", text(&serve.log));
+    assert!(serve.leftovers().is_empty(), "serve left {:?}", serve.leftovers());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while proc_status(pid, "TracerPid").as_deref() != Some("0") {
+        assert!(Instant::now() < deadline, "pid {pid} still traced after torpor died");
+        sleep(Duration::from_millis(10));
+    }
+    assert_running_untraced(pid);
+    fs::write(dir.path().join("go"), "").expect("say go");
+    assert_passes(&log);
+}
