@@ -424,6 +424,16 @@ fn redis_and_its_client_connection_move_with_the_service_address() {
     assert_eq!(net.netns_of(there), Some(net.b.as_str()), "redis is not in B");
     assert!(wait_pid_gone(pid, Duration::from_secs(10)), "redis still runs in A");
 
+    // Neither side still holds the connection's peer back.
+    for ns in [&net.a, &net.b] {
+        let rules = Command::new("ip")
+            .args(["netns", "exec", ns, "nft", "list", "ruleset"])
+            .output()
+            .expect("nft list ruleset");
+        let rules = String::from_utf8_lossy(&rules.stdout);
+        assert!(!rules.contains("drop"), "firewall rules left in {ns}:\n{rules}");
+    }
+
     // The same connection carries on, with every key.
     assert_eq!(client.call(&["GET", "migrated"]), "not yet");
     assert_eq!(client.call(&["DBSIZE"]), ":300001");

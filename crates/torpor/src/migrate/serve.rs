@@ -240,6 +240,12 @@ fn wake(
         .and_then(|b| serde_json::from_slice(&b).map_err(anyhow::Error::new))
         .context("cannot read the image's process tree")?;
     let lock = tree.net_lock.as_ref().filter(|_| torpor_sys::netlock::available());
+    if tree.net_lock.is_some() && lock.is_none() {
+        tracing::warn!(
+            "nft is not installed here: a peer that sends to a moved connection before it is \
+             rebuilt will get a reset"
+        );
+    }
     if let Some(tag) = lock {
         torpor_sys::netlock::lock(&connections(&tree), tag)
             .context("cannot hold back the peers of the process's TCP connections")?;
