@@ -414,11 +414,32 @@ fn redis_and_its_client_connection_move_with_the_service_address() {
         dir.path(),
         &["--insecure", "--before-restore", &before, "--after-failed-restore", &back],
     );
+    // A second client keeps asking all through the migration: while the process is
+    // frozen and its address moves, its requests must only wait, never fail.
+    let mut busy = Client { r: BufReader::new(net.connect_from_h(&service).expect("connect")) };
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let pinger = {
+        let done = std::sync::Arc::clone(&done);
+        std::thread::spawn(move || {
+            let mut n = 0u32;
+            while !done.load(Ordering::Relaxed) {
+                assert_eq!(busy.call(&["INCR", "pings"]), format!(":{}", n + 1));
+                n += 1;
+                sleep(Duration::from_millis(2));
+            }
+            n
+        })
+    };
+    sleep(Duration::from_millis(50));
     let out = net.migrate(pid, &["--insecure", "--tcp-established"]);
     let err = stderr_of(&out);
     assert!(out.status.success(), "migrate failed: {err}\nserve: {}", text(&serve.log));
     eprintln!("{err}");
     assert!(serve.wait(&mut net).success(), "serve: {}", text(&serve.log));
+    sleep(Duration::from_millis(300));
+    done.store(true, Ordering::Relaxed);
+    let pings = pinger.join().expect("the busy client failed during the migration");
+    assert_eq!(client.call(&["GET", "pings"]), pings.to_string());
     let there = woken_pid(&err);
     net.pids.push(there);
     assert_eq!(net.netns_of(there), Some(net.b.as_str()), "redis is not in B");
@@ -436,7 +457,7 @@ fn redis_and_its_client_connection_move_with_the_service_address() {
 
     // The same connection carries on, with every key.
     assert_eq!(client.call(&["GET", "migrated"]), "not yet");
-    assert_eq!(client.call(&["DBSIZE"]), ":300001");
+    assert_eq!(client.call(&["DBSIZE"]), ":300002", "the keys, \"migrated\" and \"pings\"");
     assert_eq!(client.call(&["SET", "migrated", "yes"]), "+OK");
     // And the listening port is B's now.
     let mut fresh =
