@@ -750,3 +750,61 @@ fn a_source_torpor_killed_while_the_process_is_frozen_leaves_it_running() {
     fs::write(dir.path().join("go"), "").expect("say go");
     assert_passes(&log);
 }
+
+#[test]
+fn a_process_of_the_hosts_pid_namespace_keeps_its_pid_in_the_destinations_own() {
+    let mut net = Net::new();
+    // Started plainly in A, not under torpor run: its image needs its very pid, which
+    // the source's frozen copy holds on this machine. serve runs in a pid namespace of
+    // its own, where every pid is free; its first process stays so that the namespace
+    // (and the woken process in it) outlives serve.
+    let dir = TempDir::new().expect("workload dir");
+    let log = dir.path().join("log");
+    let mut cmd = Net::exec(&net.a, fixture("precopy").to_str().expect("utf-8"));
+    cmd.args([dir.path().to_str().expect("utf-8"), "single", "16"])
+        .stdin(Stdio::null())
+        .stdout(File::create(&log).expect("create log"))
+        .stderr(Stdio::null());
+    close_inherited_fds(&mut cmd);
+    let child = cmd.spawn().expect("start the workload");
+    let pid = child.id() as i32;
+    net.children.push(child);
+    let deadline = Instant::now() + READY_TIMEOUT;
+    while !text(&log).contains("READY") {
+        assert!(Instant::now() < deadline, "workload not READY: {}", text(&log));
+        sleep(Duration::from_millis(10));
+    }
+
+    let serve_log = dir.path().join("serve.log");
+    let serve = format!(
+        "{TORPOR} serve --listen {ADDR_B}:{PORT} --once --insecure --work-dir {}; exec sleep 600",
+        dir.path().display()
+    );
+    let mut cmd = Command::new("nsenter");
+    cmd.arg(format!("--net=/run/netns/{}", net.b))
+        .args(["unshare", "--pid", "--fork", "--mount-proc", "sh", "-c", &serve])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(File::create(&serve_log).expect("serve log"));
+    close_inherited_fds(&mut cmd);
+    net.children.push(cmd.spawn().expect("start serve"));
+    while !text(&serve_log).contains("waiting for migrations") {
+        assert!(Instant::now() < deadline, "serve never listened: {}", text(&serve_log));
+        sleep(Duration::from_millis(10));
+    }
+
+    let out = net.migrate(pid, &["--insecure"]);
+    let err = stderr_of(&out);
+    assert!(out.status.success(), "migrate failed: {err}\nserve: {}", text(&serve_log));
+    // Inside serve's namespace the process has its pid from A.
+    assert_eq!(woken_pid(&err), pid, "{err}");
+    let woken = net.pids_in(&net.b.clone());
+    let there = woken
+        .iter()
+        .copied()
+        .find(|&p| proc_status(p, "NSpid").is_some_and(|s| s.ends_with(&format!("\t{pid}"))))
+        .unwrap_or_else(|| panic!("no process in B has pid {pid} in its namespace"));
+    assert_running_untraced(there);
+    fs::write(dir.path().join("go"), "").expect("say go");
+    assert_passes(&log);
+}
