@@ -141,6 +141,9 @@ pub struct DumpSummary {
     pub frozen: Duration,
     pub total: Duration,
     pub pre_copy: Option<PreCopyReport>,
+    /// The name of the firewall rules holding back the peers of the saved TCP
+    /// connections (see `torpor_sys::netlock`), left for the restore to remove.
+    pub net_lock: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -377,6 +380,7 @@ fn dump_noted(
         frozen: frozen_for,
         total: t0.elapsed(),
         pre_copy,
+        net_lock: tree.net_lock,
     })
 }
 
@@ -830,9 +834,15 @@ impl Frozen {
             return Err(DumpError::Kill { pid, source: std::io::Error::last_os_error() });
         }
         // As their tracer torpor sees each thread exit, the leader last; afterwards the
-        // parent reaps the zombie.
-        for t in self.threads.iter().rev() {
-            let _ = ptrace::wait_exit(t.tid);
+        // parent reaps the zombie. They are reaped in whatever order they end: when the
+        // process is the first of a pid namespace, its last thread to exit waits for the
+        // namespace to empty, and so for torpor to reap the others first.
+        let mut left: Vec<i32> = self.threads.iter().map(|t| t.tid).collect();
+        while !left.is_empty() {
+            left.retain(|&tid| matches!(ptrace::try_wait_exit(tid), Ok(None)));
+            if !left.is_empty() {
+                std::thread::sleep(std::time::Duration::from_micros(200));
+            }
         }
         Ok(())
     }

@@ -264,6 +264,29 @@ pub fn get_rseq(tid: i32) -> Result<Option<(u64, u32, u32)>> {
     )))
 }
 
+/// Whether a child or tracee of ours has ended, without waiting: its raw wait status if
+/// it has (reaping it), `None` if it runs or stopped.
+pub fn try_wait_exit(p: pid_t) -> io::Result<Option<i32>> {
+    let mut status = 0;
+    loop {
+        // SAFETY: waitpid writes the status into `status`.
+        let r = unsafe { libc::waitpid(p, &mut status, libc::__WALL | libc::WNOHANG) };
+        if r < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        }
+        if r == 0 {
+            return Ok(None);
+        }
+        if libc::WIFEXITED(status) || libc::WIFSIGNALED(status) {
+            return Ok(Some(status));
+        }
+    }
+}
+
 /// Waits for a child of ours to end (not a tracee stop); returns the raw wait status.
 pub fn wait_exit(p: pid_t) -> io::Result<i32> {
     let mut status = 0;

@@ -9,6 +9,7 @@ mod demo;
 mod inspect;
 mod list;
 mod man;
+mod migrate;
 mod progress;
 mod registry;
 mod run;
@@ -112,6 +113,75 @@ enum Command {
         /// PAGEMAP_SCAN, Linux 6.7 or later).
         #[arg(long)]
         pre_copy: bool,
+    },
+    /// Move a running process to another host: its memory is copied while it runs, it is
+    /// frozen only for the last pages written and its small state, and wakes there.
+    #[command(after_help = "Examples:\n  \
+        torpor migrate 4242 --to dest:7000 --tls-cert src.pem --tls-key src.key --tls-ca ca.pem\n  \
+        torpor migrate 4242 --to 10.0.0.2:7000 --insecure --tcp-established\n\n\
+        The destination runs `torpor serve --listen ADDR`. Until it answers that the process \
+        woke there, any failure (refusal, cut network, timeout) leaves the process running \
+        here as before. Established TCP connections move (--tcp-established) when the \
+        destination takes over the address: see `torpor serve --before-restore` and \
+        docs/migration.md.")]
+    Migrate {
+        /// The process to move (with its children).
+        pid: i32,
+        /// The destination: HOST:PORT where `torpor serve` listens.
+        #[arg(long, value_name = "HOST:PORT")]
+        to: String,
+        /// Move established TCP connections too (TCP_REPAIR) instead of refusing them.
+        #[arg(long)]
+        tcp_established: bool,
+        #[command(flatten)]
+        tls: migrate::TlsArgs,
+        /// The name the destination's certificate must carry, when not the HOST of --to.
+        #[arg(long, value_name = "NAME", requires = "tls_cert")]
+        tls_name: Option<String>,
+        /// Seconds a silent destination is waited for (also how long it may take to
+        /// restore) before the migration fails and the process runs on here.
+        #[arg(long, value_name = "SECS", default_value_t = 60)]
+        timeout: u64,
+    },
+    /// Receive processes that `torpor migrate` sends, and wake them here.
+    #[command(after_help = "Examples:\n  \
+        torpor serve --listen 0.0.0.0:7000 --tls-cert dst.pem --tls-key dst.key --tls-ca ca.pem\n  \
+        torpor serve --listen 10.0.0.2:7000 --insecure --once \\\n      \
+        --before-restore 'ip -n src addr del 10.0.0.100/24 dev eth0; ip addr add 10.0.0.100/24 dev eth0'\n\n\
+        Each image is kept in a private temporary directory until the process is woken, then \
+        removed. Processes run as root here with what the image holds: only accept sources \
+        you trust (mutual TLS checks their certificates).")]
+    Serve {
+        /// The address and port to listen on.
+        #[arg(long, value_name = "ADDR:PORT")]
+        listen: String,
+        /// Take one migration, then exit (0 if it woke, 1 if not).
+        #[arg(long)]
+        once: bool,
+        #[command(flatten)]
+        tls: migrate::TlsArgs,
+        /// A shell command run once the whole image is here and before it is restored,
+        /// while the source's process is frozen: the place to move a service address to
+        /// this host. If it fails, nothing is restored and the process runs on at the
+        /// source. $TORPOR_MIGRATION_SOURCE and $TORPOR_MIGRATION_PID describe it.
+        #[arg(long, value_name = "CMD")]
+        before_restore: Option<String>,
+        /// A shell command run when the restore fails after --before-restore ran: the place
+        /// to give the address back to the source, where the process runs on.
+        #[arg(long, value_name = "CMD")]
+        after_failed_restore: Option<String>,
+        /// Where to keep incoming images until they are restored (default: $TMPDIR).
+        #[arg(long, value_name = "DIR", value_hint = ValueHint::DirPath)]
+        work_dir: Option<PathBuf>,
+        /// Seconds a silent source is waited for before its migration is given up.
+        #[arg(long, value_name = "SECS", default_value_t = 60)]
+        timeout: u64,
+        /// Wake each process before its memory is loaded (as `torpor restore --lazy`), so
+        /// that the source's copy is frozen only until its state is rebuilt here. A page
+        /// found damaged afterwards can then only end the woken process, whose source
+        /// copy is gone.
+        #[arg(long)]
+        lazy: bool,
     },
     /// Wake the process saved in an image, with its original pid, and wait for it.
     #[command(after_help = "Examples:\n  \
@@ -605,6 +675,37 @@ fn run(cli: Cli, show_progress: bool) -> Result<u8> {
             }
             Ok(0)
         }
+        Command::Migrate { pid, to, tcp_established, tls, tls_name, timeout } => {
+            migrate::migrate(&migrate::MigrateOptions {
+                pid,
+                to: &to,
+                tls: &tls,
+                tls_name: tls_name.as_deref(),
+                tcp_established,
+                timeout: std::time::Duration::from_secs(timeout),
+                quiet,
+            })
+        }
+        Command::Serve {
+            listen,
+            once,
+            tls,
+            before_restore,
+            after_failed_restore,
+            work_dir,
+            timeout,
+            lazy,
+        } => migrate::serve(&migrate::ServeOptions {
+            listen,
+            once,
+            security: tls.security("torpor serve")?,
+            before_restore,
+            after_failed_restore,
+            work_dir,
+            timeout: std::time::Duration::from_secs(timeout),
+            quiet,
+            lazy,
+        }),
         Command::Run { pidfile, cmd } => run::run(&cmd, pidfile.as_deref(), quiet),
         Command::Inspect { dir, dir_flag, json } => {
             let dir = dir.or(dir_flag).expect("clap requires one of them");
@@ -680,7 +781,7 @@ fn register_woken(dir: &std::path::Path, pid: i32) -> bool {
 }
 
 /// The pre-copy part of the dump summary: rounds, what each stored, the setup stop.
-fn pre_copy_line(p: &torpor_dump::PreCopyReport) -> String {
+pub(crate) fn pre_copy_line(p: &torpor_dump::PreCopyReport) -> String {
     if p.processes == 0 {
         return "pre-copy: nothing could be tracked, all memory was copied frozen".into();
     }
@@ -743,7 +844,7 @@ fn serve_pages(
 
 /// Runs `f` with SIGINT, SIGTERM, SIGHUP and SIGQUIT held back; one that arrived meanwhile
 /// takes effect when `f` is done.
-fn with_signals_deferred<T>(f: impl FnOnce() -> T) -> T {
+pub(crate) fn with_signals_deferred<T>(f: impl FnOnce() -> T) -> T {
     // SAFETY: sigset operations on locals; pthread_sigmask on this thread only.
     unsafe {
         let mut set: libc::sigset_t = std::mem::zeroed();
