@@ -280,15 +280,33 @@ fn inspect_reads_an_image_in_s3() {
 }
 
 #[test]
-fn lazy_restore_from_s3_is_refused_with_the_reason() {
+fn a_lazy_restore_from_s3_wakes_before_its_pages_are_copied() {
     let g = Garage::start();
     let u = url("lazy");
     let f = dump_memory(&g, &u, &[]);
     let mut restore = g.restore(&u, &["--lazy"]);
-    let status = restore.expect_exit("--lazy from s3");
-    assert_eq!(status.code(), Some(1), "stderr:\n{}", restore.stderr());
+    restore.wait_for_process(&f);
+    f.go();
+    let status = restore
+        .wait(FINISH_TIMEOUT)
+        .unwrap_or_else(|| panic!("lazy restore from {u} did not finish; log:\n{}", f.log_text()));
     let err = restore.stderr();
-    assert!(err.contains("--lazy") && err.contains(&u), "{err}");
+    assert!(status.success(), "lazy restore from {u}: {status:?}; stderr:\n{err}");
+    assert!(err.contains("all pages loaded"), "{err}");
+    f.assert_log_passed();
+    g.assert_no_copy_left();
+}
+
+#[test]
+fn a_lazy_detached_restore_from_s3_is_refused_with_the_reason() {
+    let g = Garage::start();
+    let u = url("lazy-detached");
+    let f = dump_memory(&g, &u, &[]);
+    let mut restore = g.restore(&u, &["--lazy", "--detach"]);
+    let status = restore.expect_exit("--lazy --detach from s3");
+    let err = restore.stderr();
+    assert_eq!(status.code(), Some(1), "stderr:\n{err}");
+    assert!(err.contains("--lazy --detach") && err.contains(&u), "{err}");
     assert!(common::proc_exe(f.pid).is_none(), "pid {} was restored", f.pid);
     g.assert_no_copy_left();
 }
