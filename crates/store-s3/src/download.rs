@@ -32,7 +32,12 @@ impl S3Store {
         });
         let bytes = match got {
             Ok(b) => b.to_vec(),
-            Err(object_store::Error::NotFound { .. }) => return Err(S3Error::NoImage { url }),
+            // A missing bucket is NotFound too, and deserves its own words.
+            Err(e @ object_store::Error::NotFound { .. })
+                if !crate::reason(&e).starts_with("NoSuchBucket") =>
+            {
+                return Err(S3Error::NoImage { url })
+            }
             Err(e) => return Err(self.request("download", MANIFEST)(e)),
         };
         let manifest = torpor_image::decode_manifest(&bytes, Path::new(&s.url_of(MANIFEST)))

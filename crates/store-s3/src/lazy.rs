@@ -25,7 +25,7 @@ use futures::StreamExt;
 use torpor_image::{Fetch, Manifest, MANIFEST, TREE};
 
 use crate::download::PARALLEL;
-use crate::{to_io, S3Error, S3Store, Shared};
+use crate::{request_error, to_io, S3Error, S3Store, Shared};
 
 /// Bytes fetched at a time from a deferred file: a fault's few pages cost one such GET.
 const CHUNK: u64 = 1 << 20;
@@ -85,8 +85,7 @@ impl Copying {
                 })
                 .buffer_unordered(PARALLEL);
             while let Some((c, range, got)) = chunks.next().await {
-                let source =
-                    |source| S3Error::Request { what: "download", url: url.clone(), source };
+                let source = |source| request_error("download", url.clone(), source);
                 let data = got.map_err(source).map_err(to_io)?;
                 if data.len() as u64 != range.end - range.start {
                     return Err(to_io(S3Error::Short {

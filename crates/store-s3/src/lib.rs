@@ -74,12 +74,13 @@ pub enum S3Error {
         #[source]
         source: io::Error,
     },
-    #[error("cannot {what} {url}")]
+    #[error("cannot {what} {url}: {reason}")]
     Request {
         what: &'static str,
         url: String,
-        #[source]
-        source: object_store::Error,
+        /// The server's or the connection's own words ([`reason`]).
+        reason: String,
+        kind: io::ErrorKind,
     },
     #[error("{url} holds no torpor image: there is no {url}/{MANIFEST}")]
     NoImage { url: String },
@@ -256,7 +257,7 @@ impl S3Store {
 
     fn request(&self, what: &'static str, name: &str) -> impl Fn(object_store::Error) -> S3Error {
         let url = self.shared.url_of(name);
-        move |source| S3Error::Request { what, url: url.clone(), source }
+        move |source| request_error(what, url.clone(), source)
     }
 }
 
@@ -264,18 +265,42 @@ impl S3Store {
 /// its causes stay.
 fn to_io(e: S3Error) -> io::Error {
     let kind = match &e {
-        S3Error::Request { source: object_store::Error::NotFound { .. }, .. } => {
-            io::ErrorKind::NotFound
-        }
-        S3Error::Request {
-            source:
-                object_store::Error::PermissionDenied { .. }
-                | object_store::Error::Unauthenticated { .. },
-            ..
-        } => io::ErrorKind::PermissionDenied,
+        S3Error::Request { kind, .. } => *kind,
         _ => io::ErrorKind::Other,
     };
     io::Error::new(kind, e)
+}
+
+/// A failed request to `url`, described by what went wrong at the bottom of it.
+fn request_error(what: &'static str, url: String, e: object_store::Error) -> S3Error {
+    let kind = match e {
+        object_store::Error::NotFound { .. } => io::ErrorKind::NotFound,
+        object_store::Error::PermissionDenied { .. }
+        | object_store::Error::Unauthenticated { .. } => io::ErrorKind::PermissionDenied,
+        _ => io::ErrorKind::Other,
+    };
+    S3Error::Request { what, url, reason: reason(&e), kind }
+}
+
+/// The innermost cause of `e`, in a line: object_store's errors repeat their causes in
+/// their own messages, so the chain printed whole says everything several times. An S3
+/// error document is cut down to its code and message.
+fn reason(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut inner = e;
+    while let Some(next) = inner.source() {
+        inner = next;
+    }
+    let text = inner.to_string();
+    let tag = |name: &str| {
+        let start = text.find(&format!("<{name}>"))? + name.len() + 2;
+        let end = start + text[start..].find(&format!("</{name}>"))?;
+        Some(text[start..end].to_string())
+    };
+    match (tag("Code"), tag("Message")) {
+        (Some(code), Some(message)) => format!("{code}: {message}"),
+        (Some(code), None) => code,
+        _ => text.split_whitespace().collect::<Vec<_>>().join(" "),
+    }
 }
 
 impl torpor_image::Store for S3Store {
@@ -285,7 +310,7 @@ impl torpor_image::Store for S3Store {
         // delete of a missing key succeeds even in a bucket that is not there.
         let prefix = (!s.url.prefix.is_empty()).then(|| ObjPath::from(s.url.prefix.as_str()));
         s.block_on(s.store.list_with_delimiter(prefix.as_ref()))
-            .map_err(|source| S3Error::Request { what: "list", url: s.url.to_string(), source })
+            .map_err(|source| request_error("list", s.url.to_string(), source))
             .map_err(to_io)?;
         match s.block_on(s.store.delete(&s.key(MANIFEST))) {
             Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),

@@ -12,7 +12,7 @@ use std::sync::Arc;
 use object_store::path::Path as ObjPath;
 use object_store::WriteMultipart;
 
-use crate::{to_io, S3Error, Shared, IN_FLIGHT, PART};
+use crate::{request_error, to_io, Shared, IN_FLIGHT, PART};
 
 enum State {
     /// Less than a part so far, held until it is more or the file ends.
@@ -38,7 +38,7 @@ impl Upload {
 
     fn failed(&self, what: &'static str) -> impl Fn(object_store::Error) -> io::Error {
         let url = self.shared.url_of(&self.name);
-        move |source| to_io(S3Error::Request { what, url: url.clone(), source })
+        move |source| to_io(request_error(what, url.clone(), source))
     }
 
     /// Hands `data` to the multipart upload, a part at a time, each once fewer than

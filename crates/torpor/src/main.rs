@@ -710,6 +710,10 @@ fn image_hint(e: &torpor_image::ImageError) -> Option<&'static str> {
         ImageError::Write { source, .. } if source.kind() == std::io::ErrorKind::BrokenPipe => {
             Some("whatever read the image stopped before its end; the process was left as it was")
         }
+        ImageError::Write { path, .. } if remote::is_remote(path) => Some(
+            "check the URL, the credentials (AWS_* variables, ~/.aws) and that the store \
+             answers; the process was left as it was",
+        ),
         ImageError::CreateDir { .. } | ImageError::Write { .. } => {
             Some("choose a directory torpor can write, with room for the image")
         }
