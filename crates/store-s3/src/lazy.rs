@@ -17,9 +17,10 @@ use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use torpor_image::{Fetch, Manifest, MANIFEST, TREE};
@@ -68,11 +69,21 @@ struct Copying {
     /// The deferred files in the order the background copy takes them.
     order: Vec<String>,
     stop: AtomicBool,
+    /// Bytes fetched by readers ahead of the background copy, and by the copy itself.
+    early: AtomicU64,
+    background: AtomicU64,
 }
 
 impl Copying {
-    /// Fetches chunks `which` of file `name`, which this thread has claimed, all at once.
-    fn get(&self, name: &str, d: &Deferred, which: &[usize]) -> io::Result<()> {
+    /// Fetches chunks `which` of file `name`, which this thread has claimed, all at once;
+    /// `counter` counts their bytes.
+    fn get(
+        &self,
+        name: &str,
+        d: &Deferred,
+        which: &[usize],
+        counter: &AtomicU64,
+    ) -> io::Result<()> {
         let s = &self.shared;
         let key = s.key(name);
         let url = s.url_of(name);
@@ -98,6 +109,7 @@ impl Copying {
                 }
                 d.file.write_all_at(&data, range.start)?;
                 d.set(&[c], Chunk::Here);
+                counter.fetch_add(data.len() as u64, Ordering::Relaxed);
             }
             Ok(())
         });
@@ -132,7 +144,7 @@ impl Copying {
             }
             if !mine.is_empty() {
                 drop(states);
-                self.get(name, d, &mine)?;
+                self.get(name, d, &mine, &self.early)?;
                 continue;
             }
             if !waiting {
@@ -142,9 +154,16 @@ impl Copying {
         }
     }
 
-    /// The background copy: the missing chunks of each file in turn, [`PARALLEL`] at a
-    /// time, until all are here or the copy is stopped.
-    fn copy_all(&self) {
+    /// The background copy: after `delay`, the missing chunks of each file in turn,
+    /// [`PARALLEL`] at a time, until all are here or the copy is stopped.
+    fn copy_all(&self, delay: Duration) {
+        let start = Instant::now();
+        while start.elapsed() < delay {
+            if self.stop.load(Ordering::Relaxed) {
+                return;
+            }
+            std::thread::sleep((delay - start.elapsed()).min(Duration::from_millis(50)));
+        }
         for name in &self.order {
             let d = &self.files[name];
             loop {
@@ -161,7 +180,7 @@ impl Copying {
                 if mine.is_empty() {
                     break;
                 }
-                if let Err(e) = self.get(name, d, &mine) {
+                if let Err(e) = self.get(name, d, &mine, &self.background) {
                     // Readers fetch what they need themselves, and the check of each file
                     // fetches what is left of it, reporting the error if it lasts.
                     tracing::debug!("the background copy of {} stops: {e}", self.shared.url);
@@ -215,16 +234,25 @@ impl Drop for LazyCopy {
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
+        let c = &self.copying;
+        tracing::info!(
+            "{}: {} bytes fetched when first read, {} by the background copy",
+            c.shared.url,
+            c.early.load(Ordering::Relaxed),
+            c.background.load(Ordering::Relaxed)
+        );
     }
 }
 
 impl S3Store {
     /// Copies the image into `dir` as [`S3Store::download`] does, except for the files
     /// `defer` names, given the manifest and the bytes of the process tree: those are
-    /// copied in the background, and read through [`LazyCopy::fetcher`].
+    /// copied in the background, starting after `delay`, and read through
+    /// [`LazyCopy::fetcher`].
     pub fn download_lazily(
         &self,
         dir: &Path,
+        delay: Duration,
         defer: impl FnOnce(&Manifest, &[u8]) -> Vec<String>,
     ) -> Result<LazyCopy, S3Error> {
         let (bytes, manifest) = self.manifest()?;
@@ -260,11 +288,13 @@ impl S3Store {
             files,
             order: order.map(|f| f.name.clone()).collect(),
             stop: AtomicBool::new(false),
+            early: AtomicU64::new(0),
+            background: AtomicU64::new(0),
         });
         let background = Arc::clone(&copying);
         let thread = std::thread::Builder::new()
             .name("s3-copy".into())
-            .spawn(move || background.copy_all())
+            .spawn(move || background.copy_all(delay))
             .map_err(|source| S3Error::Runtime { url: self.shared.url.to_string(), source })?;
         Ok(LazyCopy { copying, thread: Some(thread) })
     }

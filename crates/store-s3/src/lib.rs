@@ -459,7 +459,7 @@ mod tests {
         write_image(&store, &big);
         let dir = tempfile::tempdir().unwrap();
         let copy = store
-            .download_lazily(dir.path(), |m, tree| {
+            .download_lazily(dir.path(), Duration::from_secs(3600), |m, tree| {
                 assert_eq!(tree, b"{}");
                 assert_eq!(m.files.len(), 2);
                 vec!["pages-1.img".to_string()]

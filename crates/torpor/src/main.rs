@@ -159,7 +159,8 @@ enum Command {
         #[arg(long)]
         lazy: bool,
         /// With --lazy, start loading pages nobody asked for only after this many
-        /// milliseconds (lets tests act while pages are missing).
+        /// milliseconds (lets tests act while pages are missing; from object storage,
+        /// the background copy of the page files waits as long).
         #[arg(long, hide = true, default_value_t = 0)]
         lazy_prefetch_after_ms: u64,
     },
@@ -527,7 +528,8 @@ fn run(cli: Cli, show_progress: bool) -> Result<u8> {
             }
             let (opened, fetch, copy) = match lazy && remote::is_remote(&given) {
                 true => {
-                    let c = remote::download_lazily(&given)?;
+                    let delay = std::time::Duration::from_millis(lazy_prefetch_after_ms);
+                    let c = remote::download_lazily(&given, delay)?;
                     (single::Opened::copied(c.copied), Some(c.fetch), Some(c._copy))
                 }
                 false => (single::open(&given, show_progress)?, None, None),

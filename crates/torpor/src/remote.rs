@@ -88,8 +88,8 @@ pub struct LazilyCopied {
 }
 
 /// Copies the image at `url` as [`download`] does, but leaves the page files that a
-/// lazy restore reads only through its fetcher to come in the background.
-pub fn download_lazily(url: &Path) -> Result<LazilyCopied> {
+/// lazy restore reads only through its fetcher to come in the background, after `delay`.
+pub fn download_lazily(url: &Path, delay: std::time::Duration) -> Result<LazilyCopied> {
     let store = open(url)?;
     let shown = PathBuf::from(store.url().to_string());
     let tmp = tempfile::Builder::new()
@@ -99,7 +99,7 @@ pub fn download_lazily(url: &Path) -> Result<LazilyCopied> {
     let dir = tmp.path().join("image");
     std::fs::create_dir(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
     // A tree that does not decode defers nothing; the restore then reports what is wrong.
-    let copy = store.download_lazily(&dir, |manifest, tree| {
+    let copy = store.download_lazily(&dir, delay, |manifest, tree| {
         serde_json::from_slice(tree)
             .map(|tree| torpor_restore::lazy_files(manifest, &tree))
             .unwrap_or_default()

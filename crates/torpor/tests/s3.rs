@@ -284,7 +284,9 @@ fn a_lazy_restore_from_s3_wakes_before_its_pages_are_copied() {
     let g = Garage::start();
     let u = url("lazy");
     let f = dump_memory(&g, &u, &[]);
-    let mut restore = g.restore(&u, &["--lazy"]);
+    // The background copy waits: the pages the fixture checks come by ranged reads as it
+    // touches them.
+    let mut restore = g.restore(&u, &["-v", "--lazy", "--lazy-prefetch-after-ms=3000"]);
     restore.wait_for_process(&f);
     f.go();
     let status = restore
@@ -294,6 +296,15 @@ fn a_lazy_restore_from_s3_wakes_before_its_pages_are_copied() {
     assert!(status.success(), "lazy restore from {u}: {status:?}; stderr:\n{err}");
     assert!(err.contains("all pages loaded"), "{err}");
     f.assert_log_passed();
+    let line = err
+        .lines()
+        .find(|l| l.contains("bytes fetched when first read"))
+        .unwrap_or_else(|| panic!("no report of the fetches in:\n{err}"));
+    let words: Vec<&str> = line.split_whitespace().collect();
+    let at = words.iter().position(|w| *w == "bytes").expect("bytes");
+    let early: u64 = words[at - 1].parse().unwrap_or_else(|_| panic!("{line}"));
+    // The 64 MiB buffer at least, which the fixture reads whole.
+    assert!(early >= 64 << 20, "only {early} bytes fetched on first touch: {line}");
     g.assert_no_copy_left();
 }
 
