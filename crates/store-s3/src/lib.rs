@@ -261,8 +261,7 @@ impl S3Store {
     }
 }
 
-/// An [`S3Error`] as the [`torpor_image::Store`] interface reports it; the message and
-/// its causes stay.
+/// An [`S3Error`] as the [`torpor_image::Store`] interface reports it, message and all.
 fn to_io(e: S3Error) -> io::Error {
     let kind = match &e {
         S3Error::Request { kind, .. } => *kind,
