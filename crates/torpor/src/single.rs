@@ -394,10 +394,12 @@ fn reraise(signal: i32) {
 /// `check_data`: read and check every member of a single file, not only the records.
 pub fn read_partial(path: &Path, check_data: bool) -> Result<torpor_image::PartialImage> {
     if crate::remote::is_remote(path) {
-        let copied = crate::remote::download(path, false)?;
-        let mut partial = torpor_image::read_partial(&copied.dir);
+        // The records are all this reads: the page files are left where they are (they
+        // would come in the background, which never starts).
+        let c = crate::remote::download_lazily(path, std::time::Duration::MAX)?;
+        let mut partial = torpor_image::read_partial(&c.copied.dir);
         // The copy goes with this function; messages name the image as the user did.
-        partial.dir = copied.shown;
+        partial.dir = c.copied.shown;
         return Ok(partial);
     }
     match source(path)? {
