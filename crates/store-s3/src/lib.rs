@@ -481,6 +481,21 @@ mod tests {
     }
 
     #[test]
+    fn a_reason_is_the_innermost_cause_in_one_line() {
+        #[derive(Debug, thiserror::Error)]
+        #[error("request failed, repeating its cause: {0}")]
+        struct Outer(#[source] io::Error);
+        let denied = io::Error::other(
+            "Server returned non-2xx status code: 403 Forbidden: <?xml version=\"1.0\"?>\n\
+             <Error><Code>AccessDenied</Code><Message>Forbidden: Invalid signature</Message>\
+             </Error>",
+        );
+        assert_eq!(reason(&Outer(denied)), "AccessDenied: Forbidden: Invalid signature");
+        let refused = io::Error::other("Connection refused\n   (os error 111)");
+        assert_eq!(reason(&Outer(refused)), "Connection refused (os error 111)");
+    }
+
+    #[test]
     fn urls_split_into_bucket_and_prefix() {
         let u = S3Url::parse("s3://b/some/where/").unwrap();
         assert_eq!(u, S3Url { bucket: "b".into(), prefix: "some/where".into() });
