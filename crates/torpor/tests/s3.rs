@@ -267,6 +267,15 @@ fn a_compressed_image_in_s3_wakes_and_verifies() {
 }
 
 #[test]
+fn a_pre_copy_dump_streams_into_s3_while_the_process_runs() {
+    let g = Garage::start();
+    let u = url("pre-copied");
+    let f = dump_memory(&g, &u, &["--pre-copy"]);
+    restore_and_pass(&g, &f, &u, &[]);
+    g.assert_no_copy_left();
+}
+
+#[test]
 fn inspect_reads_an_image_in_s3() {
     let g = Garage::start();
     let u = url("inspected/");
