@@ -521,8 +521,8 @@ fn run(cli: Cli, show_progress: bool) -> Result<u8> {
             if lazy && detach && remote::is_remote(&given) {
                 anyhow::bail!(
                     "--lazy --detach cannot restore from {}: the page server would outlive \
-                     torpor, and with it the temporary copy of the image it reads; restore \
-                     without one of them",
+                     torpor, which removes the temporary copy of the image the server reads \
+                     from; restore without one of them",
                     given.display()
                 );
             }
@@ -530,7 +530,7 @@ fn run(cli: Cli, show_progress: bool) -> Result<u8> {
                 true => {
                     let delay = std::time::Duration::from_millis(lazy_prefetch_after_ms);
                     let c = remote::download_lazily(&given, delay)?;
-                    (single::Opened::copied(c.copied), Some(c.fetch), Some(c._copy))
+                    (single::Opened::copied(c.copied), Some(c.fetch), Some(c.copy))
                 }
                 false => (single::open(&given, show_progress)?, None, None),
             };

@@ -44,11 +44,12 @@ pub fn refuse(what: &str, url: &Path) -> Result<()> {
 
 /// An image copied from object storage into a private temporary directory.
 pub struct Copied {
-    /// The image directory, inside `_tmp`.
+    /// The image directory, inside `tmp`.
     pub dir: PathBuf,
     /// The URL, normalized, for messages.
     pub shown: PathBuf,
-    pub _tmp: TempDir,
+    /// The temporary directory, removed when dropped.
+    pub tmp: TempDir,
 }
 
 /// Copies the image at `url` into a new directory of mode 0700 under `$TMPDIR`.
@@ -75,7 +76,7 @@ pub fn download(url: &Path, show_progress: bool) -> Result<Copied> {
     bar.finish();
     copied?;
     tracing::info!("{} copied into {}", shown.display(), dir.display());
-    Ok(Copied { dir, shown, _tmp: tmp })
+    Ok(Copied { dir, shown, tmp })
 }
 
 /// An image copied from object storage for a lazy restore: its big page files are
@@ -83,8 +84,8 @@ pub fn download(url: &Path, show_progress: bool) -> Result<Copied> {
 pub struct LazilyCopied {
     pub copied: Copied,
     pub fetch: torpor_restore::Fetcher,
-    /// Stops the background copy when dropped, before the directory goes.
-    pub _copy: torpor_store_s3::LazyCopy,
+    /// The background copy, stopped when dropped: drop it before the directory goes.
+    pub copy: torpor_store_s3::LazyCopy,
 }
 
 /// Copies the image at `url` as [`download`] does, but leaves the page files that a
@@ -105,7 +106,7 @@ pub fn download_lazily(url: &Path, delay: std::time::Duration) -> Result<LazilyC
             .unwrap_or_default()
     })?;
     let fetch = torpor_restore::Fetcher(copy.fetcher());
-    Ok(LazilyCopied { copied: Copied { dir, shown, _tmp: tmp }, fetch, _copy: copy })
+    Ok(LazilyCopied { copied: Copied { dir, shown, tmp }, fetch, copy })
 }
 
 /// The store of a dump, as [`torpor_dump::DumpOptions::store`] takes it.

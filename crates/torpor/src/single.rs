@@ -198,7 +198,7 @@ pub struct Opened {
 impl Opened {
     /// An image copied from object storage into a temporary directory.
     pub fn copied(copied: crate::remote::Copied) -> Self {
-        Self { dir: copied.dir, shown: copied.shown, unpacked: true, _tmp: Some(copied._tmp) }
+        Self { dir: copied.dir, shown: copied.shown, unpacked: true, _tmp: Some(copied.tmp) }
     }
 }
 
