@@ -396,3 +396,45 @@ fn a_dump_failing_half_way_leaves_no_image_in_the_bucket() {
     assert_eq!(objects, Some("0"), "{info}");
     assert!(!info.contains("nfinished"), "{info}");
 }
+
+#[test]
+fn settings_come_from_an_aws_profile_when_the_environment_has_none() {
+    let g = Garage::start();
+    let u = url("profiled");
+    let _f = dump_memory(&g, &u, &[]);
+    let aws = TempDir::new().expect("tempdir");
+    let (credentials, config) = (aws.path().join("credentials"), aws.path().join("config"));
+    fs::write(
+        &credentials,
+        format!(
+            "[default]\naws_access_key_id = wrong\n\n[torpor]\naws_access_key_id = {}\n\
+             aws_secret_access_key = {}\n",
+            g.key_id, g.secret
+        ),
+    )
+    .expect("write credentials");
+    fs::write(
+        &config,
+        format!(
+            "[profile torpor]\nregion = {REGION}\nendpoint_url = http://127.0.0.1:{}\n",
+            g.port
+        ),
+    )
+    .expect("write config");
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_torpor"));
+    cmd.args(["verify", &u])
+        .env("AWS_SHARED_CREDENTIALS_FILE", &credentials)
+        .env("AWS_CONFIG_FILE", &config)
+        .env("AWS_PROFILE", "torpor")
+        .env("TMPDIR", g.tmp.path());
+    for var in ["AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_REGION"] {
+        cmd.env_remove(var);
+    }
+    for var in ["AWS_DEFAULT_REGION", "AWS_ENDPOINT_URL", "AWS_ENDPOINT", "AWS_ALLOW_HTTP"] {
+        cmd.env_remove(var);
+    }
+    let out = run_with_timeout(cmd, common::TORPOR_TIMEOUT);
+    assert!(out.status.success(), "verify {u} with a profile: {}", stderr_of(&out));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("complete and intact"));
+    g.assert_no_copy_left();
+}
