@@ -56,7 +56,7 @@ use xxhash_rust::xxh3::Xxh3;
 
 pub use check::check_tree;
 pub use partial::{read_partial, PartialImage};
-pub use store::{Sink, Store};
+pub use store::{Fetch, Sink, Store};
 
 /// The first field of every manifest.
 pub const MAGIC: &str = "torpor-image";

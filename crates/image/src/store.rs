@@ -52,6 +52,18 @@ pub trait Sink: Send {
     fn finish(self: Box<Self>) -> io::Result<()>;
 }
 
+/// An image directory whose big files are still being copied in from a store while the
+/// image is read, so that a lazy restore can start before them: a reader asks for the
+/// ranges it is about to read, and they are fetched first if the copy has not reached
+/// them yet. A file the store did not defer is whole from the start.
+pub trait Fetch: Send + Sync {
+    /// Returns once every `(offset, len)` range of file `name` is in the local copy.
+    fn fetch(&self, name: &str, ranges: &[(u64, u64)]) -> io::Result<()>;
+
+    /// Returns once all of file `name` is in the local copy.
+    fn whole(&self, name: &str) -> io::Result<()>;
+}
+
 #[cfg(test)]
 mod tests {
     use std::collections::BTreeMap;

@@ -37,7 +37,7 @@ use std::fs::File;
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::os::unix::fs::FileExt;
-use std::sync::mpsc;
+use std::sync::{mpsc, Arc};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -45,7 +45,7 @@ use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use nix::sys::signal::{kill, SigSet, Signal};
 use nix::sys::signalfd::{SfdFlags, SignalFd};
 use torpor_image::model::{self, VmaKind};
-use torpor_image::{ImageError, ImageReader};
+use torpor_image::{Fetch, ImageError, ImageReader};
 use torpor_sys::{args, uffd, PAGE};
 
 use crate::space::Space;
@@ -122,6 +122,36 @@ pub(crate) fn is_lazy(v: &model::Vma) -> bool {
         && v.pages.iter().any(|r| r.offset.is_some())
 }
 
+/// What a lazy restore reads of the page files before the processes run.
+#[derive(Debug, Default)]
+pub(crate) struct Eager {
+    /// Compressed page files: torpor unpacks their mappings whole, none lazily.
+    pub whole: Vec<String>,
+    /// Ranges `(offset, len)` of raw page files: the runs of the mappings that are not
+    /// lazy, which the processes read themselves.
+    pub ranges: HashMap<String, Vec<(u64, u64)>>,
+}
+
+pub(crate) fn eager(tree: &model::Tree) -> Eager {
+    let file_of: HashMap<i32, &str> =
+        tree.processes.iter().map(|p| (p.pid, p.pages_file.as_str())).collect();
+    let mut out = Eager::default();
+    for p in &tree.processes {
+        if p.page_frames.is_some() {
+            out.whole.push(p.pages_file.clone());
+            continue;
+        }
+        for r in p.vmas.iter().filter(|v| !is_lazy(v)).flat_map(|v| &v.pages) {
+            let (Some(offset), Some(file)) = (r.offset, file_of.get(&r.from_pid.unwrap_or(p.pid)))
+            else {
+                continue;
+            };
+            out.ranges.entry(file.to_string()).or_default().push((offset, r.pages * PAGE));
+        }
+    }
+    out
+}
+
 /// Where the data of consecutive pages is: `pages` pages at `offset` in the page file of
 /// process `owner` (as the image names it).
 #[derive(Debug, Clone, Copy)]
@@ -169,10 +199,16 @@ fn find(p: &Pending, page: u64) -> Option<(u64, Run)> {
 /// a page store with another layout (compressed, say) only has to answer `read`.
 struct PageFiles {
     files: HashMap<i32, (String, File)>,
+    /// Fetches what is read first, when the files are still being copied in.
+    fetch: Option<Arc<dyn Fetch>>,
 }
 
 impl PageFiles {
-    fn open(reader: &ImageReader, tree: &model::Tree) -> Result<Self> {
+    fn open(
+        reader: &ImageReader,
+        tree: &model::Tree,
+        fetch: Option<Arc<dyn Fetch>>,
+    ) -> Result<Self> {
         let mut files = HashMap::new();
         for p in &tree.processes {
             let path = reader.path(&p.pages_file)?;
@@ -182,7 +218,7 @@ impl PageFiles {
             })?;
             files.insert(p.pid, (p.pages_file.clone(), f));
         }
-        Ok(Self { files })
+        Ok(Self { files, fetch })
     }
 
     /// Name of the page file of process `owner`, for messages.
@@ -192,9 +228,12 @@ impl PageFiles {
 
     /// Fills `buf` with the bytes at `offset` of the page data of process `owner`.
     fn read(&self, owner: i32, offset: u64, buf: &mut [u8]) -> io::Result<()> {
-        let (_, f) = self.files.get(&owner).ok_or_else(|| {
+        let (name, f) = self.files.get(&owner).ok_or_else(|| {
             io::Error::new(io::ErrorKind::NotFound, format!("no page file for pid {owner}"))
         })?;
+        if let Some(fetch) = &self.fetch {
+            fetch.fetch(name, &[(offset, buf.len() as u64)])?;
+        }
         f.read_exact_at(buf, offset).map_err(|e| match e.kind() {
             io::ErrorKind::UnexpectedEof => {
                 io::Error::new(e.kind(), "the file ends before the pages asked for")
@@ -248,7 +287,7 @@ struct Server {
     /// How long after the release background loading starts (faults are served at
     /// once); zero but for tests that must act before the pages arrive.
     prefetch_after: Duration,
-    check: Option<JoinHandle<std::result::Result<(), ImageError>>>,
+    check: Option<JoinHandle<std::result::Result<(), LazyError>>>,
     rx: mpsc::Receiver<Cmd>,
     commands_open: bool,
     wake: OwnedFd,
@@ -351,8 +390,22 @@ impl Server {
     fn release(&mut self) {
         self.released = Some(Instant::now());
         let (reader, names) = (self.reader.clone(), self.page_names.clone());
+        let fetch = self.pages.fetch.clone();
         self.check = Some(std::thread::spawn(move || {
-            reader.verify_files(|f| names.contains(&f.name), |_| {})
+            // Files still being copied in are checked once whole.
+            if let Some(fetch) = &fetch {
+                for name in &names {
+                    fetch.whole(name).map_err(|source| LazyError::Unreadable {
+                        file: name.clone(),
+                        offset: 0,
+                        label: "its check".into(),
+                        source,
+                    })?;
+                }
+            }
+            reader
+                .verify_files(|f| names.contains(&f.name), |_| {})
+                .map_err(|source| LazyError::Damaged { source })
         }));
     }
 
@@ -566,7 +619,7 @@ impl Server {
         if self.check.as_ref().is_some_and(|h| h.is_finished()) {
             match self.check.take().expect("checked above").join() {
                 Ok(Ok(())) => {}
-                Ok(Err(source)) => return Err(LazyError::Damaged { source }),
+                Ok(Err(e)) => return Err(e),
                 Err(_) => {
                     return Err(LazyError::Server {
                         what: "check the page files",
@@ -634,12 +687,13 @@ impl Lazy {
         reader: &ImageReader,
         tree: &model::Tree,
         prefetch_after: Duration,
+        fetch: Option<Arc<dyn Fetch>>,
     ) -> Result<Self> {
         let prepare = |what: &str| {
             let what = what.to_string();
             move |source| RestoreError::Prepare { what, source }
         };
-        let pages = PageFiles::open(reader, tree)?;
+        let pages = PageFiles::open(reader, tree, fetch)?;
         let (wake_rd, wake_wr) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
             .map_err(|e| prepare("the page server's pipe")(e.into()))?;
         nix::fcntl::fcntl(

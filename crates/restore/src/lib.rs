@@ -50,6 +50,7 @@ mod trust;
 
 use std::io;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use torpor_image::{model, ImageReader};
@@ -82,10 +83,48 @@ pub struct RestoreOptions {
     /// Restore as root whatever user ids, group ids and capabilities the image holds,
     /// even when a user other than root could have written it (see `trust`).
     pub allow_credentials: bool,
+    /// With `lazy`: the page files are still being copied into `dir` (from object
+    /// storage); what the restore reads of them is fetched first.
+    pub fetch: Option<Fetcher>,
     /// The file `dir` was unpacked from (a single-file image or a self-restoring
     /// executable): whoever could write it could write the image, so it counts for the
     /// credential rule like the image's own files.
     pub packed_from: Option<PathBuf>,
+}
+
+/// What [`RestoreOptions::fetch`] holds.
+#[derive(Clone)]
+pub struct Fetcher(pub Arc<dyn torpor_image::Fetch>);
+
+impl std::fmt::Debug for Fetcher {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Fetcher(..)")
+    }
+}
+
+/// The files of an image that a lazy restore reads only through
+/// [`RestoreOptions::fetch`], so that they may still be on their way when it starts: the
+/// page files that are not checked before the processes are made.
+pub fn lazy_files(manifest: &torpor_image::Manifest, tree: &model::Tree) -> Vec<String> {
+    let pages: Vec<&str> = tree.processes.iter().map(|p| p.pages_file.as_str()).collect();
+    let late = manifest.files.iter().filter(|f| f.len >= VERIFY_LATER);
+    late.filter(|f| pages.contains(&f.name.as_str())).map(|f| f.name.clone()).collect()
+}
+
+/// Fetches what a lazy restore reads of the page files before the processes run.
+fn fetch_eager(fetch: &dyn torpor_image::Fetch, tree: &model::Tree) -> Result<()> {
+    let eager = lazy::eager(tree);
+    let failed = |name: &str| {
+        let what = format!("fetch the pages of {name} needed before the processes run");
+        move |source| RestoreError::Prepare { what: what.clone(), source }
+    };
+    for name in &eager.whole {
+        fetch.whole(name).map_err(failed(name))?;
+    }
+    for (name, ranges) in &eager.ranges {
+        fetch.fetch(name, ranges).map_err(failed(name))?;
+    }
+    Ok(())
 }
 
 /// A restored, running process.
@@ -264,6 +303,9 @@ pub fn restore(opts: &RestoreOptions) -> Result<Restored> {
         }
         None => None,
     };
+    if let (true, Some(f)) = (opts.lazy, &opts.fetch) {
+        fetch_eager(f.0.as_ref(), &tree)?;
+    }
     // Before the descriptors are counted: the new process closes every one of torpor's.
     let mut prepared = prepare::prepare(&reader, &tree)?;
     let mut built = Built {
@@ -274,8 +316,9 @@ pub fn restore(opts: &RestoreOptions) -> Result<Restored> {
     let child = child::spawn(&mut prepared.plan)?;
     // The page server, for a lazy restore, exists before anything it must serve. It is
     // started after the spawn, whose child must not inherit its descriptors.
+    let fetch = opts.fetch.as_ref().map(|f| Arc::clone(&f.0));
     let lazy = match opts.lazy {
-        true => match lazy::Lazy::start(&reader, &tree, opts.lazy_prefetch_after) {
+        true => match lazy::Lazy::start(&reader, &tree, opts.lazy_prefetch_after, fetch) {
             Ok(l) => Some(l),
             Err(e) => {
                 // SAFETY: kill takes only integers.

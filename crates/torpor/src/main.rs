@@ -12,6 +12,7 @@ mod man;
 mod migrate;
 mod progress;
 mod registry;
+mod remote;
 mod run;
 mod single;
 
@@ -58,12 +59,15 @@ enum Command {
         torpor dump 4242 -o - | ssh host torpor restore -     wake it on another machine\n  \
         torpor dump 4242 --exe app.run                        an executable: ./app.run wakes it\n  \
         torpor dump 4242 -D snap.img --leave-running          a snapshot; the process runs on\n  \
+        torpor dump 4242 -D s3://bucket/app                   into S3 or an S3-compatible store\n  \
         torpor dump 4242 -D app.img --tcp-established         keep its open TCP connections\n  \
         torpor dump 4242 -D job.img --shell-job               a job of an interactive shell")]
     Dump {
         /// The process to hibernate.
         pid: i32,
-        /// Directory to write the image into (created, mode 0700).
+        /// Directory to write the image into (created, mode 0700), or
+        /// `s3://BUCKET/PREFIX` to stream it into object storage (one object per file;
+        /// settings from the AWS_* variables and ~/.aws, as the AWS tools read them).
         #[arg(short = 'D', long = "dir", value_hint = ValueHint::DirPath)]
         dir: Option<PathBuf>,
         /// Write the image as one file instead (mode 0600), or to standard output with
@@ -189,9 +193,11 @@ enum Command {
         torpor restore app.torpor                             the same from a single-file image\n  \
         ssh host cat app.torpor | torpor restore -            from standard input\n  \
         torpor restore -D app.img --detach --pidfile app.pid  wake it in the background\n  \
+        torpor restore s3://bucket/app                        from object storage\n  \
         torpor restore -D job.img --shell-job                 wake a shell job in this terminal")]
     Restore {
-        /// The image: a single-file image, `-` for standard input, or a directory.
+        /// The image: a single-file image, `-` for standard input, a directory, or
+        /// `s3://BUCKET/PREFIX` (copied into a private temporary directory first).
         #[arg(required_unless_present = "dir_flag", value_name = "IMAGE",
               value_hint = ValueHint::AnyPath)]
         image: Option<PathBuf>,
@@ -223,7 +229,8 @@ enum Command {
         #[arg(long)]
         lazy: bool,
         /// With --lazy, start loading pages nobody asked for only after this many
-        /// milliseconds (lets tests act while pages are missing).
+        /// milliseconds (lets tests act while pages are missing; from object storage,
+        /// the background copy of the page files waits as long).
         #[arg(long, hide = true, default_value_t = 0)]
         lazy_prefetch_after_ms: u64,
     },
@@ -232,7 +239,8 @@ enum Command {
         after_help = "Example:\n  torpor verify -D /var/tmp/app.img && torpor restore -D /var/tmp/app.img"
     )]
     Verify {
-        /// The image: a single-file image, `-` for standard input, or a directory.
+        /// The image: a single-file image, `-` for standard input, a directory, or
+        /// `s3://BUCKET/PREFIX` (copied into a private temporary directory first).
         #[arg(required_unless_present = "dir_flag", value_name = "IMAGE",
               value_hint = ValueHint::AnyPath)]
         image: Option<PathBuf>,
@@ -249,7 +257,7 @@ enum Command {
         what could be read is shown all the same.")]
     Inspect {
         /// Directory holding the image (also accepted as -D DIR), or a single-file image,
-        /// or `-` for one on standard input.
+        /// or `-` for one on standard input, or `s3://BUCKET/PREFIX`.
         #[arg(required_unless_present = "dir_flag", value_hint = ValueHint::AnyPath)]
         dir: Option<PathBuf>,
         /// The same as DIR.
@@ -486,14 +494,29 @@ fn run(cli: Cli, show_progress: bool) -> Result<u8> {
             parent,
             pre_copy,
         } => {
-            let target = match (dir, output, exe) {
-                (Some(dir), _, _) => single::Target::Dir(dir),
-                (_, Some(file), _) => single::Target::File(file),
-                (_, _, Some(file)) => single::Target::Exe(file),
+            for (what, path) in [("-o", &output), ("--exe", &exe), ("--parent", &parent)] {
+                if let Some(p) = path.as_deref().filter(|p| remote::is_remote(p)) {
+                    remote::refuse(what, p)?;
+                }
+            }
+            let (target, store) = match (dir, output, exe) {
+                (Some(dir), _, _) if remote::is_remote(&dir) => {
+                    let (store, shown) = remote::dump_store(&dir)?;
+                    (single::DumpTarget::stored(shown), Some(store))
+                }
+                (Some(dir), _, _) => {
+                    (single::dump_target(single::Target::Dir(dir), !no_sync)?, None)
+                }
+                (_, Some(file), _) => {
+                    (single::dump_target(single::Target::File(file), !no_sync)?, None)
+                }
+                (_, _, Some(file)) => {
+                    (single::dump_target(single::Target::Exe(file), !no_sync)?, None)
+                }
                 _ => unreachable!("clap requires one of them"),
             };
-            let target = single::dump_target(target, !no_sync)?;
             let dir = target.dir.clone();
+            let moved = store.as_ref().map(|s| s.bytes_moved());
             let opts = torpor_dump::DumpOptions {
                 pid,
                 dir: dir.clone(),
@@ -509,11 +532,14 @@ fn run(cli: Cli, show_progress: bool) -> Result<u8> {
                 // Through /proc: this very program, even if replaced or removed since.
                 guard: Some(PathBuf::from("/proc/self/exe")),
                 after_commit: target.after_commit.clone(),
-                store: None,
+                store: store.map(remote::image_store),
             };
             let bar = if show_progress {
                 let estimate = progress::dump_estimate(pid);
-                let measure = progress::Measure::DirSize { dir: dir.clone(), estimate };
+                let measure = match moved {
+                    Some(done) => progress::Measure::Counted { done, total: estimate },
+                    None => progress::Measure::DirSize { dir: dir.clone(), estimate },
+                };
                 progress::Progress::start(format!("saving pid {pid}"), measure)
             } else {
                 progress::Progress::none()
@@ -562,7 +588,22 @@ fn run(cli: Cli, show_progress: bool) -> Result<u8> {
             lazy_prefetch_after_ms,
         } => {
             let given = image.or(dir).expect("clap requires one of them");
-            let opened = single::open(&given, show_progress)?;
+            if lazy && detach && remote::is_remote(&given) {
+                anyhow::bail!(
+                    "--lazy --detach cannot restore from {}: the page server would outlive \
+                     torpor, which removes the temporary copy of the image the server reads \
+                     from; restore without one of them",
+                    given.display()
+                );
+            }
+            let (opened, fetch, copy) = match lazy && remote::is_remote(&given) {
+                true => {
+                    let delay = std::time::Duration::from_millis(lazy_prefetch_after_ms);
+                    let c = remote::download_lazily(&given, delay)?;
+                    (single::Opened::copied(c.copied), Some(c.fetch), Some(c.copy))
+                }
+                false => (single::open(&given, show_progress)?, None, None),
+            };
             if opened.unpacked && lazy && detach {
                 anyhow::bail!(
                     "--lazy --detach needs an image directory: the page server reads the \
@@ -582,9 +623,14 @@ fn run(cli: Cli, show_progress: bool) -> Result<u8> {
                 lazy_prefetch_after: std::time::Duration::from_millis(lazy_prefetch_after_ms),
                 guard: Some(PathBuf::from("/proc/self/exe")),
                 allow_credentials,
-                // Standard input is what the caller chose to feed in; a file is judged by
-                // who could have written it.
-                packed_from: (opened.unpacked && given.as_os_str() != "-").then(|| given.clone()),
+                fetch,
+                // Standard input is what the caller chose to feed in, and an object store
+                // what the caller reached with credentials of its choosing; a file is
+                // judged by who could have written it.
+                packed_from: (opened.unpacked
+                    && given.as_os_str() != "-"
+                    && !remote::is_remote(&given))
+                .then(|| given.clone()),
             };
             let bar = if show_progress {
                 let measure = progress::Measure::ReadBytes { total: progress::image_size(&dir) };
@@ -621,7 +667,9 @@ fn run(cli: Cli, show_progress: bool) -> Result<u8> {
                 }
                 Ok(r)
             });
-            // An unpacked copy is not needed once the processes run.
+            // An unpacked copy is not needed once the processes run (nor, lazily, once
+            // every page is in).
+            drop(copy);
             drop(opened);
             let r = r?;
             if detach {
@@ -722,7 +770,16 @@ fn run(cli: Cli, show_progress: bool) -> Result<u8> {
         }
         Command::Man { command, dir } => man::run(command.as_deref(), dir.as_deref()),
         Command::Ps { json } => registry::ps(json),
-        Command::List { dir, json } => list::run(&dir, json),
+        Command::List { dir, json } => {
+            if remote::is_remote(&dir) {
+                anyhow::bail!(
+                    "torpor list reads local directories; `torpor inspect {}` shows an image \
+                     in object storage",
+                    dir.display()
+                );
+            }
+            list::run(&dir, json)
+        }
         Command::Check => check::run(quiet),
         Command::Demo => demo::run(),
         Command::Count { log } => demo::count(&log),
@@ -756,6 +813,10 @@ fn image_hint(e: &torpor_image::ImageError) -> Option<&'static str> {
         ImageError::Write { source, .. } if source.kind() == std::io::ErrorKind::BrokenPipe => {
             Some("whatever read the image stopped before its end; the process was left as it was")
         }
+        ImageError::Write { path, .. } if remote::is_remote(path) => Some(
+            "check the URL, the credentials (AWS_* variables, ~/.aws) and that the store \
+             answers; the process was left as it was",
+        ),
         ImageError::CreateDir { .. } | ImageError::Write { .. } => {
             Some("choose a directory torpor can write, with room for the image")
         }

@@ -13,7 +13,7 @@
 
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -32,6 +32,9 @@ pub enum Measure {
     DirSize { dir: PathBuf, estimate: u64 },
     /// Bytes this process reads from now on, out of a known total.
     ReadBytes { total: u64 },
+    /// Bytes a transfer counts itself (to or from object storage, where neither files
+    /// nor reads show it), out of a total or an estimate.
+    Counted { done: Arc<AtomicU64>, total: u64 },
 }
 
 /// A running bar; [`Progress::finish`] (or dropping it) takes it off the terminal.
@@ -97,6 +100,7 @@ fn draw(what: &str, measure: Measure, base: u64, delay: Duration, stop: &AtomicB
     let total = match &measure {
         Measure::DirSize { estimate, .. } => *estimate,
         Measure::ReadBytes { total } => *total,
+        Measure::Counted { total, .. } => *total,
     };
     let bar = ProgressBar::with_draw_target(Some(total.max(1)), ProgressDrawTarget::stderr());
     bar.set_style(
@@ -112,6 +116,7 @@ fn draw(what: &str, measure: Measure, base: u64, delay: Duration, stop: &AtomicB
             Measure::DirSize { dir, .. } => dir_size(dir),
             // Other reads (this very file, `/proc` of the processes) are not the image's.
             Measure::ReadBytes { total } => read_bytes().saturating_sub(base).min(*total),
+            Measure::Counted { done, .. } => done.load(Ordering::Relaxed),
         };
         // An estimate can fall short; the bar then ends where the work does.
         if done > bar.length().unwrap_or(0) {

@@ -56,6 +56,13 @@ fn parent_dir(path: &Path) -> &Path {
     }
 }
 
+impl DumpTarget {
+    /// A dump whose files go to a store, named `shown`: nothing local to write or pack.
+    pub fn stored(shown: String) -> Self {
+        Self { dir: PathBuf::from(&shown), shown, after_commit: None, sync_dir: false, _tmp: None }
+    }
+}
+
 /// Prepares a dump into `target`. `durable`: the result must reach the disk before the
 /// process is ended.
 pub fn dump_target(target: Target, durable: bool) -> Result<DumpTarget> {
@@ -188,6 +195,13 @@ pub struct Opened {
     _tmp: Option<TempDir>,
 }
 
+impl Opened {
+    /// An image copied from object storage into a temporary directory.
+    pub fn copied(copied: crate::remote::Copied) -> Self {
+        Self { dir: copied.dir, shown: copied.shown, unpacked: true, _tmp: Some(copied.tmp) }
+    }
+}
+
 /// A single-file image: its file and where it lies in it, or standard input.
 pub enum Source {
     /// A regular file holding a single-file image (or an executable carrying one).
@@ -240,8 +254,12 @@ pub fn source(path: &Path) -> Result<Option<Source>> {
 
 /// Opens the image `path` names for reading as a directory: a directory as it is; a
 /// single-file image, an executable carrying one, or `-` (standard input) unpacked into
-/// a private temporary directory, removed when the result is dropped.
+/// a private temporary directory, removed when the result is dropped; an `s3://` URL
+/// copied into one.
 pub fn open(path: &Path, show_progress: bool) -> Result<Opened> {
+    if crate::remote::is_remote(path) {
+        return crate::remote::download(path, show_progress).map(Opened::copied);
+    }
     let Some(src) = source(path)? else {
         return Ok(Opened {
             dir: path.to_path_buf(),
@@ -375,6 +393,15 @@ fn reraise(signal: i32) {
 /// [`torpor_image::read_partial`] for any image `path` names, for `inspect` and `list`;
 /// `check_data`: read and check every member of a single file, not only the records.
 pub fn read_partial(path: &Path, check_data: bool) -> Result<torpor_image::PartialImage> {
+    if crate::remote::is_remote(path) {
+        // The records are all this reads: the page files are left where they are (they
+        // would come in the background, which never starts).
+        let c = crate::remote::download_lazily(path, std::time::Duration::MAX)?;
+        let mut partial = torpor_image::read_partial(&c.copied.dir);
+        // The copy goes with this function; messages name the image as the user did.
+        partial.dir = c.copied.shown;
+        return Ok(partial);
+    }
     match source(path)? {
         None => Ok(torpor_image::read_partial(path)),
         Some(src) => {

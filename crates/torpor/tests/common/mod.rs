@@ -279,9 +279,18 @@ where
     I: IntoIterator<Item = S>,
     S: AsRef<OsStr>,
 {
+    torpor_with_env(args, &[])
+}
+
+/// Runs the torpor binary with ARGS and extra environment variables.
+pub fn torpor_with_env<I, S>(args: I, env: &[(&str, &str)]) -> Output
+where
+    I: IntoIterator<Item = S>,
+    S: AsRef<OsStr>,
+{
     become_subreaper();
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_torpor"));
-    cmd.args(args);
+    cmd.args(args).envs(env.iter().copied());
     run_with_timeout(cmd, TORPOR_TIMEOUT)
 }
 
@@ -537,6 +546,11 @@ pub struct Restore {
 
 impl Restore {
     pub fn spawn(images: &Path, extra: &[&str]) -> Restore {
+        Restore::spawn_with_env(images, extra, &[])
+    }
+
+    /// Like `spawn`, with extra environment variables.
+    pub fn spawn_with_env(images: &Path, extra: &[&str], env: &[(&str, &str)]) -> Restore {
         become_subreaper();
         let out = tempfile::tempfile().expect("tempfile");
         let err = tempfile::tempfile().expect("tempfile");
@@ -545,6 +559,7 @@ impl Restore {
             .arg("-D")
             .arg(images)
             .args(extra)
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(out.try_clone().expect("clone"))
             .stderr(err.try_clone().expect("clone"));
