@@ -31,6 +31,10 @@
 //!
 //! An image without `manifest.json` is incomplete; a file whose length or checksum differs
 //! from the manifest is corrupt, and restore refuses either before creating anything.
+//!
+//! An encrypted image ([`crypt`], format version 4) has the same files, each but the
+//! manifest sealed in authenticated segments; its manifest stays readable, records what
+//! opening it takes besides the key, and is authenticated by a MAC.
 //! `docs/image-format.md` describes every record and the limits a reader enforces.
 //!
 //! The same files can also travel as one stream, a single-file image: see [`single`].
@@ -1779,9 +1783,17 @@ pub(crate) mod tests {
 
     /// Writes the sample image into a new directory `img` under a temporary directory.
     pub(crate) fn write_sample() -> (TempDir, PathBuf) {
+        write_sample_keyed(None)
+    }
+
+    /// [`write_sample`], encrypted with `key` if one is given.
+    pub(crate) fn write_sample_keyed(key: Option<&crypt::Key>) -> (TempDir, PathBuf) {
         let tmp = TempDir::new().unwrap();
         let dir = tmp.path().join("img");
         let mut w = ImageWriter::create(&dir).unwrap();
+        if let Some(k) = key {
+            w.set_key(k).unwrap();
+        }
         w.write_json(TREE, &sample_tree()).unwrap();
 
         let mut f = w.create_file(PAGES).unwrap();
@@ -2340,5 +2352,57 @@ pub(crate) mod tests {
         p["vmas"][0].as_object_mut().unwrap().remove("advice");
         let tree: Tree = serde_json::from_value(v).unwrap();
         assert!(tree.processes[0].cmdline.is_empty());
+    }
+
+    /// An encrypted sample: everything reads back with the key, nothing without it or
+    /// with another, and any change to the manifest or a file is refused by name.
+    #[test]
+    fn encrypted_image_reads_back_only_with_its_key() {
+        let key = crypt::Key::generate().unwrap();
+        let (_tmp, dir) = write_sample_keyed(Some(&key));
+        let r = ImageReader::open_keyed(&dir, Some(&key)).unwrap();
+        assert!(r.is_encrypted());
+        assert_eq!(r.manifest().format_version, ENCRYPTED_VERSION);
+        r.verify_all(|_| {}).unwrap();
+        assert_eq!(r.read_tree().unwrap(), sample_tree());
+        assert_eq!(r.read_file(VDSO).unwrap(), vdso_bytes());
+        let mut saved = Vec::new();
+        r.open_content(SAVED).unwrap().copy_to(&mut saved).unwrap();
+        assert_eq!(saved, vec![b'x'; 100]);
+        let pages = r.open_content(PAGES).unwrap();
+        assert_eq!(pages.len(), DATA_PAGES * PAGE);
+        let mut buf = vec![0u8; 3 * PAGE as usize];
+        pages.read_at(&mut buf, 20 * PAGE).unwrap();
+        assert_eq!(buf, [page(20), page(21), page(22)].concat());
+        // What is stored is not what was written.
+        let stored = fs::read(dir.join(PAGES)).unwrap();
+        assert!(!stored.windows(PAGE as usize).any(|w| w == page(20)));
+
+        refused(ImageReader::open(&dir), "Encrypted", "--encrypt-key");
+        let other = crypt::Key::generate().unwrap();
+        refused(ImageReader::open_keyed(&dir, Some(&other)), "WrongKey", "img");
+        // A plain image opens with a key too: there is nothing to use it for.
+        let (_plain_tmp, plain) = write_sample();
+        assert!(!ImageReader::open_keyed(&plain, Some(&key)).unwrap().is_encrypted());
+
+        // A manifest changed and given a matching trailer fails its MAC.
+        let path = dir.join(MANIFEST);
+        let original = fs::read(&path).unwrap();
+        let mut m = decode_manifest(&original, &path).unwrap();
+        m.files[0].len += 1;
+        fs::write(&path, encode_manifest(&m)).unwrap();
+        refused(ImageReader::open_keyed(&dir, Some(&key)), "ManifestTampered", MANIFEST);
+        fs::write(&path, &original).unwrap();
+
+        // A changed byte whose checksum is made to match (as the MAC forbids) is still
+        // caught by the segment it lies in.
+        let pages_path = dir.join(PAGES);
+        let mut bytes = fs::read(&pages_path).unwrap();
+        bytes[crypt::HEADER + 100] ^= 1;
+        fs::write(&pages_path, &bytes).unwrap();
+        let r = ImageReader::open_keyed(&dir, Some(&key)).unwrap();
+        refused(r.verify_all(|_| {}), "Checksum", PAGES);
+        let e = refused(r.open_content(PAGES).unwrap().read_at(&mut buf, 0), "Tampered", PAGES);
+        assert!(e.to_string().contains("segment 0"), "{e}");
     }
 }

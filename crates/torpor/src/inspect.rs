@@ -60,6 +60,8 @@ pub struct ImageInfo {
     pub bytes: u64,
     /// For an incremental image: the directory of the image it was dumped over.
     pub parent: Option<String>,
+    /// Whether the image is encrypted (`dump --encrypt-key`).
+    pub encrypted: bool,
 }
 
 #[derive(Debug, Serialize)]
@@ -303,6 +305,7 @@ fn image_info(m: &Manifest) -> ImageInfo {
         files: m.files.len(),
         bytes: m.files.iter().map(|f| f.len).fold(0, u64::saturating_add),
         parent: m.parent.as_ref().map(|p| p.path.clone()),
+        encrypted: m.encryption.is_some(),
     }
 }
 
@@ -770,8 +773,9 @@ pub fn render(r: &Report, out: &mut String) {
             );
             let _ = writeln!(
                 out,
-                "  format version {}, {}, {}",
+                "  format version {}{}, {}, {}",
                 i.format_version,
+                if i.encrypted { ", encrypted" } else { "" },
                 plural(i.files, "file", "files"),
                 human(i.bytes)
             );

@@ -232,7 +232,7 @@ enum Command {
         #[arg(value_hint = ValueHint::AnyPath)]
         dir: PathBuf,
         /// Print JSON for scripts: an array of {path, root_pid, pid_namespace, processes,
-        /// command, bytes, created_unix, complete, problem}.
+        /// command, bytes, created_unix, complete, encrypted, problem}.
         #[arg(long)]
         json: bool,
     },

@@ -216,12 +216,17 @@ fn without_the_key_or_with_another_nothing_is_restored() {
     assert!(stderr_of(&out).contains("--encrypt-key FILE"), "{}", stderr_of(&out));
     let out = torpor(["verify".as_ref(), images.path().as_os_str()]);
     assert_eq!(out.status.code(), Some(1), "verify without the key: {}", stderr_of(&out));
+    let out = torpor(["list".as_ref(), "--json".as_ref(), images.path().as_os_str()]);
+    let rows: serde_json::Value = serde_json::from_slice(&out.stdout).expect("list JSON");
+    assert_eq!(rows[0]["encrypted"], true, "{rows}");
+    assert_eq!(rows[0]["complete"], true, "an encrypted image is no damaged one: {rows}");
     let mut args = vec!["inspect".as_ref(), "--json".as_ref(), images.path().as_os_str()];
     args.extend(keys.arg().map(OsStr::new));
     let out = torpor(args);
     assert!(out.status.success(), "inspect with the key: {}", stderr_of(&out));
     let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("inspect JSON");
     assert_eq!(report["processes"][0]["pid"], f.pid, "{report}");
+    assert_eq!(report["image"]["encrypted"], true, "{report}");
 
     // The refusals left nothing in the way.
     restore_and_pass(&f, images.path(), &keys.arg());
