@@ -668,20 +668,27 @@ impl ImageFile {
             return Ok(());
         };
         let mut sealed = std::mem::take(&mut self.sealed);
-        sealed.clear();
         sealer.seal(buf, &mut sealed)?;
-        let r = self.put_stored(&sealed);
+        // Sealed bytes go out in whole pages, the rest waiting for the next write: the
+        // file's offsets then stay page-aligned, as the writer thread's O_DIRECT writes
+        // need (segments and header are not multiples of a page).
+        let whole = sealed.len() - sealed.len() % DIRECT_ALIGN;
+        let r = match whole {
+            0 => Ok(()),
+            _ => self.put_stored(&sealed[..whole]),
+        };
+        sealed.copy_within(whole.., 0);
+        sealed.truncate(sealed.len() - whole);
         self.sealed = sealed;
         r?;
         self.len += buf.len() as u64;
         Ok(())
     }
 
-    /// Seals the last segment, in an encrypted image.
+    /// Seals the last segment, in an encrypted image, and writes what waited.
     fn finish_sealing(&mut self) -> io::Result<()> {
         let Some(mut sealer) = self.sealer.take() else { return Ok(()) };
         let mut sealed = std::mem::take(&mut self.sealed);
-        sealed.clear();
         sealer.finish(&mut sealed)?;
         self.put_stored(&sealed)
     }
