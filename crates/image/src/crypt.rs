@@ -537,10 +537,13 @@ mod tests {
     #[test]
     fn every_length_round_trips_and_any_range_reads_back() {
         let s = Sealing::create(&Key::generate().unwrap()).unwrap();
-        for len in [0, 1, SEGMENT - 1, SEGMENT, SEGMENT + 1, 3 * SEGMENT, 3 * SEGMENT + 77] {
+        let lens = [0, 1, SEGMENT - 1, SEGMENT, SEGMENT + 1, 3 * SEGMENT, 3 * SEGMENT + 77];
+        // Pieces smaller than a segment, of one, and of several.
+        let pieces = [10_000, SEGMENT, 2 * SEGMENT + 5];
+        for (len, piece) in lens.iter().flat_map(|&l| pieces.iter().map(move |&p| (l, p))) {
             let data: Vec<u8> = (0..len).map(|i| (i * 7 + i / 300) as u8).collect();
-            let sealed = seal(&s, "pages-1.img", &data, 10_000);
-            assert_eq!(plain_len(sealed.len() as u64), Some(len as u64), "{len}");
+            let sealed = seal(&s, "pages-1.img", &data, piece);
+            assert_eq!(plain_len(sealed.len() as u64), Some(len as u64), "{len} by {piece}");
             let f = open(&s, "pages-1.img", &sealed).unwrap();
             assert_eq!(f.read_all().unwrap(), data);
             if len > 10 {
