@@ -334,7 +334,8 @@ pub fn plain_len(stored: u64) -> Option<u64> {
     let plain = body.checked_sub(n * TAG as u64)?;
     // Every segment but the last is full; the last holds at least one byte unless it is
     // the only one.
-    let last = plain - (n - 1) * SEGMENT as u64;
+    // Less than a tag after the last whole segment is no segment at all.
+    let last = plain.checked_sub((n - 1) * SEGMENT as u64)?;
     (last > 0 || n == 1).then_some(plain)
 }
 
@@ -551,6 +552,27 @@ mod tests {
                 f.read_at(&mut buf, 5).unwrap();
                 assert_eq!(buf, data[5..len - 5]);
             }
+        }
+    }
+
+    /// Stored length of `plain` content bytes.
+    fn sealed_len(plain: u64) -> u64 {
+        HEADER as u64 + TAG as u64 * plain.div_ceil(SEGMENT as u64).max(1) + plain
+    }
+
+    #[test]
+    fn only_lengths_a_sealed_file_can_have_are_accepted() {
+        for stored in 0..3 * (SEGMENT + TAG) as u64 + 100 {
+            if let Some(plain) = plain_len(stored) {
+                assert_eq!(sealed_len(plain), stored, "{stored}");
+            }
+        }
+        for plain in (0..5 * SEGMENT as u64).step_by(4093) {
+            assert_eq!(plain_len(sealed_len(plain)), Some(plain), "{plain}");
+        }
+        let seg = (SEGMENT + TAG) as u64;
+        for bad in [0, HEADER as u64, HEADER as u64 + 15, HEADER as u64 + seg + 5] {
+            assert_eq!(plain_len(bad), None, "{bad}");
         }
     }
 
