@@ -31,11 +31,11 @@
 //!
 //! An image without `manifest.json` is incomplete; a file whose length or checksum differs
 //! from the manifest is corrupt, and restore refuses either before creating anything.
+//! `docs/image-format.md` describes every record and the limits a reader enforces.
 //!
 //! An encrypted image ([`crypt`], format version 4) has the same files, each but the
 //! manifest sealed in authenticated segments; its manifest stays readable, records what
 //! opening it takes besides the key, and is authenticated by a MAC.
-//! `docs/image-format.md` describes every record and the limits a reader enforces.
 //!
 //! The same files can also travel as one stream, a single-file image: see [`single`].
 
@@ -1230,10 +1230,20 @@ impl Content {
     pub fn copy_to(&self, out: &mut dyn Write) -> Result<()> {
         match self {
             Content::Plain { file, path, .. } => {
+                let mut buf = vec![0u8; 1 << 20];
                 let mut f = file;
-                io::copy(&mut f, out)
-                    .map(drop)
-                    .map_err(|source| ImageError::Read { path: path.clone(), source })
+                loop {
+                    let n = match f.read(&mut buf) {
+                        Ok(0) => return Ok(()),
+                        Ok(n) => n,
+                        Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                        Err(source) => return Err(ImageError::Read { path: path.clone(), source }),
+                    };
+                    out.write_all(&buf[..n]).map_err(|source| ImageError::Write {
+                        path: PathBuf::from(format!("the copy of {}", path.display())),
+                        source,
+                    })?;
+                }
             }
             Content::Sealed(s) => s.copy_to(out),
         }
