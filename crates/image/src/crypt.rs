@@ -466,6 +466,12 @@ impl SealedFile {
         })
     }
 
+    /// Opens every segment, reporting the first that fails authentication.
+    pub fn verify(&self) -> Result<()> {
+        let mut seg = Vec::with_capacity(SEGMENT + TAG);
+        (0..self.segments()).try_for_each(|i| self.read_segment(i, &mut seg))
+    }
+
     /// Fills `buf` with the plaintext from offset `off`.
     pub fn read_at(&self, buf: &mut [u8], off: u64) -> Result<()> {
         let end = off.checked_add(buf.len() as u64).filter(|&e| e <= self.plain_len);

@@ -1405,7 +1405,12 @@ impl ImageReader {
                 total += n as u64;
                 progress(total);
             }
-            check_digest(&path, f, len, &digest_hex(&h))?;
+            let checked = check_digest(&path, f, len, &digest_hex(&h));
+            if let (Err(ImageError::Checksum { .. }), Some((_, s))) = (&checked, &self.sealing) {
+                // The segment that fails tells where the change is.
+                s.open_file(open_regular(&path)?, &f.name, f.len, &path)?.verify()?;
+            }
+            checked?;
         }
         Ok(())
     }
@@ -1437,11 +1442,20 @@ impl ImageReader {
         file.take(entry.len + 1)
             .read_to_end(&mut bytes)
             .map_err(|source| ImageError::Read { path: path.clone(), source })?;
-        check_digest(&path, entry, bytes.len() as u64, &hash_bytes(&bytes))?;
-        match &self.sealing {
-            None => Ok(bytes),
-            Some((_, s)) => s.open_bytes(bytes, name, &path)?.read_all(),
+        let Some((_, s)) = &self.sealing else {
+            check_digest(&path, entry, bytes.len() as u64, &hash_bytes(&bytes))?;
+            return Ok(bytes);
+        };
+        // Opened before the checksum is compared, so that a change is reported with the
+        // segment it is in.
+        let digest = hash_bytes(&bytes);
+        let len = bytes.len() as u64;
+        if len != entry.len {
+            return Err(ImageError::Length { path, expected: entry.len, actual: len });
         }
+        let content = s.open_bytes(bytes, name, &path)?.read_all()?;
+        check_digest(&path, entry, len, &digest)?;
+        Ok(content)
     }
 
     /// Reads and decodes a JSON record file, checking it against the manifest.
@@ -2411,15 +2425,24 @@ pub(crate) mod tests {
         refused(ImageReader::open_keyed(&dir, Some(&key)), "ManifestTampered", MANIFEST);
         fs::write(&path, &original).unwrap();
 
-        // A changed byte whose checksum is made to match (as the MAC forbids) is still
-        // caught by the segment it lies in.
+        // A changed byte is reported with the segment it lies in, whether the file is
+        // checked whole, read as a record, or read in pieces without its checksum.
         let pages_path = dir.join(PAGES);
         let mut bytes = fs::read(&pages_path).unwrap();
-        bytes[crypt::HEADER + 100] ^= 1;
+        bytes[crypt::HEADER + crypt::SEGMENT + 100] ^= 1;
         fs::write(&pages_path, &bytes).unwrap();
         let r = ImageReader::open_keyed(&dir, Some(&key)).unwrap();
-        refused(r.verify_all(|_| {}), "Checksum", PAGES);
-        let e = refused(r.open_content(PAGES).unwrap().read_at(&mut buf, 0), "Tampered", PAGES);
+        let e = refused(r.verify_all(|_| {}), "Tampered", PAGES);
+        assert!(e.to_string().contains("segment 1"), "{e}");
+        let content = r.open_content(PAGES).unwrap();
+        content.read_at(&mut buf, 0).unwrap();
+        let e = refused(content.read_at(&mut buf, crypt::SEGMENT as u64), "Tampered", PAGES);
+        assert!(e.to_string().contains("segment 1"), "{e}");
+        let tree_path = dir.join(TREE);
+        let mut bytes = fs::read(&tree_path).unwrap();
+        bytes[crypt::HEADER + 5] ^= 1;
+        fs::write(&tree_path, &bytes).unwrap();
+        let e = refused(r.read_tree(), "Tampered", TREE);
         assert!(e.to_string().contains("segment 0"), "{e}");
     }
 }

@@ -711,7 +711,7 @@ fn image_hint(e: &torpor_image::ImageError) -> Option<&'static str> {
             Some("use the key file given to `torpor dump --encrypt-key` for this image")
         }
         ImageError::Tampered { .. } | ImageError::ManifestTampered { .. } => {
-            Some("the image is not the one the key sealed; nothing was restored from it")
+            Some("the image was changed since the key sealed it; nothing from it was let run")
         }
         ImageError::Read { source, .. } if source.kind() == std::io::ErrorKind::NotFound => {
             Some("check the path; `torpor list DIR` lists the images in a directory")

@@ -244,7 +244,8 @@ fn a_changed_byte_in_any_file_is_refused_naming_it() {
     for name in [pages.as_str(), "tree.json"] {
         let path = dir.join(name);
         let original = flip(&path);
-        assert_refused(dir, &keys.arg(), &[name], f.pid);
+        // The segment the byte is in is named too.
+        assert_refused(dir, &keys.arg(), &[name, "segment"], f.pid);
         fs::write(&path, original).expect("put back");
     }
 
