@@ -45,6 +45,8 @@ use crate::{ImageError, Result};
 
 /// Bytes of a key.
 pub const KEY_LEN: usize = 32;
+/// Longest key file read: hex text with some white space around it.
+const MAX_KEY_FILE: usize = 256;
 /// What the manifest's [`Encryption::cipher`] says for the scheme this module writes.
 pub const CIPHER: &str = "chacha20poly1305-stream64k-hkdf-sha256";
 /// Plaintext bytes per sealed segment: small enough that reading one page costs little,
@@ -122,10 +124,17 @@ impl Key {
     /// Reads a key file: 32 bytes, or their hex or (standard) base64 text, with or without
     /// a final newline.
     pub fn load(path: &Path) -> std::result::Result<Self, KeyError> {
-        let bytes = Zeroizing::new(
-            std::fs::read(path)
-                .map_err(|source| KeyError::Read { path: path.to_path_buf(), source })?,
-        );
+        use std::io::Read;
+        let err = |source| KeyError::Read { path: path.to_path_buf(), source };
+        // A key in any form is short: a bigger file (a device, a wrong path) is no key,
+        // and is not read whole.
+        let mut bytes = Zeroizing::new(Vec::with_capacity(MAX_KEY_FILE + 1));
+        File::open(path)
+            .and_then(|f| f.take(MAX_KEY_FILE as u64 + 1).read_to_end(&mut bytes))
+            .map_err(err)?;
+        if bytes.len() > MAX_KEY_FILE {
+            return Err(KeyError::Format { path: path.to_path_buf() });
+        }
         Self::parse(&bytes).ok_or_else(|| KeyError::Format { path: path.to_path_buf() })
     }
 
@@ -648,5 +657,6 @@ mod tests {
         assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
         assert_eq!(Key::load(&path).unwrap().0.as_slice(), k.0.as_slice());
         assert!(matches!(k.save_new(&path), Err(KeyError::Write { .. })));
+        assert!(matches!(Key::load(Path::new("/dev/zero")), Err(KeyError::Format { .. })));
     }
 }
