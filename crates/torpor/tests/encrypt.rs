@@ -325,8 +325,51 @@ fn an_incremental_dump_over_an_encrypted_parent() {
     restore_and_pass(&f, &second, &keys.arg());
 }
 
+/// The number of faults a lazy restore reports having answered.
+fn faults_answered(stderr: &str) -> u64 {
+    stderr
+        .split(" faults answered")
+        .next()
+        .and_then(|s| s.rsplit(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no fault count; stderr:\n{stderr}"))
+}
+
+/// Pages of an encrypted image, raw or compressed, come in when the process first
+/// touches them, each from the segments (and frame) holding it.
 #[test]
-fn a_lazy_restore_serves_encrypted_pages_and_refuses_changed_ones() {
+fn a_lazy_restore_serves_encrypted_pages_on_first_touch() {
+    let keys = Keys::new();
+    for compress in [false, true] {
+        let mut f = start(&new_secret());
+        let images = TempDir::new().expect("image dir");
+        let mut args = keys.arg().to_vec();
+        if compress {
+            args.push("--compress");
+        }
+        f.dump_ok_with(images.path(), &args);
+
+        let mut lazy = keys.arg().to_vec();
+        lazy.extend(["--lazy", "--lazy-prefetch-after-ms", "300"]);
+        let want = reported_sum(&f.log_text()).to_string();
+        let mut restore = Restore::spawn(images.path(), &lazy);
+        restore.wait_for_process(&f);
+        f.go();
+        let status = restore.wait(FINISH_TIMEOUT).expect("the lazy restore ends");
+        let stderr = restore.stderr();
+        assert!(status.success(), "lazy restore (compress {compress}): {stderr}");
+        f.assert_log_passed();
+        assert!(f.log_text().contains(&format!("checked sum={want}\n")), "{}", f.log_text());
+        assert!(stderr.contains("all pages loaded"), "no load report: {stderr}");
+        let faults = faults_answered(&stderr);
+        assert!(faults > 0, "no page was served on a fault (compress {compress}): {stderr}");
+    }
+}
+
+/// A changed page of an encrypted image met by a lazy restore kills the tree and names
+/// the file.
+#[test]
+fn a_lazy_restore_refuses_changed_pages() {
     let keys = Keys::new();
     let mut f = start(&new_secret());
     let images = TempDir::new().expect("image dir");
@@ -342,6 +385,7 @@ fn a_lazy_restore_serves_encrypted_pages_and_refuses_changed_ones() {
     assert_eq!(status.code(), Some(1), "lazy restore of changed pages: {}", restore.stderr());
     assert!(restore.stderr().contains(&pages), "{}", restore.stderr());
     assert_pid_gone(f.pid);
+    assert!(!f.log_text().contains("PASS"), "the fixture ran to the end:\n{}", f.log_text());
     fs::write(&path, original).expect("put back");
 
     restore_and_pass(&f, images.path(), &lazy);
