@@ -31,7 +31,7 @@ else
     fuzz() { RUSTC_BOOTSTRAP=1 cargo fuzz "$@"; }
 fi
 
-for target in manifest tree single records frames; do
+for target in manifest tree single records frames sealed; do
     mkdir -p "corpus/$target"
     fuzz build "$target"
     # A single input taking 10 s counts as a hang.

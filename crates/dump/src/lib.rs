@@ -103,6 +103,9 @@ pub struct DumpOptions {
     /// Where the image's files go instead of the local directory `dir`, which then only
     /// names the image in messages (an object store, another host).
     pub store: Option<ImageStore>,
+    /// Encrypt the image with this key. A parent image (`parent`) must be encrypted with
+    /// the same key.
+    pub key: Option<torpor_image::crypt::Key>,
 }
 
 /// What [`DumpOptions::store`] holds.
@@ -172,6 +175,12 @@ pub enum DumpError {
     Image(#[from] torpor_image::ImageError),
     #[error("{dir} is the parent image itself; an incremental image needs a directory of its own")]
     ParentIsTarget { dir: PathBuf },
+    #[error(
+        "{parent} is not encrypted: an encrypted image made over it would leave its \
+         unchanged pages readable there; dump in full, or over an image encrypted with the \
+         same key"
+    )]
+    PlainParent { parent: PathBuf },
     #[error("interrupted during pre-copy; pid {pid} runs on as before")]
     Interrupted { pid: i32 },
     #[error("--pre-copy cannot be combined with {what} yet; dump without one of them")]
@@ -229,7 +238,12 @@ fn dump_noted(
             if same.is_some_and(|(a, b)| a == b) {
                 return Err(DumpError::ParentIsTarget { dir: opts.dir.clone() });
             }
-            Some(torpor_image::pages::ParentPages::load(p)?)
+            let pages = torpor_image::pages::ParentPages::load(p, opts.key.as_ref())?;
+            // An encrypted parent cannot be opened without the key, so only this is left.
+            if opts.key.is_some() && !pages.encrypted {
+                return Err(DumpError::PlainParent { parent: p.clone() });
+            }
+            Some(pages)
         }
         None => None,
     };
@@ -244,6 +258,12 @@ fn dump_noted(
         }
     };
     writer.set_durable(!opts.no_sync);
+    if let Some(key) = &opts.key {
+        if let Err(e) = writer.set_key(key) {
+            writer.abandon();
+            return Err(e.into());
+        }
+    }
     let parent_ref = match (&opts.parent, &parent) {
         (Some(dir), Some(pages)) => match torpor_image::pages::parent_path(&opts.dir, dir) {
             Ok(path) => {
@@ -325,6 +345,7 @@ fn dump_noted(
         root_pid: tree.root_pid,
         files: Vec::new(),
         parent: parent_ref,
+        encryption: None,
     };
     let t_commit = Instant::now();
     let frozen_for;

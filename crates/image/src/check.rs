@@ -35,9 +35,14 @@ pub fn check_tree(tree: &Tree, manifest: &Manifest, path: &Path) -> Result<()> {
     check(tree, manifest).map_err(|why| ImageError::Corrupt { path: path.to_path_buf(), why })
 }
 
-/// Length of a file the manifest lists.
+/// Length of the content of a file the manifest lists: in an encrypted image, what its
+/// sealed bytes hold (0 for a length no sealed file can have, which its reader refuses).
 fn listed_len(manifest: &Manifest, name: &str) -> Option<u64> {
-    manifest.files.iter().find(|f| f.name == name).map(|f| f.len)
+    let f = manifest.files.iter().find(|f| f.name == name)?;
+    match manifest.encryption {
+        Some(_) => Some(crate::crypt::plain_len(f.len).unwrap_or(0)),
+        None => Some(f.len),
+    }
 }
 
 /// Checks that `index` is within a list of `len` records called `what`.

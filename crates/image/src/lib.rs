@@ -33,11 +33,16 @@
 //! from the manifest is corrupt, and restore refuses either before creating anything.
 //! `docs/image-format.md` describes every record and the limits a reader enforces.
 //!
+//! An encrypted image ([`crypt`], format version 5) has the same files, each but the
+//! manifest sealed in authenticated segments; its manifest stays readable, records what
+//! opening it takes besides the key, and is authenticated by a MAC.
+//!
 //! The same files can also travel as one stream, a single-file image: see [`single`].
 
 #![warn(missing_docs)]
 
 mod check;
+pub mod crypt;
 pub mod model;
 pub mod pages;
 mod partial;
@@ -55,15 +60,18 @@ use serde::{Deserialize, Serialize};
 use xxhash_rust::xxh3::Xxh3;
 
 pub use check::check_tree;
-pub use partial::{read_partial, PartialImage};
+pub use partial::{read_partial, read_partial_keyed, PartialImage};
 pub use store::{Fetch, Sink, Store};
 
 /// The first field of every manifest.
 pub const MAGIC: &str = "torpor-image";
 /// The newest format this torpor writes and reads: version 2 adds compressed page files
 /// ([`model::PageFrames`]), version 3 unix sockets connected outside the tree
-/// ([`model::OpenFileKind::UnixExternal`]).
-pub const FORMAT_VERSION: u32 = 4;
+/// ([`model::OpenFileKind::UnixExternal`]), version 4 TCP sockets whose connection has
+/// ended and file locks, version 5 encryption ([`crypt`]).
+pub const FORMAT_VERSION: u32 = 5;
+/// The version an encrypted image needs.
+pub const ENCRYPTED_VERSION: u32 = 5;
 /// The oldest format this torpor reads. It writes this version unless the image uses
 /// something newer ([`ImageWriter::needs_version`]), so older torpors read plain images.
 pub const OLDEST_FORMAT_VERSION: u32 = 1;
@@ -218,6 +226,42 @@ pub enum ImageError {
         /// The name.
         name: String,
     },
+    /// The image is encrypted and no key was given.
+    #[error("{dir} is encrypted: give the key it was made with (--encrypt-key FILE)")]
+    Encrypted {
+        /// The image directory.
+        dir: PathBuf,
+    },
+    /// The key given is not the one the image was made with.
+    #[error("the key does not match the one {path} was encrypted with")]
+    WrongKey {
+        /// The manifest.
+        path: PathBuf,
+    },
+    /// A part of an encrypted file fails authentication: changed, damaged, moved or cut.
+    #[error(
+        "{path} was changed or damaged: its segment {segment} (bytes {from}-{to} of the file) \
+         does not authenticate with the key"
+    )]
+    Tampered {
+        /// The file.
+        path: PathBuf,
+        /// The segment's number.
+        segment: u64,
+        /// Where the segment starts in the file.
+        from: u64,
+        /// Where it ends.
+        to: u64,
+    },
+    /// The manifest of an encrypted image is not the one written with the key.
+    #[error("{path} was changed since the dump: its MAC does not match the key's")]
+    ManifestTampered {
+        /// The manifest.
+        path: PathBuf,
+    },
+    /// A file could not be sealed (the system's random source failed).
+    #[error("cannot encrypt the image")]
+    Key(#[from] crypt::KeyError),
 }
 
 /// Result of the image functions.
@@ -247,6 +291,9 @@ pub struct Manifest {
     /// For an incremental image: the image it refers to for pages that did not change.
     #[serde(default)]
     pub parent: Option<ParentImage>,
+    /// For an encrypted image: what opening it takes besides the key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub encryption: Option<crypt::Encryption>,
 }
 
 /// The image an incremental image was dumped over.
@@ -422,12 +469,22 @@ fn sync_dir(dir: &Path) -> Result<()> {
 /// the page cache; the thread starts their writeback as each lands and waits for pieces
 /// written a while ago, so the final sync finds little left to do and the page cache
 /// never fills with an image's dirty pages.
+///
+/// In an encrypted image the file seals what is written ([`crypt::Sealer`]); its length
+/// is that of the content, the manifest's that of the sealed bytes.
 pub struct ImageFile {
     name: String,
     path: PathBuf,
     hash: Xxh3,
+    /// Content bytes written so far.
     len: u64,
+    /// Bytes stored so far: `len` for a plain file, more for a sealed one.
+    stored: u64,
     out: Out,
+    /// For an encrypted image: the sealer, until the last segment is sealed.
+    sealer: Option<Box<crypt::Sealer>>,
+    /// Sealed bytes on their way to `out`.
+    sealed: Vec<u8>,
 }
 
 /// Where the bytes of an [`ImageFile`] go.
@@ -590,7 +647,7 @@ impl ImageFile {
         &self.name
     }
 
-    /// Bytes written so far.
+    /// Content bytes written so far (before sealing, in an encrypted image).
     pub fn len(&self) -> u64 {
         self.len
     }
@@ -606,10 +663,43 @@ impl ImageFile {
     }
 
     fn put(&mut self, buf: &[u8]) -> io::Result<()> {
+        let Some(sealer) = &mut self.sealer else {
+            self.put_stored(buf)?;
+            self.len += buf.len() as u64;
+            return Ok(());
+        };
+        let mut sealed = std::mem::take(&mut self.sealed);
+        sealer.seal(buf, &mut sealed)?;
+        // Sealed bytes go out in whole pages, the rest waiting for the next write: the
+        // file's offsets then stay page-aligned, as the writer thread's O_DIRECT writes
+        // need (segments and header are not multiples of a page).
+        let whole = sealed.len() - sealed.len() % DIRECT_ALIGN;
+        let r = match whole {
+            0 => Ok(()),
+            _ => self.put_stored(&sealed[..whole]),
+        };
+        sealed.copy_within(whole.., 0);
+        sealed.truncate(sealed.len() - whole);
+        self.sealed = sealed;
+        r?;
+        self.len += buf.len() as u64;
+        Ok(())
+    }
+
+    /// Seals the last segment, in an encrypted image, and writes what waited.
+    fn finish_sealing(&mut self) -> io::Result<()> {
+        let Some(mut sealer) = self.sealer.take() else { return Ok(()) };
+        let mut sealed = std::mem::take(&mut self.sealed);
+        sealer.finish(&mut sealed)?;
+        self.put_stored(&sealed)
+    }
+
+    /// Writes bytes as they are to be stored.
+    fn put_stored(&mut self, buf: &[u8]) -> io::Result<()> {
         match &mut self.out {
             Out::Local { file, pipe, durable } => {
                 if pipe.is_none() && buf.len() >= PIPE_MIN_WRITE {
-                    *pipe = Some(Pipe::start(file, &self.path, self.len, *durable)?);
+                    *pipe = Some(Pipe::start(file, &self.path, self.stored, *durable)?);
                 }
                 match pipe {
                     Some(p) => {
@@ -628,7 +718,7 @@ impl ImageFile {
             Out::Store(None) => return Err(io::Error::other("written after it was finished")),
         }
         self.hash.update(buf);
-        self.len += buf.len() as u64;
+        self.stored += buf.len() as u64;
         Ok(())
     }
 
@@ -639,7 +729,7 @@ impl ImageFile {
         let Out::Local { file, pipe, .. } = &mut self.out else { return Ok(()) };
         let Some(p) = pipe.take() else { return Ok(()) };
         p.finish()?;
-        file.seek(io::SeekFrom::Start(self.len))?;
+        file.seek(io::SeekFrom::Start(self.stored))?;
         Ok(())
     }
 
@@ -657,6 +747,7 @@ impl ImageFile {
     /// Waits until everything written is where it goes. A local file is not synced
     /// here: that is [`ImageWriter::commit`]'s, for every file at once.
     fn sync(&mut self) -> io::Result<()> {
+        self.finish_sealing()?;
         match &mut self.out {
             Out::Local { .. } => self.finish_pipe(),
             Out::Store(sink) => sink.take().map_or(Ok(()), |s| s.finish()),
@@ -694,6 +785,8 @@ pub struct ImageWriter {
     durable: bool,
     /// The format version the manifest will record.
     version: u32,
+    /// For an encrypted image: its keys.
+    sealing: Option<crypt::Sealing>,
 }
 
 impl ImageWriter {
@@ -725,6 +818,7 @@ impl ImageWriter {
             made_dir,
             durable: true,
             version: OLDEST_FORMAT_VERSION,
+            sealing: None,
         })
     }
 
@@ -742,6 +836,7 @@ impl ImageWriter {
             made_dir: false,
             durable: true,
             version: OLDEST_FORMAT_VERSION,
+            sealing: None,
         })
     }
 
@@ -750,6 +845,19 @@ impl ImageWriter {
     /// a crash soon after it may lose the image, and with it a process the dump ended.
     pub fn set_durable(&mut self, durable: bool) {
         self.durable = durable;
+    }
+
+    /// Encrypts the image with `key`: every file created from here on is sealed, and
+    /// the manifest authenticated. Call it before creating any file.
+    pub fn set_key(&mut self, key: &crypt::Key) -> Result<()> {
+        self.sealing = Some(crypt::Sealing::create(key)?);
+        self.needs_version(ENCRYPTED_VERSION);
+        Ok(())
+    }
+
+    /// Whether the image is encrypted.
+    pub fn is_encrypted(&self) -> bool {
+        self.sealing.is_some()
     }
 
     /// Whether the image goes to disk before [`ImageWriter::commit`] returns.
@@ -788,8 +896,21 @@ impl ImageWriter {
                 durable: self.durable,
             },
         };
+        let sealer = match &self.sealing {
+            Some(s) => Some(Box::new(s.sealer(name)?)),
+            None => None,
+        };
         self.created.push(path.clone());
-        Ok(ImageFile { name: name.to_string(), path, hash: Xxh3::new(), len: 0, out })
+        Ok(ImageFile {
+            name: name.to_string(),
+            path,
+            hash: Xxh3::new(),
+            len: 0,
+            stored: 0,
+            out,
+            sealer,
+            sealed: Vec::new(),
+        })
     }
 
     /// Drops a file written so far (a process that left the tree during pre-copy):
@@ -816,7 +937,7 @@ impl ImageWriter {
     /// the same name replaces the earlier record.
     pub fn finish_file(&mut self, mut f: ImageFile) -> Result<()> {
         f.sync().map_err(|source| ImageError::Write { path: f.path.clone(), source })?;
-        let entry = FileEntry { name: f.name, len: f.len, xxh3: digest_hex(&f.hash) };
+        let entry = FileEntry { name: f.name, len: f.stored, xxh3: digest_hex(&f.hash) };
         match self.entries.iter_mut().find(|e| e.name == entry.name) {
             Some(old) => *old = entry,
             None => self.entries.push(entry),
@@ -850,6 +971,13 @@ impl ImageWriter {
         manifest.magic = MAGIC.to_string();
         manifest.format_version = self.version;
         manifest.files = std::mem::take(&mut self.entries);
+        manifest.encryption = None;
+        if let Some(s) = &self.sealing {
+            let mut e = s.encryption();
+            manifest.encryption = Some(e.clone());
+            e.mac = s.manifest_mac(&mac_body(&manifest));
+            manifest.encryption = Some(e);
+        }
         match self.write_manifest(&manifest) {
             Ok(()) => Ok(()),
             Err(e) => {
@@ -954,6 +1082,17 @@ impl ImageWriter {
     }
 }
 
+/// What the MAC of an encrypted image's manifest covers: the manifest as this torpor
+/// encodes it, with an empty MAC. Encoding what was decoded, rather than taking the bytes
+/// read, makes the MAC cover every value a reader uses and nothing it ignores.
+fn mac_body(m: &Manifest) -> Vec<u8> {
+    let mut m = m.clone();
+    if let Some(e) = &mut m.encryption {
+        e.mac.clear();
+    }
+    serde_json::to_vec(&m).expect("a manifest always serializes")
+}
+
 /// The manifest's bytes: the JSON body, a newline, and a trailer line with its checksum.
 pub fn encode_manifest(m: &Manifest) -> Vec<u8> {
     let mut body = serde_json::to_vec_pretty(m).expect("a manifest always serializes");
@@ -1038,13 +1177,103 @@ pub struct ImageReader {
     manifest: Manifest,
     /// xxh3-128 of the manifest file, in hex: what an incremental image records of it.
     manifest_xxh3: String,
+    /// For an encrypted image: the key (its parents are opened with it) and the keys
+    /// derived from it.
+    sealing: Option<(crypt::Key, Arc<crypt::Sealing>)>,
+}
+
+/// The content of a file of an image, whether stored as it is or sealed.
+pub enum Content {
+    /// A plain file.
+    Plain {
+        /// The file.
+        file: File,
+        /// Its path, for messages.
+        path: PathBuf,
+        /// Its length.
+        len: u64,
+    },
+    /// A file of an encrypted image.
+    Sealed(crypt::SealedFile),
+}
+
+impl Content {
+    /// Bytes of content.
+    pub fn len(&self) -> u64 {
+        match self {
+            Content::Plain { len, .. } => *len,
+            Content::Sealed(s) => s.len(),
+        }
+    }
+
+    /// Whether there is no content.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Whether the stored bytes are not the content (so no other process can read it).
+    pub fn is_sealed(&self) -> bool {
+        matches!(self, Content::Sealed(_))
+    }
+
+    /// Fills `buf` with the content from offset `off`.
+    pub fn read_at(&self, buf: &mut [u8], off: u64) -> Result<()> {
+        use std::os::unix::fs::FileExt;
+        match self {
+            Content::Plain { file, path, .. } => file
+                .read_exact_at(buf, off)
+                .map_err(|source| ImageError::Read { path: path.clone(), source }),
+            Content::Sealed(s) => s.read_at(buf, off),
+        }
+    }
+
+    /// Writes the whole content into `out`.
+    pub fn copy_to(&self, out: &mut dyn Write) -> Result<()> {
+        match self {
+            Content::Plain { file, path, .. } => {
+                let mut buf = vec![0u8; 1 << 20];
+                let mut f = file;
+                loop {
+                    let n = match f.read(&mut buf) {
+                        Ok(0) => return Ok(()),
+                        Ok(n) => n,
+                        Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                        Err(source) => return Err(ImageError::Read { path: path.clone(), source }),
+                    };
+                    out.write_all(&buf[..n]).map_err(|source| ImageError::Write {
+                        path: PathBuf::from(format!("the copy of {}", path.display())),
+                        source,
+                    })?;
+                }
+            }
+            Content::Sealed(s) => s.copy_to(out),
+        }
+    }
 }
 
 impl ImageReader {
+    /// Opens an image that is not encrypted: see [`ImageReader::open_keyed`].
+    pub fn open(dir: &Path) -> Result<Self> {
+        Self::open_keyed(dir, None)
+    }
+
     /// Opens an image: reads and checks the manifest, and that every file it lists exists
     /// as a regular file with the recorded length. Contents are checked by
     /// [`ImageReader::verify_all`], or file by file as they are read.
-    pub fn open(dir: &Path) -> Result<Self> {
+    ///
+    /// An encrypted image needs its `key`, which must match, and a manifest that the key
+    /// authenticates; a key given for an image that is not encrypted is not used.
+    pub fn open_keyed(dir: &Path, key: Option<&crypt::Key>) -> Result<Self> {
+        Self::open_inner(dir, key, false)
+    }
+
+    /// Opens an image to copy its files as they are stored (packing it into one file):
+    /// an encrypted one needs no key then, and its files read back sealed.
+    pub(crate) fn open_as_stored(dir: &Path) -> Result<Self> {
+        Self::open_inner(dir, None, true)
+    }
+
+    fn open_inner(dir: &Path, key: Option<&crypt::Key>, as_stored: bool) -> Result<Self> {
         let meta = fs::metadata(dir)
             .map_err(|source| ImageError::Read { path: dir.to_path_buf(), source })?;
         if !meta.is_dir() {
@@ -1061,6 +1290,21 @@ impl ImageReader {
         };
         let manifest = decode_manifest(&bytes, &path)?;
         let manifest_xxh3 = hash_bytes(&bytes);
+        let sealing = match (&manifest.encryption, key) {
+            _ if as_stored => None,
+            (None, _) => None,
+            (Some(_), None) => return Err(ImageError::Encrypted { dir: dir.to_path_buf() }),
+            (Some(e), Some(key)) => {
+                let s = crypt::Sealing::open(key, e, &path).map_err(|e| match e {
+                    ImageError::WrongKey { .. } => ImageError::WrongKey { path: dir.to_path_buf() },
+                    e => e,
+                })?;
+                if !s.check_manifest_mac(&mac_body(&manifest), &e.mac) {
+                    return Err(ImageError::ManifestTampered { path });
+                }
+                Some((key.clone(), Arc::new(s)))
+            }
+        };
 
         for f in &manifest.files {
             let p = dir.join(&f.name);
@@ -1078,7 +1322,29 @@ impl ImageReader {
                 return Err(ImageError::Length { path: p, expected: f.len, actual: meta.len() });
             }
         }
-        Ok(Self { dir: dir.to_path_buf(), manifest, manifest_xxh3 })
+        Ok(Self { dir: dir.to_path_buf(), manifest, manifest_xxh3, sealing })
+    }
+
+    /// Whether the image is encrypted.
+    pub fn is_encrypted(&self) -> bool {
+        self.sealing.is_some()
+    }
+
+    /// The key the image was opened with, if it is encrypted.
+    pub fn key(&self) -> Option<&crypt::Key> {
+        self.sealing.as_ref().map(|(k, _)| k)
+    }
+
+    /// Opens a file of the image for reading its content at any offset. Its checksum is
+    /// not checked here; in an encrypted image every piece read is authenticated.
+    pub fn open_content(&self, name: &str) -> Result<Content> {
+        let entry = self.entry(name)?;
+        let path = self.dir.join(name);
+        let file = open_regular(&path)?;
+        match &self.sealing {
+            None => Ok(Content::Plain { file, path, len: entry.len }),
+            Some((_, s)) => Ok(Content::Sealed(s.open_file(file, name, entry.len, &path)?)),
+        }
     }
 
     /// The image's manifest.
@@ -1140,7 +1406,12 @@ impl ImageReader {
                 total += n as u64;
                 progress(total);
             }
-            check_digest(&path, f, len, &digest_hex(&h))?;
+            let checked = check_digest(&path, f, len, &digest_hex(&h));
+            if let (Err(ImageError::Checksum { .. }), Some((_, s))) = (&checked, &self.sealing) {
+                // The segment that fails tells where the change is.
+                s.open_file(open_regular(&path)?, &f.name, f.len, &path)?.verify()?;
+            }
+            checked?;
         }
         Ok(())
     }
@@ -1172,8 +1443,20 @@ impl ImageReader {
         file.take(entry.len + 1)
             .read_to_end(&mut bytes)
             .map_err(|source| ImageError::Read { path: path.clone(), source })?;
-        check_digest(&path, entry, bytes.len() as u64, &hash_bytes(&bytes))?;
-        Ok(bytes)
+        let Some((_, s)) = &self.sealing else {
+            check_digest(&path, entry, bytes.len() as u64, &hash_bytes(&bytes))?;
+            return Ok(bytes);
+        };
+        // Opened before the checksum is compared, so that a change is reported with the
+        // segment it is in.
+        let digest = hash_bytes(&bytes);
+        let len = bytes.len() as u64;
+        if len != entry.len {
+            return Err(ImageError::Length { path, expected: entry.len, actual: len });
+        }
+        let content = s.open_bytes(bytes, name, &path)?.read_all()?;
+        check_digest(&path, entry, len, &digest)?;
+        Ok(content)
     }
 
     /// Reads and decodes a JSON record file, checking it against the manifest.
@@ -1527,14 +1810,23 @@ pub(crate) mod tests {
             root_pid: PID,
             files: Vec::new(),
             parent: None,
+            encryption: None,
         }
     }
 
     /// Writes the sample image into a new directory `img` under a temporary directory.
     pub(crate) fn write_sample() -> (TempDir, PathBuf) {
+        write_sample_keyed(None)
+    }
+
+    /// [`write_sample`], encrypted with `key` if one is given.
+    pub(crate) fn write_sample_keyed(key: Option<&crypt::Key>) -> (TempDir, PathBuf) {
         let tmp = TempDir::new().unwrap();
         let dir = tmp.path().join("img");
         let mut w = ImageWriter::create(&dir).unwrap();
+        if let Some(k) = key {
+            w.set_key(k).unwrap();
+        }
         w.write_json(TREE, &sample_tree()).unwrap();
 
         let mut f = w.create_file(PAGES).unwrap();
@@ -1576,6 +1868,11 @@ pub(crate) mod tests {
             ImageError::Parent { .. } => "Parent",
             ImageError::ParentChanged { .. } => "ParentChanged",
             ImageError::NotPackable { .. } => "NotPackable",
+            ImageError::Encrypted { .. } => "Encrypted",
+            ImageError::WrongKey { .. } => "WrongKey",
+            ImageError::Tampered { .. } => "Tampered",
+            ImageError::ManifestTampered { .. } => "ManifestTampered",
+            ImageError::Key(_) => "Key",
         }
     }
 
@@ -2088,5 +2385,66 @@ pub(crate) mod tests {
         p["vmas"][0].as_object_mut().unwrap().remove("advice");
         let tree: Tree = serde_json::from_value(v).unwrap();
         assert!(tree.processes[0].cmdline.is_empty());
+    }
+
+    /// An encrypted sample: everything reads back with the key, nothing without it or
+    /// with another, and any change to the manifest or a file is refused by name.
+    #[test]
+    fn encrypted_image_reads_back_only_with_its_key() {
+        let key = crypt::Key::generate().unwrap();
+        let (_tmp, dir) = write_sample_keyed(Some(&key));
+        let r = ImageReader::open_keyed(&dir, Some(&key)).unwrap();
+        assert!(r.is_encrypted());
+        assert_eq!(r.manifest().format_version, ENCRYPTED_VERSION);
+        r.verify_all(|_| {}).unwrap();
+        assert_eq!(r.read_tree().unwrap(), sample_tree());
+        assert_eq!(r.read_file(VDSO).unwrap(), vdso_bytes());
+        let mut saved = Vec::new();
+        r.open_content(SAVED).unwrap().copy_to(&mut saved).unwrap();
+        assert_eq!(saved, vec![b'x'; 100]);
+        let pages = r.open_content(PAGES).unwrap();
+        assert_eq!(pages.len(), DATA_PAGES * PAGE);
+        let mut buf = vec![0u8; 3 * PAGE as usize];
+        pages.read_at(&mut buf, 20 * PAGE).unwrap();
+        assert_eq!(buf, [page(20), page(21), page(22)].concat());
+        // What is stored is not what was written.
+        let stored = fs::read(dir.join(PAGES)).unwrap();
+        assert!(!stored.windows(PAGE as usize).any(|w| w == page(20)));
+
+        refused(ImageReader::open(&dir), "Encrypted", "--encrypt-key");
+        let other = crypt::Key::generate().unwrap();
+        refused(ImageReader::open_keyed(&dir, Some(&other)), "WrongKey", "img");
+        // A plain image opens with a key too: there is nothing to use it for.
+        let (_plain_tmp, plain) = write_sample();
+        assert!(!ImageReader::open_keyed(&plain, Some(&key)).unwrap().is_encrypted());
+
+        // A manifest changed and given a matching trailer fails its MAC.
+        let path = dir.join(MANIFEST);
+        let original = fs::read(&path).unwrap();
+        let mut m = decode_manifest(&original, &path).unwrap();
+        m.files[0].len += 1;
+        fs::write(&path, encode_manifest(&m)).unwrap();
+        refused(ImageReader::open_keyed(&dir, Some(&key)), "ManifestTampered", MANIFEST);
+        fs::write(&path, &original).unwrap();
+
+        // A changed byte is reported with the segment it lies in, whether the file is
+        // checked whole, read as a record, or read in pieces without its checksum.
+        let pages_path = dir.join(PAGES);
+        let mut bytes = fs::read(&pages_path).unwrap();
+        bytes[crypt::HEADER + crypt::SEGMENT + 100] ^= 1;
+        fs::write(&pages_path, &bytes).unwrap();
+        let r = ImageReader::open_keyed(&dir, Some(&key)).unwrap();
+        let e = refused(r.verify_all(|_| {}), "Tampered", PAGES);
+        assert!(e.to_string().contains("segment 1"), "{e}");
+        let content = r.open_content(PAGES).unwrap();
+        content.read_at(&mut buf, 0).unwrap();
+        let e = refused(content.read_at(&mut buf, crypt::SEGMENT as u64), "Tampered", PAGES);
+        assert!(e.to_string().contains("segment 1"), "{e}");
+        let tree_path = dir.join(TREE);
+        let mut bytes = fs::read(&tree_path).unwrap();
+        bytes[crypt::HEADER + 5] ^= 1;
+        fs::write(&tree_path, &bytes).unwrap();
+        let e = refused(r.read_tree(), "Tampered", TREE);
+        assert!(e.to_string().contains("segment 0"), "{e}");
     }
 }

@@ -20,21 +20,23 @@
 //! the file as stored; each frame also carries zstd's own checksum of its content, so a
 //! reader that does not verify the whole file first still notices a damaged frame.
 //!
+//! In an encrypted image either form is sealed as any other file is ([`crate::crypt`]):
+//! in independent segments, so a reader still reaches any frame (or, raw, any page)
+//! without the rest, and every piece it reads is authenticated.
+//!
 //! The writer compresses on worker threads while its caller goes on producing data: the
 //! caller only copies bytes into the current frame, and hands full frames to the workers
 //! through a bounded queue.
 
 use std::collections::BTreeMap;
-use std::fs::File;
 use std::io;
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::{self, Receiver, SyncSender};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
 use crate::model::{PageFrames, Process, Tree};
-use crate::{ImageError, ImageFile, ImageReader, Result};
+use crate::{Content, ImageError, ImageFile, ImageReader, Result};
 
 /// Page data per compressed frame. Small enough that reading one page costs little (a
 /// lazy restore decompresses one frame per fault), large enough for zstd to find repeats.
@@ -295,7 +297,7 @@ fn collect_frames(mut file: ImageFile, done: &Receiver<Compressed>) -> Result<Wr
 /// The page data of one process, whatever way its page file stores it.
 pub struct PageSource {
     path: PathBuf,
-    file: File,
+    content: Content,
     layout: Layout,
 }
 
@@ -311,13 +313,20 @@ impl PageSource {
     /// Opens the page file of `p`, checking its frame index if it has one.
     pub fn open(reader: &ImageReader, p: &Process) -> Result<Self> {
         let path = reader.path(&p.pages_file)?;
-        let len = reader.entry(&p.pages_file)?.len;
-        Self::open_path(&path, len, p.page_frames.as_ref())
+        let content = reader.open_content(&p.pages_file)?;
+        Self::with_content(&path, content, p.page_frames.as_ref())
     }
 
-    /// Opens a page file of `file_len` bytes (as listed) at `path`.
+    /// Opens a plain page file of `file_len` bytes (as listed) at `path`.
     pub fn open_path(path: &Path, file_len: u64, frames: Option<&PageFrames>) -> Result<Self> {
+        let file = crate::open_regular(path)?;
+        let content = Content::Plain { file, path: path.to_path_buf(), len: file_len };
+        Self::with_content(path, content, frames)
+    }
+
+    fn with_content(path: &Path, content: Content, frames: Option<&PageFrames>) -> Result<Self> {
         let corrupt = |why: String| ImageError::Corrupt { path: path.to_path_buf(), why };
+        let file_len = content.len();
         let layout = match frames {
             None => Layout::Raw { len: file_len },
             Some(f) => {
@@ -332,8 +341,7 @@ impl PageSource {
                 Layout::Zstd { frame_len: f.frame_len, data_len: f.data_len, starts }
             }
         };
-        let file = crate::open_regular(path)?;
-        Ok(Self { path: path.to_path_buf(), file, layout })
+        Ok(Self { path: path.to_path_buf(), content, layout })
     }
 
     /// The page file's path, for messages.
@@ -341,10 +349,15 @@ impl PageSource {
         &self.path
     }
 
-    /// Whether the page file is compressed (so it cannot be read by the restored process
-    /// itself).
+    /// Whether the page file is compressed.
     pub fn is_compressed(&self) -> bool {
         matches!(self.layout, Layout::Zstd { .. })
+    }
+
+    /// Whether the restored process can read its pages from the file itself: neither
+    /// compressed nor encrypted.
+    pub fn is_raw(&self) -> bool {
+        !self.is_compressed() && !self.content.is_sealed()
     }
 
     /// Bytes of page data.
@@ -410,7 +423,7 @@ impl PageSource {
             )));
         }
         if !self.is_compressed() {
-            return self.pread(buf, off);
+            return self.content.read_at(buf, off);
         }
         let mut frame = Vec::new();
         let mut done = 0usize;
@@ -427,9 +440,7 @@ impl PageSource {
     }
 
     fn pread(&self, buf: &mut [u8], off: u64) -> Result<()> {
-        self.file
-            .read_exact_at(buf, off)
-            .map_err(|source| ImageError::Read { path: self.path.clone(), source })
+        self.content.read_at(buf, off)
     }
 
     fn corrupt(&self, why: String) -> ImageError {
@@ -497,14 +508,16 @@ pub struct ParentPages {
     pub dir: PathBuf,
     /// Its manifest's checksum, to record.
     pub manifest_xxh3: String,
+    /// Whether it is encrypted.
+    pub encrypted: bool,
     processes: std::collections::HashMap<i32, (Vec<ParentRun>, Vec<u64>)>,
 }
 
 impl ParentPages {
-    /// Reads the image in `dir` (checking it whole) and indexes its pages by process and
-    /// address.
-    pub fn load(dir: &Path) -> Result<Self> {
-        let reader = ImageReader::open(dir)?;
+    /// Reads the image in `dir` (checking it whole; opened with `key` if encrypted) and
+    /// indexes its pages by process and address.
+    pub fn load(dir: &Path, key: Option<&crate::crypt::Key>) -> Result<Self> {
+        let reader = ImageReader::open_keyed(dir, key)?;
         reader.verify_all(|_| {})?;
         let tree = reader.read_tree()?;
         let mut processes = std::collections::HashMap::new();
@@ -532,6 +545,7 @@ impl ParentPages {
         Ok(Self {
             dir: dir.to_path_buf(),
             manifest_xxh3: reader.manifest_xxh3().to_string(),
+            encrypted: reader.is_encrypted(),
             processes,
         })
     }
@@ -557,7 +571,8 @@ impl ParentPages {
 pub const MAX_CHAIN: usize = 64;
 
 /// Opens the parents of the image `reader` reads, nearest first, checking that each is
-/// the image its child was made over; `verify` also checks every file of each.
+/// the image its child was made over; `verify` also checks every file of each. The
+/// parents of an encrypted image are opened with its key.
 pub fn open_parents(reader: &ImageReader, verify: bool) -> Result<Vec<(ImageReader, Tree)>> {
     let mut chain: Vec<(ImageReader, Tree)> = Vec::new();
     let mut child = (reader.dir().to_path_buf(), reader.manifest().parent.clone());
@@ -571,7 +586,7 @@ pub fn open_parents(reader: &ImageReader, verify: bool) -> Result<Vec<(ImageRead
         let path = dir.join(&parent.path);
         let wrap =
             |e| ImageError::Parent { dir: dir.clone(), parent: path.clone(), source: Box::new(e) };
-        let r = ImageReader::open(&path).map_err(wrap)?;
+        let r = ImageReader::open_keyed(&path, reader.key()).map_err(wrap)?;
         if r.manifest_xxh3() != parent.manifest_xxh3 {
             return Err(ImageError::ParentChanged {
                 dir,

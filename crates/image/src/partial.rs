@@ -33,11 +33,17 @@ pub struct PartialImage {
 /// Reads the manifest and the process tree of the image in `dir` as far as they can be
 /// read. Never fails: what cannot be read is `None` and its fault is in `problems`.
 pub fn read_partial(dir: &Path) -> PartialImage {
+    read_partial_keyed(dir, None)
+}
+
+/// [`read_partial`] with the key of an encrypted image. Without it, or when the image's
+/// manifest does not open with it, the tree of an encrypted image is not read.
+pub fn read_partial_keyed(dir: &Path, key: Option<&crate::crypt::Key>) -> PartialImage {
     let mut out =
         PartialImage { dir: dir.to_path_buf(), manifest: None, tree: None, problems: Vec::new() };
 
     // The normal path: an intact image reads as restore would read it.
-    match ImageReader::open(dir) {
+    match ImageReader::open_keyed(dir, key) {
         Ok(reader) => match reader.read_tree() {
             Ok(tree) => {
                 out.manifest = Some(reader.manifest().clone());
@@ -97,6 +103,12 @@ pub fn read_partial(dir: &Path) -> PartialImage {
                 note(&mut out.problems, e);
             }
         }
+    }
+
+    // The records of an encrypted image are sealed; the normal path said why it could not
+    // open them.
+    if out.manifest.as_ref().is_some_and(|m| m.encryption.is_some()) {
+        return out;
     }
 
     let tree_path = dir.join(TREE);

@@ -181,7 +181,8 @@ impl Out<'_> {
 /// checked against the manifest as it goes, so a file changed since the dump fails the
 /// packing instead of making a stream restore would refuse.
 pub fn pack(dir: &Path, out: &mut dyn Write, out_path: &Path) -> Result<u64> {
-    let reader = ImageReader::open(dir)?;
+    // An encrypted image is packed as it is stored: sealed.
+    let reader = ImageReader::open_as_stored(dir)?;
     if reader.manifest().parent.is_some() {
         return Err(ImageError::NotPackable {
             dir: dir.to_path_buf(),
@@ -541,6 +542,12 @@ pub fn read_partial(src: Input, name: &Path, check_data: bool) -> crate::Partial
         out.problems.push(e);
     }
     out.manifest = scanned.manifest;
+    // The records of an encrypted image are sealed: reading them takes the key, and an
+    // unpacked copy (`crate::read_partial_keyed`).
+    if out.manifest.as_ref().is_some_and(|m| m.encryption.is_some()) {
+        out.problems.push(ImageError::Encrypted { dir: name.to_path_buf() });
+        return out;
+    }
     if let Some(bytes) = &scanned.tree {
         let path = PathBuf::from(format!("{} (member {TREE})", name.display()));
         match serde_json::from_slice::<crate::model::Tree>(bytes) {

@@ -1,7 +1,8 @@
 //! Filling mappings from page files the restored process cannot read itself.
 //!
 //! A raw page file of the image is read by the process, straight into its mappings (see
-//! `space`). A compressed one, or pages an incremental image leaves in its parents, are
+//! `space`). A compressed or encrypted one, or pages an incremental image leaves in its
+//! parents, are
 //! read by torpor, a frame per worker thread, and written into the process with
 //! `process_vm_writev` while the mapping is still writable. Frames are
 //! independent, so the workers need no order; the frame a mapping ends in is kept for the
@@ -49,7 +50,8 @@ impl Unpacker {
     /// image has no parent and every page file is raw (the processes read them).
     pub fn open(reader: &ImageReader, tree: &model::Tree) -> Result<Option<Self>> {
         let parents = torpor_image::pages::open_parents(reader, false)?;
-        if parents.is_empty() && tree.processes.iter().all(|p| p.page_frames.is_none()) {
+        let raw = !reader.is_encrypted() && tree.processes.iter().all(|p| p.page_frames.is_none());
+        if parents.is_empty() && raw {
             return Ok(None);
         }
         let mut sources = HashMap::new();
@@ -66,14 +68,11 @@ impl Unpacker {
     }
 
     /// Whether torpor must fill mapping `v` of process `owner`: some of its data is
-    /// compressed or in a parent image.
+    /// compressed, encrypted or in a parent image.
     pub fn needed(&self, owner: i32, v: &model::Vma) -> bool {
         v.pages.iter().filter(|r| r.offset.is_some()).any(|r| {
             r.image > 0
-                || self
-                    .sources
-                    .get(&(0, r.from_pid.unwrap_or(owner)))
-                    .is_some_and(|s| s.is_compressed())
+                || self.sources.get(&(0, r.from_pid.unwrap_or(owner))).is_some_and(|s| !s.is_raw())
         })
     }
 

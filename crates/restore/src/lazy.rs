@@ -33,10 +33,8 @@
 //! run on with memory that is not its own.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::fs::File;
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
-use std::os::unix::fs::FileExt;
 use std::sync::{mpsc, Arc};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -45,6 +43,7 @@ use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use nix::sys::signal::{kill, SigSet, Signal};
 use nix::sys::signalfd::{SfdFlags, SignalFd};
 use torpor_image::model::{self, VmaKind};
+use torpor_image::pages::PageSource;
 use torpor_image::{Fetch, ImageError, ImageReader};
 use torpor_sys::{args, uffd, PAGE};
 
@@ -195,10 +194,10 @@ fn find(p: &Pending, page: u64) -> Option<(u64, Run)> {
     (page < k + r.pages * PAGE).then_some((k, *r))
 }
 
-/// The image's page files, open in torpor. The one place a lazy restore reads page data:
-/// a page store with another layout (compressed, say) only has to answer `read`.
+/// The image's page files, open in torpor. The one place a lazy restore reads page data,
+/// whatever way it is stored (raw, compressed, encrypted): [`PageSource`] reads any range.
 struct PageFiles {
-    files: HashMap<i32, (String, File)>,
+    files: HashMap<i32, (String, PageSource)>,
     /// Fetches what is read first, when the files are still being copied in.
     fetch: Option<Arc<dyn Fetch>>,
 }
@@ -211,12 +210,17 @@ impl PageFiles {
     ) -> Result<Self> {
         let mut files = HashMap::new();
         for p in &tree.processes {
-            let path = reader.path(&p.pages_file)?;
-            let f = File::open(&path).map_err(|source| RestoreError::Prepare {
-                what: format!("page file {}", path.display()),
-                source,
-            })?;
-            files.insert(p.pid, (p.pages_file.clone(), f));
+            if let Some(fetch) = &fetch {
+                // Compressed or encrypted page data is not at the pages' own offsets:
+                // such a file is read only once it is all in.
+                if p.page_frames.is_some() || reader.is_encrypted() {
+                    fetch.whole(&p.pages_file).map_err(|source| RestoreError::Prepare {
+                        what: format!("page file {}", p.pages_file),
+                        source,
+                    })?;
+                }
+            }
+            files.insert(p.pid, (p.pages_file.clone(), PageSource::open(reader, p)?));
         }
         Ok(Self { files, fetch })
     }
@@ -227,19 +231,21 @@ impl PageFiles {
     }
 
     /// Fills `buf` with the bytes at `offset` of the page data of process `owner`.
-    fn read(&self, owner: i32, offset: u64, buf: &mut [u8]) -> io::Result<()> {
-        let (name, f) = self.files.get(&owner).ok_or_else(|| {
-            io::Error::new(io::ErrorKind::NotFound, format!("no page file for pid {owner}"))
+    fn read(&self, owner: i32, offset: u64, buf: &mut [u8]) -> std::result::Result<(), ImageError> {
+        let (name, f) = self.files.get(&owner).ok_or_else(|| ImageError::Read {
+            path: format!("pages of pid {owner}").into(),
+            source: io::Error::new(io::ErrorKind::NotFound, "no page file for this pid"),
         })?;
         if let Some(fetch) = &self.fetch {
-            fetch.fetch(name, &[(offset, buf.len() as u64)])?;
-        }
-        f.read_exact_at(buf, offset).map_err(|e| match e.kind() {
-            io::ErrorKind::UnexpectedEof => {
-                io::Error::new(e.kind(), "the file ends before the pages asked for")
+            // Only a raw file holds page data at the page's own offset; a compressed or
+            // encrypted one was fetched whole when opened.
+            if f.is_raw() {
+                fetch
+                    .fetch(name, &[(offset, buf.len() as u64)])
+                    .map_err(|source| ImageError::Read { path: name.into(), source })?;
             }
-            _ => e,
-        })
+        }
+        f.read_at(buf, offset)
     }
 }
 
@@ -549,13 +555,18 @@ impl Server {
     ) -> std::result::Result<Placed, LazyError> {
         let len = (n * PAGE) as usize;
         self.buf.resize(len, 0);
-        if let Err(source) = self.pages.read(owner, offset, &mut self.buf[..len]) {
-            return Err(LazyError::Unreadable {
-                file: self.pages.name(owner),
-                offset,
-                label: self.targets[t].label.clone(),
-                source,
-            });
+        match self.pages.read(owner, offset, &mut self.buf[..len]) {
+            Ok(()) => {}
+            Err(ImageError::Read { source, .. }) => {
+                return Err(LazyError::Unreadable {
+                    file: self.pages.name(owner),
+                    offset,
+                    label: self.targets[t].label.clone(),
+                    source,
+                })
+            }
+            // Damaged or tampered page data: the error names the file and the place.
+            Err(source) => return Err(LazyError::Damaged { source }),
         }
         let target = &mut self.targets[t];
         let c = uffd::copy(target.uffd.as_fd(), addr, &self.buf[..len]);

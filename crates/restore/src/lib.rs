@@ -90,6 +90,9 @@ pub struct RestoreOptions {
     /// executable): whoever could write it could write the image, so it counts for the
     /// credential rule like the image's own files.
     pub packed_from: Option<PathBuf>,
+    /// The key of an encrypted image. Without it an encrypted image is refused, as is a
+    /// key that is not the image's, before anything is made.
+    pub key: Option<torpor_image::crypt::Key>,
 }
 
 /// What [`RestoreOptions::fetch`] holds.
@@ -216,9 +219,12 @@ pub(crate) fn describe_pid(pid: i32) -> String {
     }
 }
 
-/// Checks an image completely, creating nothing.
-pub fn check_image(dir: &std::path::Path) -> Result<(ImageReader, model::Tree)> {
-    let reader = ImageReader::open(dir)?;
+/// Checks an image completely, creating nothing; `key` opens an encrypted one.
+pub fn check_image(
+    dir: &std::path::Path,
+    key: Option<&torpor_image::crypt::Key>,
+) -> Result<(ImageReader, model::Tree)> {
+    let reader = ImageReader::open_keyed(dir, key)?;
     reader.verify_all(|_| {})?;
     let tree = reader.read_tree()?;
     // An incremental image needs every image it was made over, unchanged.
@@ -254,7 +260,7 @@ pub fn restore(opts: &RestoreOptions) -> Result<Restored> {
     // (reading it from the page cache as they do), and they run only if it is intact. A
     // lazy restore leaves the page files to the page server, which checks each as it
     // loads it; the parents of an incremental image are checked whole.
-    let reader = ImageReader::open(&opts.dir)?;
+    let reader = ImageReader::open_keyed(&opts.dir, opts.key.as_ref())?;
     prefetch(&reader);
     reader.verify_files(|f| f.len < VERIFY_LATER, |_| {})?;
     let tree = reader.read_tree()?;

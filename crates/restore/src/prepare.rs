@@ -1591,8 +1591,7 @@ fn make_memfd(reader: &ImageReader, m: &model::Memfd, saved: &str) -> Result<Fil
     }
     // SAFETY: just created, owned by nobody else.
     let mut f = unsafe { File::from_raw_fd(fd) };
-    let mut src = File::open(reader.path(saved)?).map_err(err)?;
-    io::copy(&mut src, &mut f).map_err(err)?;
+    reader.open_content(saved)?.copy_to(&mut f)?;
     let seals = m.seals as i32;
     // SAFETY: fcntl on our own descriptor.
     if seals != 0 && unsafe { libc::fcntl(fd, libc::F_ADD_SEALS, seals) } < 0 {
@@ -1910,8 +1909,7 @@ fn make_ghost(reader: &ImageReader, info: &model::FileInfo, saved: &str) -> Resu
                 .open("/tmp")
         })
         .map_err(err)?;
-    let mut src = File::open(reader.path(saved)?).map_err(err)?;
-    io::copy(&mut src, &mut f).map_err(err)?;
+    reader.open_content(saved)?.copy_to(&mut f)?;
     f.set_permissions(fs::Permissions::from_mode(info.mode & 0o7777)).map_err(err)?;
     Ok(f)
 }

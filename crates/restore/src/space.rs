@@ -328,10 +328,15 @@ impl Space {
             )
         })?;
 
-        // Compressed pages, or pages left in parent images, are written by torpor into
-        // the mapping once it exists; the process has nothing left to read.
+        // Compressed or encrypted pages, or pages left in parent images, are written by
+        // torpor into the mapping once it exists; the process has nothing left to read.
+        // A lazy mapping is left to the page server instead, which reads compressed and
+        // encrypted page data itself; pages in parent images are beyond it.
+        let served =
+            lazy.is_some() && crate::lazy::is_lazy(v) && v.pages.iter().all(|r| r.image == 0);
         let mut runs = &v.pages[..];
-        if let Some(unpacker) = prep.unpacker.as_ref().filter(|u| u.needed(self.inner, v)) {
+        let unpack = prep.unpacker.as_ref().filter(|u| !served && u.needed(self.inner, v));
+        if let Some(unpacker) = unpack {
             self.run(&self.remote, batch)?;
             let map_err = |source| RestoreError::Map {
                 pid,

@@ -60,6 +60,8 @@ pub struct ImageInfo {
     pub bytes: u64,
     /// For an incremental image: the directory of the image it was dumped over.
     pub parent: Option<String>,
+    /// Whether the image is encrypted (`dump --encrypt-key`).
+    pub encrypted: bool,
 }
 
 #[derive(Debug, Serialize)]
@@ -212,9 +214,27 @@ pub struct ZombieInfo {
     pub signal: Option<i32>,
 }
 
-pub fn run(dir: &Path, json: bool) -> Result<u8> {
-    // A single file is read whole: every member's checksum is checked on the way.
-    let partial = crate::single::read_partial(dir, true)?;
+pub fn run(dir: &Path, json: bool, key: Option<&torpor_image::crypt::Key>) -> Result<u8> {
+    let partial = match key {
+        // A single file is read whole: every member's checksum is checked on the way.
+        None => crate::single::read_partial(dir, true)?,
+        // Sealed records are read from a directory: a single file is unpacked first.
+        Some(key) => {
+            let opened = crate::single::open(dir, false)?;
+            let mut p = torpor_image::read_partial_keyed(&opened.dir, Some(key));
+            p.dir = opened.shown.clone();
+            p
+        }
+    };
+    let encrypted = partial.manifest.as_ref().and_then(|m| m.encryption.as_ref());
+    if key.is_none() && encrypted.is_some() {
+        anyhow::bail!(
+            "{} is encrypted: give its key to see what it holds (`torpor inspect \
+             --encrypt-key FILE {}`)",
+            partial.dir.display(),
+            dir.display()
+        );
+    }
     let report = build(&partial);
     if !json && report.image.is_none() && report.processes.is_empty() {
         anyhow::bail!(
@@ -288,6 +308,7 @@ fn image_info(m: &Manifest) -> ImageInfo {
         files: m.files.len(),
         bytes: m.files.iter().map(|f| f.len).fold(0, u64::saturating_add),
         parent: m.parent.as_ref().map(|p| p.path.clone()),
+        encrypted: m.encryption.is_some(),
     }
 }
 
@@ -785,8 +806,9 @@ pub fn render(r: &Report, out: &mut String) {
             );
             let _ = writeln!(
                 out,
-                "  format version {}, {}, {}",
+                "  format version {}{}, {}, {}",
                 i.format_version,
+                if i.encrypted { ", encrypted" } else { "" },
                 plural(i.files, "file", "files"),
                 human(i.bytes)
             );

@@ -22,8 +22,11 @@ struct Row {
     /// Bytes of all its files.
     bytes: u64,
     created_unix: Option<u64>,
-    /// No fault found in its manifest, records or file list.
+    /// No fault found in its manifest, records or file list (an encrypted image's records
+    /// are not read: listing has no key).
     complete: bool,
+    /// The image is encrypted: its processes and command are not shown.
+    encrypted: bool,
     /// The first fault found, if any.
     #[serde(skip_serializing_if = "Option::is_none")]
     problem: Option<String>,
@@ -70,6 +73,13 @@ fn row(dir: PathBuf) -> Row {
         ),
         false => (torpor_image::read_partial(&dir), dir_bytes(&dir)),
     };
+    // Without a key an encrypted image shows only its manifest, which is no fault.
+    let encrypted = p.manifest.as_ref().is_some_and(|m| m.encryption.is_some());
+    let problems: Vec<_> = p
+        .problems
+        .iter()
+        .filter(|e| !matches!(e, torpor_image::ImageError::Encrypted { .. }))
+        .collect();
     let root = p.tree.as_ref().and_then(|t| t.processes.first());
     let command = root.map(|r| r.cmdline.clone()).unwrap_or_default();
     let command = match (command.is_empty(), root.and_then(|r| r.threads.first())) {
@@ -83,8 +93,9 @@ fn row(dir: PathBuf) -> Row {
         command,
         bytes,
         created_unix: p.manifest.as_ref().map(|m| m.created_unix),
-        complete: p.problems.is_empty(),
-        problem: p.problems.first().map(|e| e.to_string()),
+        complete: problems.is_empty(),
+        encrypted,
+        problem: problems.first().map(|e| e.to_string()),
         path: dir.display().to_string(),
     }
 }
@@ -135,6 +146,9 @@ pub fn run(dir: &Path, json: bool) -> Result<u8> {
         };
         let what = match &r.problem {
             Some(p) => format!("DAMAGED: {p}"),
+            None if r.encrypted => {
+                "(encrypted: `torpor inspect --encrypt-key FILE` shows it)".into()
+            }
             None => crate::inspect::command_text(&r.command),
         };
         println!(

@@ -117,6 +117,11 @@ enum Command {
         /// PAGEMAP_SCAN, Linux 6.7 or later).
         #[arg(long)]
         pre_copy: bool,
+        /// Encrypt the image with the key in FILE (`torpor keygen FILE` makes one): its
+        /// memory and records cannot be read, nor changed unnoticed, without it; restore
+        /// needs the same key. With --parent, the parent must be encrypted with it too.
+        #[arg(long, value_name = "FILE", value_hint = ValueHint::FilePath)]
+        encrypt_key: Option<PathBuf>,
     },
     /// Move a running process to another host: its memory is copied while it runs, it is
     /// frozen only for the last pages written and its small state, and wakes there.
@@ -233,6 +238,9 @@ enum Command {
         /// the background copy of the page files waits as long).
         #[arg(long, hide = true, default_value_t = 0)]
         lazy_prefetch_after_ms: u64,
+        /// The key file of an encrypted image (the one given to `dump --encrypt-key`).
+        #[arg(long, visible_alias = "key", value_name = "FILE", value_hint = ValueHint::FilePath)]
+        encrypt_key: Option<PathBuf>,
     },
     /// Check an image completely (checksums, format, CPU, files) without restoring it.
     #[command(
@@ -248,6 +256,9 @@ enum Command {
         #[arg(short = 'D', long = "dir", id = "dir_flag", value_name = "DIR",
               conflicts_with = "image", value_hint = ValueHint::DirPath)]
         dir: Option<PathBuf>,
+        /// The key file of an encrypted image.
+        #[arg(long, visible_alias = "key", value_name = "FILE", value_hint = ValueHint::FilePath)]
+        encrypt_key: Option<PathBuf>,
     },
     /// Show what an image holds: processes, threads, memory, descriptors, and any damage.
     #[command(after_help = "Examples:\n  \
@@ -273,6 +284,22 @@ enum Command {
         /// Print JSON for scripts (schema in docs/inspect-json.md).
         #[arg(long)]
         json: bool,
+        /// The key file of an encrypted image: without it only its manifest can be shown.
+        #[arg(long, visible_alias = "key", value_name = "FILE", value_hint = ValueHint::FilePath)]
+        encrypt_key: Option<PathBuf>,
+    },
+    /// Make a new random key for encrypted images (`dump --encrypt-key FILE`).
+    #[command(after_help = "Examples:\n  \
+        torpor keygen app.key                                 a new key, mode 0600\n  \
+        torpor dump 4242 -D app.img --encrypt-key app.key     an image only the key opens\n  \
+        torpor restore -D app.img --encrypt-key app.key       wake it\n\n\
+        Keep the key apart from the images: whoever holds both can read them. A key lost\n\
+        is every image made with it lost.")]
+    Keygen {
+        /// The file to write: 64 hex digits and a newline, mode 0600. An existing file is
+        /// never replaced.
+        #[arg(value_hint = ValueHint::FilePath)]
+        file: PathBuf,
     },
     /// List the images in a directory: root pid, processes, size, age, command.
     #[command(after_help = "Examples:\n  \
@@ -283,7 +310,7 @@ enum Command {
         #[arg(value_hint = ValueHint::AnyPath)]
         dir: PathBuf,
         /// Print JSON for scripts: an array of {path, root_pid, pid_namespace, processes,
-        /// command, bytes, created_unix, complete, problem}.
+        /// command, bytes, created_unix, complete, encrypted, problem}.
         #[arg(long)]
         json: bool,
     },
@@ -493,7 +520,9 @@ fn run(cli: Cli, show_progress: bool) -> Result<u8> {
             compress,
             parent,
             pre_copy,
+            encrypt_key,
         } => {
+            let key = encrypt_key.as_deref().map(load_key).transpose()?;
             for (what, path) in [("-o", &output), ("--exe", &exe), ("--parent", &parent)] {
                 if let Some(p) = path.as_deref().filter(|p| remote::is_remote(p)) {
                     remote::refuse(what, p)?;
@@ -533,6 +562,7 @@ fn run(cli: Cli, show_progress: bool) -> Result<u8> {
                 guard: Some(PathBuf::from("/proc/self/exe")),
                 after_commit: target.after_commit.clone(),
                 store: store.map(remote::image_store),
+                key,
             };
             let bar = if show_progress {
                 let estimate = progress::dump_estimate(pid);
@@ -586,7 +616,9 @@ fn run(cli: Cli, show_progress: bool) -> Result<u8> {
             allow_credentials,
             lazy,
             lazy_prefetch_after_ms,
+            encrypt_key,
         } => {
+            let key = encrypt_key.as_deref().map(load_key).transpose()?;
             let given = image.or(dir).expect("clap requires one of them");
             if lazy && detach && remote::is_remote(&given) {
                 anyhow::bail!(
@@ -631,6 +663,7 @@ fn run(cli: Cli, show_progress: bool) -> Result<u8> {
                     && given.as_os_str() != "-"
                     && !remote::is_remote(&given))
                 .then(|| given.clone()),
+                key,
             };
             let bar = if show_progress {
                 let measure = progress::Measure::ReadBytes { total: progress::image_size(&dir) };
@@ -651,7 +684,7 @@ fn run(cli: Cli, show_progress: bool) -> Result<u8> {
                 if let Some(p) = &pidfile {
                     write_pidfile(p, r.pid)?;
                 }
-                registered = register_woken(&dir, r.pid);
+                registered = register_woken(&dir, r.pid, opts.key.as_ref());
                 if !quiet {
                     eprintln!(
                         "torpor: pid {} woken from {} ({}) in {:.1} ms{}",
@@ -687,7 +720,8 @@ fn run(cli: Cli, show_progress: bool) -> Result<u8> {
             }
             Ok(code?.clamp(0, 255) as u8)
         }
-        Command::Verify { image, dir } => {
+        Command::Verify { image, dir, encrypt_key } => {
+            let key = encrypt_key.as_deref().map(load_key).transpose()?;
             let given = image.or(dir).expect("clap requires one of them");
             let opened = single::open(&given, show_progress).with_context(|| {
                 format!("image {} is not usable", single_shown(&given).display())
@@ -699,7 +733,7 @@ fn run(cli: Cli, show_progress: bool) -> Result<u8> {
             } else {
                 progress::Progress::none()
             };
-            let checked = torpor_restore::check_image(&dir);
+            let checked = torpor_restore::check_image(&dir, key.as_ref());
             bar.finish();
             let (reader, tree) = checked.with_context(|| {
                 format!(
@@ -755,9 +789,21 @@ fn run(cli: Cli, show_progress: bool) -> Result<u8> {
             lazy,
         }),
         Command::Run { pidfile, cmd } => run::run(&cmd, pidfile.as_deref(), quiet),
-        Command::Inspect { dir, dir_flag, json } => {
+        Command::Inspect { dir, dir_flag, json, encrypt_key } => {
+            let key = encrypt_key.as_deref().map(load_key).transpose()?;
             let dir = dir.or(dir_flag).expect("clap requires one of them");
-            inspect::run(&dir, json)
+            inspect::run(&dir, json, key.as_ref())
+        }
+        Command::Keygen { file } => {
+            let key = torpor_image::crypt::Key::generate()?;
+            key.save_new(&file)?;
+            if !quiet {
+                eprintln!(
+                    "torpor: new key written to {} (mode 0600); keep it apart from the images",
+                    file.display()
+                );
+            }
+            Ok(0)
         }
         Command::Completions { shell } => {
             // Some generators offer hidden commands too: leave them out of the definition.
@@ -798,9 +844,33 @@ fn single_shown(path: &std::path::Path) -> PathBuf {
     }
 }
 
+/// Reads a key file, warning when other users can read it too.
+fn load_key(path: &std::path::Path) -> Result<torpor_image::crypt::Key> {
+    use std::os::unix::fs::PermissionsExt;
+    let key = torpor_image::crypt::Key::load(path)?;
+    if let Ok(meta) = std::fs::metadata(path) {
+        let mode = meta.permissions().mode() & 0o777;
+        if mode & 0o077 != 0 {
+            tracing::warn!(
+                "the key file {} can be read by other users (mode {mode:04o}); \
+                 `chmod 600 {}`",
+                path.display(),
+                path.display()
+            );
+        }
+    }
+    Ok(key)
+}
+
 fn image_hint(e: &torpor_image::ImageError) -> Option<&'static str> {
     use torpor_image::ImageError;
     match e {
+        ImageError::WrongKey { .. } => {
+            Some("use the key file given to `torpor dump --encrypt-key` for this image")
+        }
+        ImageError::Tampered { .. } | ImageError::ManifestTampered { .. } => {
+            Some("the image was changed since the key sealed it; nothing from it was let run")
+        }
         ImageError::Read { source, .. } if source.kind() == std::io::ErrorKind::NotFound => {
             Some("check the path; `torpor list DIR` lists the images in a directory")
         }
@@ -826,8 +896,8 @@ fn image_hint(e: &torpor_image::ImageError) -> Option<&'static str> {
 
 /// Lists a tree woken from an image made under `torpor run` in `torpor ps`, as its first
 /// start was; returns whether it did.
-fn register_woken(dir: &std::path::Path, pid: i32) -> bool {
-    let Some(tree) = torpor_image::read_partial(dir).tree.filter(|t| t.pid_ns) else {
+fn register_woken(dir: &std::path::Path, pid: i32, key: Option<&torpor_image::crypt::Key>) -> bool {
+    let Some(tree) = torpor_image::read_partial_keyed(dir, key).tree.filter(|t| t.pid_ns) else {
         return false;
     };
     let Some(ticks) = registry::start_ticks(pid) else { return false };

@@ -299,6 +299,7 @@ mod tests {
             root_pid: 1,
             files: Vec::new(),
             parent: None,
+            encryption: None,
         }
     }
 
