@@ -438,3 +438,24 @@ fn settings_come_from_an_aws_profile_when_the_environment_has_none() {
     assert!(String::from_utf8_lossy(&out.stdout).contains("complete and intact"));
     g.assert_no_copy_left();
 }
+
+#[test]
+fn an_encrypted_image_in_s3_needs_its_key_and_wakes_lazily_with_it() {
+    let g = Garage::start();
+    let keys = tempfile::TempDir::new().expect("key dir");
+    let key = keys.path().join("key");
+    let key = key.to_str().expect("utf-8 path");
+    let out = g.torpor(&["keygen", key]);
+    assert!(out.status.success(), "keygen: {}", stderr_of(&out));
+    let u = url("sealed");
+    let f = dump_memory(&g, &u, &["--encrypt-key", key, "--compress"]);
+
+    let out = g.torpor(&["verify", &u]);
+    assert!(!out.status.success(), "verify without the key succeeded");
+    assert!(stderr_of(&out).contains("encrypted"), "no word of encryption: {}", stderr_of(&out));
+    let out = g.torpor(&["verify", &u, "--encrypt-key", key]);
+    assert!(out.status.success(), "verify {u} with its key: {}", stderr_of(&out));
+
+    restore_and_pass(&g, &f, &u, &["--lazy", "--encrypt-key", key]);
+    g.assert_no_copy_left();
+}
