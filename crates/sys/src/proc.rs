@@ -131,6 +131,9 @@ pub struct Status {
     pub cap_bnd: u64,
     pub cap_amb: u64,
     pub no_new_privs: bool,
+    /// Seccomp: 0 off, 1 strict, 2 filters; and Seccomp_filters, how many filters.
+    pub seccomp: u32,
+    pub seccomp_filters: u32,
     pub umask: u32,
     /// SigCgt and SigIgn: the signals with a handler, and those ignored (bit N-1 for
     /// signal N), process-wide.
@@ -181,6 +184,8 @@ fn parse_status(text: &str, path: &str) -> Result<Status> {
             "SigCgt" => s.sig_caught = hex(v)?,
             "SigIgn" => s.sig_ignored = hex(v)?,
             "NoNewPrivs" => s.no_new_privs = v == "1",
+            "Seccomp" => s.seccomp = v.parse().map_err(|_| bad(l))?,
+            "Seccomp_filters" => s.seccomp_filters = v.parse().map_err(|_| bad(l))?,
             "Umask" => s.umask = u32::from_str_radix(v, 8).map_err(|_| bad(l))?,
             "NSpid" => s.ns_pids = v.split_whitespace().filter_map(|x| x.parse().ok()).collect(),
             _ => {}
