@@ -39,6 +39,7 @@
 
 mod batch;
 mod child;
+mod cwd;
 mod fill;
 pub mod lazy;
 mod prepare;
@@ -148,6 +149,11 @@ pub enum RestoreError {
          the image it was connected to (is what served {addr} running?)"
     )]
     ExternalPeer { pid: i32, fd: i32, addr: String, source: io::Error },
+    #[error(
+        "pid {pid}: cannot make an empty directory at {path} to stand for its working \
+         directory, deleted before the dump"
+    )]
+    DeletedCwd { pid: i32, path: String, source: io::Error },
     #[error("cannot create pid {pid}")]
     Clone { pid: i32, source: io::Error },
     #[error("pid {pid}: the new process could not {step}")]
