@@ -443,7 +443,6 @@ fn build(
         state::install_fds(&pr.space, p, prep)?;
         state::controlling_ttys(&pr.space, p, tree, prep)?;
         state::register_epolls(&pr.space, p, prep, &mut epolls)?;
-        state::take_locks(&pr.space, p, tree)?;
         pr.threads = state::restore_state(&pr.space, p)?;
     }
 
@@ -451,6 +450,10 @@ fn build(
     for pr in &procs {
         let detached_root = opts.detach && pr.p.pid == root;
         state::signals_and_flags(&pr.space, &pr.threads, pr.p, detached_root, prep)?;
+        // After torpor's own descriptors in the process are closed: closing any descriptor
+        // of a file lets go of the process's POSIX locks on it, and torpor's include the
+        // files the process maps shared (a database's shared index, locked byte by byte).
+        state::take_locks(&pr.space, pr.p, tree)?;
         pr.space.finish()?;
     }
 
