@@ -22,9 +22,12 @@ pub(crate) const PM_FILE_OR_SHARED: u64 = 1 << 61;
 pub(crate) const BATCH: usize = 8 << 20;
 /// pagemap entries read per call.
 const PAGEMAP_CHUNK: usize = 64 << 10;
+/// Runs of populated pages one `PAGEMAP_SCAN` call may report.
+const SCAN_REGIONS: usize = 4096;
 
-/// VmFlags codes that restore re-applies (madvise, mlock).
-const KEPT_ADVICE: &[&str] = &["dd", "hg", "nh", "dc", "wf", "lo", "mg", "rr", "sr"];
+/// VmFlags codes that restore re-applies (madvise, mlock, and `nr`: mapped with
+/// MAP_NORESERVE).
+const KEPT_ADVICE: &[&str] = &["dd", "hg", "nh", "dc", "wf", "lo", "mg", "rr", "sr", "nr"];
 
 /// Pages already stored, so that memory shared between processes is stored once.
 #[derive(Default)]
