@@ -390,6 +390,11 @@ pub(crate) fn collect(
         file_locks,
         threads,
         termios: fd_ctx.termios.get(&pid).cloned(),
+        cgroups: proc::cgroups(pid)
+            .map_err(err("its control groups"))?
+            .into_iter()
+            .map(|(controllers, path)| model::Cgroup { controllers, path })
+            .collect(),
     })
 }
 

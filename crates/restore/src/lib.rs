@@ -38,6 +38,7 @@
 //! (`start`, then `finish`) until every page is loaded; see `torpor restore --lazy`.
 
 mod batch;
+mod cgroup;
 mod child;
 mod cwd;
 mod fill;
@@ -455,6 +456,8 @@ fn build(
         // files the process maps shared (a database's shared index, locked byte by byte).
         state::take_locks(&pr.space, pr.p, tree)?;
         pr.space.finish()?;
+        // Every thread exists by now, and moving the process moves them all.
+        cgroup::join(pr.space.pid(), pr.p);
     }
 
     // 4. Every thread of every process is ready before any runs.
