@@ -59,6 +59,13 @@ pub enum UnsupportedReason {
         sid: i32,
     },
     Torpor,
+    /// A thread in seccomp strict mode (`filters` is `None`), or under more seccomp filters
+    /// than torpor's own process, whose filters the woken process would lack.
+    Seccomp {
+        tid: i32,
+        filters: Option<u32>,
+        own: u32,
+    },
 }
 
 impl fmt::Display for UnsupportedReason {
@@ -83,6 +90,16 @@ impl fmt::Display for UnsupportedReason {
             ),
             Self::UnixOutside { fd, what, advice } => write!(f, "fd {fd} is {what}; {advice}"),
             Self::Torpor => write!(f, "its tree includes torpor itself"),
+            Self::Seccomp { tid, filters: None, .. } => write!(
+                f,
+                "thread {tid} is in seccomp strict mode, which torpor cannot save yet"
+            ),
+            Self::Seccomp { tid, filters: Some(n), own } => write!(
+                f,
+                "thread {tid} runs under {n} seccomp filters, more than the {own} torpor runs \
+                 under; torpor cannot save seccomp filters yet, and the woken process would \
+                 run without them"
+            ),
             Self::PtyOutside { fd, pts, master: true, holder } => write!(
                 f,
                 "fd {fd} is the master of pseudo-terminal /dev/pts/{pts}, whose slave is {}; \
@@ -373,6 +390,11 @@ pub(crate) fn collect(
         file_locks,
         threads,
         termios: fd_ctx.termios.get(&pid).cloned(),
+        cgroups: proc::cgroups(pid)
+            .map_err(err("its control groups"))?
+            .into_iter()
+            .map(|(controllers, path)| model::Cgroup { controllers, path })
+            .collect(),
     })
 }
 

@@ -326,29 +326,38 @@ impl FdContext {
     }
 }
 
-/// Turns the open files matching `is` into ones restore inherits, if every descriptor
-/// using them is a standard one (0 to 2); returns whether it did.
+/// Turns the open files matching `is` into ones restore inherits, if each of them is on
+/// a standard descriptor (0 to 2) of its process; returns whether it did. Restore's own
+/// descriptor of that number stands for it, on that descriptor and on any other the
+/// process has of the same open file (an interactive shell keeps a copy of its terminal
+/// on descriptor 255).
 pub(crate) fn inherit(
     processes: &mut [model::Process],
     is: impl Fn(&OpenFileKind) -> bool,
 ) -> bool {
-    let uses: Vec<(usize, usize, i32)> = processes
-        .iter()
-        .enumerate()
-        .flat_map(|(pi, p)| {
-            p.fds
-                .iter()
-                .filter(|f| is(&p.open_files[f.open_file].kind))
-                .map(move |f| (pi, f.open_file, f.fd))
-        })
-        .collect();
-    if uses.is_empty() || uses.iter().any(|&(_, _, fd)| !(0..=2).contains(&fd)) {
-        return false;
+    // (process index, open file index) -> the lowest standard descriptor on it, if any.
+    let mut uses: std::collections::BTreeMap<(usize, usize), Option<i32>> = Default::default();
+    for (pi, p) in processes.iter().enumerate() {
+        for f in p.fds.iter().filter(|f| is(&p.open_files[f.open_file].kind)) {
+            let std_fd = (0..=2).contains(&f.fd).then_some(f.fd);
+            let slot = uses.entry((pi, f.open_file)).or_insert(std_fd);
+            *slot = match (*slot, std_fd) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
+        }
     }
-    for (pi, of, fd) in uses {
-        processes[pi].open_files[of].kind = OpenFileKind::Inherited { fd };
+    let on_std: Option<Vec<((usize, usize), i32)>> =
+        uses.into_iter().map(|(k, fd)| fd.map(|fd| (k, fd))).collect();
+    match on_std {
+        Some(all) if !all.is_empty() => {
+            for ((pi, of), fd) in all {
+                processes[pi].open_files[of].kind = OpenFileKind::Inherited { fd };
+            }
+            true
+        }
+        _ => false,
     }
-    true
 }
 
 /// A process outside `tree` holding a descriptor whose link reads `link`, for messages.

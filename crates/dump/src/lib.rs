@@ -432,6 +432,35 @@ fn precheck(pid: i32) -> Result<()> {
     if status.tracer_pid != 0 {
         return Err(DumpError::Traced { pid, tracer: status.tracer_pid });
     }
+    check_seccomp(pid)
+}
+
+/// Refuses a process with a thread in seccomp strict mode or under seccomp filters torpor
+/// does not run under itself. Filters cannot be read back into the image yet, so the woken
+/// process would run without them: a sandbox silently lifted. A woken process inherits
+/// the filters of `torpor restore`, so filters as many as torpor's own (a container's,
+/// inherited from a common ancestor) are taken to be those and let through.
+fn check_seccomp(pid: i32) -> Result<()> {
+    let own =
+        proc::status(std::process::id() as i32).map(|s| s.seccomp_filters).map_err(|source| {
+            DumpError::Collect { pid, what: "torpor's own seccomp state".into(), source }
+        })?;
+    // A thread that exits meanwhile has nothing left to check.
+    for tid in proc::tids(pid).unwrap_or_default() {
+        let Ok(st) = proc::task_status(pid, tid) else {
+            continue;
+        };
+        let filters = match st.seccomp {
+            0 => continue,
+            1 => None,
+            _ if st.seccomp_filters <= own => continue,
+            _ => Some(st.seccomp_filters),
+        };
+        return Err(DumpError::Unsupported {
+            pid,
+            reason: UnsupportedReason::Seccomp { tid, filters, own },
+        });
+    }
     Ok(())
 }
 
@@ -444,7 +473,7 @@ fn precheck_member(pid: i32) -> Result<()> {
     if status.tracer_pid != 0 {
         return Err(DumpError::Traced { pid, tracer: status.tracer_pid });
     }
-    Ok(())
+    check_seccomp(pid)
 }
 
 /// Union of the XSAVE features the image's threads use.

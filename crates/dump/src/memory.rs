@@ -6,6 +6,7 @@ use std::fs::File;
 use torpor_image::model::{self, PageRun, Vma, VmaKind};
 use torpor_image::pages::{self, PageRef, PageWriter, ParentPages};
 use torpor_image::ImageWriter;
+use torpor_sys::uffd::{self, ScanRequest};
 use torpor_sys::{mem, proc, PAGE};
 
 use crate::collect::UnsupportedReason;
@@ -22,9 +23,12 @@ pub(crate) const PM_FILE_OR_SHARED: u64 = 1 << 61;
 pub(crate) const BATCH: usize = 8 << 20;
 /// pagemap entries read per call.
 const PAGEMAP_CHUNK: usize = 64 << 10;
+/// Runs of populated pages one `PAGEMAP_SCAN` call may report.
+const SCAN_REGIONS: usize = 4096;
 
-/// VmFlags codes that restore re-applies (madvise, mlock).
-const KEPT_ADVICE: &[&str] = &["dd", "hg", "nh", "dc", "wf", "lo", "mg", "rr", "sr"];
+/// VmFlags codes that restore re-applies (madvise, mlock, and `nr`: mapped with
+/// MAP_NORESERVE).
+const KEPT_ADVICE: &[&str] = &["dd", "hg", "nh", "dc", "wf", "lo", "mg", "rr", "sr", "nr"];
 
 /// Pages already stored, so that memory shared between processes is stored once.
 #[derive(Default)]
@@ -336,56 +340,106 @@ fn dump_vma(
         object.get(object_at).is_some_and(|r| r.0 <= a)
     };
 
-    let mut first = 0usize;
-    while first < npages {
-        let count = PAGEMAP_CHUNK.min(npages - first);
-        let addr = span.0 + first as u64 * PAGE;
-        let bytes = &mut entries[..count * 8];
-        let n = mem::pread_full(ctx.pagemap, bytes, addr / PAGE * 8).map_err(|source| {
-            VmaError::Read(torpor_sys::Error::Io { what: format!("/proc/{pid}/pagemap"), source })
-        })?;
-        for i in 0..n / 8 {
-            let e = u64::from_ne_bytes(bytes[i * 8..i * 8 + 8].try_into().unwrap());
-            let a = addr + i as u64 * PAGE;
-            if !wanted(ctx.policy, e) && !in_object(a) {
-                continue;
-            }
-            if let Some(c) = ctx.copies.as_ref().and_then(|c| c.current(a)) {
-                ctx.reused.push((a, c));
-                continue;
-            }
-            // A page of a shared memory object that another mapping already saved.
-            if let Some(shm) = vma.shmem {
-                let page_index = shm.offset / PAGE + (a - vma.start) / PAGE;
-                if !ctx.index.shmem.insert((shm.id, page_index)) {
+    for part in populated(ctx.pagemap, span, &object) {
+        let npages = ((part.1 - part.0) / PAGE) as usize;
+        let mut first = 0usize;
+        while first < npages {
+            let count = PAGEMAP_CHUNK.min(npages - first);
+            let addr = part.0 + first as u64 * PAGE;
+            let bytes = &mut entries[..count * 8];
+            let n = mem::pread_full(ctx.pagemap, bytes, addr / PAGE * 8).map_err(|source| {
+                VmaError::Read(torpor_sys::Error::Io {
+                    what: format!("/proc/{pid}/pagemap"),
+                    source,
+                })
+            })?;
+            for i in 0..n / 8 {
+                let e = u64::from_ne_bytes(bytes[i * 8..i * 8 + 8].try_into().unwrap());
+                let a = addr + i as u64 * PAGE;
+                if !wanted(ctx.policy, e) && !in_object(a) {
                     continue;
                 }
-            }
-            let shared = e & PM_PRESENT != 0 && e & PM_EXCLUSIVE == 0;
-            match (pending.last_mut(), pending_shared.last()) {
-                (Some((s, l)), Some(&sh)) if *s + *l as u64 == a && sh == shared => {
-                    *l += PAGE as usize
+                if let Some(c) = ctx.copies.as_ref().and_then(|c| c.current(a)) {
+                    ctx.reused.push((a, c));
+                    continue;
                 }
-                _ => {
-                    pending.push((a, PAGE as usize));
-                    pending_shared.push(shared);
+                // A page of a shared memory object that another mapping already saved.
+                if let Some(shm) = vma.shmem {
+                    let page_index = shm.offset / PAGE + (a - vma.start) / PAGE;
+                    if !ctx.index.shmem.insert((shm.id, page_index)) {
+                        continue;
+                    }
+                }
+                let shared = e & PM_PRESENT != 0 && e & PM_EXCLUSIVE == 0;
+                match (pending.last_mut(), pending_shared.last()) {
+                    (Some((s, l)), Some(&sh)) if *s + *l as u64 == a && sh == shared => {
+                        *l += PAGE as usize
+                    }
+                    _ => {
+                        pending.push((a, PAGE as usize));
+                        pending_shared.push(shared);
+                    }
+                }
+                pending_entries.push(e);
+                if pending_entries.len() * PAGE as usize == buf.len() {
+                    let batch = Batch {
+                        ranges: &mut pending,
+                        shared: &mut pending_shared,
+                        entries: &mut pending_entries,
+                    };
+                    flush(ctx, batch, vma, out, buf, stats)?;
                 }
             }
-            pending_entries.push(e);
-            if pending_entries.len() * PAGE as usize == buf.len() {
-                let batch = Batch {
-                    ranges: &mut pending,
-                    shared: &mut pending_shared,
-                    entries: &mut pending_entries,
-                };
-                flush(ctx, batch, vma, out, buf, stats)?;
-            }
+            first += count;
         }
-        first += count;
     }
     let batch =
         Batch { ranges: &mut pending, shared: &mut pending_shared, entries: &mut pending_entries };
     flush(ctx, batch, vma, out, buf, stats)
+}
+
+/// The parts of `span` where the process may have pages to save: those the page tables
+/// hold (present, swapped out, or a marker), and those of `object`, the pages of a shared
+/// memory object that no page table holds. Reading the page map entry of every page of a
+/// mapping costs 8 bytes a page, 16 GiB for the 8 TiB of address space a database may
+/// reserve without touching it; `PAGEMAP_SCAN` skips empty page tables instead. On a
+/// kernel without it (before 6.7) the whole span is read as before.
+fn populated(pagemap: &File, span: (u64, u64), object: &[(u64, u64)]) -> Vec<(u64, u64)> {
+    let mut found: Vec<uffd::PageRegion> = Vec::new();
+    let mut at = span.0;
+    while at < span.1 {
+        let req = ScanRequest {
+            start: at,
+            end: span.1,
+            flags: 0,
+            required: 0,
+            any_of: uffd::PAGE_IS_PRESENT | uffd::PAGE_IS_SWAPPED,
+            report: uffd::PAGE_IS_PRESENT | uffd::PAGE_IS_SWAPPED,
+        };
+        match uffd::pagemap_scan(pagemap, &req, &mut found, SCAN_REGIONS) {
+            Ok(end) if end > at => at = end,
+            Ok(_) => break,
+            Err(e) => {
+                tracing::debug!("PAGEMAP_SCAN of {:#x}-{:#x}: {e}; reading it all", span.0, span.1);
+                return vec![span];
+            }
+        }
+    }
+    let mut parts: Vec<(u64, u64)> = found
+        .iter()
+        .map(|r| (r.start, r.end))
+        .chain(object.iter().map(|&(s, e)| (s.max(span.0), e.min(span.1))))
+        .filter(|&(s, e)| s < e)
+        .collect();
+    parts.sort_unstable();
+    let mut merged: Vec<(u64, u64)> = Vec::with_capacity(parts.len());
+    for (s, e) in parts {
+        match merged.last_mut() {
+            Some(last) if s <= last.1 => last.1 = last.1.max(e),
+            _ => merged.push((s, e)),
+        }
+    }
+    merged
 }
 
 /// The address ranges within `span` of shared memory mapping `vma` (object `shm`) where

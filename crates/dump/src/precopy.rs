@@ -307,6 +307,7 @@ impl Tracked {
                     end: r.end,
                     flags,
                     required: required | uffd::PAGE_IS_WPALLOWED,
+                    any_of: 0,
                     report,
                 };
                 let from = regions.len();

@@ -1743,6 +1743,7 @@ pub(crate) mod tests {
                 file_locks: Vec::new(),
                 threads: vec![thread(PID), second],
                 termios: None,
+                cgroups: Vec::new(),
             }],
             files: vec![
                 FileInfo {

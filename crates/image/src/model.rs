@@ -182,6 +182,20 @@ pub struct Process {
     /// its standard descriptors, given to the terminal it wakes in.
     #[serde(default)]
     pub termios: Option<String>,
+    /// The control groups the process was in, one per hierarchy, as `/proc/PID/cgroup`
+    /// lists them. Empty in images written before they were saved.
+    #[serde(default)]
+    pub cgroups: Vec<Cgroup>,
+}
+
+/// A process's control group in one hierarchy.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Cgroup {
+    /// The hierarchy's controllers as `/proc/PID/cgroup` names them (`cpu,cpuacct`,
+    /// `name=systemd`); empty for the unified (version 2) hierarchy.
+    pub controllers: String,
+    /// The group's path from the hierarchy's root, as the dumping torpor saw it.
+    pub path: String,
 }
 
 /// Credentials: real, effective, saved and filesystem ids, groups and capability sets.

@@ -38,7 +38,9 @@
 //! (`start`, then `finish`) until every page is loaded; see `torpor restore --lazy`.
 
 mod batch;
+mod cgroup;
 mod child;
+mod cwd;
 mod fill;
 pub mod lazy;
 mod prepare;
@@ -190,6 +192,11 @@ pub enum RestoreError {
          the image it was connected to (is what served {addr} running?)"
     )]
     ExternalPeer { pid: i32, fd: i32, addr: String, source: io::Error },
+    #[error(
+        "pid {pid}: cannot make an empty directory at {path} to stand for its working \
+         directory, deleted before the dump"
+    )]
+    DeletedCwd { pid: i32, path: String, source: io::Error },
     #[error("cannot create pid {pid}")]
     Clone { pid: i32, source: io::Error },
     #[error("pid {pid}: the new process could not {step}")]
@@ -486,7 +493,6 @@ fn build(
         state::install_fds(&pr.space, p, prep)?;
         state::controlling_ttys(&pr.space, p, tree, prep)?;
         state::register_epolls(&pr.space, p, prep, &mut epolls)?;
-        state::take_locks(&pr.space, p, tree)?;
         pr.threads = state::restore_state(&pr.space, p)?;
     }
 
@@ -494,7 +500,13 @@ fn build(
     for pr in &procs {
         let detached_root = opts.detach && pr.p.pid == root;
         state::signals_and_flags(&pr.space, &pr.threads, pr.p, detached_root, prep)?;
+        // After torpor's own descriptors in the process are closed: closing any descriptor
+        // of a file lets go of the process's POSIX locks on it, and torpor's include the
+        // files the process maps shared (a database's shared index, locked byte by byte).
+        state::take_locks(&pr.space, pr.p, tree)?;
         pr.space.finish()?;
+        // Every thread exists by now, and moving the process moves them all.
+        cgroup::join(pr.space.pid(), pr.p);
     }
 
     // 4. Every thread of every process is ready before any runs.

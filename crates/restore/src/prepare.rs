@@ -1845,6 +1845,11 @@ trait OpenFlags {
 
 impl OpenFlags for OpenOptions {
     fn open_flags(&mut self, path: &str, flags: i32) -> Result<OwnedFd> {
+        // A file made by O_TMPFILE keeps that flag, whose bits include O_DIRECTORY: it
+        // asked for a new file in a directory, and the file now exists (a database's
+        // unnamed temporary files, restored as deleted files).
+        let tmpfile_only = libc::O_TMPFILE & !libc::O_DIRECTORY;
+        let flags = if flags & tmpfile_only != 0 { flags & !libc::O_TMPFILE } else { flags };
         let acc = flags & libc::O_ACCMODE;
         self.read(acc == libc::O_RDONLY || acc == libc::O_RDWR);
         self.write(acc == libc::O_WRONLY || acc == libc::O_RDWR);

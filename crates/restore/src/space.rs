@@ -301,6 +301,11 @@ impl Space {
         let prot = v.prot | if fill { model::prot::WRITE } else { 0 };
         let mut flags =
             libc::MAP_FIXED_NOREPLACE | if v.shared { libc::MAP_SHARED } else { libc::MAP_PRIVATE };
+        // Without it a writable reservation larger than memory and swap (a runtime's or a
+        // database's terabyte of address space, mapped with MAP_NORESERVE) is refused.
+        if v.advice.iter().any(|a| a == "nr") {
+            flags |= libc::MAP_NORESERVE;
+        }
         let (fd, off) = match &v.kind {
             VmaKind::File { file, offset } => (prep.map_fds[file] as i64, *offset),
             // Shared anonymous memory: the one object every sharer maps.
@@ -435,7 +440,7 @@ impl Space {
                 )
             })?;
         }
-        if v.advice.is_empty() {
+        if v.advice.iter().all(|a| a == "nr") {
             return Ok(());
         }
         self.run(&self.remote, batch)?;

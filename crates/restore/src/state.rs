@@ -6,6 +6,7 @@ use torpor_sys::remote::Expect;
 use torpor_sys::{args, ptrace, Remote};
 
 use crate::batch::Batch;
+use crate::cwd::StandIn;
 use crate::prepare::Prepared;
 use crate::space::Space;
 use std::os::fd::AsRawFd;
@@ -78,13 +79,17 @@ fn fs_state(s: &Space, p: &model::Process) -> Result<()> {
         }
         Ok(b)
     };
-    let at = s.put(&path(&p.cwd)?)?;
+    // A deleted working directory is entered as a new empty one, removed right after.
+    let stand_in = StandIn::for_cwd(s.pid(), &p.cwd)?;
+    let cwd = stand_in.as_ref().map_or(p.cwd.as_str(), StandIn::path);
+    let at = s.put(&path(cwd)?)?;
     s.call(
         &format!("change to its working directory {}", p.cwd),
         "chdir",
         libc::SYS_chdir,
         args!(at),
     )?;
+    drop(stand_in);
     let own_root = std::fs::read_link("/proc/self/root").map(|r| r.to_string_lossy().into_owned());
     if own_root.ok().as_deref() != Some(p.root.as_str()) {
         // After chdir: the saved cwd is a path as torpor sees it, and chroot leaves the

@@ -138,7 +138,14 @@ fn paths_denied(tree: &Tree, w: &Writer) -> Option<(String, &'static str)> {
         want.push((&f.path, if bits == 0 { R } else { bits }));
     }
     for p in &tree.processes {
-        want.push((&p.cwd, X));
+        match p.cwd.strip_suffix(" (deleted)") {
+            // A deleted working directory is made again next to where it was.
+            Some(old) => {
+                let dir = std::path::Path::new(old).parent().and_then(|d| d.to_str());
+                want.push((dir.unwrap_or("/"), W | X));
+            }
+            None => want.push((&p.cwd, X)),
+        }
         want.push((&p.root, X));
         for o in &p.open_files {
             let rw = access(o.flags);

@@ -131,6 +131,9 @@ pub struct Status {
     pub cap_bnd: u64,
     pub cap_amb: u64,
     pub no_new_privs: bool,
+    /// Seccomp: 0 off, 1 strict, 2 filters; and Seccomp_filters, how many filters.
+    pub seccomp: u32,
+    pub seccomp_filters: u32,
     pub umask: u32,
     /// SigCgt and SigIgn: the signals with a handler, and those ignored (bit N-1 for
     /// signal N), process-wide.
@@ -181,12 +184,37 @@ fn parse_status(text: &str, path: &str) -> Result<Status> {
             "SigCgt" => s.sig_caught = hex(v)?,
             "SigIgn" => s.sig_ignored = hex(v)?,
             "NoNewPrivs" => s.no_new_privs = v == "1",
+            "Seccomp" => s.seccomp = v.parse().map_err(|_| bad(l))?,
+            "Seccomp_filters" => s.seccomp_filters = v.parse().map_err(|_| bad(l))?,
             "Umask" => s.umask = u32::from_str_radix(v, 8).map_err(|_| bad(l))?,
             "NSpid" => s.ns_pids = v.split_whitespace().filter_map(|x| x.parse().ok()).collect(),
             _ => {}
         }
     }
     Ok(s)
+}
+
+/// `/proc/PID/cgroup`: for each hierarchy, its controllers (empty for the unified
+/// hierarchy) and the process's group path in it.
+pub fn cgroups(pid: i32) -> Result<Vec<(String, String)>> {
+    let path = format!("/proc/{pid}/cgroup");
+    parse_cgroups(&read(&path)?, &path)
+}
+
+fn parse_cgroups(text: &str, path: &str) -> Result<Vec<(String, String)>> {
+    text.lines()
+        .filter(|l| !l.is_empty())
+        .map(|l| {
+            // hierarchy-id:controllers:path; the path itself may hold colons.
+            let mut parts = l.splitn(3, ':');
+            match (parts.next(), parts.next(), parts.next()) {
+                (Some(_), Some(controllers), Some(group)) => {
+                    Ok((controllers.to_string(), group.to_string()))
+                }
+                _ => Err(Error::Parse { what: path.to_string(), line: l.to_string() }),
+            }
+        })
+        .collect()
 }
 
 /// The fields of `/proc/PID/stat` torpor uses.
@@ -437,6 +465,16 @@ mod tests {
         let a = parse_map_line("7f00-7f10 rw-s 00000000 00:00 0 ").unwrap();
         assert_eq!(a.name, "");
         assert!(a.shared);
+    }
+
+    #[test]
+    fn cgroup_lines() {
+        let text = "9:name=systemd:/\n1:cpu,cpuacct:/a:b\n0::/user.slice/x.scope\n";
+        let got = parse_cgroups(text, "cgroup").expect("parse");
+        assert_eq!(got.len(), 3);
+        assert_eq!(got[1], ("cpu,cpuacct".to_string(), "/a:b".to_string()));
+        assert_eq!(got[2], (String::new(), "/user.slice/x.scope".to_string()));
+        assert!(parse_cgroups("garbage\n", "cgroup").is_err());
     }
 
     #[test]

@@ -282,12 +282,14 @@ pub struct ScanRequest {
     pub flags: u64,
     /// Categories a page must all have to be reported.
     pub required: u64,
+    /// Categories a page must have at least one of to be reported (none asked: 0).
+    pub any_of: u64,
     /// Categories reported (runs are split where they differ).
     pub report: u64,
 }
 
 /// `ioctl(pagemap, PAGEMAP_SCAN)`: appends to `out` up to `room` runs of pages of the
-/// requested range that have every `required` category, and with
+/// requested range that have every `required` category and one of `any_of`, and with
 /// `PM_SCAN_WP_MATCHING` write-protects them again in the same walk. Returns where the
 /// walk stopped, which is before `end` when `out` had no room left (call again from
 /// there).
@@ -308,6 +310,7 @@ pub fn pagemap_scan(
         vec: out.as_mut_ptr().wrapping_add(at) as u64,
         vec_len: room as u64,
         category_mask: req.required,
+        category_anyof_mask: req.any_of,
         return_mask: req.report,
         ..Default::default()
     };

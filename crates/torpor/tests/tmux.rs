@@ -247,3 +247,43 @@ fn a_tmux_server_wakes_with_its_panes_terminals_shell_and_repl() {
 fn shell_quote(word: &Path) -> String {
     format!("'{}'", word.display().to_string().replace('\'', r"'\''"))
 }
+
+/// An interactive bash keeps a copy of its terminal on descriptor 255, besides 0-2; dump
+/// `--shell-job` refused it for that copy until the copy was taken as the same terminal.
+#[test]
+fn an_interactive_bash_wakes_in_another_window_with_its_variables_and_job() {
+    let _serial = one_at_a_time();
+    let images = TempDir::new().expect("image dir");
+    let mut tmux = Tmux::start("sh", "bash --norc --noprofile");
+    let pid: i32 =
+        tmux.run(["list-panes", "-t", "sh", "-F", "#{pane_pid}"]).trim().parse().expect("pane pid");
+    let bash = wait_for_program(pid, "bash", &tmux, "sh");
+    tmux.strays.push((pid, bash.clone()));
+    tmux.send_line("sh", "x=4242; sleep 600 & echo $((x+1))");
+    tmux.wait_for_line("sh", "4243", "the shell before the dump");
+    let fd255 = std::fs::read_link(format!("/proc/{pid}/fd/255")).expect("bash's fd 255");
+    assert!(fd255.starts_with("/dev/pts/"), "bash's fd 255 is {}", fd255.display());
+
+    let out = torpor([
+        OsStr::new("dump"),
+        OsStr::new(&pid.to_string()),
+        OsStr::new("-D"),
+        images.path().as_os_str(),
+        OsStr::new("--shell-job"),
+    ]);
+    assert!(out.status.success(), "dump --shell-job of bash failed: {}", stderr_of(&out));
+    assert!(wait_pid_gone(pid, TORPOR_TIMEOUT), "pid {pid} still runs after the dump");
+
+    let restore = format!(
+        "{} restore -D {} --shell-job; echo torpor restore exited with $?; sleep 600",
+        shell_quote(Path::new(env!("CARGO_BIN_EXE_torpor"))),
+        shell_quote(images.path())
+    );
+    tmux.run(["new-window", "-t", "sh", "-n", "woken", &restore]);
+    let woken = "sh:woken";
+    assert_eq!(wait_for_program(pid, "bash", &tmux, woken), bash, "pid {pid} woke as another");
+    tmux.send_line(woken, "echo $((x*2)) $(jobs | grep -c 'sleep 600')");
+    tmux.wait_for_line(woken, "8484 1", "the woken shell, its variable and its job");
+    tmux.send_line(woken, "kill %1; exit");
+    tmux.wait_for_line(woken, "torpor restore exited with 0", "the woken shell's exit");
+}
