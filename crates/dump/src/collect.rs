@@ -63,8 +63,11 @@ pub enum UnsupportedReason {
     /// than torpor's own process, whose filters the woken process would lack.
     Seccomp {
         tid: i32,
-        filters: Option<u32>,
-        own: u32,
+    },
+    /// Threads under different seccomp filters.
+    SeccompThreads {
+        tid: i32,
+        other: i32,
     },
 }
 
@@ -90,15 +93,14 @@ impl fmt::Display for UnsupportedReason {
             ),
             Self::UnixOutside { fd, what, advice } => write!(f, "fd {fd} is {what}; {advice}"),
             Self::Torpor => write!(f, "its tree includes torpor itself"),
-            Self::Seccomp { tid, filters: None, .. } => write!(
+            Self::Seccomp { tid } => write!(
                 f,
                 "thread {tid} is in seccomp strict mode, which torpor cannot save yet"
             ),
-            Self::Seccomp { tid, filters: Some(n), own } => write!(
+            Self::SeccompThreads { tid, other } => write!(
                 f,
-                "thread {tid} runs under {n} seccomp filters, more than the {own} torpor runs \
-                 under; torpor cannot save seccomp filters yet, and the woken process would \
-                 run without them"
+                "thread {tid} runs under other seccomp filters than thread {other}; torpor \
+                 saves filters that all threads of a process share"
             ),
             Self::PtyOutside { fd, pts, master: true, holder } => write!(
                 f,
@@ -351,6 +353,10 @@ pub(crate) fn collect(
     }
     let threads =
         frozen.threads.iter().map(|t| collect_thread(pid, t)).collect::<Result<Vec<_>>>()?;
+    let seccomp = seccomp_filters(frozen)?;
+    if !seccomp.is_empty() {
+        writer.needs_version(4);
+    }
 
     Ok(model::Process {
         pid,
@@ -388,6 +394,7 @@ pub(crate) fn collect(
         open_files,
         fds,
         file_locks,
+        seccomp,
         threads,
         termios: fd_ctx.termios.get(&pid).cloned(),
         cgroups: proc::cgroups(pid)
@@ -489,4 +496,43 @@ fn to_model_regs(r: &ptrace::Regs) -> model::Regs {
         fs: r.fs,
         gs: r.gs,
     }
+}
+
+/// The seccomp filters the process's threads run under beyond torpor's own, oldest first.
+///
+/// A woken process inherits the filters of `torpor restore`, which runs where `torpor
+/// dump` did (in the same container, under the same filters): only the ones above those
+/// are saved, and installed again at restore. Every thread must run under the same
+/// filters, since restore installs them for the whole process at once.
+fn seccomp_filters(frozen: &Frozen) -> Result<Vec<model::SeccompFilter>> {
+    let pid = frozen.pid;
+    let err = |what: String| move |source| DumpError::Collect { pid, what, source };
+    let own = proc::status(std::process::id() as i32)
+        .map_err(err("torpor's own seccomp state".into()))?
+        .seccomp_filters;
+    let mut first: Option<(i32, Vec<model::SeccompFilter>)> = None;
+    for t in &frozen.threads {
+        let tid = t.tid;
+        let st = proc::task_status(pid, tid).map_err(err(format!("the status of thread {tid}")))?;
+        let total = if st.seccomp == 2 { st.seccomp_filters } else { 0 };
+        let mut filters = Vec::new();
+        // Index 0 is the oldest filter; torpor's own are the oldest ones.
+        for index in u64::from(own.min(total))..u64::from(total) {
+            let got = ptrace::seccomp_filter(tid, index)
+                .map_err(err(format!("seccomp filter {index} of thread {tid}")))?;
+            let Some((code, log)) = got else { break };
+            filters.push(model::SeccompFilter { code: hex::encode(code), log });
+        }
+        match &first {
+            None => first = Some((tid, filters)),
+            Some((other, theirs)) if *theirs != filters => {
+                return Err(DumpError::Unsupported {
+                    pid,
+                    reason: UnsupportedReason::SeccompThreads { tid, other: *other },
+                })
+            }
+            Some(_) => {}
+        }
+    }
+    Ok(first.map(|(_, f)| f).unwrap_or_default())
 }

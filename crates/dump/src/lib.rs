@@ -435,31 +435,17 @@ fn precheck(pid: i32) -> Result<()> {
     check_seccomp(pid)
 }
 
-/// Refuses a process with a thread in seccomp strict mode or under seccomp filters torpor
-/// does not run under itself. Filters cannot be read back into the image yet, so the woken
-/// process would run without them: a sandbox silently lifted. A woken process inherits
-/// the filters of `torpor restore`, so filters as many as torpor's own (a container's,
-/// inherited from a common ancestor) are taken to be those and let through.
+/// Refuses a process with a thread in seccomp strict mode, which allows no system call
+/// torpor could restore it with. Filters are saved (`collect::seccomp_filters`).
 fn check_seccomp(pid: i32) -> Result<()> {
-    let own =
-        proc::status(std::process::id() as i32).map(|s| s.seccomp_filters).map_err(|source| {
-            DumpError::Collect { pid, what: "torpor's own seccomp state".into(), source }
-        })?;
     // A thread that exits meanwhile has nothing left to check.
     for tid in proc::tids(pid).unwrap_or_default() {
         let Ok(st) = proc::task_status(pid, tid) else {
             continue;
         };
-        let filters = match st.seccomp {
-            0 => continue,
-            1 => None,
-            _ if st.seccomp_filters <= own => continue,
-            _ => Some(st.seccomp_filters),
-        };
-        return Err(DumpError::Unsupported {
-            pid,
-            reason: UnsupportedReason::Seccomp { tid, filters, own },
-        });
+        if st.seccomp == 1 {
+            return Err(DumpError::Unsupported { pid, reason: UnsupportedReason::Seccomp { tid } });
+        }
     }
     Ok(())
 }

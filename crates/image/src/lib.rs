@@ -1741,6 +1741,7 @@ pub(crate) mod tests {
                     Fd { fd: 4, cloexec: true, open_file: 2 },
                 ],
                 file_locks: Vec::new(),
+                seccomp: Vec::new(),
                 threads: vec![thread(PID), second],
                 termios: None,
                 cgroups: Vec::new(),

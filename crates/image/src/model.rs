@@ -176,6 +176,10 @@ pub struct Process {
     /// locks), each to be taken again through one of its descriptors.
     #[serde(default)]
     pub file_locks: Vec<FileLock>,
+    /// The seccomp filters its threads run under, oldest first, beyond those `torpor
+    /// dump` itself ran under (which the woken process inherits from `torpor restore`).
+    #[serde(default)]
+    pub seccomp: Vec<SeccompFilter>,
     /// The first thread is the thread group leader.
     pub threads: Vec<Thread>,
     /// With `--shell-job`: the terminal modes (`struct termios`, hex) of the terminal on
@@ -851,6 +855,16 @@ pub struct FileLock {
     pub start: u64,
     /// Last byte locked, or `None` for up to the end of the file, however long.
     pub end: Option<u64>,
+}
+
+/// A seccomp filter program.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct SeccompFilter {
+    /// Its `struct sock_filter` instructions (8 bytes each), hex.
+    pub code: String,
+    /// Installed with `SECCOMP_FILTER_FLAG_LOG`.
+    #[serde(default)]
+    pub log: bool,
 }
 
 /// The kinds of file lock.

@@ -504,6 +504,7 @@ fn build(
         // of a file lets go of the process's POSIX locks on it, and torpor's include the
         // files the process maps shared (a database's shared index, locked byte by byte).
         state::take_locks(&pr.space, pr.p, tree)?;
+        state::install_seccomp(&pr.space, pr.p)?;
         pr.space.finish()?;
         // Every thread exists by now, and moving the process moves them all.
         cgroup::join(pr.space.pid(), pr.p);

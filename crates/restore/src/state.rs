@@ -332,6 +332,47 @@ pub(crate) fn take_locks(s: &Space, p: &model::Process, tree: &model::Tree) -> R
     Ok(())
 }
 
+/// Installs the process's seccomp filters, oldest first, for all its threads at once
+/// (`SECCOMP_FILTER_FLAG_TSYNC`). The last system call torpor makes in the process but
+/// the scratch area's `munmap`: from here its filters judge every call it makes.
+/// Installing needs `no_new_privs` or `CAP_SYS_ADMIN`, which a process that installed
+/// filters had, and still has after its credentials were put back.
+pub(crate) fn install_seccomp(s: &Space, p: &model::Process) -> Result<()> {
+    const SECCOMP_SET_MODE_FILTER: u64 = 1;
+    const SECCOMP_FILTER_FLAG_TSYNC: u64 = 1;
+    const SECCOMP_FILTER_FLAG_LOG: u64 = 2;
+    for (i, f) in p.seccomp.iter().enumerate() {
+        let what = format!("install seccomp filter {} of {}", i + 1, p.seccomp.len());
+        let code = hex::decode(&f.code).map_err(|_| RestoreError::Unsupported {
+            what: format!("a seccomp filter of pid {} that is not hex", p.pid),
+        })?;
+        if code.is_empty() || code.len() % 8 != 0 || code.len() / 8 > u16::MAX as usize {
+            return Err(RestoreError::Unsupported {
+                what: format!("a seccomp filter of pid {} of {} bytes", p.pid, code.len()),
+            });
+        }
+        // struct sock_fprog: the instruction count (u16, padded to 8), then a pointer to
+        // the instructions, which follow it here.
+        let mut bytes = Vec::with_capacity(16 + code.len());
+        bytes.extend_from_slice(&((code.len() / 8) as u64).to_ne_bytes());
+        bytes.extend_from_slice(&(s.scratch + 16).to_ne_bytes());
+        bytes.extend_from_slice(&code);
+        let at = s.put(&bytes)?;
+        let flags = SECCOMP_FILTER_FLAG_TSYNC | if f.log { SECCOMP_FILTER_FLAG_LOG } else { 0 };
+        let r =
+            s.call(&what, "seccomp", libc::SYS_seccomp, args!(SECCOMP_SET_MODE_FILTER, flags, at))?;
+        if r != 0 {
+            return Err(RestoreError::Unsupported {
+                what: format!(
+                    "seccomp filters for pid {}: thread {r} could not take them with the others",
+                    p.pid
+                ),
+            });
+        }
+    }
+    Ok(())
+}
+
 /// ` (PATH)` for a descriptor of a regular file, for messages.
 fn describe_fd(p: &model::Process, tree: &model::Tree, fd: i32) -> String {
     let Some(f) = p.fds.iter().find(|f| f.fd == fd) else { return String::new() };

@@ -235,6 +235,41 @@ pub fn peek_siginfo(tid: i32, shared: bool) -> Result<Vec<[u8; 128]>> {
     }
 }
 
+/// Seccomp filter number `index` of a stopped tracee (0 is the one installed first), as
+/// its `struct sock_filter` instructions (8 bytes each), with whether it was installed with
+/// `SECCOMP_FILTER_FLAG_LOG`; `None` past the oldest. Needs `CAP_SYS_ADMIN`.
+pub fn seccomp_filter(tid: i32, index: u64) -> Result<Option<(Vec<u8>, bool)>> {
+    const PTRACE_SECCOMP_GET_FILTER: libc::c_uint = 0x420c;
+    const PTRACE_SECCOMP_GET_METADATA: libc::c_uint = 0x420d;
+    const SECCOMP_FILTER_FLAG_LOG: u64 = 2;
+    // SAFETY: with a null buffer the kernel only returns the number of instructions.
+    let n =
+        unsafe { libc::ptrace(PTRACE_SECCOMP_GET_FILTER, tid, index, std::ptr::null_mut::<u8>()) };
+    if n < 0 && std::io::Error::last_os_error().raw_os_error() == Some(libc::ENOENT) {
+        return Ok(None);
+    }
+    let n = check("PTRACE_SECCOMP_GET_FILTER", tid, n)? as usize;
+    let mut code = vec![0u8; n * 8];
+    // SAFETY: the kernel writes `n` instructions of 8 bytes, the size of `code`.
+    let r = unsafe { libc::ptrace(PTRACE_SECCOMP_GET_FILTER, tid, index, code.as_mut_ptr()) };
+    let got = check("PTRACE_SECCOMP_GET_FILTER", tid, r)? as usize;
+    code.truncate(got.min(n) * 8);
+    // struct seccomp_metadata { __u64 filter_off; __u64 flags; }
+    let mut meta = [index, 0u64];
+    // SAFETY: the kernel reads `filter_off` and writes the two fields of `meta`, whose
+    // size is passed.
+    let r = unsafe {
+        libc::ptrace(
+            PTRACE_SECCOMP_GET_METADATA,
+            tid,
+            std::mem::size_of_val(&meta),
+            meta.as_mut_ptr(),
+        )
+    };
+    check("PTRACE_SECCOMP_GET_METADATA", tid, r)?;
+    Ok(Some((code, meta[1] & SECCOMP_FILTER_FLAG_LOG != 0)))
+}
+
 /// The rseq registration of a stopped tracee, if any: (address, length, signature).
 pub fn get_rseq(tid: i32) -> Result<Option<(u64, u32, u32)>> {
     #[repr(C)]
