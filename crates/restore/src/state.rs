@@ -999,7 +999,8 @@ fn last_cap() -> u64 {
 /// Loads the saved registers. A thread stopped inside an interrupted system call is set
 /// up as the kernel would after a signal without a handler: the call restarts, or, when
 /// the kernel kept its restart state internally (`ERESTART_RESTARTBLOCK`, such as a
-/// `nanosleep`), returns `EINTR` with the time left already written for the program.
+/// `nanosleep`), returns `EINTR` with the time left already written for the program;
+/// `poll`, which keeps such state too, is called again instead.
 pub(crate) fn load_registers(r: &Remote, t: &model::Thread) -> Result<()> {
     let pid = r.tid();
     let step = |what: &str| {
@@ -1032,6 +1033,14 @@ pub(crate) fn load_registers(r: &Remote, t: &model::Thread) -> Result<()> {
     if (m.orig_rax as i64) >= 0 {
         match m.rax as i64 {
             ERESTARTSYS | ERESTARTNOINTR | ERESTARTNOHAND => {
+                regs.rax = m.orig_rax;
+                regs.rip = m.rip - 2;
+            }
+            // poll keeps its restart state in the kernel too, but a program without
+            // signal handlers does not expect it to fail with EINTR (PHP's accept gave
+            // up on it). Its arguments are still in their registers: it is called again,
+            // its timeout, if any, counted afresh.
+            ERESTART_RESTARTBLOCK if m.orig_rax == libc::SYS_poll as u64 => {
                 regs.rax = m.orig_rax;
                 regs.rip = m.rip - 2;
             }
