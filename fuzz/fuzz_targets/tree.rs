@@ -38,6 +38,7 @@ fn manifest() -> &'static Manifest {
                 entry("file-0.img", 100),
             ],
             parent: None,
+            encryption: None,
         }
     })
 }
