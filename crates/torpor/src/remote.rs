@@ -52,6 +52,18 @@ pub struct Copied {
     pub tmp: TempDir,
 }
 
+/// A new temporary directory of mode 0700 under `$TMPDIR`, and the empty directory
+/// inside it that an image is copied into.
+fn private_copy_dir() -> Result<(tempfile::TempDir, PathBuf)> {
+    let tmp = tempfile::Builder::new()
+        .prefix(".torpor-s3-")
+        .tempdir()
+        .context("cannot make a temporary directory to copy the image into")?;
+    let dir = tmp.path().join("image");
+    std::fs::create_dir(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    Ok((tmp, dir))
+}
+
 /// Copies the image at `url` into a new directory of mode 0700 under `$TMPDIR`.
 pub fn download(url: &Path, show_progress: bool) -> Result<Copied> {
     let store = open(url)?;
@@ -59,12 +71,7 @@ pub fn download(url: &Path, show_progress: bool) -> Result<Copied> {
     // Fetching the manifest first checks the URL and the credentials and gives the size.
     let (_, manifest) = store.manifest()?;
     let total = manifest.files.iter().map(|f| f.len).sum();
-    let tmp = tempfile::Builder::new()
-        .prefix(".torpor-s3-")
-        .tempdir()
-        .context("cannot make a temporary directory to copy the image into")?;
-    let dir = tmp.path().join("image");
-    std::fs::create_dir(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let (tmp, dir) = private_copy_dir()?;
     let bar = match show_progress {
         true => Progress::start(
             format!("fetching {}", shown.display()),
@@ -93,12 +100,7 @@ pub struct LazilyCopied {
 pub fn download_lazily(url: &Path, delay: std::time::Duration) -> Result<LazilyCopied> {
     let store = open(url)?;
     let shown = PathBuf::from(store.url().to_string());
-    let tmp = tempfile::Builder::new()
-        .prefix(".torpor-s3-")
-        .tempdir()
-        .context("cannot make a temporary directory to copy the image into")?;
-    let dir = tmp.path().join("image");
-    std::fs::create_dir(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let (tmp, dir) = private_copy_dir()?;
     // A tree that does not decode defers nothing; the restore then reports what is wrong.
     let copy = store.download_lazily(&dir, delay, |manifest, tree| {
         serde_json::from_slice(tree)

@@ -156,20 +156,32 @@ pub fn connect(
                 .context("the --tls-cert and --tls-key do not make a usable client identity")?;
             let conn =
                 rustls::ClientConnection::new(Arc::new(config), name).context("TLS setup")?;
-            let mut tls = rustls::StreamOwned::new(
+            let tls = rustls::StreamOwned::new(
                 conn,
                 tcp.try_clone().context("cannot duplicate a socket")?,
             );
-            // The handshake now, so that a certificate problem is reported as one.
-            while tls.conn.is_handshaking() {
-                tls.conn
-                    .complete_io(&mut tls.sock)
-                    .with_context(|| format!("TLS handshake with {to} failed"))?;
-            }
-            Box::new(tls)
+            Box::new(handshake(tls, &to)?)
         }
     };
     Ok(Link { stream, tcp, peer })
+}
+
+/// Completes the TLS handshake at once, so that a certificate problem is reported as one
+/// rather than as a failure of the first message.
+fn handshake<C, D>(
+    mut tls: rustls::StreamOwned<C, TcpStream>,
+    peer: &dyn std::fmt::Display,
+) -> Result<rustls::StreamOwned<C, TcpStream>>
+where
+    C: std::ops::DerefMut<Target = rustls::ConnectionCommon<D>>,
+    D: rustls::SideData,
+{
+    while tls.conn.is_handshaking() {
+        tls.conn
+            .complete_io(&mut tls.sock)
+            .with_context(|| format!("TLS handshake with {peer} failed"))?;
+    }
+    Ok(tls)
 }
 
 /// The host part of HOST:PORT or [V6]:PORT, as a certificate must name it.
@@ -216,16 +228,11 @@ impl Acceptor {
             Some(config) => {
                 let conn =
                     rustls::ServerConnection::new(Arc::clone(config)).context("TLS setup")?;
-                let mut tls = rustls::StreamOwned::new(
+                let tls = rustls::StreamOwned::new(
                     conn,
                     tcp.try_clone().context("cannot duplicate a socket")?,
                 );
-                while tls.conn.is_handshaking() {
-                    tls.conn
-                        .complete_io(&mut tls.sock)
-                        .with_context(|| format!("TLS handshake with {peer} failed"))?;
-                }
-                Box::new(tls)
+                Box::new(handshake(tls, &peer)?)
             }
         };
         Ok(Link { stream, tcp, peer })
