@@ -3,7 +3,7 @@
 use std::fmt;
 
 use torpor_image::model::{self, AltStack, ITimer, ITimers, PosixTimer, SigAction, SigInfo};
-use torpor_sys::{args, mem, proc, ptrace};
+use torpor_sys::{args, mem, proc, ptrace, remote};
 
 use crate::files::{FdContext, FileTable};
 use crate::{DumpError, Frozen, FrozenThread, Result};
@@ -166,29 +166,40 @@ pub(crate) fn find_syscall(pid: i32) -> Result<u64> {
 }
 
 /// A few hundred bytes below the stack pointer, past the red zone, used to pass
-/// structures to system calls run inside the process. What was there is saved and put
-/// back, so the process's memory ends exactly as it was.
+/// structures to system calls run inside the process, and below them, when the thread
+/// has one, its healing frame ([`torpor_sys::remote::HealFrame`]). What was there is
+/// saved and put back, so the process's memory ends exactly as it was.
 pub(crate) struct Scratch {
+    /// The argument area.
     pub addr: u64,
+    /// The lowest byte used, the start of `saved`.
+    pub low: u64,
     saved: Vec<u8>,
 }
 
 pub(crate) const SCRATCH_LEN: usize = 512;
 
 impl Scratch {
-    pub fn new(pid: i32, rsp: u64) -> torpor_sys::Result<Self> {
-        // 128 bytes of red zone the code may be using, then our area, 64-byte aligned.
-        let addr = (rsp - 128 - SCRATCH_LEN as u64 - 64) & !63;
-        let mut saved = vec![0u8; SCRATCH_LEN];
-        mem::read_ranges(pid, &[(addr, SCRATCH_LEN)], &mut saved)?;
-        Ok(Self { addr, saved })
+    /// The area below `rsp`, with `below` bytes more under the argument area.
+    pub fn new(pid: i32, rsp: u64, below: usize) -> torpor_sys::Result<Self> {
+        let addr = Self::args_at(rsp);
+        let low = addr - below as u64;
+        let mut saved = vec![0u8; (addr - low) as usize + SCRATCH_LEN];
+        mem::read_ranges(pid, &[(low, saved.len())], &mut saved)?;
+        Ok(Self { addr, low, saved })
+    }
+
+    /// The argument area for a stack pointer: past 128 bytes of red zone the code may be
+    /// using, 64-byte aligned.
+    pub fn args_at(rsp: u64) -> u64 {
+        (rsp - 128 - SCRATCH_LEN as u64 - 64) & !63
     }
 
     pub fn restore(&self, pid: i32) -> torpor_sys::Result<()> {
-        mem::write_mem(pid, self.addr, &self.saved)
+        mem::write_mem(pid, self.low, &self.saved)
     }
 
-    /// What the area held before torpor used it.
+    /// What the area held before torpor used it, from `low`.
     pub fn saved(&self) -> &[u8] {
         &self.saved
     }
@@ -198,6 +209,34 @@ impl Scratch {
         mem::read_ranges(pid, &[(self.addr, len)], &mut b)?;
         Ok(b)
     }
+}
+
+/// Finds code in `pid` for healing frames ([`torpor_sys::remote::Gadgets`]): in its
+/// vDSO, its C library, then its other executable files, reading at most 64 MiB.
+pub(crate) fn find_gadgets(pid: i32, maps: &[proc::MapEntry]) -> Option<remote::Gadgets> {
+    let mut code: Vec<&proc::MapEntry> =
+        maps.iter().filter(|m| m.exec && (m.name == "[vdso]" || m.name.starts_with('/'))).collect();
+    code.sort_by_key(|m| (m.name != "[vdso]", !m.name.contains("/libc"), m.start));
+    let mut search = remote::GadgetSearch::default();
+    let mut budget = 64usize << 20;
+    // In pieces, overlapping by a gadget's length, since what is needed is mostly found
+    // early in the C library.
+    const PIECE: u64 = 256 << 10;
+    let mut bytes = Vec::new();
+    for m in code {
+        let mut at = m.start;
+        while at < m.end && budget > 0 && !search.done() {
+            let len = (m.end - at).min(PIECE + 16) as usize;
+            bytes.resize(len, 0);
+            if mem::read_ranges(pid, &[(at, len)], &mut bytes).is_err() {
+                break;
+            }
+            search.scan(&bytes, at);
+            at += PIECE;
+            budget = budget.saturating_sub(len);
+        }
+    }
+    search.found()
 }
 
 fn u64_at(b: &[u8], i: usize) -> u64 {

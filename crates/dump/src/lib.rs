@@ -58,7 +58,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use torpor_image::{model, CpuState, ImageWriter, Manifest, ParentImage, FORMAT_VERSION, MAGIC};
-use torpor_sys::{proc, ptrace, Remote};
+use torpor_sys::remote::{Gadgets, HealFrame};
+use torpor_sys::{mem, proc, ptrace, Remote};
 
 pub use collect::UnsupportedReason;
 pub use external::ExternalUnix;
@@ -718,6 +719,30 @@ impl FrozenTree {
 /// discards it. (An ignored `SIGTRAP` is reset all the same: not kept yet.)
 const WORKING_MASK: u64 = !(1 << (libc::SIGTRAP - 1));
 
+/// What a healing frame for thread `tid` needs ([`Remote::heal`]): the code found in
+/// the process and the thread's extended state. `None` (and the thread's calls then
+/// exposed for their few microseconds, see docs/architecture.md) when the thread has a
+/// shadow stack, which `rt_sigreturn` would check against a frame it never saw, or when
+/// the frame would not fit in the mapping of its stack.
+fn heal_plan(
+    pid: i32,
+    tid: i32,
+    rsp: u64,
+    maps: &[proc::MapEntry],
+    gadgets: Gadgets,
+) -> Option<(Gadgets, Vec<u8>)> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/status")).ok()?;
+    let features = status.lines().find(|l| l.starts_with("x86_Thread_features:"));
+    if features.is_some_and(|l| l.contains("shstk")) {
+        return None;
+    }
+    let xsave = ptrace::get_xstate(tid).ok()?;
+    let len = HealFrame::len(&xsave)? as u64;
+    let low = collect::Scratch::args_at(rsp).checked_sub(len + 64)?;
+    let stack = maps.iter().find(|m| m.start <= rsp.saturating_sub(1) && rsp <= m.end)?;
+    (stack.write && low >= stack.start).then_some((gadgets, xsave))
+}
+
 /// One thread held stopped, with what is needed to let it go unchanged.
 pub(crate) struct FrozenThread {
     pub tid: i32,
@@ -815,6 +840,8 @@ impl Frozen {
                 return Err(e);
             }
         };
+        let maps = proc::maps(pid).unwrap_or_default();
+        let gadgets = collect::find_gadgets(pid, &maps);
         let mut threads: Vec<FrozenThread> = Vec::new();
         for &tid in &stopped {
             let prepare = || -> Result<FrozenThread> {
@@ -822,7 +849,10 @@ impl Frozen {
                 let mut remote = Remote::new(tid, syscall_ip).map_err(err)?;
                 // Should torpor die, the thread runs on with the registers it holds then.
                 remote.tidy();
-                let scratch = collect::Scratch::new(pid, remote.saved_regs().rsp).map_err(err)?;
+                let rsp = remote.saved_regs().rsp;
+                let heal = gadgets.and_then(|g| heal_plan(pid, tid, rsp, &maps, g));
+                let below = heal.as_ref().map_or(0, |(_, x)| HealFrame::len(x).unwrap_or(0));
+                let scratch = collect::Scratch::new(pid, rsp, below).map_err(err)?;
                 // Block everything while torpor works, so no signal is consumed meanwhile.
                 let blocked = ptrace::get_sigmask(tid).map_err(err)?;
                 guard::note(
@@ -831,10 +861,25 @@ impl Frozen {
                         pid,
                         tid,
                         blocked,
-                        scratch: scratch.addr,
+                        scratch: scratch.low,
                         saved: scratch.saved(),
                     },
                 );
+                let base = remote.saved_regs();
+                match heal.and_then(|(g, x)| HealFrame::new(base, &x, blocked, g, scratch.addr)) {
+                    Some(frame) => {
+                        mem::write_mem(pid, frame.addr, &frame.bytes).map_err(err)?;
+                        tracing::debug!(
+                            "pid {pid} thread {tid}: healing frame at {:#x}",
+                            frame.addr
+                        );
+                        remote.heal(&frame);
+                    }
+                    None => tracing::debug!(
+                        "pid {pid} thread {tid}: no healing frame (code for it found: {})",
+                        gadgets.is_some()
+                    ),
+                }
                 ptrace::set_sigmask(tid, WORKING_MASK).map_err(err)?;
                 Ok(FrozenThread { tid, remote, blocked, scratch })
             };

@@ -103,6 +103,8 @@ pub(crate) fn dump_pages(
     };
     let mut buf = vec![0u8; BATCH];
     let mut hashes = Vec::new();
+    let scratch: Vec<(u64, &[u8])> =
+        frozen.threads.iter().map(|t| (t.scratch.low, t.scratch.saved())).collect();
 
     for m in &maps {
         let (kind, policy) = classify(pid, m, writer, files)?;
@@ -154,6 +156,7 @@ pub(crate) fn dump_pages(
                 hashes: &mut hashes,
                 copies,
                 reused,
+                scratch: &scratch,
             };
             for &span in &spans {
                 dump_vma(&mut ctx, &mut vma, span, &mut out, &mut buf, stats)
@@ -283,6 +286,9 @@ struct VmaCtx<'a> {
     copies: Option<VmaCopies<'a>>,
     /// Pages whose pre-copied data is used as it is.
     reused: Vec<(u64, Copy)>,
+    /// Bytes torpor wrote below the threads' stacks for its calls, with what they held
+    /// before: the image gets the latter.
+    scratch: &'a [(u64, &'a [u8])],
 }
 
 /// A SysV shared memory segment by id, from `/proc/sysvipc/shm`.
@@ -552,6 +558,7 @@ fn flush(
         at += len;
         i = j;
     }
+    overlay(pending, buf, ctx.scratch);
 
     // Compact the pages to keep at the front of `buf`, recording runs as we go.
     let mut kept = 0usize;
@@ -615,6 +622,24 @@ fn flush(
     out.write_all(&buf[..kept]).map_err(VmaError::Write)
 }
 
+/// Puts into `buf`, which holds the bytes of `ranges` one after the other, the bytes
+/// each region of `patches` (address, bytes) held before torpor used it.
+fn overlay(ranges: &[(u64, usize)], buf: &mut [u8], patches: &[(u64, &[u8])]) {
+    let mut at = 0usize;
+    for &(start, len) in ranges {
+        let end = start + len as u64;
+        for &(addr, bytes) in patches {
+            let (lo, hi) = (addr.max(start), (addr + bytes.len() as u64).min(end));
+            if lo < hi {
+                let (n, from) = ((hi - lo) as usize, (lo - addr) as usize);
+                let to = at + (lo - start) as usize;
+                buf[to..to + n].copy_from_slice(&bytes[from..from + n]);
+            }
+        }
+        at += len;
+    }
+}
+
 /// Appends a page of this image to the runs, extending the last run when it continues it.
 pub(crate) fn push_run(
     runs: &mut Vec<PageRun>,
@@ -652,4 +677,20 @@ fn push_page(
         }
     }
     runs.push(PageRun { addr, pages: 1, offset, from_pid, image });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn saved_bytes_replace_what_torpor_wrote_below_a_stack() {
+        let mut buf = vec![1u8; 3 * 4096];
+        let saved = [7u8; 100];
+        // Straddles the end of the first range and the start of the second.
+        overlay(&[(0x1000, 4096), (0x2000, 8192)], &mut buf, &[(0x1fd0, &saved[..])]);
+        assert!(buf[..4096 - 0x30].iter().all(|&b| b == 1));
+        assert!(buf[4096 - 0x30..4096 + 52].iter().all(|&b| b == 7));
+        assert!(buf[4096 + 52..].iter().all(|&b| b == 1));
+    }
 }

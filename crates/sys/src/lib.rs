@@ -266,7 +266,23 @@ pub fn fork_single_threaded() -> io::Result<i32> {
 /// `TORPOR_TEST_KILL_TARGET_AT=NAME` makes it `SIGKILL` the process it works on there
 /// (`target`, when not 0). Both exist so that tests can hit precise moments of a dump or
 /// a restore; the points are listed in `docs/security.md`. Unset, this costs one load of
-/// a cached value.
+/// a cached value. A point reached in a task (`tid`) may also be named `NAME@thread`,
+/// which is reached only in a thread that is not its process's first.
+pub fn test_point_in(name: &str, tid: i32) {
+    static AT: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
+    let at = AT.get_or_init(|| std::env::var("TORPOR_TEST_KILL_AT").ok());
+    if let Some(point) = at.as_deref().and_then(|p| p.strip_suffix("@thread")) {
+        let leader = std::fs::read_to_string(format!("/proc/{tid}/status"))
+            .is_ok_and(|s| s.lines().any(|l| l == format!("Tgid:\t{tid}")));
+        if point == name && !leader {
+            // SAFETY: kill takes integers; SIGKILL ends this process here.
+            unsafe { libc::kill(libc::getpid(), libc::SIGKILL) };
+        }
+    }
+    test_point(name, 0);
+}
+
+/// See [`test_point_in`].
 pub fn test_point(name: &str, target: i32) {
     static POINTS: std::sync::OnceLock<(Option<String>, Option<String>)> =
         std::sync::OnceLock::new();

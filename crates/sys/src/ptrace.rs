@@ -148,6 +148,36 @@ pub fn event_msg(tid: i32) -> Result<i64> {
     ptrace::getevent(pid(tid)).map_err(nix_err("PTRACE_GETEVENTMSG", tid))
 }
 
+/// Resumes a stopped tracee until its next system call entry or exit (`PTRACE_SYSCALL`).
+pub fn syscall(tid: i32) -> Result<()> {
+    ptrace::syscall(pid(tid), None).map_err(nix_err("PTRACE_SYSCALL", tid))
+}
+
+/// Waits until `tid` stops at a system call entry or exit (the tracee was seized with
+/// `PTRACE_O_TRACESYSGOOD`); any other stop is returned as an error naming it.
+pub fn wait_syscall_stop(tid: i32) -> Result<std::result::Result<(), Stop>> {
+    loop {
+        let st = waitpid(pid(tid), Some(WaitPidFlag::__WALL))
+            .map_err(|e| Error::Wait { tid, source: io::Error::from_raw_os_error(e as i32) })?;
+        return Ok(Err(match st {
+            WaitStatus::PtraceSyscall(_) => return Ok(Ok(())),
+            WaitStatus::PtraceEvent(_, sig, ev) if ev == libc::PTRACE_EVENT_STOP => {
+                Stop::Event(sig as i32)
+            }
+            WaitStatus::PtraceEvent(_, _, ev) => Stop::PtraceEvent(ev),
+            WaitStatus::Stopped(_, Signal::SIGTRAP) => Stop::Trap,
+            WaitStatus::Stopped(_, sig) => Stop::Signal(sig as i32),
+            WaitStatus::Exited(_, code) => {
+                return Err(Error::Gone { tid, how: format!("exit {code}") })
+            }
+            WaitStatus::Signaled(_, sig, _) => {
+                return Err(Error::Gone { tid, how: format!("killed by {sig}") })
+            }
+            WaitStatus::Continued(_) | WaitStatus::StillAlive => continue,
+        }));
+    }
+}
+
 /// Executes one instruction of a stopped tracee.
 pub fn single_step(tid: i32) -> Result<()> {
     ptrace::step(pid(tid), None).map_err(nix_err("PTRACE_SINGLESTEP", tid))

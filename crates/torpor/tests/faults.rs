@@ -136,6 +136,37 @@ fn dump_killed_while_running_calls_inside_leaves_the_registers() {
     dump_killed_at("registers", "dump:collecting");
 }
 
+/// The moments of one call run inside the process: its registers loaded, the call
+/// entered, the call returned with torpor's registers still in place. The thread puts
+/// itself back each time (its healing frame, docs/architecture.md "When torpor dies"),
+/// with its vector registers, which the fixture checks.
+#[test]
+fn dump_killed_with_a_call_loaded_leaves_the_registers() {
+    dump_killed_at("registers", "remote:loaded");
+}
+
+#[test]
+fn dump_killed_inside_a_call_leaves_the_registers() {
+    dump_killed_at("registers", "remote:entered");
+}
+
+#[test]
+fn dump_killed_as_a_call_returns_leaves_the_registers() {
+    dump_killed_at("registers", "remote:returned");
+}
+
+/// The same in a thread blocked in `read`: it goes back to reading and gets the message
+/// written after go.
+#[test]
+fn dump_killed_inside_a_call_of_a_blocked_thread_leaves_it_reading() {
+    dump_killed_at("threads_read", "remote:entered@thread");
+}
+
+#[test]
+fn dump_killed_as_a_call_of_a_blocked_thread_returns_leaves_it_reading() {
+    dump_killed_at("threads_read", "remote:returned@thread");
+}
+
 #[test]
 fn dump_killed_while_copying_memory_leaves_the_process_running() {
     dump_killed_at("counter", "dump:memory");

@@ -209,11 +209,9 @@ fn reap_orphans(except: i32) {
 
 /// torpor killed at random moments of dumps (with `--leave-running`, so that a dump that
 /// finishes first leaves the process running too). Every process must come out running,
-/// untraced, with its mask and mappings, and pass its checks; except that a kill landing
-/// while a system call runs inside the process, a known window of some microseconds per
-/// call (docs/architecture.md, "When torpor dies"), may kill it with SIGTRAP or make it
-/// crash. Those
-/// deaths are counted and must stay rare.
+/// untraced, with its mask and mappings, and pass its checks, also when the kill lands
+/// while a system call runs inside it: the thread's healing frame puts it back
+/// (docs/architecture.md, "When torpor dies").
 #[test]
 #[ignore = "slow tier: bash tests/stress.sh"]
 fn dump_killed_at_random_moments() {
@@ -259,10 +257,8 @@ fn dump_killed_at_random_moments() {
         }
         if proc_status(f.pid, "State").is_some_and(|s| s.starts_with('Z')) {
             let status = f.wait_exit(Duration::from_secs(10));
-            // The single step's own trap, or torpor's registers run as the program's.
-            let known = [libc::SIGTRAP, libc::SIGSEGV, libc::SIGBUS, libc::SIGILL];
-            assert!(known.contains(&status.signal().unwrap_or(0)), "round {round}: {status:?}");
             lost += 1;
+            eprintln!("round {round}: the process died: {status:?}");
         } else {
             let mut text = String::new();
             let mut err = &err;
@@ -282,7 +278,7 @@ fn dump_killed_at_random_moments() {
     }
     eprintln!(
         "{killed} dumps killed at random moments, {finished} finished first; \
-         {lost} processes lost to a kill during a call inside them"
+         {lost} processes lost"
     );
-    assert!(lost * 10 <= n, "{lost} of {n} processes lost: more than the known window explains");
+    assert_eq!(lost, 0, "{lost} of {n} processes died with torpor");
 }
