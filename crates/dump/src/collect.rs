@@ -69,6 +69,15 @@ pub enum UnsupportedReason {
         tid: i32,
         other: i32,
     },
+    /// A namespace of its own (`id` as its /proc/PID/ns link reads) that restore would
+    /// not give back; `of_root` when it differs from the tree root's, not torpor's.
+    Namespace {
+        name: &'static str,
+        id: String,
+        of_root: bool,
+        /// What differs, when more than the namespace's id (a mount namespace).
+        detail: Option<String>,
+    },
 }
 
 impl fmt::Display for UnsupportedReason {
@@ -129,6 +138,13 @@ impl fmt::Display for UnsupportedReason {
                 f,
                 "runs as pid {inner} inside a pid namespace it does not lead; dump the \
                  namespace's first process (pid 1 inside) to take the whole namespace"
+            ),
+            Self::Namespace { name, id, of_root, detail } => write!(
+                f,
+                "is in a {name} namespace of its own ({id}), {}{}, which torpor cannot save \
+                 yet; it would wake in torpor's {name} namespace instead",
+                if *of_root { "not the tree root's" } else { "not torpor's" },
+                detail.as_ref().map(|d| format!(" ({d})")).unwrap_or_default(),
             ),
             Self::Mapping { start, end, what } => {
                 write!(

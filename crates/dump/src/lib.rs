@@ -50,6 +50,7 @@ mod external;
 mod files;
 mod guard;
 mod memory;
+mod namespaces;
 mod precopy;
 mod ptys;
 
@@ -433,6 +434,7 @@ fn precheck(pid: i32) -> Result<()> {
     if status.tracer_pid != 0 {
         return Err(DumpError::Traced { pid, tracer: status.tracer_pid });
     }
+    namespaces::check(pid, std::process::id() as i32, true)?;
     check_seccomp(pid)
 }
 
@@ -452,7 +454,7 @@ fn check_seccomp(pid: i32) -> Result<()> {
 }
 
 /// Checks a descendant before torpor stops it.
-fn precheck_member(pid: i32) -> Result<()> {
+fn precheck_member(pid: i32, root: i32) -> Result<()> {
     if pid == std::process::id() as i32 {
         return Err(DumpError::Unsupported { pid, reason: UnsupportedReason::Torpor });
     }
@@ -460,6 +462,7 @@ fn precheck_member(pid: i32) -> Result<()> {
     if status.tracer_pid != 0 {
         return Err(DumpError::Traced { pid, tracer: status.tracer_pid });
     }
+    namespaces::check(pid, root, false)?;
     check_seccomp(pid)
 }
 
@@ -649,7 +652,7 @@ impl FrozenTree {
         journal: &torpor_sys::guard::Journal,
     ) -> Result<()> {
         if pid != root {
-            precheck_member(pid)?;
+            precheck_member(pid, root)?;
         }
         let zombie = |pid| -> Option<model::Zombie> {
             let st = proc::stat(pid).ok()?;
