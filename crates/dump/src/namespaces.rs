@@ -44,7 +44,9 @@ pub(crate) fn check(pid: i32, reference: i32, root: bool) -> Result<()> {
             return refuse(kind, name, None);
         }
     }
-    if link(pid, "mnt") != link(reference, "mnt") {
+    // A zombie has no namespaces left to read.
+    let own = link(pid, "mnt");
+    if own.is_some() && own != link(reference, "mnt") {
         match (mounts(pid), mounts(reference)) {
             (Some(a), Some(b)) if a == b => {}
             (Some(a), Some(b)) => {
@@ -75,7 +77,8 @@ struct Mount {
     source: String,
 }
 
-/// The mounts of `pid`'s mount namespace outside /proc and /sys, sorted, from
+/// The mounts of `pid`'s mount namespace outside /proc and /sys, but for namespace
+/// bindings, sorted, from
 /// `/proc/PID/mountinfo` (`ID PARENT MAJ:MIN ROOT POINT OPTIONS [TAGS] - TYPE SOURCE
 /// SUPER-OPTIONS`).
 fn mounts(pid: i32) -> Option<Vec<Mount>> {
@@ -95,7 +98,8 @@ fn mounts(pid: i32) -> Option<Vec<Mount>> {
                 source: t.next()?.to_string(),
             })
         })
-        .filter(|m| !under(&m.point, "/proc") && !under(&m.point, "/sys"))
+        // Namespaces bound to paths (`ip netns add`) come and go and hold no files.
+        .filter(|m| !under(&m.point, "/proc") && !under(&m.point, "/sys") && m.fstype != "nsfs")
         .collect();
     all.sort();
     Some(all)
