@@ -2,6 +2,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::fs::File;
+use std::os::unix::fs::MetadataExt;
 
 use torpor_image::model::{self, PageRun, Vma, VmaKind};
 use torpor_image::pages::{self, PageRef, PageWriter, ParentPages};
@@ -225,12 +226,35 @@ fn classify(
         }
         n if n.starts_with('[') => return Err(unsupported(&format!("a kernel mapping {n}"))),
         n => {
-            let open_path = format!("/proc/{pid}/map_files/{:x}-{:x}", m.start, m.end);
-            let meta = std::fs::metadata(&open_path).map_err(|source| DumpError::SaveFile {
-                pid,
-                what: format!("mapped file {n}"),
-                source,
-            })?;
+            let mut open_path = format!("/proc/{pid}/map_files/{:x}-{:x}", m.start, m.end);
+            let meta = match std::fs::metadata(&open_path) {
+                Ok(meta) => meta,
+                // map_files is root's (CAP_CHECKPOINT_RESTORE in the first user namespace).
+                // Without it, the file's path serves when it still leads to the very
+                // inode mapped, which /proc/PID/maps names by device and number.
+                Err(e) if e.raw_os_error() == Some(libc::EPERM) => {
+                    let meta = std::fs::metadata(n).ok().filter(|s| {
+                        let dev = (libc::major(s.dev()), libc::minor(s.dev()));
+                        dev == (m.dev_major, m.dev_minor) && s.ino() == m.inode
+                    });
+                    open_path = n.to_string();
+                    meta.ok_or_else(|| DumpError::SaveFile {
+                        pid,
+                        what: format!(
+                            "mapped file {n}: /proc/{pid}/map_files needs CAP_CHECKPOINT_RESTORE \
+                             and its path no longer leads to the file mapped"
+                        ),
+                        source: e,
+                    })?
+                }
+                Err(source) => {
+                    return Err(DumpError::SaveFile {
+                        pid,
+                        what: format!("mapped file {n}"),
+                        source,
+                    })
+                }
+            };
             if !meta.is_file() {
                 return Err(unsupported(&format!("a mapping of the device or special file {n}")));
             }
