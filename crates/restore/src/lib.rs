@@ -370,6 +370,12 @@ pub fn restore(opts: &RestoreOptions) -> Result<Restored> {
             // SAFETY: kill takes only integers.
             unsafe { libc::kill(pid, libc::SIGKILL) };
         }
+        // The others first: torpor traces them, so each dead one waits for torpor to
+        // take its exit before its parent can reap it, and the first process of a pid
+        // namespace does not finish exiting until every other in it is reaped.
+        for &pid in built.pids.iter().rev().filter(|&&p| p != child) {
+            let _ = ptrace::wait_exit(pid);
+        }
         let _ = ptrace::wait_exit(child);
         // Damaged page data explains any other failure better than that failure does.
         verified()?;

@@ -910,15 +910,19 @@ fn set_creds(s: &Space, r: &Remote, p: &model::Process) -> Result<()> {
             what: "more than 8192 supplementary groups".into(),
         });
     }
-    let groups: Vec<u8> = c.groups.iter().flat_map(|g| g.to_ne_bytes()).collect();
-    let at = b.data(&groups);
-    b.call(
-        what("set its groups"),
-        "setgroups",
-        libc::SYS_setgroups,
-        args!(c.groups.len(), at),
-        Expect::Success,
-    );
+    // The process has torpor's groups from birth: when those are its own, setgroups is
+    // not called, since a user namespace made by a user without privileges forbids it.
+    if !torpor_sys::same_groups(&c.groups) {
+        let groups: Vec<u8> = c.groups.iter().flat_map(|g| g.to_ne_bytes()).collect();
+        let at = b.data(&groups);
+        b.call(
+            what("set its groups"),
+            "setgroups",
+            libc::SYS_setgroups,
+            args!(c.groups.len(), at),
+            Expect::Success,
+        );
+    }
     let [gr, ge, gs, gf] = c.gids;
     b.call(
         what("set its group ids"),

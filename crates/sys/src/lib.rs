@@ -79,6 +79,18 @@ pub fn xcr0() -> u64 {
     ((hi as u64) << 32) | lo as u64
 }
 
+/// Whether `groups` are this process's supplementary groups, in any order.
+pub fn same_groups(groups: &[u32]) -> bool {
+    let Ok(mine) = nix::unistd::getgroups() else { return false };
+    let mut mine: Vec<u32> = mine.into_iter().map(|g| g.as_raw()).collect();
+    let mut theirs = groups.to_vec();
+    mine.sort_unstable();
+    mine.dedup();
+    theirs.sort_unstable();
+    theirs.dedup();
+    mine == theirs
+}
+
 /// `kcmp(pid1, pid2, KCMP_FILE, fd1, fd2)`: whether two descriptors share one open file
 /// description. See kcmp(2).
 pub fn same_file_description(pid1: i32, fd1: i32, pid2: i32, fd2: i32) -> Result<bool> {

@@ -172,6 +172,63 @@ fn an_unprivileged_dump_works_or_says_what_is_missing() {
     let _ = sleeper.wait();
 }
 
+/// An unprivileged user hibernates a process of their own inside a user namespace they
+/// made (`unshare --user --map-root-user --pid`), where the kernel grants them what
+/// torpor needs over that namespace's processes: the process, started with `torpor run`,
+/// is dumped and woken by the user and counts on from where it stopped.
+#[test]
+fn an_unprivileged_user_hibernates_a_process_in_a_user_namespace_of_their_own() {
+    let tmp = TempDir::new().expect("tempdir");
+    fs::set_permissions(tmp.path(), fs::Permissions::from_mode(0o755)).expect("chmod");
+    let dir = tmp.path().join("work");
+    fs::create_dir(&dir).expect("work dir");
+    chown(&dir, Some(UID), Some(UID)).expect("chown work dir");
+    // Run by the user as pid 1 of the new namespaces; `kill -9 -1` ends every other
+    // process in them at the end. Each step leaves its result in a file of DIR.
+    let script = r#"
+        cd "$1" || exit 1
+        T="$2"
+        "$T" run --pidfile pid -- sh -c 'i=0; while :; do i=$((i+1)); echo $i > count.new; mv count.new count; sleep 0.05; done' </dev/null >/dev/null 2>run.err &
+        n=0; while [ ! -s count ] && [ $n -lt 200 ]; do sleep 0.05; n=$((n+1)); done
+        "$T" dump "$(cat pid)" -D img 2>dump.err || { kill -9 -1; exit 1; }
+        cat count > at_dump
+        sleep 0.3
+        cat count > after_dump
+        "$T" restore -D img --detach </dev/null 2>restore.err || { kill -9 -1; exit 1; }
+        n=0; while [ "$(cat count)" = "$(cat at_dump)" ] && [ $n -lt 200 ]; do sleep 0.05; n=$((n+1)); done
+        cat count > after_restore
+        kill -9 -1
+    "#;
+    let mut cmd = std::process::Command::new("setpriv");
+    cmd.args([format!("--reuid={UID}"), format!("--regid={UID}"), "--clear-groups".into()])
+        .args(["unshare", "--user", "--map-root-user", "--pid", "--fork", "--mount-proc"])
+        .args(["sh", "-c", script, "sh"])
+        .arg(&dir)
+        .arg(env!("CARGO_BIN_EXE_torpor"))
+        .stdin(std::process::Stdio::null());
+    common::close_inherited_fds(&mut cmd);
+    let status = cmd.status().expect("run the user's script");
+    let read = |name: &str| fs::read_to_string(dir.join(name)).unwrap_or_default();
+    let number = |name: &str| -> u64 {
+        read(name).trim().parse().unwrap_or_else(|_| {
+            panic!(
+                "no {name} ({status:?}); dump: {}\nrestore: {}",
+                read("dump.err"),
+                read("restore.err")
+            )
+        })
+    };
+    let (at_dump, after_dump, after_restore) =
+        (number("at_dump"), number("after_dump"), number("after_restore"));
+    assert!(at_dump > 0);
+    assert_eq!(after_dump, at_dump, "the process counted on after its dump");
+    // Woken, it goes on from its count, not from the start.
+    assert!(
+        after_restore > at_dump && after_restore <= at_dump + 5,
+        "counted {at_dump} at the dump, then {after_restore} once woken"
+    );
+}
+
 /// The parent of an incremental image supplies page data: a user who can write it could
 /// write a root process's memory, so it counts as part of the image.
 #[test]
