@@ -115,15 +115,7 @@ impl Remote {
         if let Some(h) = self.heal {
             return self.raw_healing(h, nr, args);
         }
-        let mut r = self.base;
-        r.rax = nr as u64;
-        r.orig_rax = u64::MAX;
-        r.rdi = args[0];
-        r.rsi = args[1];
-        r.rdx = args[2];
-        r.r10 = args[3];
-        r.r8 = args[4];
-        r.r9 = args[5];
+        let mut r = self.call_regs(nr, args);
         r.rip = self.syscall_ip;
         ptrace::set_regs(self.tid, &r)?;
         ptrace::single_step(self.tid)?;
@@ -150,6 +142,15 @@ impl Remote {
         Ok(out.rax as i64)
     }
 
+    /// The task's registers with call `nr` and its arguments loaded.
+    fn call_regs(&self, nr: i64, args: [u64; 6]) -> Regs {
+        let mut r = self.base;
+        r.rax = nr as u64;
+        r.orig_rax = u64::MAX;
+        [r.rdi, r.rsi, r.rdx, r.r10, r.r8, r.r9] = args;
+        r
+    }
+
     /// [`Remote::raw`] for a task with a healing frame (see [`Remote::heal`]).
     fn raw_healing(&self, h: HealCall, nr: i64, args: [u64; 6]) -> Result<i64> {
         let unexpected = |stop: ptrace::Stop, when: &str| Error::RemoteStop {
@@ -157,15 +158,7 @@ impl Remote {
             nr,
             stop: format!("{stop:?} {when}"),
         };
-        let mut r = self.base;
-        r.rax = nr as u64;
-        r.orig_rax = u64::MAX;
-        r.rdi = args[0];
-        r.rsi = args[1];
-        r.rdx = args[2];
-        r.r10 = args[3];
-        r.r8 = args[4];
-        r.r9 = args[5];
+        let mut r = self.call_regs(nr, args);
         r.rip = h.syscall_ret;
         r.rsp = h.rsp;
         // A call the stop request cut short (it slept) is run again.
