@@ -412,6 +412,31 @@ pub(crate) fn collect(
     if !seccomp.is_empty() {
         writer.needs_version(4);
     }
+    r.call(
+        "prctl(PR_GET_CHILD_SUBREAPER)",
+        libc::SYS_prctl,
+        args!(libc::PR_GET_CHILD_SUBREAPER, scratch),
+    )
+    .map_err(err("its child subreaper flag"))?;
+    let subreaper = read_scratch(4).map_err(err("scratch"))?;
+    let attrs = model::ProcessAttrs {
+        child_subreaper: subreaper != [0; 4],
+        thp_disabled: proc::read(format!("/proc/{pid}/status"))
+            .map_err(err("its status"))?
+            .lines()
+            .any(|l| l.starts_with("THP_enabled:") && l.ends_with('0')),
+        oom_score_adj: proc::read(format!("/proc/{pid}/oom_score_adj"))
+            .map_err(err("its OOM score adjustment"))?
+            .trim()
+            .parse()
+            .unwrap_or(0),
+    };
+    let thread_attrs = |t: &model::Thread| {
+        t.affinity.is_some() || t.ioprio.is_some() || t.timer_slack_ns.is_some()
+    };
+    if !attrs.is_default() || threads.iter().any(thread_attrs) {
+        writer.needs_version(6);
+    }
 
     Ok(model::Process {
         pid,
@@ -457,6 +482,7 @@ pub(crate) fn collect(
             .into_iter()
             .map(|(controllers, path)| model::Cgroup { controllers, path })
             .collect(),
+        attrs,
     })
 }
 
@@ -498,6 +524,25 @@ fn collect_thread(pid: i32, t: &FrozenThread) -> Result<model::Thread> {
         torpor_sys::robust_list(tid).map_err(err("the robust futex list"))?;
     let (nice, sched_policy, sched_priority) =
         torpor_sys::get_sched(tid).map_err(err("the scheduling policy"))?;
+    // Kept only when narrower than the machine: a process free to run anywhere stays so
+    // on a machine with more CPUs.
+    let affinity = torpor_sys::affinity(tid).map_err(err("the CPU affinity"))?;
+    let everywhere = torpor_sys::online_cpus()
+        .or_else(|| torpor_sys::affinity(std::process::id() as i32).ok())
+        .unwrap_or_default();
+    let covers =
+        everywhere.iter().enumerate().all(|(i, w)| affinity.get(i).unwrap_or(&0) & w == *w);
+    let affinity = (!covers).then_some(affinity);
+    let ioprio = torpor_sys::ioprio(tid).map_err(err("the I/O priority"))?;
+    let ioprio = (ioprio >> 13 != 0).then_some(ioprio);
+    // A real-time thread's slack is the kernel's to set (0).
+    let realtime = matches!(sched_policy & !libc::SCHED_RESET_ON_FORK, 1 | 2);
+    let timer_slack_ns = proc::read(format!("/proc/{tid}/timerslack_ns"))
+        .map_err(err("the timer slack"))?
+        .trim()
+        .parse::<u64>()
+        .ok()
+        .filter(|&ns| ns != DEFAULT_TIMER_SLACK_NS && !realtime);
     let comm = proc::read(format!("/proc/{pid}/task/{tid}/comm"))
         .map_err(err("the name"))?
         .trim_end_matches('\n')
@@ -518,8 +563,14 @@ fn collect_thread(pid: i32, t: &FrozenThread) -> Result<model::Thread> {
         nice,
         sched_policy,
         sched_priority,
+        affinity,
+        ioprio,
+        timer_slack_ns,
     })
 }
+
+/// The timer slack every thread starts with (50 µs).
+const DEFAULT_TIMER_SLACK_NS: u64 = 50_000;
 
 fn to_model_regs(r: &ptrace::Regs) -> model::Regs {
     model::Regs {

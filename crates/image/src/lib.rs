@@ -68,8 +68,9 @@ pub const MAGIC: &str = "torpor-image";
 /// The newest format this torpor writes and reads: version 2 adds compressed page files
 /// ([`model::PageFrames`]), version 3 unix sockets connected outside the tree
 /// ([`model::OpenFileKind::UnixExternal`]), version 4 TCP sockets whose connection has
-/// ended and file locks, version 5 encryption ([`crypt`]).
-pub const FORMAT_VERSION: u32 = 5;
+/// ended and file locks, version 5 encryption ([`crypt`]), version 6 process and thread
+/// attributes ([`model::ProcessAttrs`], CPU affinity, I/O priority, timer slack).
+pub const FORMAT_VERSION: u32 = 6;
 /// The version an encrypted image needs.
 pub const ENCRYPTED_VERSION: u32 = 5;
 /// The oldest format this torpor reads. It writes this version unless the image uses
@@ -1588,6 +1589,9 @@ pub(crate) mod tests {
             nice: 5,
             sched_policy: 0,
             sched_priority: 0,
+            affinity: Some(vec![0b10]),
+            ioprio: Some(2 << 13 | 4),
+            timer_slack_ns: Some(1_000_000),
         }
     }
 
@@ -1745,6 +1749,11 @@ pub(crate) mod tests {
                 threads: vec![thread(PID), second],
                 termios: None,
                 cgroups: Vec::new(),
+                attrs: ProcessAttrs {
+                    child_subreaper: true,
+                    thp_disabled: true,
+                    oom_score_adj: 300,
+                },
             }],
             files: vec![
                 FileInfo {

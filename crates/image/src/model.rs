@@ -190,6 +190,31 @@ pub struct Process {
     /// lists them. Empty in images written before they were saved.
     #[serde(default)]
     pub cgroups: Vec<Cgroup>,
+    /// Process attributes set by `prctl` and `/proc` that most processes leave at their
+    /// defaults; format 6.
+    #[serde(default)]
+    pub attrs: ProcessAttrs,
+}
+
+/// Process attributes that most processes leave at their defaults (all `false` or 0).
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ProcessAttrs {
+    /// `PR_SET_CHILD_SUBREAPER`: orphaned descendants are handed to it, not to init.
+    #[serde(default)]
+    pub child_subreaper: bool,
+    /// `PR_SET_THP_DISABLE`: no transparent huge pages for its memory.
+    #[serde(default)]
+    pub thp_disabled: bool,
+    /// `/proc/PID/oom_score_adj`, -1000 to 1000.
+    #[serde(default)]
+    pub oom_score_adj: i32,
+}
+
+impl ProcessAttrs {
+    /// Whether every attribute is at its default.
+    pub fn is_default(&self) -> bool {
+        *self == Self::default()
+    }
 }
 
 /// A process's control group in one hierarchy.
@@ -980,6 +1005,18 @@ pub struct Thread {
     /// Static priority of a real-time policy, 0 otherwise.
     #[serde(default)]
     pub sched_priority: i32,
+    /// The CPUs it may run on (`sched_setaffinity`), as 64-bit words of a bit mask, when
+    /// it was restricted to fewer than the machine's online CPUs; format 6.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub affinity: Option<Vec<u64>>,
+    /// Its I/O priority (`ioprio_set` value: class in bits 13-15, level below) when one
+    /// was set; format 6.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ioprio: Option<u16>,
+    /// Its timer slack in nanoseconds (`PR_SET_TIMERSLACK`, `/proc/PID/timerslack_ns`)
+    /// when not the default of 50 µs; format 6.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timer_slack_ns: Option<u64>,
 }
 
 /// An alternate signal stack, as `sigaltstack` takes it.

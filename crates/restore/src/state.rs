@@ -572,6 +572,33 @@ pub(crate) fn signals_and_flags(
         libc::SYS_prctl,
         args!(libc::PR_SET_DUMPABLE, p.dumpable),
     )?;
+    if p.attrs.child_subreaper {
+        s.call(
+            "make it a child subreaper",
+            "prctl",
+            libc::SYS_prctl,
+            args!(libc::PR_SET_CHILD_SUBREAPER, 1),
+        )?;
+    }
+    if p.attrs.thp_disabled {
+        s.call(
+            "turn transparent huge pages off",
+            "prctl",
+            libc::SYS_prctl,
+            args!(libc::PR_SET_THP_DISABLE, 1, 0, 0, 0),
+        )?;
+    }
+    let oom = format!("/proc/{pid}/oom_score_adj");
+    let current = std::fs::read_to_string(&oom).ok();
+    if current.as_deref().map(str::trim) != Some(p.attrs.oom_score_adj.to_string().as_str()) {
+        // Lowering it needs CAP_SYS_RESOURCE: without, the process keeps torpor's.
+        if let Err(e) = std::fs::write(&oom, p.attrs.oom_score_adj.to_string()) {
+            tracing::warn!(
+                "pid {pid}: OOM score adjustment {} not set again: {e}",
+                p.attrs.oom_score_adj
+            );
+        }
+    }
     // torpor's own descriptors inside the process.
     s.call(
         "close torpor's descriptors",
@@ -732,7 +759,39 @@ fn thread_state(s: &Space, r: &Remote, t: &model::Thread) -> Result<()> {
             step: format!("set the scheduling policy and nice value of thread {tid}"),
             source,
         }
-    })
+    })?;
+    thread_attrs(pid, r.tid(), t);
+    Ok(())
+}
+
+/// Gives thread `tid` (saved as `t.tid`) its CPU affinity, I/O priority and timer slack.
+/// Each is a matter of placement and latency, not of what the program computes: one the
+/// kernel refuses here (the CPUs are not online, a control group forbids them) is named
+/// in a warning and left at what the thread inherited.
+fn thread_attrs(pid: i32, tid: i32, t: &model::Thread) {
+    let warn = |what: &str, e: &dyn std::fmt::Display| {
+        tracing::warn!("pid {pid} thread {}: {what} not set again: {e}", t.tid)
+    };
+    if let Some(mask) = &t.affinity {
+        let online = torpor_sys::online_cpus().unwrap_or_else(|| mask.clone());
+        let here: Vec<u64> =
+            mask.iter().enumerate().map(|(i, w)| w & online.get(i).unwrap_or(&0)).collect();
+        if here.iter().all(|&w| w == 0) {
+            warn("its CPU affinity", &"none of its CPUs is online on this machine");
+        } else if let Err(e) = torpor_sys::set_affinity(tid, &here) {
+            warn("its CPU affinity", &e);
+        }
+    }
+    if let Some(prio) = t.ioprio {
+        if let Err(e) = torpor_sys::set_ioprio(tid, prio) {
+            warn("its I/O priority", &e);
+        }
+    }
+    if let Some(ns) = t.timer_slack_ns {
+        if let Err(e) = std::fs::write(format!("/proc/{tid}/timerslack_ns"), ns.to_string()) {
+            warn("its timer slack", &e);
+        }
+    }
 }
 
 /// Sets the mm fields, auxiliary vector and executable in one `PR_SET_MM_MAP`.

@@ -255,6 +255,89 @@ pub fn set_sched(tid: i32, nice: i32, policy: i32, priority: i32) -> Result<()> 
     Ok(())
 }
 
+/// The CPUs thread `tid` may run on, as 64-bit words of a bit mask (up to 1,024 CPUs).
+pub fn affinity(tid: i32) -> Result<Vec<u64>> {
+    let set = nix::sched::sched_getaffinity(nix::unistd::Pid::from_raw(tid))
+        .map_err(|e| Error::Syscall { call: "sched_getaffinity", source: e.into() })?;
+    let mut words = vec![0u64; nix::sched::CpuSet::count().div_ceil(64)];
+    for cpu in 0..nix::sched::CpuSet::count() {
+        if set.is_set(cpu).unwrap_or(false) {
+            words[cpu / 64] |= 1 << (cpu % 64);
+        }
+    }
+    while words.last() == Some(&0) {
+        words.pop();
+    }
+    Ok(words)
+}
+
+/// Restricts thread `tid` to the CPUs of `mask` (as [`affinity`] gives it).
+pub fn set_affinity(tid: i32, mask: &[u64]) -> Result<()> {
+    let mut set = nix::sched::CpuSet::new();
+    for cpu in 0..nix::sched::CpuSet::count().min(mask.len() * 64) {
+        if mask[cpu / 64] & 1 << (cpu % 64) != 0 {
+            set.set(cpu).map_err(|e| Error::Syscall { call: "CPU_SET", source: e.into() })?;
+        }
+    }
+    nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(tid), &set)
+        .map_err(|e| Error::Syscall { call: "sched_setaffinity", source: e.into() })
+}
+
+/// The machine's online CPUs (`/sys/devices/system/cpu/online`, e.g. `0-3,8`) as a mask
+/// like [`affinity`]'s.
+pub fn online_cpus() -> Option<Vec<u64>> {
+    let text = std::fs::read_to_string("/sys/devices/system/cpu/online").ok()?;
+    let mut words: Vec<u64> = Vec::new();
+    for part in text.trim().split(',').filter(|p| !p.is_empty()) {
+        let (a, b) = match part.split_once('-') {
+            Some((a, b)) => (a.parse::<usize>().ok()?, b.parse::<usize>().ok()?),
+            None => (part.parse().ok()?, part.parse().ok()?),
+        };
+        if b >= 1 << 16 || a > b {
+            return None;
+        }
+        for cpu in a..=b {
+            if words.len() <= cpu / 64 {
+                words.resize(cpu / 64 + 1, 0);
+            }
+            words[cpu / 64] |= 1 << (cpu % 64);
+        }
+    }
+    Some(words)
+}
+
+/// `IOPRIO_WHO_PROCESS`: `ioprio_get` and `ioprio_set` name one thread. Written by hand:
+/// neither nix nor rustix wraps these two calls.
+const IOPRIO_WHO_PROCESS: libc::c_long = 1;
+
+/// Thread `tid`'s I/O priority (class in bits 13-15, level below; class 0 when none was
+/// set and it follows its nice value).
+pub fn ioprio(tid: i32) -> Result<u16> {
+    // SAFETY: ioprio_get takes two integers.
+    let r = unsafe { libc::syscall(libc::SYS_ioprio_get, IOPRIO_WHO_PROCESS, tid as libc::c_long) };
+    if r < 0 {
+        return Err(last("ioprio_get"));
+    }
+    Ok(r as u16)
+}
+
+/// Sets thread `tid`'s I/O priority (as [`ioprio`] gives it).
+pub fn set_ioprio(tid: i32, prio: u16) -> Result<()> {
+    // SAFETY: ioprio_set takes three integers.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_ioprio_set,
+            IOPRIO_WHO_PROCESS,
+            tid as libc::c_long,
+            prio as libc::c_long,
+        )
+    };
+    if r < 0 {
+        return Err(last("ioprio_set"));
+    }
+    Ok(())
+}
+
 /// `fork()` for a process that has one thread; returns 0 in the child and the child's
 /// pid in the parent. Refuses (without forking) when other threads exist, since their
 /// locks would be copied held.
