@@ -24,6 +24,8 @@
 //! thread PID TID MASK ADDR HEXBYTES  a thread to stop: its signal mask, its stack bytes
 //! repair PID FD                     a TCP connection about to enter repair mode
 //! lock TAG                          firewall rules named TAG about to be added
+//! uffd PID                          a userfaultfd about to be opened inside PID, which had
+//!                                   none (pre-copy); the guard closes any it finds there
 //! committed                         the image is complete
 //! killing                           the tree is being ended
 //! ```
@@ -56,6 +58,10 @@ pub(crate) enum Note<'a> {
     Lock {
         tag: &'a str,
     },
+    /// A userfaultfd about to be opened inside `pid` (which had none) for pre-copy.
+    Uffd {
+        pid: i32,
+    },
     Committed,
     Killing,
     /// The tree was let go (after pre-copy's first stop, or with `--leave-running`): what
@@ -78,6 +84,7 @@ fn line_of(note: Note) -> String {
         }
         Note::Repair { pid, fd } => format!("repair {pid} {fd}"),
         Note::Lock { tag } => format!("lock {tag}"),
+        Note::Uffd { pid } => format!("uffd {pid}"),
         Note::Committed => "committed".into(),
         Note::Killing => "killing".into(),
         Note::Released => "released".into(),
@@ -94,6 +101,8 @@ struct Record {
     processes: Vec<OwnedFd>,
     repairs: Vec<(i32, i32)>,
     locks: Vec<String>,
+    /// Processes in which torpor may have left a userfaultfd of its own.
+    uffds: Vec<i32>,
     committed: bool,
     killing: bool,
 }
@@ -135,12 +144,14 @@ impl Record {
                 }
             }
             "lock" => self.locks.extend(w.get(1).map(|s| s.to_string())),
+            "uffd" => self.uffds.extend(int(1)),
             "committed" => self.committed = true,
             "killing" => self.killing = true,
             // What was noted so far is the process's own again: nothing of it to undo.
             "released" => {
                 self.threads.clear();
                 self.repairs.clear();
+                self.uffds.clear();
             }
             _ => {}
         }
@@ -184,7 +195,8 @@ fn undo(pid: i32, rec: &Record) -> i32 {
         }
     }
     for t in &rec.threads {
-        if let Err(e) = put_back(t) {
+        let close_uffds = t.tid == t.pid && rec.uffds.contains(&t.pid);
+        if let Err(e) = put_back(t, close_uffds) {
             say(&format!("pid {} thread {}: {e}", t.pid, t.tid));
             failed = true;
         }
@@ -210,8 +222,10 @@ fn undo(pid: i32, rec: &Record) -> i32 {
     i32::from(failed)
 }
 
-/// Seizes a thread again and puts back its signal mask and the stack bytes torpor used.
-fn put_back(t: &ThreadNote) -> Result<(), String> {
+/// Seizes a thread again and puts back its signal mask and the stack bytes torpor used;
+/// with `close_uffds`, closes inside its process every userfaultfd (torpor's, the process
+/// had none of its own).
+fn put_back(t: &ThreadNote, close_uffds: bool) -> Result<(), String> {
     let gone = |e: &torpor_sys::Error| match e {
         torpor_sys::Error::Ptrace { source, .. } => source.raw_os_error() == Some(libc::ESRCH),
         torpor_sys::Error::Gone { .. } => true,
@@ -240,6 +254,9 @@ fn put_back(t: &ThreadNote) -> Result<(), String> {
         if rsp.wrapping_sub(128) >= end && rsp < end + (64 << 10) {
             mem::write_mem(t.pid, t.scratch, &t.saved)?;
         }
+        if close_uffds {
+            close_userfaultfds(t)?;
+        }
         ptrace::set_sigmask(t.tid, t.blocked)
     })();
     let detached = ptrace::detach(t.tid, 0);
@@ -247,6 +264,34 @@ fn put_back(t: &ThreadNote) -> Result<(), String> {
         (Err(e), _) | (Ok(()), Err(e)) if !gone(&e) => Err(chain(&e)),
         _ => Ok(()),
     }
+}
+
+/// Closes every userfaultfd of `t`'s process with a `close` run in thread `t`, stopped.
+fn close_userfaultfds(t: &ThreadNote) -> torpor_sys::Result<()> {
+    let fds: Vec<i32> = torpor_sys::proc::fds(t.pid)?
+        .into_iter()
+        .filter(|fd| {
+            torpor_sys::proc::readlink(format!("/proc/{}/fd/{fd}", t.pid))
+                .is_ok_and(|l| l.contains("[userfaultfd]"))
+        })
+        .collect();
+    if fds.is_empty() {
+        return Ok(());
+    }
+    let ip = crate::collect::find_syscall(t.pid).map_err(|e| torpor_sys::Error::Parse {
+        what: format!("/proc/{}/maps", t.pid),
+        line: e.to_string(),
+    })?;
+    // The step's trap must reach the guard, not reset a SIGTRAP handler.
+    ptrace::set_sigmask(t.tid, crate::WORKING_MASK)?;
+    let remote = torpor_sys::Remote::new(t.tid, ip)?;
+    let closed = fds
+        .iter()
+        .try_for_each(|&fd| remote.call("close", libc::SYS_close, torpor_sys::args!(fd)).map(drop));
+    remote.restore_regs()?;
+    closed?;
+    say(&format!("pid {}: closed the userfaultfd torpor had opened in it", t.pid));
+    Ok(())
 }
 
 /// Removes an image whose manifest was never written: the whole directory if the dump

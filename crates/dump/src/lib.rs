@@ -720,7 +720,7 @@ impl FrozenTree {
 /// default, so a program's `SIGTRAP` handler would be lost (in the image, and in the
 /// process if it runs on). Unblocked, the trap is only reported to torpor, which
 /// discards it. (An ignored `SIGTRAP` is reset all the same: not kept yet.)
-const WORKING_MASK: u64 = !(1 << (libc::SIGTRAP - 1));
+pub(crate) const WORKING_MASK: u64 = !(1 << (libc::SIGTRAP - 1));
 
 /// What a healing frame for thread `tid` needs ([`Remote::heal`]): the code found in
 /// the process and the thread's extended state. `None` (and the thread's calls then

@@ -548,13 +548,15 @@ fn track_policy(m: &proc::MapEntry) -> Option<Policy> {
 /// Makes a userfaultfd for process `f` (stopped) and takes it: created inside the
 /// process, copied into torpor, closed in the process. `None` (logged) when the process
 /// cannot be tracked; it is then dumped as without pre-copy.
-fn open_uffd(f: &Frozen) -> Result<Option<OwnedFd>> {
+fn open_uffd(f: &Frozen, journal: &torpor_sys::guard::Journal) -> Result<Option<OwnedFd>> {
     let pid = f.pid;
     if has_userfaultfd(pid) {
         tracing::debug!("pid {pid}: no pre-copy, it uses a userfaultfd of its own");
         return Ok(None);
     }
     let r = &f.leader().remote;
+    // Should torpor die before the close below, the guard closes it.
+    crate::guard::note(journal, crate::guard::Note::Uffd { pid });
     let flags = (libc::O_CLOEXEC | libc::O_NONBLOCK) as u64 | uffd::USER_MODE_ONLY;
     let fd = match r.call("userfaultfd", libc::SYS_userfaultfd, args!(flags)) {
         Ok(fd) => fd,
@@ -564,6 +566,7 @@ fn open_uffd(f: &Frozen) -> Result<Option<OwnedFd>> {
         }
     };
     let taken = sock::take_fd(pid, fd as i32);
+    torpor_sys::test_point("dump:uffd-open", pid);
     // The process's descriptor table must end as it was, whatever happened.
     r.call("close", libc::SYS_close, args!(fd)).map_err(|source| DumpError::Collect {
         pid,
@@ -614,7 +617,7 @@ impl PreCopy {
         let t = Instant::now();
         let mut uffds = Vec::new();
         for f in &frozen.processes {
-            match open_uffd(f) {
+            match open_uffd(f, journal) {
                 Ok(Some(u)) => uffds.push((f.pid, u)),
                 Ok(None) => {}
                 Err(e) => {

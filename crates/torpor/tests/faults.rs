@@ -97,6 +97,15 @@ fn image_files(dir: &Path) -> BTreeMap<PathBuf, Vec<u8>> {
 /// the signal mask and mappings it had, and passing its own checks.
 fn assert_carries_on(f: &mut Fixture, maps_before: &str, sigblk_before: &str) {
     assert_running_untraced(f.pid);
+    // No descriptor of torpor's is left in it (pre-copy's userfaultfd).
+    for fd in fs::read_dir(format!("/proc/{}/fd", f.pid)).expect("fd dir").flatten() {
+        let link = fs::read_link(fd.path()).unwrap_or_default();
+        assert!(
+            !link.to_string_lossy().contains("userfaultfd"),
+            "{} left open",
+            fd.path().display()
+        );
+    }
     assert_eq!(proc_status(f.pid, "SigBlk").as_deref(), Some(sigblk_before), "signal mask");
     assert_eq!(maps(f.pid), maps_before, "pid {} mappings changed", f.pid);
     f.go();
@@ -108,16 +117,19 @@ fn assert_carries_on(f: &mut Fixture, maps_before: &str, sigblk_before: &str) {
 /// Kills torpor at POINT of a dump of fixture NAME and checks that the fixture carries
 /// on and no image is left.
 fn dump_killed_at(name: &str, point: &str) {
+    dump_killed_at_with(name, point, &[]);
+}
+
+/// [`dump_killed_at`] with EXTRA arguments for the dump.
+fn dump_killed_at_with(name: &str, point: &str, extra: &[&str]) {
     let mut f = Fixture::start(name, &[]);
     let (maps_before, sigblk) = (maps(f.pid), proc_status(f.pid, "SigBlk").unwrap());
     let images = TempDir::new().expect("tempdir");
     let dir = images.path().join("img");
     let pid = f.pid.to_string();
-    let run = torpor_env(
-        &["dump", &pid, "-D", dir.to_str().unwrap()],
-        &[("TORPOR_TEST_KILL_AT", point)],
-        f.pid,
-    );
+    let mut args = vec!["dump", &pid, "-D", dir.to_str().unwrap()];
+    args.extend_from_slice(extra);
+    let run = torpor_env(&args, &[("TORPOR_TEST_KILL_AT", point)], f.pid);
     assert_eq!(run.status.signal(), Some(libc::SIGKILL), "torpor not killed at {point}");
     let guard = run.guard.unwrap_or_else(|| panic!("no guard outlived torpor:\n{}", run.stderr));
     assert!(guard.success(), "guard failed ({guard:?}):\n{}", run.stderr);
@@ -165,6 +177,13 @@ fn dump_killed_inside_a_call_of_a_blocked_thread_leaves_it_reading() {
 #[test]
 fn dump_killed_as_a_call_of_a_blocked_thread_returns_leaves_it_reading() {
     dump_killed_at("threads_read", "remote:returned@thread");
+}
+
+/// Pre-copy opens a userfaultfd inside the process and closes it there once torpor holds
+/// a copy; killed in between, torpor leaves it open, and the guard closes it.
+#[test]
+fn dump_killed_with_a_userfaultfd_open_inside_leaves_none() {
+    dump_killed_at_with("counter", "dump:uffd-open", &["--pre-copy"]);
 }
 
 #[test]
