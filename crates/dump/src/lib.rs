@@ -715,11 +715,12 @@ impl FrozenTree {
 
 /// The signal mask of a thread while torpor works: everything blocked but `SIGTRAP`.
 ///
-/// Each remote call ends in a single-step trap, which the kernel raises as a forced
-/// `SIGTRAP`; a forced signal that is blocked is unblocked and its action reset to the
-/// default, so a program's `SIGTRAP` handler would be lost (in the image, and in the
-/// process if it runs on). Unblocked, the trap is only reported to torpor, which
-/// discards it. (An ignored `SIGTRAP` is reset all the same: not kept yet.)
+/// A remote call of a thread without a healing frame (and the guard's) ends in a
+/// single-step trap, which the kernel raises as a forced `SIGTRAP`; a forced signal that
+/// is blocked is unblocked and its action reset to the default, so a program's `SIGTRAP`
+/// handler would be lost (in the image, and in the process if it runs on). Unblocked,
+/// the trap is only reported to torpor, which discards it. (An ignored `SIGTRAP` is
+/// reset all the same: not kept yet.) Calls through a healing frame raise no trap.
 pub(crate) const WORKING_MASK: u64 = !(1 << (libc::SIGTRAP - 1));
 
 /// What a healing frame for thread `tid` needs ([`Remote::heal`]): the code found in
