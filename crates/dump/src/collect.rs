@@ -537,12 +537,15 @@ fn collect_thread(pid: i32, t: &FrozenThread) -> Result<model::Thread> {
     let ioprio = (ioprio >> 13 != 0).then_some(ioprio);
     // A real-time thread's slack is the kernel's to set (0).
     let realtime = matches!(sched_policy & !libc::SCHED_RESET_ON_FORK, 1 | 2);
-    let timer_slack_ns = proc::read(format!("/proc/{tid}/timerslack_ns"))
-        .map_err(err("the timer slack"))?
-        .trim()
-        .parse::<u64>()
-        .ok()
-        .filter(|&ns| ns != DEFAULT_TIMER_SLACK_NS && !realtime);
+    // The file needs CAP_SYS_NICE; the thread itself may always ask.
+    let timer_slack_ns = match proc::read(format!("/proc/{tid}/timerslack_ns")) {
+        Ok(text) => text.trim().parse::<u64>().ok(),
+        Err(_) => Some(
+            r.call("prctl(PR_GET_TIMERSLACK)", libc::SYS_prctl, args!(libc::PR_GET_TIMERSLACK))
+                .map_err(err("the timer slack"))?,
+        ),
+    }
+    .filter(|&ns| ns != DEFAULT_TIMER_SLACK_NS && !realtime);
     let comm = proc::read(format!("/proc/{pid}/task/{tid}/comm"))
         .map_err(err("the name"))?
         .trim_end_matches('\n')

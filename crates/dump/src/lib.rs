@@ -163,6 +163,11 @@ pub enum DumpError {
     Zombie { pid: i32 },
     #[error("pid {pid} is already traced by pid {tracer} (a debugger?)")]
     Traced { pid: i32, tracer: i32 },
+    #[error(
+        "pid {pid} {why}; run by uid {uid}, torpor dumps only the processes that user could \
+         trace without privileges (its own uid and gid, dumpable, no capabilities)"
+    )]
+    NotYours { pid: i32, uid: u32, why: String },
     #[error("pid {pid}: {reason}")]
     Unsupported { pid: i32, reason: UnsupportedReason },
     #[error("cannot freeze pid {pid}")]
@@ -434,8 +439,35 @@ fn precheck(pid: i32) -> Result<()> {
     if status.tracer_pid != 0 {
         return Err(DumpError::Traced { pid, tracer: status.tracer_pid });
     }
+    check_owner(pid, &status)?;
     namespaces::check(pid, std::process::id() as i32, true)?;
     check_seccomp(pid)
+}
+
+/// Run by a user other than root, torpor dumps only what that user could trace with no
+/// privilege: a process of its uid and gid, dumpable, without capabilities. torpor may
+/// hold `CAP_SYS_PTRACE` and `CAP_CHECKPOINT_RESTORE` as file capabilities
+/// (docs/security.md), with which the kernel would let it copy any process's memory into
+/// the user's image.
+fn check_owner(pid: i32, st: &proc::Status) -> Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let (uid, gid) = (nix::unistd::getuid().as_raw(), nix::unistd::getgid().as_raw());
+    if uid == 0 {
+        return Ok(());
+    }
+    let why = if st.uids.iter().any(|&u| u != uid) {
+        format!("runs as uid {:?} (real, effective, saved, filesystem)", st.uids)
+    } else if st.gids.iter().any(|&g| g != gid) {
+        format!("runs as gid {:?} (real, effective, saved, filesystem)", st.gids)
+    } else if st.cap_prm != 0 {
+        format!("holds capabilities ({:#x})", st.cap_prm)
+    } else if std::fs::metadata(format!("/proc/{pid}")).is_ok_and(|m| m.uid() != uid) {
+        // The kernel gives a process's /proc directory to root when it is not dumpable.
+        "is not dumpable (it turned that off to keep its memory private)".to_string()
+    } else {
+        return Ok(());
+    };
+    Err(DumpError::NotYours { pid, uid, why })
 }
 
 /// Refuses a process with a thread in seccomp strict mode, which allows no system call
@@ -462,6 +494,7 @@ fn precheck_member(pid: i32, root: i32) -> Result<()> {
     if status.tracer_pid != 0 {
         return Err(DumpError::Traced { pid, tracer: status.tracer_pid });
     }
+    check_owner(pid, &status)?;
     namespaces::check(pid, root, false)?;
     check_seccomp(pid)
 }

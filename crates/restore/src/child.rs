@@ -145,6 +145,12 @@ fn child_main(plan: &Plan, report: RawFd) -> ! {
         if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) < 0 {
             fail(0);
         }
+        // A torpor given its capabilities as file capabilities is not dumpable, nor is
+        // this copy of it, whose /proc files would then be root's only: torpor, run by
+        // the user, could not open its memory. The process's own flag is set at the end.
+        if libc::prctl(libc::PR_SET_DUMPABLE, 1) < 0 {
+            fail(0);
+        }
 
         // Move every source above all numbers in use and drop the rest. The report pipe
         // moves along, after the sources. The numbers are taken with dup3, not the lowest

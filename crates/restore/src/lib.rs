@@ -172,6 +172,12 @@ pub enum RestoreError {
     )]
     ImageWritable { path: std::path::PathBuf, mode: u32 },
     #[error(
+        "pid {pid} would run {what}; this torpor holds capabilities of its own (file \
+         capabilities), so run by uid {uid} it restores only processes of that uid and gid \
+         with no capabilities"
+    )]
+    NotYours { pid: i32, what: String, uid: u32 },
+    #[error(
         "pid {pid} is taken by {holder}; free the pid, or start the program under \
          `torpor run` so it can be woken in its own pid namespace"
     )]

@@ -747,6 +747,16 @@ fn thread_state(s: &Space, r: &Remote, t: &model::Thread) -> Result<()> {
             args!(rseq.addr, rseq.len, 0, rseq.signature),
         );
     }
+    if let Some(ns) = t.timer_slack_ns {
+        // The thread sets its own: writing /proc/TID/timerslack_ns needs CAP_SYS_NICE.
+        call(
+            &mut b,
+            "set the timer slack",
+            "prctl",
+            libc::SYS_prctl,
+            args!(libc::PR_SET_TIMERSLACK, ns),
+        );
+    }
     let mut comm = [0u8; 16];
     let n = t.comm.len().min(15);
     comm[..n].copy_from_slice(&t.comm.as_bytes()[..n]);
@@ -764,7 +774,7 @@ fn thread_state(s: &Space, r: &Remote, t: &model::Thread) -> Result<()> {
     Ok(())
 }
 
-/// Gives thread `tid` (saved as `t.tid`) its CPU affinity, I/O priority and timer slack.
+/// Gives thread `tid` (saved as `t.tid`) its CPU affinity and I/O priority.
 /// Each is a matter of placement and latency, not of what the program computes: one the
 /// kernel refuses here (the CPUs are not online, a control group forbids them) is named
 /// in a warning and left at what the thread inherited.
@@ -785,11 +795,6 @@ fn thread_attrs(pid: i32, tid: i32, t: &model::Thread) {
     if let Some(prio) = t.ioprio {
         if let Err(e) = torpor_sys::set_ioprio(tid, prio) {
             warn("its I/O priority", &e);
-        }
-    }
-    if let Some(ns) = t.timer_slack_ns {
-        if let Err(e) = std::fs::write(format!("/proc/{tid}/timerslack_ns"), ns.to_string()) {
-            warn("its timer slack", &e);
         }
     }
 }

@@ -11,8 +11,12 @@
 //! dump run by root makes it, is trusted as it is. The parents of an incremental image
 //! count as part of it.
 //!
-//! A restore by any other user needs no rule: the kernel refuses ids and capabilities
-//! that user does not have.
+//! A restore by any other user needs no rule of its own while torpor holds no capability:
+//! the kernel refuses ids and capabilities that user does not have. A torpor given
+//! `CAP_CHECKPOINT_RESTORE` and `CAP_SYS_PTRACE` as file capabilities, though, hands
+//! those to the processes it makes, which could keep them; run by a user, such a torpor
+//! restores only processes of that user's uid and gid with no capabilities, whatever
+//! `--allow-credentials` says.
 
 use std::collections::BTreeSet;
 use std::os::unix::fs::MetadataExt;
@@ -42,7 +46,10 @@ pub(crate) fn check_credentials(
     allow: bool,
     packed_from: Option<&std::path::Path>,
 ) -> Result<()> {
-    if allow || !is_root() {
+    if !is_root() {
+        return own_only(tree);
+    }
+    if allow {
         return Ok(());
     }
     // The parents of an incremental image supply page data, so whoever can write them
@@ -200,6 +207,30 @@ fn may(w: &Writer, path: &str, bits: u32) -> bool {
         }
     };
     real.ancestors().skip(1).all(|d| allowed(d, X)) && allowed(&real, bits)
+}
+
+/// The rule for a torpor run by a user other than root; see the module documentation.
+fn own_only(tree: &Tree) -> Result<()> {
+    let me = std::process::id() as i32;
+    let held = torpor_sys::proc::status(me).map_or(0, |s| s.cap_prm);
+    if held == 0 {
+        return Ok(());
+    }
+    let (uid, gid) = (nix::unistd::getuid().as_raw(), nix::unistd::getgid().as_raw());
+    for p in &tree.processes {
+        let c = &p.creds;
+        let what = if c.uids.iter().any(|&u| u != uid) {
+            format!("as uid {:?}", c.uids)
+        } else if c.gids.iter().any(|&g| g != gid) {
+            format!("as gid {:?}", c.gids)
+        } else if c.cap_permitted | c.cap_effective | c.cap_inheritable | c.cap_ambient != 0 {
+            format!("with capabilities {:#x}", c.cap_permitted | c.cap_inheritable | c.cap_ambient)
+        } else {
+            continue;
+        };
+        return Err(RestoreError::NotYours { pid: p.pid, what, uid });
+    }
+    Ok(())
 }
 
 fn is_root() -> bool {

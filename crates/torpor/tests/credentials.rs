@@ -229,6 +229,124 @@ fn an_unprivileged_user_hibernates_a_process_in_a_user_namespace_of_their_own() 
     );
 }
 
+/// A copy of torpor given `CAP_CHECKPOINT_RESTORE` and `CAP_SYS_PTRACE` as file
+/// capabilities, in a directory of its own that everyone may read.
+fn capable_torpor(dir: &Path) -> std::path::PathBuf {
+    fs::set_permissions(dir, fs::Permissions::from_mode(0o755)).expect("chmod");
+    let bin = dir.join("torpor");
+    fs::copy(env!("CARGO_BIN_EXE_torpor"), &bin).expect("copy torpor");
+    fs::set_permissions(&bin, fs::Permissions::from_mode(0o755)).expect("chmod torpor");
+    let out = std::process::Command::new("setcap")
+        .args(["cap_checkpoint_restore,cap_sys_ptrace+ep"])
+        .arg(&bin)
+        .output()
+        .expect("run setcap");
+    assert!(out.status.success(), "setcap: {}", common::stderr_of(&out));
+    bin
+}
+
+/// A user runs a torpor that holds the two capabilities as file capabilities (how an
+/// administrator lets users hibernate their programs without root): it dumps and wakes
+/// the user's own process, which counts on from where it stopped and keeps none of
+/// torpor's capabilities, but refuses a process of root's, which runs on untouched.
+#[test]
+fn a_user_with_a_capable_torpor_hibernates_their_own_processes_only() {
+    let tmp = TempDir::new().expect("tempdir");
+    let bin = capable_torpor(tmp.path());
+    let dir = tmp.path().join("work");
+    fs::create_dir(&dir).expect("work dir");
+    chown(&dir, Some(UID), Some(UID)).expect("chown work dir");
+    let mut roots = std::process::Command::new("sleep");
+    roots.arg("60");
+    common::close_inherited_fds(&mut roots);
+    let mut roots = roots.spawn().expect("start root's sleep");
+    let script = r#"
+        cd "$1" || exit 1
+        T="$2"
+        "$T" dump "$3" -D root-img 2>root.err; echo $? > root.rc
+        sh -c 'i=0; while :; do i=$((i+1)); echo $i > count.new; mv count.new count; sleep 0.05; done' </dev/null >/dev/null 2>&1 &
+        P=$!
+        n=0; while [ ! -s count ] && [ $n -lt 200 ]; do sleep 0.05; n=$((n+1)); done
+        "$T" dump $P -D img 2>dump.err || { kill -9 $P; exit 1; }
+        cat count > at_dump
+        "$T" restore -D img --detach --pidfile woken </dev/null 2>restore.err || exit 1
+        n=0; while [ "$(cat count)" = "$(cat at_dump)" ] && [ $n -lt 200 ]; do sleep 0.05; n=$((n+1)); done
+        cat count > after_restore
+        grep CapPrm /proc/$(cat woken)/status > caps
+        kill -9 $(cat woken)
+    "#;
+    let mut cmd = std::process::Command::new("setpriv");
+    cmd.args([format!("--reuid={UID}"), format!("--regid={UID}"), "--clear-groups".into()])
+        .args(["sh", "-c", script, "sh"])
+        .arg(&dir)
+        .arg(&bin)
+        .arg(roots.id().to_string())
+        .stdin(std::process::Stdio::null());
+    common::close_inherited_fds(&mut cmd);
+    let status = cmd.status().expect("run the user's script");
+    let read = |name: &str| fs::read_to_string(dir.join(name)).unwrap_or_default();
+    // Root's process: refused, named, left as it was.
+    let root_err = read("root.err");
+    assert_eq!(read("root.rc").trim(), "1", "dump of root's process: {root_err}");
+    assert!(
+        root_err.contains(&format!("pid {} runs as uid [0, 0, 0, 0]", roots.id())),
+        "{root_err}"
+    );
+    common::assert_running_untraced(roots.id() as i32);
+    let _ = roots.kill();
+    let _ = roots.wait();
+    // The user's own: woken, counting on, without capabilities.
+    let number = |name: &str| -> u64 {
+        read(name).trim().parse().unwrap_or_else(|_| {
+            panic!(
+                "no {name} ({status:?}); dump: {}\nrestore: {}",
+                read("dump.err"),
+                read("restore.err")
+            )
+        })
+    };
+    let (at_dump, after_restore) = (number("at_dump"), number("after_restore"));
+    assert!(
+        after_restore > at_dump && after_restore <= at_dump + 5,
+        "counted {at_dump} at the dump, then {after_restore} once woken"
+    );
+    assert_eq!(
+        read("caps").split_whitespace().nth(1),
+        Some("0000000000000000"),
+        "woken with capabilities"
+    );
+}
+
+/// The same capable torpor, run by a user on an image of a root process the user was
+/// given: refused before anything is made, since the capabilities it holds would pass to
+/// the process.
+#[test]
+fn a_capable_torpor_run_by_a_user_refuses_an_image_of_root() {
+    let mut f = Fixture::start("counter", &[]);
+    let tmp = TempDir::new().expect("tempdir");
+    let bin = capable_torpor(tmp.path());
+    let images = tmp.path().join("img");
+    let out = f.dump(&images, &[]);
+    assert!(out.status.success(), "dump: {}", common::stderr_of(&out));
+    f.assert_killed_by_dump();
+    give_to(&images, UID);
+    let mut cmd = std::process::Command::new("setpriv");
+    cmd.args([format!("--reuid={UID}"), format!("--regid={UID}"), "--clear-groups".into()])
+        .arg(&bin)
+        .args(["restore", "-D"])
+        .arg(&images)
+        .stdin(std::process::Stdio::null());
+    common::close_inherited_fds(&mut cmd);
+    let out = cmd.output().expect("run the user's restore");
+    let err = common::stderr_of(&out);
+    assert!(!out.status.success(), "a user's capable torpor woke root's process: {err}");
+    assert!(
+        err.contains(&format!("pid {} would run as uid [0, 0, 0, 0]", f.pid)),
+        "the refusal does not say why: {err}"
+    );
+    assert_pid_gone(f.pid);
+}
+
 /// The parent of an incremental image supplies page data: a user who can write it could
 /// write a root process's memory, so it counts as part of the image.
 #[test]
