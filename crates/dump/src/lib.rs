@@ -756,6 +756,36 @@ impl FrozenTree {
 /// reset all the same: not kept yet.) Calls through a healing frame raise no trap.
 pub(crate) const WORKING_MASK: u64 = !(1 << (libc::SIGTRAP - 1));
 
+/// Lets a thread stopped between a fault and its signal take the signal first.
+///
+/// A thread that faults (a program probing a guard page, say) is sent `SIGSEGV`, and one
+/// stopped by torpor in that moment holds it pending: the stop request is served before
+/// the signal. Saved so, the signal would wake with the image, to be delivered at once by
+/// the kernel while torpor still rebuilds the process. So the thread is let go until its
+/// handler has the signal (at most a few tries; a signal still pending then is saved),
+/// as it would have had it without torpor.
+fn take_fault(tid: i32) -> torpor_sys::Result<()> {
+    const FAULTS: [i32; 5] =
+        [libc::SIGSEGV, libc::SIGBUS, libc::SIGILL, libc::SIGFPE, libc::SIGSYS];
+    for _ in 0..8 {
+        let blocked = ptrace::get_sigmask(tid)?;
+        let fault = ptrace::peek_siginfo(tid, false)?.iter().any(|si| {
+            let signo = i32::from_ne_bytes(si[..4].try_into().unwrap());
+            let code = i32::from_ne_bytes(si[8..12].try_into().unwrap());
+            FAULTS.contains(&signo) && code > 0 && blocked & 1 << (signo - 1) == 0
+        });
+        if !fault {
+            return Ok(());
+        }
+        tracing::debug!("thread {tid}: stopped with a fault signal pending; letting it take it");
+        // Resumed, it takes the signal before anything else (a signal-delivery stop that
+        // the wait below answers by delivering it), then stops again.
+        ptrace::cont(tid, 0)?;
+        ptrace::interrupt_and_wait(tid)?;
+    }
+    Ok(())
+}
+
 /// What a healing frame for thread `tid` needs ([`Remote::heal`]): the code found in
 /// the process and the thread's extended state. `None` (and the thread's calls then
 /// exposed for their few microseconds, see docs/architecture.md) when the thread has a
@@ -843,7 +873,7 @@ impl Frozen {
                         }
                         Err(e) => return Err(err(e)),
                     }
-                    match ptrace::interrupt_and_wait(tid) {
+                    match ptrace::interrupt_and_wait(tid).and_then(|()| take_fault(tid)) {
                         Ok(()) => stopped.push(tid),
                         Err(torpor_sys::Error::Gone { .. }) if tid != pid => {}
                         Err(e) => {
