@@ -156,10 +156,10 @@ impl fmt::Display for UnsupportedReason {
     }
 }
 
-/// Finds the vDSO of `pid` and a `syscall` instruction inside it.
-pub(crate) fn find_syscall(pid: i32) -> Result<u64> {
+/// Finds the vDSO of `pid` in `maps` (its memory map) and a `syscall` instruction
+/// inside it.
+pub(crate) fn find_syscall(pid: i32, maps: &[proc::MapEntry]) -> Result<u64> {
     let err = |what: &str, source| DumpError::Collect { pid, what: what.into(), source };
-    let maps = proc::maps(pid).map_err(|e| err("its memory map", e))?;
     let vdso = maps.iter().find(|m| m.name == "[vdso]").ok_or_else(|| {
         err(
             "its vDSO",
@@ -527,9 +527,7 @@ fn collect_thread(pid: i32, t: &FrozenThread) -> Result<model::Thread> {
     // Kept only when narrower than the machine: a process free to run anywhere stays so
     // on a machine with more CPUs.
     let affinity = torpor_sys::affinity(tid).map_err(err("the CPU affinity"))?;
-    let everywhere = torpor_sys::online_cpus()
-        .or_else(|| torpor_sys::affinity(std::process::id() as i32).ok())
-        .unwrap_or_default();
+    let everywhere = everywhere();
     let covers =
         everywhere.iter().enumerate().all(|(i, w)| affinity.get(i).unwrap_or(&0) & w == *w);
     let affinity = (!covers).then_some(affinity);
@@ -569,6 +567,17 @@ fn collect_thread(pid: i32, t: &FrozenThread) -> Result<model::Thread> {
         affinity,
         ioprio,
         timer_slack_ns,
+    })
+}
+
+/// The CPUs a thread free to run anywhere may use: those online, else torpor's own.
+/// Read once per dump, not once per thread.
+fn everywhere() -> &'static [u64] {
+    static EVERYWHERE: std::sync::OnceLock<Vec<u64>> = std::sync::OnceLock::new();
+    EVERYWHERE.get_or_init(|| {
+        torpor_sys::online_cpus()
+            .or_else(|| torpor_sys::affinity(std::process::id() as i32).ok())
+            .unwrap_or_default()
     })
 }
 

@@ -278,7 +278,8 @@ fn close_userfaultfds(t: &ThreadNote) -> torpor_sys::Result<()> {
     if fds.is_empty() {
         return Ok(());
     }
-    let ip = crate::collect::find_syscall(t.pid).map_err(|e| torpor_sys::Error::Parse {
+    let maps = torpor_sys::proc::maps(t.pid)?;
+    let ip = crate::collect::find_syscall(t.pid, &maps).map_err(|e| torpor_sys::Error::Parse {
         what: format!("/proc/{}/maps", t.pid),
         line: e.to_string(),
     })?;

@@ -900,14 +900,16 @@ impl Frozen {
             return Err(DumpError::Unsupported { pid, reason: UnsupportedReason::LeaderGone });
         }
 
-        let syscall_ip = match collect::find_syscall(pid) {
-            Ok(ip) => ip,
+        let found = proc::maps(pid)
+            .map_err(|source| DumpError::Collect { pid, what: "its memory map".into(), source })
+            .and_then(|maps| Ok((collect::find_syscall(pid, &maps)?, maps)));
+        let (syscall_ip, maps) = match found {
+            Ok(found) => found,
             Err(e) => {
                 detach_all(&stopped);
                 return Err(e);
             }
         };
-        let maps = proc::maps(pid).unwrap_or_default();
         let gadgets = collect::find_gadgets(pid, &maps);
         let mut threads: Vec<FrozenThread> = Vec::new();
         for &tid in &stopped {

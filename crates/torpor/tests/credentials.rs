@@ -16,6 +16,15 @@ use tempfile::TempDir;
 const UID: u32 = 64_123;
 
 /// Gives the image in DIR and its files to UID.
+/// A command that runs what follows as `UID` (group `UID`, no supplementary groups),
+/// with none of the test's descriptors.
+fn as_user() -> std::process::Command {
+    let mut cmd = std::process::Command::new("setpriv");
+    cmd.args([format!("--reuid={UID}"), format!("--regid={UID}"), "--clear-groups".into()]);
+    common::close_inherited_fds(&mut cmd);
+    cmd
+}
+
 fn give_to(dir: &Path, uid: u32) {
     chown(dir, Some(uid), Some(uid)).expect("chown image dir");
     for entry in fs::read_dir(dir).expect("read image dir") {
@@ -142,15 +151,10 @@ fn an_unprivileged_dump_works_or_says_what_is_missing() {
     let tmp = TempDir::new().expect("tempdir");
     fs::set_permissions(tmp.path(), fs::Permissions::from_mode(0o755)).expect("chmod");
     let dir = tmp.path().join("img");
-    let mut sleeper = std::process::Command::new("setpriv")
-        .args([format!("--reuid={UID}"), format!("--regid={UID}"), "--clear-groups".into()])
-        .args(["sleep", "60"])
-        .spawn()
-        .expect("start sleep");
+    let mut sleeper = as_user().args(["sleep", "60"]).spawn().expect("start sleep");
     let pid = sleeper.id().to_string();
     std::thread::sleep(Duration::from_millis(200));
-    let out = std::process::Command::new("setpriv")
-        .args([format!("--reuid={UID}"), format!("--regid={UID}"), "--clear-groups".into()])
+    let out = as_user()
         .arg(env!("CARGO_BIN_EXE_torpor"))
         .args(["dump", &pid, "-D"])
         .arg(&dir)
@@ -199,14 +203,12 @@ fn an_unprivileged_user_hibernates_a_process_in_a_user_namespace_of_their_own() 
         cat count > after_restore
         kill -9 -1
     "#;
-    let mut cmd = std::process::Command::new("setpriv");
-    cmd.args([format!("--reuid={UID}"), format!("--regid={UID}"), "--clear-groups".into()])
-        .args(["unshare", "--user", "--map-root-user", "--pid", "--fork", "--mount-proc"])
+    let mut cmd = as_user();
+    cmd.args(["unshare", "--user", "--map-root-user", "--pid", "--fork", "--mount-proc"])
         .args(["sh", "-c", script, "sh"])
         .arg(&dir)
         .arg(env!("CARGO_BIN_EXE_torpor"))
         .stdin(std::process::Stdio::null());
-    common::close_inherited_fds(&mut cmd);
     let status = cmd.status().expect("run the user's script");
     let read = |name: &str| fs::read_to_string(dir.join(name)).unwrap_or_default();
     let number = |name: &str| -> u64 {
@@ -275,14 +277,12 @@ fn a_user_with_a_capable_torpor_hibernates_their_own_processes_only() {
         grep CapPrm /proc/$(cat woken)/status > caps
         kill -9 $(cat woken)
     "#;
-    let mut cmd = std::process::Command::new("setpriv");
-    cmd.args([format!("--reuid={UID}"), format!("--regid={UID}"), "--clear-groups".into()])
-        .args(["sh", "-c", script, "sh"])
+    let mut cmd = as_user();
+    cmd.args(["sh", "-c", script, "sh"])
         .arg(&dir)
         .arg(&bin)
         .arg(roots.id().to_string())
         .stdin(std::process::Stdio::null());
-    common::close_inherited_fds(&mut cmd);
     let status = cmd.status().expect("run the user's script");
     let read = |name: &str| fs::read_to_string(dir.join(name)).unwrap_or_default();
     // Root's process: refused, named, left as it was.
@@ -330,13 +330,8 @@ fn a_capable_torpor_run_by_a_user_refuses_an_image_of_root() {
     assert!(out.status.success(), "dump: {}", common::stderr_of(&out));
     f.assert_killed_by_dump();
     give_to(&images, UID);
-    let mut cmd = std::process::Command::new("setpriv");
-    cmd.args([format!("--reuid={UID}"), format!("--regid={UID}"), "--clear-groups".into()])
-        .arg(&bin)
-        .args(["restore", "-D"])
-        .arg(&images)
-        .stdin(std::process::Stdio::null());
-    common::close_inherited_fds(&mut cmd);
+    let mut cmd = as_user();
+    cmd.arg(&bin).args(["restore", "-D"]).arg(&images).stdin(std::process::Stdio::null());
     let out = cmd.output().expect("run the user's restore");
     let err = common::stderr_of(&out);
     assert!(!out.status.success(), "a user's capable torpor woke root's process: {err}");
@@ -392,7 +387,7 @@ fn a_root_process_from_a_single_file_a_user_owns_is_refused() {
 #[test]
 fn another_users_process_is_dumped_and_woken_as_that_user() {
     use std::os::unix::process::CommandExt;
-    use std::process::{Command, Stdio};
+    use std::process::Stdio;
     common::become_subreaper();
     let dir = TempDir::new().expect("work dir");
     chown(dir.path(), Some(UID), Some(UID)).expect("chown work dir");
@@ -401,14 +396,12 @@ fn another_users_process_is_dumped_and_woken_as_that_user() {
         "i=0; while :; do i=$((i+1)); echo $i > {0}.tmp && mv {0}.tmp {0}; sleep 0.02; done",
         count.display()
     );
-    let mut cmd = Command::new("setpriv");
-    cmd.args(["--reuid", &UID.to_string(), "--regid", &UID.to_string(), "--clear-groups"])
-        .args(["sh", "-c", &script])
+    let mut cmd = as_user();
+    cmd.args(["sh", "-c", &script])
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .process_group(0);
-    common::close_inherited_fds(&mut cmd);
     let mut child = cmd.spawn().expect("start the counter as another user");
     let pid = child.id() as i32;
     let read = || fs::read_to_string(&count).ok().and_then(|s| s.trim().parse::<u64>().ok());
